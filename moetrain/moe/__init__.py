@@ -1,0 +1,22 @@
+"""The MoE layer, split along its data flow: router -> dispatcher -> experts -> combine."""
+
+from moetrain.moe.deepspeed_compat import from_deepspeed_state_dict
+from moetrain.moe.dispatcher import DispatchPlan, TokenDispatcher
+from moetrain.moe.experts import ACTIVATIONS, MLP, GroupedExperts, ModuleExperts, grouped_mm
+from moetrain.moe.layer import MoE
+from moetrain.moe.router import (
+    DROP_POLICIES,
+    NOISY_GATE_POLICIES,
+    SCORE_FUNCS,
+    Router,
+    RoutingDecision,
+    TopKRouter,
+    expert_capacity,
+)
+from moetrain.moe.stats import RoutingStats
+
+__all__ = [
+    "ACTIVATIONS", "DROP_POLICIES", "NOISY_GATE_POLICIES", "SCORE_FUNCS", "DispatchPlan", "GroupedExperts",
+    "MLP", "MoE", "ModuleExperts", "Router", "RoutingDecision", "RoutingStats", "TokenDispatcher",
+    "TopKRouter", "expert_capacity", "from_deepspeed_state_dict", "grouped_mm",
+]

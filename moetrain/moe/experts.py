@@ -1,0 +1,180 @@
+"""Experts: run every expert on its contiguous block of rows and apply the routing weights.
+
+`GroupedExperts` stores all experts as stacked weights ([E, d, f], [E, f, d]) and runs them as
+grouped matrix multiplies (`torch._grouped_mm` where the device and dtype allow, a loop of
+matmuls elsewhere). Its autograd function folds the routing weight into the hidden activation
+(w * act(x W1)) W2 = w * (act(x W1) W2) and keeps only the input and the pre-activation for
+backward, so the layer holds less activation memory than a dense FFN on the same rows.
+
+`ModuleExperts` deep-copies any `nn.Module` expert, as DeepSpeed does.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACTIVATIONS = ("gelu", "relu", "swiglu")
+
+
+def _activate(h: Tensor, activation: str) -> Tensor:
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    if activation == "relu":
+        return F.relu(h)
+    return F.gelu(h)
+
+
+def _use_torch_grouped_mm(t: Tensor) -> bool:
+    return hasattr(torch, "_grouped_mm") and t.dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
+def grouped_mm(rows: Tensor, weights: Tensor, counts: list[int]) -> Tensor:
+    """rows [N, a] (grouped by expert, counts[e] rows each) @ weights[e] [a, b] -> [N, b]."""
+    if _use_torch_grouped_mm(rows):
+        offsets = torch.tensor(counts, device=rows.device).cumsum(0).to(torch.int32)
+        return torch._grouped_mm(rows, weights, offs=offsets)
+    out = rows.new_empty(rows.shape[0], weights.shape[-1])
+    for block_in, block_out, weight in zip(rows.split(counts), out.split(counts), weights):
+        torch.mm(block_in, weight, out=block_out)
+    return out
+
+
+def grouped_weight_grad(rows: Tensor, grad: Tensor, counts: list[int]) -> Tensor:
+    """Per-expert rows_e^T @ grad_e -> [E, a, b]: the weight gradient of `grouped_mm`."""
+    if _use_torch_grouped_mm(rows):
+        offsets = torch.tensor(counts, device=rows.device).cumsum(0).to(torch.int32)
+        return torch._grouped_mm(rows.t(), grad, offs=offsets)
+    out = rows.new_zeros(len(counts), rows.shape[1], grad.shape[1])
+    for e, (block_in, block_grad) in enumerate(zip(rows.split(counts), grad.split(counts))):
+        if block_in.shape[0]:
+            torch.mm(block_in.t(), block_grad, out=out[e])
+    return out
+
+
+def _per_expert_sum(rows: Tensor, counts: list[int]) -> Tensor:
+    """Sum of each expert's block of rows -> [E, b] (bias gradients)."""
+    expert_of_row = torch.repeat_interleave(
+        torch.arange(len(counts), device=rows.device), torch.tensor(counts, device=rows.device))
+    return rows.new_zeros(len(counts), rows.shape[1]).index_add_(0, expert_of_row, rows)
+
+
+def _per_row(bias: Tensor, counts: list[int]) -> Tensor:
+    return torch.repeat_interleave(bias, torch.tensor(counts, device=bias.device), dim=0)
+
+
+class _GroupedMLP(torch.autograd.Function):
+    """y = w * (act(x W1 + b1) W2 + b2) per expert block.
+
+    The routing weight w scales the [N, d] output rather than the wider hidden activation, and
+    backward recomputes act from the saved pre-activation: only x and x W1 + b1 are kept.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, route_weight, counts, activation):
+        h = grouped_mm(x, w1, counts)
+        if b1 is not None:
+            h += _per_row(b1, counts)
+        y = grouped_mm(_activate(h, activation), w2, counts)
+        if b2 is not None:
+            y += _per_row(b2, counts)
+        y *= route_weight.to(y.dtype).unsqueeze(1)
+        ctx.save_for_backward(x, w1, b1, w2, b2, route_weight, h)
+        ctx.counts, ctx.activation = counts, activation
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, w1, b1, w2, b2, route_weight, h = ctx.saved_tensors
+        counts, activation = ctx.counts, ctx.activation
+        scale = route_weight.to(x.dtype).unsqueeze(1)
+        grad_unscaled = grad_y * scale  # gradient w.r.t. act W2 + b2
+        with torch.enable_grad():
+            h_leaf = h.detach().requires_grad_()
+            act = _activate(h_leaf, activation)
+        grad_w2 = grouped_weight_grad(act.detach(), grad_unscaled, counts)
+        grad_b2 = _per_expert_sum(grad_unscaled, counts) if b2 is not None else None
+        grad_act = grouped_mm(grad_y.contiguous(), w2.transpose(1, 2), counts)
+        # d/dw of w * (act W2 + b2) is a row-wise dot of grad_y with act W2 + b2
+        grad_route = torch.linalg.vecdot(grad_act, act.detach())
+        if b2 is not None:
+            grad_route += torch.linalg.vecdot(grad_y, _per_row(b2, counts))
+        grad_act *= scale
+        (grad_h,) = torch.autograd.grad(act, h_leaf, grad_act)
+        grad_w1 = grouped_weight_grad(x, grad_h, counts)
+        grad_b1 = _per_expert_sum(grad_h, counts) if b1 is not None else None
+        grad_x = grouped_mm(grad_h, w1.transpose(1, 2), counts)
+        return (grad_x, grad_w1, grad_b1, grad_w2, grad_b2,
+                grad_route.to(route_weight.dtype), None, None)
+
+
+class GroupedExperts(nn.Module):
+    """E experts of one MLP shape as stacked weights: the fast path."""
+
+    def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int,
+                 activation: str = "gelu", bias: bool = False, init_std: float = 0.02) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; choose one of {ACTIVATIONS}")
+        self.activation = activation
+        first_width = 2 * ffn_hidden_size if activation == "swiglu" else ffn_hidden_size
+        self.w1 = nn.Parameter(torch.randn(num_experts, hidden_size, first_width) * init_std)
+        self.w2 = nn.Parameter(torch.randn(num_experts, ffn_hidden_size, hidden_size) * init_std)
+        self.b1 = nn.Parameter(torch.zeros(num_experts, first_width)) if bias else None
+        self.b2 = nn.Parameter(torch.zeros(num_experts, hidden_size)) if bias else None
+
+    @property
+    def num_experts(self) -> int:
+        return self.w1.shape[0]
+
+    def forward(self, rows: Tensor, tokens_per_expert: list[int], route_weight: Tensor) -> Tensor:
+        return _GroupedMLP.apply(rows, self.w1, self.b1, self.w2, self.b2, route_weight,
+                                 tokens_per_expert, self.activation)
+
+
+class ModuleExperts(nn.Module):
+    """Deep copies of a user's expert module, each run on its block of rows."""
+
+    def __init__(self, expert: nn.Module, num_experts: int) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(copy.deepcopy(expert) for _ in range(num_experts))
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def forward(self, rows: Tensor, tokens_per_expert: list[int], route_weight: Tensor) -> Tensor:
+        outputs = []
+        for expert, block in zip(self.experts, rows.split(tokens_per_expert)):
+            if block.shape[0] == 0:
+                continue
+            out = expert(block)
+            outputs.append(out[0] if isinstance(out, tuple) else out)
+        if not outputs:
+            return rows.new_zeros(rows.shape)
+        return torch.cat(outputs) * route_weight.to(rows.dtype).unsqueeze(1)
+
+
+class MLP(nn.Module):
+    """Dense feed-forward block with the experts' layout: fc1 [d -> f (2f for swiglu)], fc2.
+
+    Used for dense layers, shared experts and the residual branch of PR-MoE, so a dense FFN
+    copies into a grouped expert one to one (upcycling, checkpoint conversion).
+    """
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, activation: str = "gelu",
+                 bias: bool = False) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; choose one of {ACTIVATIONS}")
+        self.activation = activation
+        first_width = 2 * ffn_hidden_size if activation == "swiglu" else ffn_hidden_size
+        self.fc1 = nn.Linear(hidden_size, first_width, bias=bias)
+        self.fc2 = nn.Linear(ffn_hidden_size, hidden_size, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(_activate(self.fc1(x), self.activation))

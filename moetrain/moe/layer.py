@@ -1,0 +1,143 @@
+"""The MoE layer: router -> dispatcher -> experts -> combine, plus shared experts and PR-MoE.
+
+A drop-in for `deepspeed.moe.layer.MoE`: same constructor arguments, same defaults, same
+`(output, l_aux, exp_counts)` result. Arguments after `top2_2nd_expert_sampling` go beyond it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moetrain.moe.dispatcher import TokenDispatcher
+from moetrain.moe.experts import GroupedExperts, MLP, ModuleExperts
+from moetrain.moe.router import Router, TopKRouter
+from moetrain.moe.stats import RoutingStats
+
+
+class MoE(nn.Module):
+    """Mixture-of-Experts FFN.
+
+    With `expert=None` the experts are built in as stacked weights of width `ffn_hidden_size`
+    (default 4 * hidden_size) and run as grouped GEMMs; any other `nn.Module` mapping
+    [n, hidden] -> [n, hidden] is deep-copied once per expert.
+
+    Beyond DeepSpeed: `score_func` ('softmax' | 'sigmoid'), `drop_policy` ('position' | 'probs'
+    | 'random' | 'unordered'; None keeps DeepSpeed's choice for k), `expert_bias` (aux-loss-free
+    balancing; call `update_expert_bias()` after each optimizer step), `num_shared_experts`
+    (dense experts every token goes through), `router` (a `Router` subclass or instance),
+    `ep_group` (expert-parallel process group). The router z-loss of the last forward is in
+    `last_z_loss`; routing statistics accumulate in `routing_stats`.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        expert: nn.Module | None = None,
+        num_experts: int = 1,
+        ep_size: int = 1,
+        k: int = 1,
+        capacity_factor: float = 1.0,
+        eval_capacity_factor: float = 1.0,
+        min_capacity: int = 4,
+        use_residual: bool = False,
+        noisy_gate_policy: str | None = None,
+        drop_tokens: bool = True,
+        use_rts: bool = True,
+        top2_2nd_expert_sampling: bool = True,
+        *,
+        ffn_hidden_size: int | None = None,
+        activation: str = "gelu",
+        ffn_bias: bool = False,
+        score_func: str = "softmax",
+        drop_policy: str | None = None,
+        expert_bias: bool = False,
+        expert_bias_update_rate: float = 1e-3,
+        num_shared_experts: int = 0,
+        router: Router | type[Router] | None = None,
+        ep_group: dist.ProcessGroup | None = None,
+        init_std: float = 0.02,
+    ) -> None:
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        if ep_size < 1 or num_experts % ep_size:
+            raise ValueError(
+                f"num_experts={num_experts} is not divisible by ep_size={ep_size}; "
+                f"use a multiple of {ep_size} experts or a smaller ep_size"
+            )
+        if ep_group is not None and dist.get_world_size(ep_group) != ep_size:
+            raise ValueError(
+                f"ep_group has {dist.get_world_size(ep_group)} ranks but ep_size={ep_size}; "
+                "pass the group of ep_size ranks that share this layer's experts"
+            )
+        self.hidden_size = hidden_size
+        self.num_experts = num_experts
+        self.ep_size = ep_size
+        self.num_local_experts = num_experts // ep_size
+        self.k = k
+        ffn_hidden_size = ffn_hidden_size or 4 * hidden_size
+
+        if isinstance(router, Router):
+            self.router = router
+        else:
+            router_cls = router or TopKRouter
+            router_kwargs = dict(
+                capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
+                min_capacity=min_capacity, drop_tokens=drop_tokens, drop_policy=drop_policy,
+                score_func=score_func, expert_bias=expert_bias,
+                expert_bias_update_rate=expert_bias_update_rate)
+            if issubclass(router_cls, TopKRouter):
+                router_kwargs.update(noisy_gate_policy=noisy_gate_policy, use_rts=use_rts,
+                                     top2_2nd_expert_sampling=top2_2nd_expert_sampling)
+            self.router = router_cls(hidden_size, num_experts, k, **router_kwargs)
+        self.dispatcher = TokenDispatcher(num_experts, ep_group)
+        if expert is None:
+            self.experts = GroupedExperts(self.num_local_experts, hidden_size, ffn_hidden_size,
+                                          activation, bias=ffn_bias, init_std=init_std)
+        else:
+            self.experts = ModuleExperts(expert, self.num_local_experts)
+        self.shared_experts = (
+            MLP(hidden_size, num_shared_experts * ffn_hidden_size, activation, bias=ffn_bias)
+            if num_shared_experts else None
+        )
+        self.use_residual = use_residual
+        if use_residual:
+            # PR-MoE: a dense MLP beside the experts, mixed in by a learned two-way coefficient.
+            self.mlp = expert if expert is not None else MLP(hidden_size, ffn_hidden_size,
+                                                             activation, bias=ffn_bias)
+            self.coefficient = nn.Linear(hidden_size, 2)
+        self.routing_stats = RoutingStats(num_experts)
+        self.last_z_loss: Tensor | None = None
+
+    def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"MoE input has hidden size {hidden_states.shape[-1]} but the layer was built "
+                f"for {self.hidden_size}; build MoE(hidden_size={hidden_states.shape[-1]}, ...)"
+            )
+        x = hidden_states.reshape(-1, self.hidden_size)
+        decision = self.router(x)
+        rows, plan = self.dispatcher.dispatch(x, decision)
+        expert_rows = self.experts(rows, plan.tokens_per_expert, plan.weights)
+        output = self.dispatcher.combine(expert_rows, plan, x.shape[0]).to(x.dtype)
+        if self.shared_experts is not None:
+            output = output + self.shared_experts(x)
+        output = output.reshape(hidden_states.shape)
+        if self.use_residual:
+            residual = self.mlp(hidden_states)
+            if isinstance(residual, tuple):
+                residual = residual[0]
+            coef = F.softmax(self.coefficient(hidden_states), dim=-1)
+            output = output * coef[..., 0:1] + residual * coef[..., 1:]
+        self.last_z_loss = decision.z_loss
+        kept_counts = torch.zeros_like(decision.exp_counts).index_add_(
+            0, decision.expert_indices.flatten(), decision.kept.flatten().long())
+        self.routing_stats.record(decision.exp_counts, kept_counts)
+        return output, decision.l_aux, decision.exp_counts
+
+    def update_expert_bias(self) -> None:
+        """Aux-loss-free balancing step (no-op unless built with expert_bias=True)."""
+        self.router.update_expert_bias()
