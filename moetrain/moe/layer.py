@@ -29,7 +29,8 @@ class MoE(nn.Module):
     balancing; call `update_expert_bias()` after each optimizer step), `num_shared_experts`
     (dense experts every token goes through), `router` (a `Router` subclass or instance),
     `ep_group` (expert-parallel process group). The router z-loss of the last forward is in
-    `last_z_loss`; routing statistics accumulate in `routing_stats`.
+    `last_z_loss`; routing statistics accumulate in `routing_stats` (training) and
+    `eval_routing_stats` (eval mode).
     """
 
     def __init__(
@@ -109,7 +110,8 @@ class MoE(nn.Module):
             self.mlp = expert if expert is not None else MLP(hidden_size, ffn_hidden_size,
                                                              activation, bias=ffn_bias)
             self.coefficient = nn.Linear(hidden_size, 2)
-        self.routing_stats = RoutingStats(num_experts)
+        self.routing_stats = RoutingStats(num_experts)  # training forwards
+        self.eval_routing_stats = RoutingStats(num_experts)  # eval-mode forwards
         self.last_z_loss: Tensor | None = None
 
     def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -135,7 +137,8 @@ class MoE(nn.Module):
         self.last_z_loss = decision.z_loss
         kept_counts = torch.zeros_like(decision.exp_counts).index_add_(
             0, decision.expert_indices.flatten(), decision.kept.flatten().long())
-        self.routing_stats.record(decision.exp_counts, kept_counts)
+        stats = self.routing_stats if self.training else self.eval_routing_stats
+        stats.record(decision.exp_counts, kept_counts)
         return output, decision.l_aux, decision.exp_counts
 
     def update_expert_bias(self) -> None:

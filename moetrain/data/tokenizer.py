@@ -1,0 +1,136 @@
+"""One tokenizer wrapper over the `tokenizers` library, so every kind saves and loads as one JSON file."""
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import tokenizers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+
+from moetrain.data import DataError
+
+EOS_TOKEN = "<|endoftext|>"
+TOKENIZER_KINDS = ("bpe", "gpt2", "byte")
+
+
+class Tokenizer:
+    """Text <-> token ids, with the end-of-document token every kind shares (`<|endoftext|>`)."""
+
+    def __init__(self, backend: tokenizers.Tokenizer):
+        eos_id = backend.token_to_id(EOS_TOKEN)
+        if eos_id is None:
+            raise DataError(f"tokenizer has no '{EOS_TOKEN}' token; build it with moetrain.data.build_tokenizer")
+        self._backend = backend
+        self.eos_id: int = eos_id
+        self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Encodes many documents at once, in parallel threads (the fast path for preparing data)."""
+        return [encoding.ids for encoding in self._backend.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Decodes ids; the eos token is kept in the text so document boundaries stay visible."""
+        return self._backend.decode(list(ids), skip_special_tokens=False)
+
+    def to_json(self) -> str:
+        return self._backend.to_str()
+
+    def save(self, path: str | Path) -> None:
+        """Writes the tokenizers JSON to `path`, or to `path/tokenizer.json` when `path` is a directory."""
+        file = _json_path(path)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        self._backend.save(str(file))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        """Reads a file written by `save` (a JSON file, or a directory holding `tokenizer.json`)."""
+        file = _json_path(path)
+        if not file.is_file():
+            raise DataError(f"tokenizer file '{file}' not found; save one with Tokenizer.save or moetrain prepare-data")
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(file))
+        except Exception as error:  # the Rust side raises a bare Exception for any malformed file
+            raise DataError(f"tokenizer file '{file}' is not a tokenizers JSON file ({error}); re-create it") from None
+        return cls(backend)
+
+
+def _json_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path / "tokenizer.json" if path.is_dir() else path
+
+
+def _bytes_to_symbols() -> list[str]:
+    """GPT-2's byte -> printable-character table, so byte-level tokens never contain whitespace or controls.
+
+    Printable Latin-1 bytes stand for themselves; every other byte is shifted to a code point from 256 on.
+    """
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    symbols, shifted = [], 0
+    for byte in range(256):
+        if byte in printable:
+            symbols.append(chr(byte))
+        else:
+            symbols.append(chr(256 + shifted))
+            shifted += 1
+    return symbols
+
+
+def _byte_level(model: models.Model, *, split_words: bool = True) -> tokenizers.Tokenizer:
+    """Text -> byte symbols -> `model`; `split_words` applies GPT-2's word regex, which only merges need."""
+    backend = tokenizers.Tokenizer(model)
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split_words)
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _byte_tokenizer() -> Tokenizer:
+    """Id b is byte b; id 256 is eos. A BPE model without merges over the byte symbols does exactly that."""
+    vocab = {symbol: byte for byte, symbol in enumerate(_bytes_to_symbols())}
+    backend = _byte_level(models.BPE(vocab=vocab, merges=[]), split_words=False)  # 3x faster, same ids
+    backend.add_special_tokens([AddedToken(EOS_TOKEN, special=True)])
+    return Tokenizer(backend)
+
+
+def _gpt2_tokenizer(vocab_file: str | None, merge_file: str | None) -> Tokenizer:
+    for flag, file in (("--vocab-file", vocab_file), ("--merge-file", merge_file)):
+        if file is None:
+            raise DataError(f"tokenizer 'gpt2' needs {flag} (GPT-2's vocab.json and merges.txt)")
+        if not Path(file).is_file():
+            raise DataError(f"{flag} '{file}' not found; pass GPT-2's vocab.json and merges.txt")
+    try:
+        model = models.BPE.from_file(vocab_file, merge_file)
+    except Exception as error:  # malformed JSON or merges come back as a bare Exception
+        raise DataError(f"cannot read GPT-2 BPE files '{vocab_file}', '{merge_file}' ({error}); "
+                        "--vocab-file must be vocab.json and --merge-file merges.txt") from None
+    backend = _byte_level(model)
+    if backend.token_to_id(EOS_TOKEN) is None:
+        raise DataError(f"--vocab-file '{vocab_file}' has no '{EOS_TOKEN}' entry; use GPT-2's vocab.json")
+    backend.add_special_tokens([AddedToken(EOS_TOKEN, special=True)])
+    return Tokenizer(backend)
+
+
+def _trained_bpe(texts: Iterable[str] | None, vocab_size: int) -> Tokenizer:
+    if texts is None:
+        raise DataError("tokenizer 'bpe' is trained on the corpus; pass texts (or use --tokenizer-type byte)")
+    if vocab_size < 257:
+        raise DataError(f"--vocab-size {vocab_size} is too small for byte-level BPE; "
+                        "use at least 257 (256 bytes + eos)")
+    backend = _byte_level(models.BPE())
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer)
+    return Tokenizer(backend)
+
+
+def build_tokenizer(kind: str, *, vocab_file: str | None = None, merge_file: str | None = None,
+                    texts: Iterable[str] | None = None, vocab_size: int = 4096) -> Tokenizer:
+    """Builds a "gpt2" (from vocab/merge files), "bpe" (trained on `texts`) or "byte" tokenizer."""
+    if kind == "byte":
+        return _byte_tokenizer()
+    if kind == "gpt2":
+        return _gpt2_tokenizer(vocab_file, merge_file)
+    if kind == "bpe":
+        return _trained_bpe(texts, vocab_size)
+    raise DataError(f"unknown tokenizer type '{kind}'; choose one of {', '.join(TOKENIZER_KINDS)}")

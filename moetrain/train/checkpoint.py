@@ -1,0 +1,357 @@
+"""Atomic, code-free checkpoints: safetensors weights + a weights_only-loadable state.pt.
+
+Layout of ``save_dir``::
+
+    latest                 text file naming the newest complete checkpoint, e.g. "iter_0000100"
+    iter_0000100/
+        model.safetensors  model weights (tied tensors stored once, see _split_shared)
+        state.pt           {"iteration", "optimizer", "extra"}; only tensors, numbers, strings, containers
+        tokenizer.json ... extra files copied in by the caller
+
+A checkpoint is written into a hidden sibling directory, fsynced, then renamed into place with
+``os.replace``; only after that is ``latest`` replaced (temp file + ``os.replace``). A crash at any
+point therefore leaves the previous checkpoint and ``latest`` intact, and a half-written directory
+never carries an ``iter_*`` name. One process writes to a given ``save_dir`` at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import re
+import shutil
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+LATEST_FILE = "latest"
+TMP_PREFIX = ".tmp-"
+REPLACED_PREFIX = ".replaced-"
+ALIASES_KEY = "moetrain_aliases"
+ITER_DIR_RE = re.compile(r"^iter_(\d{7,})$")
+# Exactly the types torch.load(weights_only=True) rebuilds; numpy scalars (float subclasses) are not among them.
+SAFE_LEAF_TYPES = (bool, int, float, complex, str, bytes, bytearray, type(None), torch.dtype, torch.device)
+SAFE_CONTAINER_TYPES = (list, tuple, set, dict, OrderedDict, torch.Size)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint exists but cannot be read safely (corrupt, truncated, or contains pickled code)."""
+
+
+@dataclass
+class Checkpoint:
+    """What load_checkpoint returns; tensors are on CPU."""
+
+    iteration: int
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict
+    extra: dict
+    path: str
+
+
+def iter_dir_name(iteration: int) -> str:
+    """Zero-padded so directory listings sort by iteration."""
+    return f"iter_{iteration:07d}"
+
+
+def list_checkpoints(save_dir: str) -> list[int]:
+    """Iterations of the complete checkpoints in ``save_dir``, ascending."""
+    if not os.path.isdir(save_dir):
+        return []
+    found = (ITER_DIR_RE.match(name) for name in os.listdir(save_dir))
+    return sorted(int(m.group(1)) for m in found if m and os.path.isdir(os.path.join(save_dir, m.group(0))))
+
+
+# ---------------------------------------------------------------------------------------------- RNG
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """RNG states of python ``random``, numpy, torch CPU and CUDA, as weights_only-safe values."""
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": random.getstate(),  # (version, tuple of ints, gauss_next): already safe
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch_cpu": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["torch_cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of ``capture_rng_state``; CUDA states are restored for the devices present."""
+    missing = {"python", "numpy", "torch_cpu"} - state.keys()
+    if missing:
+        raise KeyError(f"RNG state lacks {sorted(missing)}; pass a dict made by capture_rng_state()")
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    np_state = state["numpy"]
+    np.random.set_state({
+        "bit_generator": np_state["bit_generator"],
+        "state": {"key": np.asarray(np_state["key"], dtype=np.uint32), "pos": np_state["pos"]},
+        "has_gauss": np_state["has_gauss"],
+        "gauss": np_state["gauss"],
+    })
+    torch.set_rng_state(state["torch_cpu"])
+    cuda_states = state.get("torch_cuda")
+    if cuda_states and torch.cuda.is_available():
+        if len(cuda_states) != torch.cuda.device_count():
+            warnings.warn(f"checkpoint holds CUDA RNG states for {len(cuda_states)} devices but "
+                          f"{torch.cuda.device_count()} are visible; restoring the overlapping ones")
+        for device_index, device_state in enumerate(cuda_states[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, device_index)
+
+
+# --------------------------------------------------------------------------------------------- save
+
+
+def _split_shared(model_state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Store each tied tensor once: return (tensors to write, alias name -> stored name).
+
+    Tensors that are the same view of the same storage (tied embedding / LM head) become aliases and
+    are re-tied by ``load_checkpoint``. Tensors that merely overlap a shared storage with a different
+    view (slices of a fused buffer) are cloned, since safetensors cannot store overlapping memory;
+    they load back as independent tensors. Non-contiguous tensors are made contiguous.
+    """
+    to_write: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first_name_of_view: dict[tuple, str] = {}
+    names_per_storage: dict[tuple, list[str]] = {}
+    for name, tensor in model_state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"model_state[{name!r}] is a {type(tensor).__name__}, not a tensor; "
+                            f"pass model.state_dict()")
+        if tensor.numel() == 0:
+            to_write[name] = tensor
+            continue
+        storage_key = (tensor.device, tensor.untyped_storage().data_ptr())
+        view_key = (*storage_key, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
+        if view_key in first_name_of_view:
+            aliases[name] = first_name_of_view[view_key]
+            continue
+        first_name_of_view[view_key] = name
+        names_per_storage.setdefault(storage_key, []).append(name)
+        to_write[name] = tensor.detach()
+    for names in names_per_storage.values():
+        for name in names:
+            if len(names) > 1:
+                to_write[name] = to_write[name].clone(memory_format=torch.contiguous_format)
+            else:
+                to_write[name] = to_write[name].contiguous()
+    return to_write, aliases
+
+
+def _check_weights_only_safe(value: Any, where: str) -> None:
+    """Reject anything torch.load(weights_only=True) would refuse, naming where it sits."""
+    if isinstance(value, torch.Tensor):
+        if type(value) not in (torch.Tensor, torch.nn.Parameter):
+            raise TypeError(f"{where} is a {type(value).__name__} tensor subclass; store a plain tensor "
+                            f"(e.g. .detach().clone() or .full_tensor())")
+        return
+    if type(value) in SAFE_LEAF_TYPES:
+        return
+    if type(value) not in SAFE_CONTAINER_TYPES:
+        raise TypeError(f"{where} has type {type(value).__module__}.{type(value).__qualname__}, which a "
+                        f"weights_only checkpoint cannot hold; convert it to tensors, numbers, strings, lists or dicts")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_weights_only_safe(key, f"{where} key {key!r}")
+            _check_weights_only_safe(item, f"{where}[{key!r}]")
+    else:
+        for index, item in enumerate(value):
+            _check_weights_only_safe(item, f"{where}[{index}]")
+
+
+def _fsync_path(path: str) -> None:
+    """Flush a file or directory entry to disk (directories only where the OS allows opening them)."""
+    if os.path.isdir(path) and os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_latest(save_dir: str, name: str) -> None:
+    tmp_path = os.path.join(save_dir, f"{TMP_PREFIX}{LATEST_FILE}")
+    with open(tmp_path, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_path, os.path.join(save_dir, LATEST_FILE))
+    _fsync_path(save_dir)
+
+
+def _remove_older(save_dir: str, iteration: int, keep_last: int) -> None:
+    """Keep the just-saved checkpoint and the ``keep_last - 1`` newest below it.
+
+    Directories with a higher iteration (left by an abandoned run that was restarted from an earlier
+    checkpoint) are not "older" and are left alone.
+    """
+    older = [it for it in list_checkpoints(save_dir) if it < iteration]
+    for stale in older[: max(len(older) - (keep_last - 1), 0)]:
+        shutil.rmtree(os.path.join(save_dir, iter_dir_name(stale)))
+
+
+def save_checkpoint(
+    save_dir: str,
+    iteration: int,
+    *,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict,
+    extra: dict,
+    keep_last: int | None = None,
+    files: dict[str, str] | None = None,
+) -> str:
+    """Atomically write ``save_dir/iter_{iteration:07d}`` and point ``latest`` at it; return its path.
+
+    ``extra`` holds everything else needed to resume (LR step, loss scaler state, RNG states, data
+    position, config dict) and must contain only weights_only-safe values. ``files`` maps a file
+    name inside the checkpoint to a source path to copy (e.g. {"tokenizer.json": path}).
+    ``keep_last`` then deletes older checkpoints (see _remove_older).
+    """
+    if iteration < 0:
+        raise ValueError(f"iteration must be >= 0, got {iteration}")
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 or None (keep all), got {keep_last}")
+    files = files or {}
+    for name, source in files.items():
+        if os.path.basename(name) != name or name in (MODEL_FILE, STATE_FILE) or name.startswith("."):
+            raise ValueError(f"extra checkpoint file name {name!r} must be a plain file name other than "
+                             f"{MODEL_FILE} and {STATE_FILE}")
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"file {source!r} to copy into the checkpoint as {name} does not exist")
+    state = {"iteration": iteration, "optimizer": optimizer_state, "extra": extra}
+    _check_weights_only_safe(state, "checkpoint state")
+    tensors, aliases = _split_shared(model_state)
+
+    os.makedirs(save_dir, exist_ok=True)
+    for leftover in os.listdir(save_dir):  # debris of an earlier crashed save
+        if leftover.startswith(TMP_PREFIX + "iter_"):
+            shutil.rmtree(os.path.join(save_dir, leftover))
+    name = iter_dir_name(iteration)
+    tmp_dir = os.path.join(save_dir, TMP_PREFIX + name)
+    os.makedirs(tmp_dir)
+
+    model_path = os.path.join(tmp_dir, MODEL_FILE)
+    save_file(tensors, model_path, metadata={"format": "pt", ALIASES_KEY: json.dumps(aliases)})
+    _fsync_path(model_path)
+    with open(os.path.join(tmp_dir, STATE_FILE), "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    for file_name, source in files.items():
+        target = os.path.join(tmp_dir, file_name)
+        shutil.copyfile(source, target)
+        _fsync_path(target)
+    _fsync_path(tmp_dir)
+
+    final_dir = os.path.join(save_dir, name)
+    replaced_dir = os.path.join(save_dir, REPLACED_PREFIX + name)
+    if os.path.isdir(final_dir):  # re-saving an iteration: directories cannot be swapped in one rename
+        shutil.rmtree(replaced_dir, ignore_errors=True)
+        os.replace(final_dir, replaced_dir)
+    os.replace(tmp_dir, final_dir)
+    _fsync_path(save_dir)
+    shutil.rmtree(replaced_dir, ignore_errors=True)
+    _write_latest(save_dir, name)
+    if keep_last is not None:
+        _remove_older(save_dir, iteration, keep_last)
+    return final_dir
+
+
+# --------------------------------------------------------------------------------------------- load
+
+
+def _resolve_checkpoint_dir(load_dir: str, iteration: int | None) -> str:
+    if not os.path.isdir(load_dir):
+        raise FileNotFoundError(f"checkpoint directory {load_dir!r} does not exist; check the load path")
+    if iteration is not None:
+        path = os.path.join(load_dir, iter_dir_name(iteration))
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"no checkpoint for iteration {iteration} in {load_dir!r}; "
+                                    f"available iterations: {list_checkpoints(load_dir) or 'none'}")
+        return path
+    if os.path.isfile(os.path.join(load_dir, MODEL_FILE)):
+        return load_dir  # a direct iter_* directory
+    latest_path = os.path.join(load_dir, LATEST_FILE)
+    if not os.path.isfile(latest_path):
+        raise FileNotFoundError(f"no checkpoint in {load_dir!r}: it has no '{LATEST_FILE}' file; "
+                                f"pass an iteration (available: {list_checkpoints(load_dir) or 'none'})")
+    with open(latest_path) as f:
+        name = f.read().strip()
+    if not ITER_DIR_RE.match(name):
+        raise CheckpointError(f"{latest_path} holds {name[:40]!r}, not an iter_NNNNNNN name; "
+                              f"rewrite it or pass an iteration")
+    path = os.path.join(load_dir, name)
+    if not os.path.isdir(path):
+        hint = ""
+        if os.path.isdir(os.path.join(load_dir, REPLACED_PREFIX + name)):
+            hint = f" (a crash interrupted re-saving it; rename {REPLACED_PREFIX + name} back to {name})"
+        raise FileNotFoundError(f"{latest_path} names {name}, which is missing{hint}")
+    return path
+
+
+def _load_model_state(path: str) -> dict[str, torch.Tensor]:
+    model_path = os.path.join(path, MODEL_FILE)
+    if not os.path.isfile(model_path):
+        raise FileNotFoundError(f"checkpoint {path!r} has no {MODEL_FILE}; it is incomplete or not a moetrain "
+                                f"checkpoint")
+    try:
+        tensors = load_file(model_path)
+        with safe_open(model_path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{model_path} is corrupt or truncated ({error}); load an earlier iteration") from error
+    aliases = json.loads(metadata.get(ALIASES_KEY, "{}"))
+    for alias, stored in aliases.items():
+        tensors[alias] = tensors[stored]
+    return tensors
+
+
+def _load_state(path: str) -> dict:
+    state_path = os.path.join(path, STATE_FILE)
+    if not os.path.isfile(state_path):
+        raise FileNotFoundError(f"checkpoint {path!r} has no {STATE_FILE}; it is incomplete or not a moetrain "
+                                f"checkpoint")
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(f"{state_path} contains pickled objects other than tensors and plain data; "
+                              f"refusing to unpickle it (weights_only). Re-save it with plain types") from error
+    except (RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(f"{state_path} is corrupt or truncated ({error}); load an earlier iteration") from error
+    if not isinstance(state, dict) or not {"iteration", "optimizer", "extra"} <= state.keys():
+        raise CheckpointError(f"{state_path} is not a moetrain checkpoint state (missing iteration/optimizer/extra)")
+    return state
+
+
+def load_checkpoint(load_dir: str, iteration: int | None = None) -> Checkpoint:
+    """Load the checkpoint named by ``load_dir/latest``, a given iteration, or ``load_dir`` itself
+    when it is an ``iter_*`` directory. Tensors come back on CPU; nothing but plain data is unpickled."""
+    path = _resolve_checkpoint_dir(load_dir, iteration)
+    state = _load_state(path)
+    return Checkpoint(
+        iteration=int(state["iteration"]),
+        model_state=_load_model_state(path),
+        optimizer_state=state["optimizer"],
+        extra=state["extra"],
+        path=path,
+    )
