@@ -145,7 +145,7 @@ class DataConfig:
 class TrainingConfig:
     micro_batch_size: int = 8
     global_batch_size: int | None = None
-    train_iters: int = 500
+    train_iters: int = 400
     lr: float = 1e-3
     min_lr: float = 1e-4
     lr_decay_style: str = "cosine"

@@ -433,7 +433,7 @@ def with_changes(**changes: Any) -> Config:
     ({"moe__score_func": "relu"}, 1, "--moe-score-func 'relu' is not one of softmax, sigmoid"),
     ({"moe__drop_policy": "first"}, 1, "--moe-drop-policy 'first' is not one of"),
     ({"moe__noisy_gate_policy": "Gumbel"}, 1, "--noisy-gate-policy 'Gumbel' is not one of None, Jitter, RSample"),
-    ({"training__lr_warmup_iters": 600}, 1, "--lr-warmup-iters 600 exceeds --train-iters 500"),
+    ({"training__lr_warmup_iters": 600}, 1, "--lr-warmup-iters 600 exceeds --train-iters 400"),
     ({"training__lr_warmup_iters": 500}, 1, "LR decay ends at iteration 500, not after the 500 warmup"),
     ({"training__min_lr": 0.01}, 1, "--min-lr 0.01 exceeds --lr 0.001"),
     ({"parallel__tensor_parallel_size": 2, "parallel__pipeline_parallel_size": 2}, 6,

@@ -24,7 +24,6 @@ from moetrain.moe import (
     expert_capacity,
     grouped_mm,
 )
-from moetrain.moe import experts as experts_module
 
 F32_EPS = torch.finfo(torch.float32).eps
 
@@ -65,7 +64,7 @@ def ref_keep(choices, scores: Tensor, capacity: int | None, policy: str) -> list
                 used[c[j]] += 1
     elif policy == "probs":
         for e in range(num_experts):
-            assigned = [(float(scores[s, e]), s, j) for s, c in enumerate(choices)
+            assigned = [(float(scores.detach()[s, e]), s, j) for s, c in enumerate(choices)
                         for j, ce in enumerate(c) if ce == e]
             assigned.sort(key=lambda t: -t[0])
             for rank, (_, s, j) in enumerate(assigned):
@@ -105,7 +104,7 @@ def ref_l_aux(scores: Tensor, choices, k: int, score_func: str = "softmax") -> T
 
 
 def ref_z_loss(logits: Tensor) -> float:
-    vals = [math.log(sum(math.exp(float(v)) for v in row)) ** 2 for row in logits]
+    vals = [math.log(sum(math.exp(float(v)) for v in row)) ** 2 for row in logits.detach()]
     return sum(vals) / len(vals)
 
 
@@ -340,11 +339,23 @@ def test_moe_expert_grouped_mm_matches_matmul_loop(counts, shape):
     torch.testing.assert_close(got32.double(), want, atol=1e-5, rtol=1e-5)
 
 
-def test_moe_expert_float32_uses_torch_grouped_mm_float64_falls_back():
+def test_moe_expert_float32_uses_torch_grouped_mm_float64_falls_back(monkeypatch):
+    """The two paths compared above really are different code: float32 calls
+    torch._grouped_mm, float64 (which it does not support) loops."""
     if not hasattr(torch, "_grouped_mm"):
         pytest.skip("this torch has no _grouped_mm")
-    assert experts_module._use_torch_grouped_mm(torch.zeros(1, dtype=torch.float32))
-    assert not experts_module._use_torch_grouped_mm(torch.zeros(1, dtype=torch.float64))
+    calls = []
+    real = torch._grouped_mm
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].dtype)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_grouped_mm", spy)
+    counts = [2, 0, 3]
+    for dtype in (torch.float32, torch.float64):
+        grouped_mm(torch.randn(5, 8, dtype=dtype), torch.randn(3, 8, 4, dtype=dtype), counts)
+    assert calls == [torch.float32]
 
 
 # ---------------------------------------------------------------------------------------------
