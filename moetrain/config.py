@@ -666,6 +666,9 @@ def add_deepspeed_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("DeepSpeed compatibility")
     group.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", metavar="PATH",
                        help="DeepSpeed JSON config; its settings apply unless a flag above overrides them")
+    group.add_argument("--deepspeed", action="store_true", dest="deepspeed_flag",
+                       help="accepted so Megatron-DeepSpeed launch scripts run unchanged; moetrain always "
+                            "uses its own engine")
 
 
 TRAIN_ARG_GROUPS: tuple[Callable[[argparse.ArgumentParser], None], ...] = (

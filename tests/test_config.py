@@ -434,7 +434,7 @@ def with_changes(**changes: Any) -> Config:
     ({"moe__drop_policy": "first"}, 1, "--moe-drop-policy 'first' is not one of"),
     ({"moe__noisy_gate_policy": "Gumbel"}, 1, "--noisy-gate-policy 'Gumbel' is not one of None, Jitter, RSample"),
     ({"training__lr_warmup_iters": 600}, 1, "--lr-warmup-iters 600 exceeds --train-iters 400"),
-    ({"training__lr_warmup_iters": 500}, 1, "LR decay ends at iteration 500, not after the 500 warmup"),
+    ({"training__lr_warmup_iters": 400}, 1, "LR decay ends at iteration 400, not after the 400 warmup"),
     ({"training__min_lr": 0.01}, 1, "--min-lr 0.01 exceeds --lr 0.001"),
     ({"parallel__tensor_parallel_size": 2, "parallel__pipeline_parallel_size": 2}, 6,
      "world size 6 is not divisible by tensor-parallel-size 2 x pipeline-parallel-size 2"),

@@ -29,13 +29,21 @@ def _activate(h: Tensor, activation: str) -> Tensor:
     return F.gelu(h)
 
 
-def _use_torch_grouped_mm(t: Tensor) -> bool:
-    return hasattr(torch, "_grouped_mm") and t.dtype in (torch.float32, torch.bfloat16, torch.float16)
+def _use_torch_grouped_mm(*operands: Tensor) -> bool:
+    """torch._grouped_mm takes fp32/bf16/fp16 with 16-byte aligned rows; other shapes loop."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    for t in operands:
+        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return False
+        if t.data_ptr() % 16 or any(stride * t.element_size() % 16 for stride in t.stride() if stride != 1):
+            return False
+    return True
 
 
 def grouped_mm(rows: Tensor, weights: Tensor, counts: list[int]) -> Tensor:
     """rows [N, a] (grouped by expert, counts[e] rows each) @ weights[e] [a, b] -> [N, b]."""
-    if _use_torch_grouped_mm(rows):
+    if _use_torch_grouped_mm(rows, weights):
         offsets = torch.tensor(counts, device=rows.device).cumsum(0).to(torch.int32)
         return torch._grouped_mm(rows, weights, offs=offsets)
     out = rows.new_empty(rows.shape[0], weights.shape[-1])
@@ -46,7 +54,7 @@ def grouped_mm(rows: Tensor, weights: Tensor, counts: list[int]) -> Tensor:
 
 def grouped_weight_grad(rows: Tensor, grad: Tensor, counts: list[int]) -> Tensor:
     """Per-expert rows_e^T @ grad_e -> [E, a, b]: the weight gradient of `grouped_mm`."""
-    if _use_torch_grouped_mm(rows):
+    if _use_torch_grouped_mm(rows, grad):
         offsets = torch.tensor(counts, device=rows.device).cumsum(0).to(torch.int32)
         return torch._grouped_mm(rows.t(), grad, offs=offsets)
     out = rows.new_zeros(len(counts), rows.shape[1], grad.shape[1])

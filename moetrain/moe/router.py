@@ -256,6 +256,13 @@ class TopKRouter(Router):
             return "random" if self.use_rts else "unordered"
         return super().resolved_drop_policy()
 
+    def _apply_capacity(self, indices: Tensor, scores: Tensor) -> Tensor:
+        if not self.drop_tokens and self.k == 1 and self.use_rts:
+            # DeepSpeed draws the RTS scores even when nothing is dropped; draw them too so the
+            # random stream after this layer (dropout, the next layer's noise) stays in step.
+            _uniform(scores.shape, 0.0, 1.0, scores.device)
+        return super()._apply_capacity(indices, scores)
+
     def compute_logits(self, x: Tensor) -> Tensor:
         x = x.float()
         if self.noisy_gate_policy == "Jitter" and self.training:

@@ -1,0 +1,241 @@
+"""Training throughput and model FLOP utilisation (MFU) of whole optimizer steps.
+
+Two configurations, each run through moetrain's own `Trainer.train_step()` (forward, backward,
+gradient clipping, AdamW step, LR schedule: the real program) on synthetic random token batches,
+so no data loading is timed:
+
+  default   `moetrain train` with Config() defaults: gpt style, 4 layers, hidden 256, seq 256,
+            micro batch 8, 8 experts top-1 every other layer, capacity factor 1.0 with drops,
+            vocabulary 4096 (the default corpus tokenizer)
+  mixtral   Mixtral style at small scale: llama style (RoPE, RMSNorm, SwiGLU), 4 layers, hidden 256,
+            8 heads, seq 256, micro batch 8, 8 experts top-2 in every layer, dropless, deterministic
+            top-2 (no second-expert sampling, as Mixtral)
+
+If `transformers` is installed, the mixtral configuration is also built as a Hugging Face
+`MixtralForCausalLM` of the same sizes (sdpa attention, float32, its default experts
+implementation) and trained by a plain loop: forward, cross entropy on the same targets
++ 0.01 x its load-balancing loss, backward, clip_grad_norm_(1.0), AdamW (same lr, betas, weight
+decay), zero_grad. Its steps are interleaved with moetrain's on the same batches, so both see the
+same machine load.
+
+Model FLOPs per token (PaLM appendix B convention, counted for the k routed experts only):
+
+    FLOPs/token = 6 * N + 12 * L * h * T
+
+    N = parameters active per token (model.parameter_counts()["active"]: all parameters, experts
+        counted k of E) - token/position embedding tables + lm_head (V x h; with tied embeddings the
+        shared matrix counts once, as the lm_head matmul)
+    L = layers, h = hidden size, T = sequence length (attention scores and values, non-causal count)
+
+MFU = FLOPs/token x tokens per step / step time / R, where R is the fp32 rate of a 2048 x 2048 @
+2048 x 2048 matmul measured in the same run, interleaved with the steps (medians throughout).
+
+    python benchmarks/train_throughput.py            # 3 warm-up + 10 timed steps per model
+    python benchmarks/train_throughput.py --quick    # 1 warm-up + 3 timed steps
+    python benchmarks/train_throughput.py --profile  # + top ops of two profiled moetrain steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from moetrain.config import Config
+from moetrain.train.trainer import Trainer
+
+
+class SyntheticBatches:
+    """Stands in for Trainer.train_data: cycles through pre-generated random token batches."""
+
+    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.batches, self.position = batches, 0
+
+    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = self.batches[self.position % len(self.batches)]
+        assert inputs.shape[0] == batch_size
+        self.position += 1
+        return inputs, targets
+
+
+def default_config() -> Config:
+    cfg = Config()
+    cfg.training.save = None
+    cfg.training.device = "cpu"
+    cfg.training.progress_bar = False
+    return cfg
+
+
+def mixtral_config() -> Config:
+    cfg = default_config()
+    m, moe = cfg.model, cfg.moe
+    m.style, m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length = "llama", 4, 256, 8, 256
+    moe.num_experts, moe.topk, moe.expert_interval = [8], 2, 1
+    moe.drop_tokens, moe.top2_2nd_expert_sampling = False, False
+    return cfg
+
+
+def flops_per_token(trainer: Trainer) -> tuple[float, int]:
+    model, mc = trainer.model, trainer.cfg.model
+    active = model.parameter_counts()["active"]
+    embeddings = model.tok_emb.weight.numel() + (model.pos_emb.weight.numel() if model.pos_emb is not None else 0)
+    n = active - embeddings + model.lm_head.weight.numel()
+    return 6 * n + 12 * mc.num_layers * mc.hidden_size * mc.seq_length, n
+
+
+def synthetic_batches(cfg: Config, vocab: int, count: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        seq = torch.randint(0, vocab, (cfg.training.micro_batch_size, cfg.model.seq_length + 1), generator=gen)
+        batches.append((seq[:, :-1].contiguous(), seq[:, 1:].contiguous()))
+    return batches
+
+
+def build_peer(cfg: Config, vocab: int):
+    """The mixtral config as transformers' MixtralForCausalLM, and its optimizer step."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    m, moe, tc = cfg.model, cfg.moe, cfg.training
+    hf_cfg = MixtralConfig(
+        vocab_size=vocab, hidden_size=m.hidden_size, intermediate_size=moe.expert_ffn_size(m),
+        num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_attention_heads, max_position_embeddings=m.seq_length,
+        rms_norm_eps=m.norm_eps, rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
+        num_local_experts=moe.num_experts[0], num_experts_per_tok=moe.topk, output_router_logits=True,
+        router_aux_loss_coef=moe.aux_loss_coeff, router_jitter_noise=0.0, tie_word_embeddings=m.tie_embeddings,
+        attention_dropout=0.0, use_cache=False, initializer_range=m.init_method_std)
+    torch.manual_seed(tc.seed)
+    model = MixtralForCausalLM._from_config(hf_cfg, attn_implementation="sdpa", torch_dtype=torch.float32)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2),
+                                  eps=tc.adam_eps, weight_decay=tc.weight_decay)
+
+    def step(inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        out = model(input_ids=inputs, use_cache=False)
+        lm_loss = F.cross_entropy(out.logits.float().view(-1, out.logits.shape[-1]), targets.view(-1))
+        loss = lm_loss + moe.aux_loss_coeff * out.aux_loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return model, step
+
+
+def matmul_seconds(a: torch.Tensor, b: torch.Tensor) -> float:
+    start = time.perf_counter()
+    torch.mm(a, b)
+    return time.perf_counter() - start
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def run_config(name: str, cfg: Config, args, a: torch.Tensor, b: torch.Tensor, peer: bool) -> dict:
+    trainer = Trainer(cfg, quiet=True)
+    vocab = trainer.tokenizer.vocab_size
+    batches = synthetic_batches(cfg, vocab, 4, seed=0)
+    trainer.train_data = SyntheticBatches(batches)
+    tokens = cfg.training.micro_batch_size * cfg.model.seq_length
+    flops, n = flops_per_token(trainer)
+    counts = trainer.model.parameter_counts()
+    print(f"\n[{name}] {cfg.model.style} style, {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
+          f"experts/layer {cfg.experts_per_layer()}, top-{cfg.moe.topk}, drop_tokens {cfg.moe.drop_tokens}, "
+          f"vocab {vocab}, {cfg.training.micro_batch_size} x {cfg.model.seq_length} = {tokens} tokens/step")
+    print(f"[{name}] params total {counts['total'] / 1e6:.2f}M, active {counts['active'] / 1e6:.2f}M, "
+          f"N (FLOP count) {n / 1e6:.2f}M -> {flops / 1e6:.1f} MFLOP/token, {flops * tokens / 1e9:.1f} GFLOP/step")
+
+    peer_step = None
+    if peer:
+        peer_model, peer_step = build_peer(cfg, vocab)
+        peer_total = sum(p.numel() for p in peer_model.parameters())
+        impl = getattr(peer_model.config, "_experts_implementation", None)
+        print(f"[{name}] transformers MixtralForCausalLM: {peer_total / 1e6:.2f}M params "
+              f"(moetrain {counts['total'] / 1e6:.2f}M), experts_implementation={impl}, "
+              f"attn={peer_model.config._attn_implementation}")
+
+    for i in range(args.warmup):
+        trainer.train_step()
+        if peer_step is not None:
+            peer_step(*batches[i % len(batches)])
+    ours, theirs, mm = [], [], []
+    for i in range(args.steps):
+        mm.append(matmul_seconds(a, b))
+        ours.append(timed(trainer.train_step))
+        if peer_step is not None:
+            inputs, targets = batches[i % len(batches)]
+            theirs.append(timed(lambda: peer_step(inputs, targets)))
+    rate = 2 * a.shape[0] * a.shape[1] * b.shape[1] / statistics.median(mm)
+    step_s = statistics.median(ours)
+    result = {"name": name, "step_s": step_s, "tokens_per_s": tokens / step_s, "rate": rate,
+              "mfu": flops * tokens / step_s / rate, "steps": ours, "flops_step": flops * tokens}
+    print(f"[{name}] matmul rate (median of {len(mm)}, interleaved): {rate / 1e9:.1f} GFLOP/s")
+    print(f"[{name}] moetrain step: median {step_s * 1e3:.0f} ms (min {min(ours) * 1e3:.0f}, max "
+          f"{max(ours) * 1e3:.0f}) -> {tokens / step_s:,.0f} tokens/s, "
+          f"{flops * tokens / step_s / 1e9:.1f} GFLOP/s, MFU {result['mfu']:.1%} of the matmul rate")
+    if theirs:
+        peer_s = statistics.median(theirs)
+        paired = statistics.median(t / o for o, t in zip(ours, theirs))
+        result.update(peer_step_s=peer_s, peer_mfu=flops * tokens / peer_s / rate, paired_ratio=paired)
+        print(f"[{name}] transformers step: median {peer_s * 1e3:.0f} ms (min {min(theirs) * 1e3:.0f}, max "
+              f"{max(theirs) * 1e3:.0f}) -> {tokens / peer_s:,.0f} tokens/s, MFU {result['peer_mfu']:.1%}")
+        print(f"[{name}] transformers / moetrain step time: {peer_s / step_s:.2f}x "
+              f"(median of per-round ratios {paired:.2f}x)")
+    if args.profile:
+        from torch.profiler import profile
+        with profile() as prof:
+            for _ in range(2):
+                trainer.train_step()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 warm-up and 3 timed steps")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--configs", default="default,mixtral", help="comma list of default, mixtral")
+    parser.add_argument("--no-peer", action="store_true", help="skip the transformers comparison")
+    parser.add_argument("--profile", action="store_true", help="print the top ops of two moetrain steps")
+    parser.add_argument("--profile-rows", type=int, default=20)
+    args = parser.parse_args()
+    if args.quick:
+        args.warmup, args.steps = 1, 3
+    try:
+        import transformers
+        have_peer = not args.no_peer
+        peer_version = transformers.__version__
+    except ImportError:
+        have_peer, peer_version = False, None
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; transformers "
+          f"{peer_version or 'not installed'}; warm-up {args.warmup}, timed {args.steps} steps per model")
+    torch.manual_seed(0)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    for _ in range(2):
+        matmul_seconds(a, b)
+    results = []
+    for name in args.configs.split(","):
+        cfg = {"default": default_config, "mixtral": mixtral_config}[name]()
+        results.append(run_config(name, cfg, args, a, b, peer=have_peer and name == "mixtral"))
+    print("\n| config | tokens/step | GFLOP/step | step (ms) | tokens/s | matmul GFLOP/s | MFU |"
+          " transformers step (ms) | transformers / moetrain |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        peer = (f"{r['peer_step_s'] * 1e3:.0f} | {r['peer_step_s'] / r['step_s']:.2f}x"
+                if "peer_step_s" in r else "- | -")
+        tokens = r["tokens_per_s"] * r["step_s"]
+        print(f"| {r['name']} | {tokens:.0f} | {r['flops_step'] / 1e9:.1f} | {r['step_s'] * 1e3:.0f} | "
+              f"{r['tokens_per_s']:,.0f} | {r['rate'] / 1e9:.1f} | {r['mfu']:.1%} | {peer} |")
+
+
+if __name__ == "__main__":
+    main()
