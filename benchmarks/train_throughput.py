@@ -38,6 +38,7 @@ MFU = FLOPs/token x tokens per step / step time / R, where R is the fp32 rate of
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -109,7 +110,7 @@ def build_peer(cfg: Config, vocab: int):
         router_aux_loss_coef=moe.aux_loss_coeff, router_jitter_noise=0.0, tie_word_embeddings=m.tie_embeddings,
         attention_dropout=0.0, use_cache=False, initializer_range=m.init_method_std)
     torch.manual_seed(tc.seed)
-    model = MixtralForCausalLM._from_config(hf_cfg, attn_implementation="sdpa", torch_dtype=torch.float32)
+    model = MixtralForCausalLM._from_config(hf_cfg, attn_implementation="sdpa", dtype=torch.float32)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2),
                                   eps=tc.adam_eps, weight_decay=tc.weight_decay)
@@ -173,22 +174,31 @@ def run_config(name: str, cfg: Config, args, a: torch.Tensor, b: torch.Tensor, p
         if peer_step is not None:
             inputs, targets = batches[i % len(batches)]
             theirs.append(timed(lambda: peer_step(inputs, targets)))
-    rate = 2 * a.shape[0] * a.shape[1] * b.shape[1] / statistics.median(mm)
+    flop_mm = 2 * a.shape[0] * a.shape[1] * b.shape[1]
+    rate = flop_mm / statistics.median(mm)
     step_s = statistics.median(ours)
+    step_flops = flops * tokens
+    # per round: this step's FLOP rate over the matmul rate measured just before it (same load)
+    paired_mfu = statistics.median(step_flops / o / (flop_mm / m) for o, m in zip(ours, mm))
     result = {"name": name, "step_s": step_s, "tokens_per_s": tokens / step_s, "rate": rate,
-              "mfu": flops * tokens / step_s / rate, "steps": ours, "flops_step": flops * tokens}
-    print(f"[{name}] matmul rate (median of {len(mm)}, interleaved): {rate / 1e9:.1f} GFLOP/s")
+              "mfu": step_flops / step_s / rate, "paired_mfu": paired_mfu, "steps": ours,
+              "flops_step": step_flops, "best_mfu": step_flops / min(ours) / (flop_mm / min(mm))}
+    print(f"[{name}] matmul rate: median {rate / 1e9:.1f} GFLOP/s, best {flop_mm / min(mm) / 1e9:.1f} "
+          f"({len(mm)} interleaved 2048^3 matmuls)")
     print(f"[{name}] moetrain step: median {step_s * 1e3:.0f} ms (min {min(ours) * 1e3:.0f}, max "
-          f"{max(ours) * 1e3:.0f}) -> {tokens / step_s:,.0f} tokens/s, "
-          f"{flops * tokens / step_s / 1e9:.1f} GFLOP/s, MFU {result['mfu']:.1%} of the matmul rate")
+          f"{max(ours) * 1e3:.0f}) -> {tokens / step_s:,.0f} tokens/s, {step_flops / step_s / 1e9:.1f} GFLOP/s; "
+          f"MFU {result['mfu']:.1%} (medians), {paired_mfu:.1%} (median per round), "
+          f"{result['best_mfu']:.1%} (best step / best matmul)")
     if theirs:
         peer_s = statistics.median(theirs)
         paired = statistics.median(t / o for o, t in zip(ours, theirs))
-        result.update(peer_step_s=peer_s, peer_mfu=flops * tokens / peer_s / rate, paired_ratio=paired)
+        result.update(peer_step_s=peer_s, peer_mfu=step_flops / peer_s / rate, paired_ratio=paired,
+                      best_ratio=min(theirs) / min(ours))
         print(f"[{name}] transformers step: median {peer_s * 1e3:.0f} ms (min {min(theirs) * 1e3:.0f}, max "
-              f"{max(theirs) * 1e3:.0f}) -> {tokens / peer_s:,.0f} tokens/s, MFU {result['peer_mfu']:.1%}")
-        print(f"[{name}] transformers / moetrain step time: {peer_s / step_s:.2f}x "
-              f"(median of per-round ratios {paired:.2f}x)")
+              f"{max(theirs) * 1e3:.0f}) -> {tokens / peer_s:,.0f} tokens/s, MFU {result['peer_mfu']:.1%} (medians)")
+        print(f"[{name}] transformers / moetrain step time (>1: moetrain faster): medians "
+              f"{peer_s / step_s:.2f}x, median of per-round ratios {paired:.2f}x, best/best "
+              f"{result['best_ratio']:.2f}x")
     if args.profile:
         from torch.profiler import profile
         with profile() as prof:
@@ -207,9 +217,12 @@ def main() -> None:
     parser.add_argument("--no-peer", action="store_true", help="skip the transformers comparison")
     parser.add_argument("--profile", action="store_true", help="print the top ops of two moetrain steps")
     parser.add_argument("--profile-rows", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
     if args.quick:
         args.warmup, args.steps = 1, 3
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         import transformers
         have_peer = not args.no_peer
@@ -217,7 +230,8 @@ def main() -> None:
     except ImportError:
         have_peer, peer_version = False, None
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; transformers "
-          f"{peer_version or 'not installed'}; warm-up {args.warmup}, timed {args.steps} steps per model")
+          f"{peer_version or 'not installed'}; warm-up {args.warmup}, timed {args.steps} steps per model; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     torch.manual_seed(0)
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     for _ in range(2):
@@ -226,15 +240,17 @@ def main() -> None:
     for name in args.configs.split(","):
         cfg = {"default": default_config, "mixtral": mixtral_config}[name]()
         results.append(run_config(name, cfg, args, a, b, peer=have_peer and name == "mixtral"))
-    print("\n| config | tokens/step | GFLOP/step | step (ms) | tokens/s | matmul GFLOP/s | MFU |"
-          " transformers step (ms) | transformers / moetrain |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+    print("\n| config | tokens/step | GFLOP/step | step (ms) | tokens/s | matmul GFLOP/s | MFU medians |"
+          " MFU per round | MFU best | transformers step (ms) | transformers / moetrain (medians, per round) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        peer = (f"{r['peer_step_s'] * 1e3:.0f} | {r['peer_step_s'] / r['step_s']:.2f}x"
+        peer = (f"{r['peer_step_s'] * 1e3:.0f} | {r['peer_step_s'] / r['step_s']:.2f}x, {r['paired_ratio']:.2f}x"
                 if "peer_step_s" in r else "- | -")
         tokens = r["tokens_per_s"] * r["step_s"]
         print(f"| {r['name']} | {tokens:.0f} | {r['flops_step'] / 1e9:.1f} | {r['step_s'] * 1e3:.0f} | "
-              f"{r['tokens_per_s']:,.0f} | {r['rate'] / 1e9:.1f} | {r['mfu']:.1%} | {peer} |")
+              f"{r['tokens_per_s']:,.0f} | {r['rate'] / 1e9:.1f} | {r['mfu']:.1%} | {r['paired_mfu']:.1%} | "
+              f"{r['best_mfu']:.1%} | {peer} |")
 
 
 if __name__ == "__main__":

@@ -95,8 +95,11 @@ def test_exact_resume_with_accumulation_and_noisy_gating(tmp_path, monkeypatch):
     records_a = read_records(tmp_path / "a")
     assert any(r["type"] == "train" and r["moe_layers"][0]["drop_fraction"] > 0 for r in records_a)  # RTS used
 
-    # B starts from A's step-3 checkpoint directory and saves elsewhere
-    cfg_b = resume_config(tmp_path, "b", load=str(tmp_path / "a" / "iter_0000003"))
+    # B: a save directory holding only A's step-3 checkpoint, resumed with --load = --save (via `latest`)
+    (tmp_path / "b").mkdir()
+    shutil.copytree(tmp_path / "a" / "iter_0000003", tmp_path / "b" / "iter_0000003")
+    (tmp_path / "b" / "latest").write_text("iter_0000003\n")
+    cfg_b = resume_config(tmp_path, "b", load=str(tmp_path / "b"))
     run_b = Trainer(cfg_b, quiet=True)
     assert run_b.iteration == 3
     result_b = run_b.fit()
@@ -111,12 +114,20 @@ def test_exact_resume_with_accumulation_and_noisy_gating(tmp_path, monkeypatch):
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(opt_a[index][key], opt_b[index][key]), (index, key)
     assert result_b.final_eval_loss == result_a.final_eval_loss
+    assert (tmp_path / "b" / "latest").read_text().strip() == "iter_0000006"
+    logged_b = [r["loss"] for r in read_records(tmp_path / "b") if r["type"] == "train"]
+    assert logged_b == [r["loss"] for r in records_a if r["type"] == "train"][3:]
 
-    # control: without the RNG restore the continuation differs, so the comparison above can fail
-    monkeypatch.setattr(trainer_module, "restore_rng_state", lambda state: None)
+    # C loads the step-3 iter_* directory itself
+
     cfg_c = resume_config(tmp_path, "c", load=str(tmp_path / "a" / "iter_0000003"))
-    result_c = Trainer(cfg_c, quiet=True).fit()
-    assert result_c.losses != result_a.losses[3:]
+    assert Trainer(cfg_c, quiet=True).fit().losses == result_a.losses[3:]
+
+    # control: without the RNG restore the continuation differs, so the comparisons above can fail
+    monkeypatch.setattr(trainer_module, "restore_rng_state", lambda state: None)
+    cfg_d = resume_config(tmp_path, "d", load=str(tmp_path / "a" / "iter_0000003"))
+    result_d = Trainer(cfg_d, quiet=True).fit()
+    assert result_d.losses != result_a.losses[3:]
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
@@ -265,6 +276,7 @@ def test_missing_data_is_a_one_line_data_error(tmp_path):
     assert "nowhere.txt" in str(error.value) and "\n" not in str(error.value)
 
 
+@pytest.mark.filterwarnings("ignore:the validation split holds")
 def test_too_little_data_for_seq_length_is_a_data_error(tmp_path):
     cfg = tiny_config(tmp_path, save=None)
     cfg.model.seq_length = 4096

@@ -170,6 +170,10 @@ def _split_streams(dataset: IndexedDataset, weights: tuple[float, float, float],
     if len(validation) >= seq_length + 1:
         return train, validation
     held_out = max(math.ceil(len(dataset.tokens) * weights[1] / sum(weights)), seq_length + 1)
+    if held_out + seq_length + 1 > len(dataset.tokens):
+        raise DataError(f"the data has {len(dataset.tokens)} tokens, too few for a training and a validation "
+                        f"split of seq_length + 1 = {seq_length + 1} tokens each; add data, lower "
+                        "--seq-length, or use --split 100,0,0 (no validation)")
     warnings.warn(f"the validation split holds {bounds[2] - bounds[1]} of {dataset.num_documents} documents "
                   f"({len(validation)} tokens, fewer than seq_length + 1 = {seq_length + 1}); holding out the last "
                   f"{held_out} tokens of the token stream for validation instead", stacklevel=3)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from moetrain.config import Config
+from moetrain.config import Config, ConfigError
 from moetrain.data import load_training_data
 from moetrain.model import GPT
 from moetrain.plot import plot_metrics
@@ -83,7 +83,12 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------
     def _resume(self, load_dir: str) -> None:
         ckpt = load_checkpoint(load_dir)
-        self.model.load_state_dict(ckpt.model_state)
+        try:
+            self.model.load_state_dict(ckpt.model_state)
+        except RuntimeError as error:
+            detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
+            raise ConfigError(f"checkpoint {ckpt.path} does not fit this model ({detail}); resume with the "
+                              "model and MoE flags it was trained with") from None
         self.optimizer.load_state_dict(ckpt.optimizer_state)
         extra = ckpt.extra
         if self.scaler is not None and "loss_scaler" in extra:

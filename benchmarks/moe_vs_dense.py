@@ -1,0 +1,182 @@
+"""Does an MoE reach a dense model's validation loss in fewer steps? And PR-MoE vs standard MoE.
+
+Three models train with moetrain's own `Trainer` (its `train_step()` and `evaluate()`, the code
+`moetrain train` runs) on the built-in default corpus, with the same seed, the same batches in
+the same order, the same tokens per step and the same LR schedule:
+
+  dense   GPT style, every FFN a dense MLP
+  moe     the same model dims; every other FFN (Megatron-DeepSpeed layout, `--expert-interval 2`)
+          an MoE of 8 experts of the dense FFN's shape, top-1, dropless. Each token runs exactly
+          one expert, so the active parameters and FLOPs per token equal the dense model's
+          (plus the 8 x h router), while the FFN parameters of those layers grow 8x.
+  prmoe   PR-MoE (DeepSpeed-MoE): pyramid [4, 8] experts over the two MoE layers + a residual
+          dense MLP beside the experts (`--mlp-type residual`): fewer total parameters than moe,
+          but each token runs the residual MLP and one expert in an MoE layer.
+
+Why dropless rather than capacity factor 1.25: moetrain's dispatcher never pads to a capacity, so
+dropless top-1 costs exactly the dense FFN's FLOPs, keeps the "same active parameters" comparison
+exact (with drops, dropped tokens skip the FFN), and on one device there is no all-to-all whose
+size a capacity would bound. `--capacity-factor 1.25` runs the DeepSpeed recipe instead.
+
+Validation loss (`trainer.evaluate()`, the same fixed held-out batches for every model) is logged
+every `--eval-interval` steps. Reported: where each MoE's curve first reaches the dense model's
+final validation loss (linear interpolation between evaluations), as a fraction of the steps.
+
+    python benchmarks/moe_vs_dense.py            # 600 steps each, about 20-25 min on 2 idle cores
+    python benchmarks/moe_vs_dense.py --quick    # 150 steps each, a few minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from moetrain.config import Config
+from moetrain.train.trainer import Trainer
+
+
+def make_config(args, variant: str) -> Config:
+    cfg = Config()
+    m, moe, tc = cfg.model, cfg.moe, cfg.training
+    m.style, m.num_layers, m.hidden_size = "gpt", args.layers, args.hidden
+    m.num_attention_heads, m.seq_length = args.heads, args.seq
+    tc.micro_batch_size, tc.train_iters = args.batch, args.iters
+    tc.lr, tc.min_lr = args.lr, args.lr / 10
+    tc.lr_warmup_iters = max(1, args.iters // 20)
+    tc.eval_iters, tc.eval_interval = args.eval_batches, args.eval_interval
+    tc.save, tc.device, tc.progress_bar, tc.seed = None, "cpu", False, args.seed
+    moe.expert_interval, moe.topk = args.expert_interval, 1
+    if args.capacity_factor is None:
+        moe.drop_tokens = False
+    else:
+        moe.drop_tokens = True
+        moe.train_capacity_factor = moe.eval_capacity_factor = args.capacity_factor
+    if variant == "dense":
+        moe.num_experts = [1]
+    elif variant == "moe":
+        moe.num_experts = [args.experts]
+    elif variant == "prmoe":
+        moe.num_experts, moe.mlp_type = list(args.pyramid), "residual"
+    return cfg
+
+
+def train(args, variant: str) -> dict:
+    cfg = make_config(args, variant)
+    trainer = Trainer(cfg, quiet=True)
+    counts = trainer.model.parameter_counts()
+    print(f"\n[{variant}] experts per layer {cfg.experts_per_layer()}, mlp_type {cfg.moe.mlp_type}, "
+          f"params {counts['total'] / 1e6:.2f}M total, {counts['active'] / 1e6:.2f}M active per token", flush=True)
+    curve: list[tuple[int, float]] = []
+    train_losses: list[float] = []
+    start = time.perf_counter()
+    eval_seconds = 0.0
+    while trainer.iteration < args.iters:
+        step = trainer.train_step()
+        train_losses.append(step["loss"])
+        if trainer.iteration % args.eval_interval == 0 or trainer.iteration == args.iters:
+            t0 = time.perf_counter()
+            record = trainer.evaluate()
+            eval_seconds += time.perf_counter() - t0
+            curve.append((trainer.iteration, record["eval_loss"]))
+            elapsed = time.perf_counter() - start
+            print(f"[{variant}] step {trainer.iteration:5d}  train loss {step['loss']:.4f}  "
+                  f"val loss {record['eval_loss']:.4f}  drop {record['eval_drop_fraction']:.3f}  "
+                  f"({elapsed:.0f} s)", flush=True)
+    total = time.perf_counter() - start
+    return {"variant": variant, "total": counts["total"], "active": counts["active"], "curve": curve,
+            "final": curve[-1][1], "train_s_per_step": (total - eval_seconds) / args.iters,
+            "train_losses": train_losses}
+
+
+def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
+    """First step at which the validation curve reaches `target`, interpolated between evaluations."""
+    prev_step, prev_loss = 0, None
+    for step, loss in curve:
+        if loss <= target:
+            if prev_loss is None or prev_loss == loss:
+                return float(step)
+            return prev_step + (step - prev_step) * (prev_loss - target) / (prev_loss - loss)
+        prev_step, prev_loss = step, loss
+    return None
+
+
+def loss_at(curve: list[tuple[int, float]], step: int) -> float:
+    return min(curve, key=lambda point: abs(point[0] - step))[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="150 steps per model, smaller evaluation")
+    parser.add_argument("--iters", type=int, default=600)
+    parser.add_argument("--eval-interval", type=int, default=25)
+    parser.add_argument("--eval-batches", type=int, default=8, help="validation batches per evaluation")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--expert-interval", type=int, default=2)
+    parser.add_argument("--pyramid", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--capacity-factor", type=float, default=None,
+                        help="train/eval capacity factor with token dropping (default: dropless)")
+    parser.add_argument("--variants", default="dense,moe,prmoe")
+    parser.add_argument("--seed", type=int, default=1234)
+    args = parser.parse_args()
+    if args.quick:
+        args.iters, args.eval_interval, args.eval_batches = 150, 15, 4
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} CPUs")
+    print(f"{args.layers} layers, hidden {args.hidden}, {args.heads} heads, seq {args.seq}, batch {args.batch} "
+          f"({args.batch * args.seq} tokens/step, {args.batch * args.seq * args.iters:,} tokens), {args.iters} "
+          f"steps, lr {args.lr} cosine to {args.lr / 10} after {max(1, args.iters // 20)} warm-up steps, "
+          f"eval every {args.eval_interval} steps on {args.eval_batches} x {args.batch} held-out windows, "
+          f"{'dropless' if args.capacity_factor is None else f'capacity factor {args.capacity_factor}'}")
+    started = time.perf_counter()
+    results = {v: train(args, v) for v in args.variants.split(",")}
+
+    print(f"\nwall time {time.perf_counter() - started:.0f} s; load average at the end {os.getloadavg()[0]:.1f}")
+    marks = [args.iters // 4, args.iters // 2, 3 * args.iters // 4]
+    dense = results.get("dense")
+    header = ["model", "experts/layer", "total params", "active params", "s/step (train)"]
+    header += [f"val@{s}" for s in marks] + [f"val@{args.iters} (final)"]
+    if dense:
+        header.append("steps to dense final")
+    print("\n| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for variant, r in results.items():
+        experts = make_config(args, variant).experts_per_layer()
+        row = [variant, str(experts), f"{r['total'] / 1e6:.2f}M", f"{r['active'] / 1e6:.2f}M",
+               f"{r['train_s_per_step']:.2f}"]
+        row += [f"{loss_at(r['curve'], s):.3f}" for s in marks] + [f"{r['final']:.3f}"]
+        if dense:
+            reach = steps_to_reach(r["curve"], dense["final"])
+            row.append("not reached" if reach is None else f"{reach:.0f} ({reach / args.iters:.0%})")
+        print("| " + " | ".join(row) + " |")
+
+    if dense:
+        for variant in ("moe", "prmoe"):
+            if variant in results:
+                reach = steps_to_reach(results[variant]["curve"], dense["final"])
+                verdict = ("never, within the run" if reach is None else
+                           f"at step {reach:.0f} of {args.iters} ({reach / args.iters:.0%} of the steps; target "
+                           f"<= 50%: {'met' if reach <= args.iters / 2 else 'not met'})")
+                print(f"{variant} reaches the dense final validation loss {dense['final']:.4f} {verdict}")
+    if "moe" in results and "prmoe" in results:
+        moe, pr = results["moe"], results["prmoe"]
+        reach = steps_to_reach(pr["curve"], moe["final"])
+        print(f"prmoe ({pr['total'] / 1e6:.2f}M total, {pr['active'] / 1e6:.2f}M active) final {pr['final']:.4f} vs "
+              f"moe ({moe['total'] / 1e6:.2f}M total, {moe['active'] / 1e6:.2f}M active) final {moe['final']:.4f}; "
+              f"prmoe reaches the moe final loss "
+              f"{'never' if reach is None else f'at step {reach:.0f}'}")
+    print("\nvalidation curves (step: loss)")
+    for variant, r in results.items():
+        print(f"{variant:6s} " + " ".join(f"{s}:{loss:.3f}" for s, loss in r["curve"]))
+
+
+if __name__ == "__main__":
+    main()

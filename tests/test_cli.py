@@ -1,0 +1,210 @@
+"""`moetrain` command line: help, train -> generate -> plot end to end, prepare-data, DeepSpeed JSON, and bad input
+reported as one line on stderr with a non-zero exit code and no traceback.
+
+Subprocesses (each pays the torch import) are kept to a handful; the rest calls `moetrain.cli.main` in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moetrain.cli import main
+from moetrain.generate import load_model
+from moetrain.train.checkpoint import load_checkpoint
+
+TEXT = "the quick brown fox jumps over the lazy dog. " * 12
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
+
+TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+        "--expert-interval", "1", "--micro-batch-size", "4", "--lr", "3e-3", "--lr-warmup-iters", "0",
+        "--eval-iters", "1", "--log-interval", "2", "--split", "80,20,0", "--device", "cpu", "--no-progress-bar"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """In-process runs: tiny ops gain nothing from threads, and a busy 2-core machine makes OpenMP barriers slow."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def write_corpus(root) -> str:
+    corpus = root / "corpus"
+    corpus.mkdir(exist_ok=True)
+    for i in range(5):
+        (corpus / f"doc{i}.txt").write_text(TEXT)
+    return str(corpus)
+
+
+def run_cli(*args, script=False) -> subprocess.CompletedProcess:
+    command = ["moetrain", *args] if script else [sys.executable, "-m", "moetrain", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
+
+
+def run_main(capsys, *args) -> tuple[int, str, str]:
+    """Run the CLI in-process; return (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    captured = capsys.readouterr()
+    code = exit_info.value.code
+    return 0 if code is None else code, captured.out, captured.err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code != 0
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def test_help_lists_commands():
+    for result in (run_cli("--help"), run_cli("--help", script=True) if shutil.which("moetrain") else None):
+        if result is None:
+            continue
+        assert result.returncode == 0, result.stderr
+        for command in ("train", "prepare-data", "generate", "plot"):
+            assert command in result.stdout
+    if not shutil.which("moetrain"):
+        pytest.skip("the moetrain console script is not on PATH (package not installed)")
+
+
+def test_unknown_command_and_train_help(capsys):
+    code, out, err = run_main(capsys, "fly")
+    assert code == 2 and "unknown command 'fly'" in err
+    code, out, _ = run_main(capsys, "train", "--help")
+    assert code == 0
+    for flag in ("--num-experts", "--topk", "--data-path", "--deepspeed_config", "--save"):
+        assert flag in out
+
+
+def test_train_generate_plot_end_to_end(tmp_path):
+    data = tmp_path / "tiny.txt"
+    data.write_text(TEXT * 5)
+    save = tmp_path / "run"
+    train = run_cli("train", *TINY, "--data-path", str(data), "--tokenizer-type", "byte", "--num-experts", "4",
+                    "--train-iters", "6", "--eval-interval", "3", "--save", str(save),
+                    "--data-cache-dir", str(tmp_path / "cache"))
+    assert train.returncode == 0, train.stderr
+    assert "Traceback" not in train.stderr
+    assert os.path.isfile(save / "latest") and (save / "latest").read_text().strip() == "iter_0000006"
+    assert os.path.isfile(save / "iter_0000006" / "tokenizer.json")
+    assert "Step 6" in train.stdout and "Eval Loss" in train.stdout
+    assert any(name.startswith("data-") for name in os.listdir(tmp_path / "cache"))
+
+    prompt = "the quick"
+    generate = run_cli("generate", "--load", str(save), "--prompt", prompt, "--max-new-tokens", "5",
+                       "--temperature", "0")
+    assert generate.returncode == 0, generate.stderr
+    text = generate.stdout.rstrip("\n")
+    assert text.startswith(prompt)
+    # the same greedy continuation, computed here from the checkpoint
+    model, tokenizer, cfg = load_model(str(save))
+    assert cfg.moe.num_experts == [4] and cfg.model.hidden_size == 32
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    out = model.generate(ids, 5, temperature=0, eos_id=tokenizer.eos_id)
+    assert text == prompt + tokenizer.decode(out[0, ids.shape[1]:].tolist())
+
+    for name in ("loss.png", "expert_load.png"):
+        os.remove(save / name)  # written by train; plot must write them again
+    plot = run_cli("plot", "--save", str(save))
+    assert plot.returncode == 0, plot.stderr
+    assert plot.stdout.split() == [str(save / "loss.png"), str(save / "expert_load.png")]
+    assert (save / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_prepare_data_then_train_on_prefix(tmp_path, capsys):
+    corpus = write_corpus(tmp_path)
+    prefix = str(tmp_path / "prepared" / "tiny")
+    code, out, err = run_main(capsys, "prepare-data", "--input", corpus, "--output-prefix", prefix,
+                              "--tokenizer-type", "byte")
+    assert code == 0, err
+    for suffix in (".bin", ".idx", ".tokenizer.json"):
+        assert os.path.isfile(prefix + suffix)
+    assert "5 documents" in out
+    save = tmp_path / "run"
+    code, out, err = run_main(capsys, "train", *TINY, "--data-path", prefix, "--num-experts", "4",
+                              "--train-iters", "2", "--save", str(save),
+                              "--data-cache-dir", str(tmp_path / "cache"))
+    assert code == 0, err
+    assert "vocab 257" in out  # the prefix's own byte tokenizer (256 bytes + eos), not a trained BPE
+    assert not os.path.exists(tmp_path / "cache")  # a prepared prefix is used as is, nothing re-tokenized
+    assert load_checkpoint(str(save)).iteration == 2
+
+
+def test_deepspeed_config_drives_the_run(tmp_path, capsys):
+    ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+          "moe": {"enabled": True, "num_experts": 2, "top_k": 2, "moe_loss_coeff": 0.05},
+          "optimizer": {"type": "AdamW", "params": {"lr": 0.002, "weight_decay": 0.0}}}
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps(ds))
+    save = tmp_path / "run"
+    drop = {TINY.index("--micro-batch-size"), TINY.index("--lr")}
+    args = [a for i, a in enumerate(TINY) if i not in drop and i - 1 not in drop]  # the JSON sets these
+    code, out, err = run_main(capsys, "train", *args, "--deepspeed_config", str(config),
+                              "--data-path", write_corpus(tmp_path), "--tokenizer-type", "byte",
+                              "--train-iters", "2", "--lr-decay-style", "constant", "--save", str(save),
+                              "--data-cache-dir", str(tmp_path / "cache"))
+    assert code == 0, err
+    assert "experts [2, 2], top-2" in out
+    saved = load_checkpoint(str(save))
+    cfg = saved.extra["config"]
+    assert cfg["moe"]["num_experts"] == [2] and cfg["moe"]["topk"] == 2 and cfg["moe"]["aux_loss_coeff"] == 0.05
+    assert cfg["training"]["micro_batch_size"] == 2 and cfg["parallel"]["num_microbatches"] == 2
+    assert saved.model_state["blocks.0.ffn.experts.w1"].shape[0] == 2
+    train = [json.loads(line) for line in open(save / "metrics.jsonl") if '"train"' in line]
+    record = train[-1]
+    assert record["lr"] == pytest.approx(0.002)  # optimizer.params.lr, constant schedule
+    for layer in record["moe_layers"]:
+        # 2 steps x 2 micro-batches x 2 sequences x 16 tokens x top-2
+        assert len(layer["tokens_per_expert"]) == 2 and sum(layer["tokens_per_expert"]) == 2 * 2 * 2 * 16 * 2
+
+
+def test_bad_topk_subprocess_is_one_line_without_traceback(tmp_path):
+    result = run_cli("train", "--topk", "9", "--num-experts", "4", "--save", str(tmp_path / "run"),
+                     "--data-cache-dir", str(tmp_path / "cache"))
+    assert_one_line_error(result.returncode, result.stderr, "--topk 9")
+    assert not os.path.exists(tmp_path / "run")  # validated before any work
+
+
+def test_missing_data_path_is_one_line(tmp_path, capsys):
+    code, _, err = run_main(capsys, "train", *TINY, "--data-path", str(tmp_path / "missing.txt"),
+                            "--save", str(tmp_path / "run"), "--data-cache-dir", str(tmp_path / "cache"))
+    assert_one_line_error(code, err, "missing.txt")
+
+
+def test_load_of_empty_dir_is_one_line(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run_main(capsys, "train", *TINY, "--data-path", write_corpus(tmp_path), "--tokenizer-type",
+                            "byte", "--load", str(empty), "--save", str(tmp_path / "run"),
+                            "--data-cache-dir", str(tmp_path / "cache"))
+    assert_one_line_error(code, err, str(empty))
+    code, _, err = run_main(capsys, "generate", "--load", str(empty), "--prompt", "x")
+    assert_one_line_error(code, err, str(empty))
+
+
+def test_resume_with_mismatched_model_flags_is_one_line(tmp_path, capsys):
+    """Resuming a 4-expert checkpoint with --num-experts 2 is bad input, like an empty --load dir."""
+    common = ["train", *TINY, "--data-path", write_corpus(tmp_path), "--tokenizer-type", "byte",
+              "--data-cache-dir", str(tmp_path / "cache")]
+    code, _, err = run_main(capsys, *common, "--num-experts", "4", "--train-iters", "1",
+                            "--save", str(tmp_path / "a"))
+    assert code == 0, err
+    code, _, err = run_main(capsys, *common, "--num-experts", "2", "--train-iters", "2",
+                            "--load", str(tmp_path / "a"), "--save", str(tmp_path / "b"))
+    assert_one_line_error(code, err)
+
+
+def test_bad_flag_value_is_an_argparse_error(capsys):
+    code, _, err = run_main(capsys, "train", "--num-experts", "eight")
+    assert code == 2 and "Traceback" not in err and "--num-experts" in err
