@@ -15,33 +15,17 @@ import sys
 import pytest
 import torch
 
+from tests.conftest import TEXT, write_corpus
+
 from moetrain.cli import main
 from moetrain.generate import load_model
 from moetrain.train.checkpoint import load_checkpoint
 
-TEXT = "the quick brown fox jumps over the lazy dog. " * 12
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
 
 TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
         "--expert-interval", "1", "--micro-batch-size", "4", "--lr", "3e-3", "--lr-warmup-iters", "0",
         "--eval-iters", "1", "--log-interval", "2", "--split", "80,20,0", "--device", "cpu", "--no-progress-bar"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """In-process runs: tiny ops gain nothing from threads, and a busy 2-core machine makes OpenMP barriers slow."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def write_corpus(root) -> str:
-    corpus = root / "corpus"
-    corpus.mkdir(exist_ok=True)
-    for i in range(5):
-        (corpus / f"doc{i}.txt").write_text(TEXT)
-    return str(corpus)
 
 
 def run_cli(*args, script=False) -> subprocess.CompletedProcess:

@@ -20,16 +20,6 @@ from moetrain.moe import MLP, MoE
 VOCAB, HIDDEN, HEADS, SEQ = 50, 32, 4, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops gain nothing from intra-op threads, and on a busy 2-core machine OpenMP barriers make every
-    op wait for a time slice (a forward goes from ~10 ms to ~500 ms); restored after this module."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def model_cfg(style: str = "gpt", **overrides) -> ModelConfig:
     fields = dict(style=style, num_layers=2, hidden_size=HIDDEN, num_attention_heads=HEADS, seq_length=SEQ,
                   vocab_size=VOCAB)

@@ -11,31 +11,13 @@ import shutil
 import pytest
 import torch
 
+from tests.conftest import TEXT, write_corpus
+
 from moetrain.config import Config, ConfigError
 from moetrain.data import DataError
 from moetrain.train import trainer as trainer_module
 from moetrain.train.trainer import Trainer
 
-TEXT = "the quick brown fox jumps over the lazy dog. " * 12  # 540 bytes per document
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops gain nothing from intra-op threads, and on a busy 2-core machine OpenMP barriers make every op
-    wait for a time slice; restored after this module."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def write_corpus(root) -> str:
-    """Five .txt documents: with split 80,20 four train and one validation document."""
-    corpus = root / "corpus"
-    corpus.mkdir(exist_ok=True)
-    for i in range(5):
-        (corpus / f"doc{i}.txt").write_text(TEXT)
-    return str(corpus)
 
 
 def tiny_config(tmp_path, *, save="run", **training) -> Config:
