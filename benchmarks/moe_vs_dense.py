@@ -22,7 +22,7 @@ Validation loss (`trainer.evaluate()`, the same fixed held-out batches for every
 every `--eval-interval` steps. Reported: where each MoE's curve first reaches the dense model's
 final validation loss (linear interpolation between evaluations), as a fraction of the steps.
 
-    python benchmarks/moe_vs_dense.py            # 600 steps each, about 20-25 min on 2 idle cores
+    python benchmarks/moe_vs_dense.py            # 1000 steps each, about 15 min on 2 cores (861 s measured)
     python benchmarks/moe_vs_dense.py --quick    # 150 steps each, a few minutes
 """
 
@@ -60,6 +60,12 @@ def make_config(args, variant: str) -> Config:
         moe.num_experts = [args.experts]
     elif variant == "prmoe":
         moe.num_experts, moe.mlp_type = list(args.pyramid), "residual"
+    elif variant == "moe2h":  # same active FFN work as dense: top-2 of experts half the dense width
+        moe.num_experts, moe.topk, moe.top2_2nd_expert_sampling = [args.experts], 2, False
+        moe.expert_ffn_hidden_size = m.ffn_size() // 2
+    else:
+        raise SystemExit(f"unknown variant {variant!r}; use dense, moe, prmoe, moe2h")
+    moe.score_func = args.score_func
     return cfg
 
 
@@ -110,8 +116,8 @@ def loss_at(curve: list[tuple[int, float]], step: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="150 steps per model, smaller evaluation")
-    parser.add_argument("--iters", type=int, default=600)
-    parser.add_argument("--eval-interval", type=int, default=25)
+    parser.add_argument("--iters", type=int, default=1000)
+    parser.add_argument("--eval-interval", type=int, default=50)
     parser.add_argument("--eval-batches", type=int, default=8, help="validation batches per evaluation")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=128)
@@ -124,7 +130,10 @@ def main() -> None:
     parser.add_argument("--pyramid", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--capacity-factor", type=float, default=None,
                         help="train/eval capacity factor with token dropping (default: dropless)")
-    parser.add_argument("--variants", default="dense,moe,prmoe")
+    parser.add_argument("--variants", default="dense,moe,prmoe",
+                        help="comma list of dense, moe, prmoe, moe2h (8 half-width experts, top-2)")
+    parser.add_argument("--score-func", default="softmax", choices=("softmax", "sigmoid"),
+                        help="router score function of the MoE variants")
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args()
     if args.quick:
@@ -159,7 +168,7 @@ def main() -> None:
         print("| " + " | ".join(row) + " |")
 
     if dense:
-        for variant in ("moe", "prmoe"):
+        for variant in ("moe", "prmoe", "moe2h"):
             if variant in results:
                 reach = steps_to_reach(results[variant]["curve"], dense["final"])
                 verdict = ("never, within the run" if reach is None else

@@ -15,8 +15,8 @@ If `transformers` is installed, the mixtral configuration is also built as a Hug
 `MixtralForCausalLM` of the same sizes (sdpa attention, float32, its default experts
 implementation) and trained by a plain loop: forward, cross entropy on the same targets
 + 0.01 x its load-balancing loss, backward, clip_grad_norm_(1.0), AdamW (same lr, betas, weight
-decay), zero_grad. Its steps are interleaved with moetrain's on the same batches, so both see the
-same machine load.
+decay), zero_grad. Its steps are interleaved with moetrain's on the same batches (alternating which
+of the two goes first), so both see the same machine load.
 
 Model FLOPs per token (PaLM appendix B convention, counted for the k routed experts only):
 
@@ -134,9 +134,9 @@ def matmul_seconds(a: torch.Tensor, b: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def timed(fn) -> float:
+def timed(fn, *args) -> float:
     start = time.perf_counter()
-    fn()
+    fn(*args)
     return time.perf_counter() - start
 
 
@@ -172,10 +172,10 @@ def run_config(name: str, cfg: Config, args, a: torch.Tensor, b: torch.Tensor, p
         mm.append(matmul_seconds(a, b))
         inputs, targets = batches[i % len(batches)]
         if peer_step is not None and i % 2:  # alternate which of the two goes first
-            theirs.append(timed(lambda: peer_step(inputs, targets)))
+            theirs.append(timed(peer_step, inputs, targets))
         ours.append(timed(trainer.train_step))
         if peer_step is not None and not i % 2:
-            theirs.append(timed(lambda: peer_step(inputs, targets)))
+            theirs.append(timed(peer_step, inputs, targets))
     flop_mm = 2 * a.shape[0] * a.shape[1] * b.shape[1]
     rate = flop_mm / statistics.median(mm)
     step_s = statistics.median(ours)
