@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from moetrain.data import DataError
+from moetrain.data.loader import parse_split
+
 MODEL_STYLES = ("gpt", "llama")
 MLP_TYPES = ("standard", "residual")
 SCORE_FUNCS = ("softmax", "sigmoid")
@@ -349,13 +352,10 @@ def _validate_moe(moe: MoEConfig, model: ModelConfig) -> None:
 def _validate_data(data: DataConfig) -> None:
     _check_choice("--tokenizer-type", data.tokenizer_type, TOKENIZER_TYPES)
     _check_at_least("--vocab-size", data.vocab_size, 1)
-    parts = data.split.replace("/", ",").split(",")
     try:
-        weights = [float(part) for part in parts]
-    except ValueError:
-        weights = []
-    _check(1 <= len(weights) <= 3 and min(weights) >= 0 and sum(weights) > 0,
-           f"--split {data.split!r} must be up to three non-negative train,valid,test weights like '98,2,0'")
+        parse_split(data.split)  # the loader's own reading, so validation and loading never disagree
+    except DataError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _validate_training(training: TrainingConfig) -> None:

@@ -41,6 +41,13 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    """LayerNorm for the GPT style, RMSNorm for the Llama style."""
+    if cfg.style == "gpt":
+        return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+    return nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -69,9 +76,7 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, num_experts: int) -> None:
         super().__init__()
-        norm = (lambda: nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)) if cfg.style == "gpt" \
-            else (lambda: nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps))
-        self.norm1, self.norm2 = norm(), norm()
+        self.norm1, self.norm2 = make_norm(cfg), make_norm(cfg)
         self.attn = Attention(cfg)
         activation = "gelu" if cfg.style == "gpt" else "swiglu"
         bias = cfg.style == "gpt"
@@ -111,8 +116,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(cfg.hidden_dropout)
         experts = moe_cfg.experts_per_layer(cfg.num_layers)
         self.blocks = nn.ModuleList(Block(cfg, moe_cfg, e) for e in experts)
-        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps) if cfg.style == "gpt" \
-            else nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight

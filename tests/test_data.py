@@ -11,8 +11,18 @@ import pytest
 import torch
 
 import moetrain.data.loader as loader_module
-from moetrain.data import (DataError, IndexedDataset, TokenBatches, Tokenizer, build_tokenizer, default_corpus,
-                           load_training_data, prepare_data, prepare_data_main, read_documents)
+from moetrain.data import (
+    DataError,
+    IndexedDataset,
+    TokenBatches,
+    Tokenizer,
+    build_tokenizer,
+    default_corpus,
+    load_training_data,
+    prepare_data,
+    prepare_data_main,
+    read_documents,
+)
 
 EOS = "<|endoftext|>"
 HARD_TEXT = "héllo wörld 😀 日本語\x00\t\r\n  tabs\tand  spaces\u0301 ∑ <|endoftext|> end"

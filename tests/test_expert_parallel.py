@@ -79,3 +79,8 @@ def test_expert_parallel_matches_single_process(drop_tokens: bool, k: int) -> No
     for rank in range(WORLD):
         local = slice(rank * EXPERTS // WORLD, (rank + 1) * EXPERTS // WORLD)
         torch.testing.assert_close(results[rank]["w1_grad"], w1_grad[local], atol=1e-5, rtol=1e-5)
+
+
+def test_expert_parallel_size_without_its_group_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="ep_size=2 needs ep_group"):
+        MoE(HIDDEN, num_experts=EXPERTS, ep_size=2)

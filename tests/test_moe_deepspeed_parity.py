@@ -18,10 +18,10 @@ from torch import Tensor, nn
 
 pytest.importorskip("deepspeed")
 
-from deepspeed.moe.layer import MoE as DeepSpeedMoE  # noqa: E402
-from deepspeed.utils import logger as ds_logger  # noqa: E402
+from deepspeed.moe.layer import MoE as DeepSpeedMoE
+from deepspeed.utils import logger as ds_logger
 
-from moetrain.moe import MoE, from_deepspeed_state_dict  # noqa: E402
+from moetrain.moe import MoE, from_deepspeed_state_dict
 
 ds_logger.setLevel(logging.ERROR)
 

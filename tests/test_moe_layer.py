@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moetrain.moe import (
-    MoE,
-    ModuleExperts,
     GroupedExperts,
+    ModuleExperts,
+    MoE,
     Router,
     RoutingStats,
     TopKRouter,
@@ -462,7 +462,7 @@ def test_no_drop_routing_never_drops_when_all_tokens_pick_one_expert(k):
     out, _, counts = layer(x)
     assert int(counts[2]) == 16
     assert bool(layer.router(x).kept.all())
-    ref_out, _, _, kept = ref_moe(x.double(), x.double() @ layer.router.wg.weight.double().T,
+    ref_out, _, _, _ = ref_moe(x.double(), x.double() @ layer.router.wg.weight.double().T,
                                   expert_params64(layer), k=k, capacity=None)
     torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-4)
     stats = layer.routing_stats.summary()

@@ -11,13 +11,11 @@ import shutil
 import pytest
 import torch
 
-from tests.conftest import TEXT, write_corpus
-
 from moetrain.config import Config, ConfigError
 from moetrain.data import DataError
 from moetrain.train import trainer as trainer_module
 from moetrain.train.trainer import Trainer
-
+from tests.conftest import write_corpus
 
 
 def tiny_config(tmp_path, *, save="run", **training) -> Config:

@@ -6,10 +6,10 @@ class DataError(ValueError):
 
 
 # Imported after DataError, which every submodule raises.
-from moetrain.data.corpus import default_corpus, read_documents  # noqa: E402
-from moetrain.data.indexed import IndexedDataset, prepare_data, prepare_data_main  # noqa: E402
-from moetrain.data.loader import TokenBatches, load_training_data  # noqa: E402
-from moetrain.data.tokenizer import Tokenizer, build_tokenizer  # noqa: E402
+from moetrain.data.corpus import default_corpus, read_documents
+from moetrain.data.indexed import IndexedDataset, prepare_data, prepare_data_main
+from moetrain.data.loader import TokenBatches, load_training_data
+from moetrain.data.tokenizer import Tokenizer, build_tokenizer
 
 __all__ = ["DataError", "IndexedDataset", "TokenBatches", "Tokenizer", "build_tokenizer", "default_corpus",
            "load_training_data", "prepare_data", "prepare_data_main", "read_documents"]

@@ -49,7 +49,7 @@ class TokenDispatcher:
     def dispatch(self, x: Tensor, decision: RoutingDecision) -> tuple[Tensor, DispatchPlan]:
         """[S, d] tokens -> rows for the local experts, grouped by expert, and the plan to undo."""
         indices, kept = decision.expert_indices, decision.kept
-        num_tokens, k = indices.shape
+        k = indices.shape[1]
         experts = indices.flatten()
         assignments = torch.arange(experts.numel(), device=x.device)
         dropless = bool(kept.all())

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moetrain.moe.dispatcher import TokenDispatcher
-from moetrain.moe.experts import GroupedExperts, MLP, ModuleExperts
+from moetrain.moe.experts import MLP, GroupedExperts, ModuleExperts
 from moetrain.moe.router import Router, TopKRouter
 from moetrain.moe.stats import RoutingStats
 
@@ -68,6 +68,11 @@ class MoE(nn.Module):
             raise ValueError(
                 f"num_experts={num_experts} is not divisible by ep_size={ep_size}; "
                 f"use a multiple of {ep_size} experts or a smaller ep_size"
+            )
+        if ep_size > 1 and ep_group is None:
+            raise ValueError(
+                f"ep_size={ep_size} needs ep_group, the process group of the {ep_size} ranks that "
+                "share this layer's experts"
             )
         if ep_group is not None and dist.get_world_size(ep_group) != ep_size:
             raise ValueError(

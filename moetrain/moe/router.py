@@ -150,7 +150,7 @@ class Router(nn.Module):
         scores = self.compute_scores(logits)
         z_loss = torch.logsumexp(logits, dim=1).square().mean()
         indices = self.select_experts(logits, scores)
-        num_tokens, num_experts = scores.shape
+        num_experts = scores.shape[1]
         kept = self._apply_capacity(indices, scores)
         gate = scores.gather(1, indices) * kept
         if self.k > 1:  # DeepSpeed renormalises over the kept choices for k >= 2 only
@@ -203,7 +203,7 @@ class Router(nn.Module):
         'unordered' treats all as equal and keeps torch.topk's tie order, as DeepSpeed top-1
         does without RTS.
         """
-        num_tokens, num_experts = scores.shape
+        num_tokens = scores.shape[0]
         if policy == "probs":
             ranking = torch.zeros_like(scores).scatter(1, indices, scores.gather(1, indices))
         else:

@@ -64,7 +64,7 @@ class MetricsLogger:
             os.makedirs(save_dir, exist_ok=True)
             self.path = os.path.join(save_dir, METRICS_FILE)
             needs_newline = _ends_mid_line(self.path)
-            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open for the logger's life)
+            self._file = open(self.path, "a", encoding="utf-8")
             if needs_newline:
                 self._file.write("\n")
         self._writer = _open_summary_writer(tensorboard_dir) if tensorboard_dir is not None else None

@@ -106,9 +106,10 @@ class Trainer:
                  "config": self.cfg.to_dict()}
         if self.scaler is not None:
             extra["loss_scaler"] = self.scaler.state_dict()
-        os.makedirs(save_dir, exist_ok=True)
         tokenizer_path = os.path.join(save_dir, "tokenizer.json")
-        self.tokenizer.save(tokenizer_path)
+        if not os.path.exists(tokenizer_path):
+            os.makedirs(save_dir, exist_ok=True)
+            self.tokenizer.save(tokenizer_path)
         return save_checkpoint(save_dir, self.iteration, model_state=self.model.state_dict(),
                                optimizer_state=self.optimizer.state_dict(), extra=extra,
                                keep_last=self.cfg.training.keep_last_checkpoints,
@@ -120,7 +121,7 @@ class Trainer:
         tc, moe = self.cfg.training, self.cfg.moe
         lr = self.schedule.apply(self.optimizer, self.iteration)
         self.model.train()
-        sums = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "z_loss": 0.0}
+        parts = []
         for _ in range(self.accumulation):
             inputs, targets = (t.to(self.device) for t in self.train_data.next_batch(tc.micro_batch_size))
             with autocast(self.device.type, tc.precision):
@@ -128,9 +129,10 @@ class Trainer:
             loss = out.lm_loss + moe.aux_loss_coeff * out.aux_loss + moe.z_loss_coeff * out.z_loss
             scaled = loss / self.accumulation
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            for key, value in (("loss", loss), ("lm_loss", out.lm_loss), ("aux_loss", out.aux_loss),
-                               ("z_loss", out.z_loss)):
-                sums[key] += float(value.detach()) / self.accumulation
+            parts.append(torch.stack([loss, out.lm_loss, out.aux_loss, out.z_loss]).detach().float())
+        # one host sync per step (not four per micro-batch) for the logged values
+        means = (torch.stack(parts).sum(0) / self.accumulation).tolist()
+        sums = dict(zip(("loss", "lm_loss", "aux_loss", "z_loss"), means))
         params = [p for p in self.model.parameters() if p.grad is not None]
         overflow = self.scaler.unscale_(params) if self.scaler else False
         grad_norm = float("nan")
