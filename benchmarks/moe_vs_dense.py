@@ -113,9 +113,8 @@ def loss_at(curve: list[tuple[int, float]], step: int) -> float:
     return min(curve, key=lambda point: abs(point[0] - step))[1]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="150 steps per model, smaller evaluation")
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """Model, data and schedule flags that make_config reads (shared with benchmarks/mos.py)."""
     parser.add_argument("--iters", type=int, default=1000)
     parser.add_argument("--eval-interval", type=int, default=50)
     parser.add_argument("--eval-batches", type=int, default=8, help="validation batches per evaluation")
@@ -130,11 +129,17 @@ def main() -> None:
     parser.add_argument("--pyramid", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--capacity-factor", type=float, default=None,
                         help="train/eval capacity factor with token dropping (default: dropless)")
-    parser.add_argument("--variants", default="dense,moe,prmoe",
-                        help="comma list of dense, moe, prmoe, moe2h (8 half-width experts, top-2)")
     parser.add_argument("--score-func", default="softmax", choices=("softmax", "sigmoid"),
                         help="router score function of the MoE variants")
     parser.add_argument("--seed", type=int, default=1234)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="150 steps per model, smaller evaluation")
+    add_run_args(parser)
+    parser.add_argument("--variants", default="dense,moe,prmoe",
+                        help="comma list of dense, moe, prmoe, moe2h (8 half-width experts, top-2)")
     args = parser.parse_args()
     if args.quick:
         args.iters, args.eval_interval, args.eval_batches = 150, 15, 4

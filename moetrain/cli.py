@@ -1,4 +1,4 @@
-"""`moetrain` command line: train, prepare-data, generate, plot."""
+"""`moetrain` command line: train, prepare-data, generate, plot, eval, lm-eval, export, import, upcycle."""
 
 from __future__ import annotations
 
@@ -11,6 +11,11 @@ commands:
   prepare-data   tokenize text/JSONL once into the memory-mapped .bin/.idx format
   generate       sample text from a checkpoint
   plot           write loss and expert-load PNGs from a run's metrics.jsonl
+  eval           held-out perplexity and zero-shot tasks (local JSONL files) of checkpoints, as a table
+  lm-eval        lm-evaluation-harness's command line with model "moetrain" (needs the lm-eval extra)
+  export         write a checkpoint as a Hugging Face transformers model (needs the hf extra)
+  import         convert a Hugging Face model or a Megatron-DeepSpeed MoE checkpoint into a checkpoint
+  upcycle        turn a dense checkpoint into an MoE one whose experts start as copies of the FFN
 
 `moetrain COMMAND --help` lists a command's options."""
 
@@ -41,7 +46,33 @@ def _plot(argv: list[str]) -> int:
     return plot_main(argv)
 
 
-COMMANDS = {"train": _train, "prepare-data": _prepare, "generate": _generate, "plot": _plot}
+def _eval(argv: list[str]) -> int:
+    from moetrain.evaluation import eval_main
+
+    return eval_main(argv)
+
+
+def _lm_eval(argv: list[str]) -> int:
+    try:
+        from moetrain.evaluation.harness import harness_main
+    except ImportError as error:
+        print(f"moetrain lm-eval: error: {error}", file=sys.stderr)
+        return 1
+    return harness_main(argv)
+
+
+def _interop(name: str):
+    """export / import / upcycle, from moetrain.interop.cli."""
+    def run(argv: list[str]) -> int:
+        from moetrain.interop import cli
+
+        return getattr(cli, f"{name}_main")(argv)
+    return run
+
+
+COMMANDS = {"train": _train, "prepare-data": _prepare, "generate": _generate, "plot": _plot, "eval": _eval,
+            "lm-eval": _lm_eval, "export": _interop("export"), "import": _interop("import"),
+            "upcycle": _interop("upcycle")}
 
 
 def main(argv: list[str] | None = None) -> None:

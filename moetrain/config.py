@@ -25,11 +25,12 @@ MLP_TYPES = ("standard", "residual")
 SCORE_FUNCS = ("softmax", "sigmoid")
 DROP_POLICIES = (None, "position", "probs", "random", "unordered")
 NOISY_GATE_POLICIES = (None, "Jitter", "RSample")
-TOKENIZER_TYPES = ("bpe", "gpt2", "byte")
+TOKENIZER_TYPES = ("bpe", "gpt2", "byte", "json")
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 DISTRIBUTED_BACKENDS = (None, "nccl", "gloo")
+PIPELINE_SCHEDULES = ("1f1b", "gpipe")
 ZERO_STAGES = (0, 1, 2, 3)
 
 
@@ -186,6 +187,7 @@ class ParallelConfig:
     expert_parallel_size: int | None = None
     num_microbatches: int | None = None
     zero_stage: int = 0
+    pipeline_schedule: str = "1f1b"
     offload_optimizer: bool = False
     distributed_backend: str | None = None
 
@@ -211,12 +213,33 @@ class ParallelConfig:
         return {"dp": dp, "tp": tp, "pp": pp, "ep": ep}
 
 
+@dataclass
+class DistillConfig:
+    """Knowledge distillation (Megatron-DeepSpeed's Mixture-of-Students flags).
+
+    The teacher's architecture comes from its checkpoint; the *_teacher fields, when given, are only checked
+    against it. Loss = alpha_ce * LM loss + beta_ce * T^2 KL(teacher || student) + MoE losses.
+    """
+    enabled: bool = False
+    load_teacher: str | None = None
+    num_layers_teacher: int | None = None
+    hidden_size_teacher: int | None = None
+    num_attention_heads_teacher: int | None = None
+    num_experts_teacher: list[int] | None = None
+    temperature: float = 1.0
+    alpha_ce: float = 1.0
+    beta_ce: float = 1.0
+    stop_iter: int | None = None
+    student_init_from_teacher: bool = False
+
+
 _SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "moe": MoEConfig,
     "data": DataConfig,
     "training": TrainingConfig,
     "parallel": ParallelConfig,
+    "distill": DistillConfig,
 }
 
 
@@ -227,6 +250,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def experts_per_layer(self) -> list[int]:
         return self.moe.experts_per_layer(self.model.num_layers)
@@ -265,6 +289,7 @@ class Config:
         _validate_data(self.data)
         _validate_training(self.training)
         self._validate_parallel(world_size)
+        _validate_distill(self.distill)
 
     def _validate_parallel(self, world_size: int) -> None:
         parallel = self.parallel
@@ -272,6 +297,9 @@ class Config:
         _check(not parallel.offload_optimizer or parallel.zero_stage >= 1,
                "optimizer offload needs ZeRO stage 1 or higher; set --zero-stage or drop offload_optimizer")
         _check_choice("--distributed-backend", parallel.distributed_backend, DISTRIBUTED_BACKENDS)
+        _check(parallel.zero_stage < 3, "ZeRO stage 3 (sharded parameters) is not implemented; use --zero-stage 1 "
+                                        "or 2 (optimizer state, and gradients, sharded)")
+        _check_choice("--pipeline-schedule", parallel.pipeline_schedule, PIPELINE_SCHEDULES)
         if parallel.num_microbatches is not None:
             _check_at_least("--num-microbatches", parallel.num_microbatches, 1)
         sizes = parallel.parallel_sizes(world_size)
@@ -281,10 +309,12 @@ class Config:
         _check(sizes["pp"] <= self.model.num_layers,
                f"--pipeline-parallel-size {sizes['pp']} exceeds --num-layers {self.model.num_layers}; "
                f"use at most one stage per layer")
-        for layer, count in enumerate(self.experts_per_layer()):
-            _check(count % sizes["ep"] == 0,
-                   f"layer {layer} has {count} experts, not divisible by expert-parallel size {sizes['ep']}; "
-                   f"use a multiple of {sizes['ep']} experts")
+        if sizes["pp"] > 1:
+            steps = self.accumulation_steps(world_size)
+            _check(parallel.pipeline_schedule != "1f1b" or steps >= sizes["pp"],
+                   f"the 1F1B pipeline schedule needs at least as many micro-batches ({steps}) as stages "
+                   f"({sizes['pp']}); raise --num-microbatches / --global-batch-size or use --pipeline-schedule gpipe")
+        # a layer whose expert count the EP size does not divide runs on gcd(count, ep) ranks (Pyramid-MoE)
         self.accumulation_steps(world_size)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -395,6 +425,28 @@ def _validate_training(training: TrainingConfig) -> None:
     if training.keep_last_checkpoints is not None:
         _check_at_least("--keep-last-checkpoints", training.keep_last_checkpoints, 1)
     _check_choice("--device", training.device, DEVICES)
+
+
+def _validate_distill(distill: DistillConfig) -> None:
+    if not distill.enabled:
+        for flag, value in (("--load-teacher", distill.load_teacher), ("--kd-stop-iter", distill.stop_iter),
+                            ("--student-init-from-teacher", distill.student_init_from_teacher or None)):
+            _check(value is None, f"{flag} is given without --mos or --kd; add one of them or drop {flag}")
+        return
+    _check(distill.load_teacher is not None, "--mos/--kd needs --load-teacher DIR, the teacher's checkpoint")
+    _check_positive("--kd-temp", distill.temperature)
+    _check_at_least("--kd-alpha-ce", distill.alpha_ce, 0)
+    _check_at_least("--kd-beta-ce", distill.beta_ce, 0)
+    if distill.stop_iter is not None:
+        _check_at_least("--kd-stop-iter", distill.stop_iter, 0)
+    for flag, value in (("--num-layers-teacher", distill.num_layers_teacher),
+                        ("--hidden-size-teacher", distill.hidden_size_teacher),
+                        ("--num-attention-heads-teacher", distill.num_attention_heads_teacher)):
+        if value is not None:
+            _check_at_least(flag, value, 1)
+    if distill.num_experts_teacher is not None:
+        _check(len(distill.num_experts_teacher) >= 1 and min(distill.num_experts_teacher) >= 0,
+               f"--num-experts-teacher needs one or more non-negative counts, got {distill.num_experts_teacher}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -569,8 +621,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                     help="prepared datasets or text files; unset: the built-in corpus")
     _add_field_flag(group, "--tokenizer-type", dest="data.tokenizer_type", type=_tokenizer_type,
                     choices=TOKENIZER_TYPES,
-                    help="bpe: trained on the corpus; gpt2: --vocab-file/--merge-file; byte: raw bytes")
-    _add_field_flag(group, "--vocab-file", dest="data.vocab_file", help="GPT-2 vocab.json")
+                    help="bpe: trained on the corpus; gpt2: --vocab-file/--merge-file; byte: raw bytes; "
+                         "json: a tokenizers JSON file as --vocab-file (e.g. a checkpoint's tokenizer.json)")
+    _add_field_flag(group, "--vocab-file", dest="data.vocab_file", help="GPT-2 vocab.json, or the tokenizers JSON")
     _add_field_flag(group, "--merge-file", dest="data.merge_file", help="GPT-2 merges.txt")
     _add_field_flag(group, "--vocab-size", dest="data.vocab_size", type=int,
                     help="vocabulary size of a BPE trained on the corpus")
@@ -657,7 +710,9 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
                     help="micro-batches per optimizer step and rank (DeepSpeed gradient_accumulation_steps); "
                          "unset: from --global-batch-size")
     _add_field_flag(group, "--zero-stage", dest="parallel.zero_stage", type=int, choices=ZERO_STAGES,
-                    help="ZeRO optimizer-state sharding stage")
+                    help="ZeRO sharding: 1 optimizer state, 2 also gradients (3 is not implemented)")
+    _add_field_flag(group, "--pipeline-schedule", dest="parallel.pipeline_schedule", choices=PIPELINE_SCHEDULES,
+                    help="pipeline-parallel schedule over the micro-batches")
     _add_field_flag(group, "--distributed-backend", dest="parallel.distributed_backend", type=_none_or_str,
                     choices=DISTRIBUTED_BACKENDS, help="torch.distributed backend; None: nccl on cuda, else gloo")
 
@@ -671,9 +726,37 @@ def add_deepspeed_args(parser: argparse.ArgumentParser) -> None:
                             "uses its own engine")
 
 
+def add_distill_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("knowledge distillation (Mixture-of-Students)")
+    for flag in ("--mos", "--kd"):
+        _add_switch(group, flag, dest="distill.enabled", value=True,
+                    help="distil from the --load-teacher model: add the KD loss to the student's losses")
+    _add_field_flag(group, "--load-teacher", dest="distill.load_teacher",
+                    help="teacher checkpoint directory; its architecture is read from it")
+    _add_field_flag(group, "--num-layers-teacher", dest="distill.num_layers_teacher", type=int,
+                    help="checked against the teacher checkpoint")
+    _add_field_flag(group, "--hidden-size-teacher", dest="distill.hidden_size_teacher", type=int,
+                    help="checked against the teacher checkpoint")
+    _add_field_flag(group, "--num-attention-heads-teacher", dest="distill.num_attention_heads_teacher", type=int,
+                    help="checked against the teacher checkpoint")
+    _add_field_flag(group, "--num-experts-teacher", dest="distill.num_experts_teacher", nargs="+",
+                    type=_expert_counts_token, convert=_flatten_expert_counts, metavar="N",
+                    help="checked against the teacher checkpoint (one count or one per MoE layer)")
+    _add_field_flag(group, "--kd-temp", dest="distill.temperature", type=float, help="softmax temperature T")
+    _add_field_flag(group, "--kd-alpha-ce", dest="distill.alpha_ce", type=float, help="weight of the LM loss")
+    _add_field_flag(group, "--kd-beta-ce", dest="distill.beta_ce", type=float,
+                    help="weight of the distillation loss T^2 KL(teacher || student)")
+    _add_field_flag(group, "--kd-stop-iter", dest="distill.stop_iter", type=int,
+                    help="staged KD: after this many iterations train on the plain LM + MoE loss and free the "
+                         "teacher")
+    _add_switch(group, "--student-init-from-teacher", dest="distill.student_init_from_teacher", value=True,
+                help="start the student from evenly spaced teacher layers (first and last kept); tensors whose "
+                     "shapes differ keep their random init")
+
+
 TRAIN_ARG_GROUPS: tuple[Callable[[argparse.ArgumentParser], None], ...] = (
     add_model_args, add_moe_args, add_data_args, add_training_args, add_precision_args, add_logging_args,
-    add_parallel_args, add_deepspeed_args,
+    add_parallel_args, add_deepspeed_args, add_distill_args,
 )
 
 

@@ -60,7 +60,7 @@ class Attention(nn.Module):
         self.dropout = cfg.attention_dropout
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
-        batch, seq, hidden = x.shape
+        batch, seq, _ = x.shape
         q, k, v = self.qkv(x).view(batch, seq, 3, self.num_heads, self.head_dim).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if rope is not None:
@@ -68,7 +68,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                              dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(out.transpose(1, 2).reshape(batch, seq, hidden))
+        return self.proj(out.transpose(1, 2).reshape(batch, seq, -1))  # -1: local heads under TP
 
 
 class Block(nn.Module):

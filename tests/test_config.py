@@ -439,8 +439,6 @@ def with_changes(**changes: Any) -> Config:
     ({"parallel__tensor_parallel_size": 2, "parallel__pipeline_parallel_size": 2}, 6,
      "world size 6 is not divisible by tensor-parallel-size 2 x pipeline-parallel-size 2"),
     ({"parallel__expert_parallel_size": 4}, 2, "--expert-parallel-size 4 does not divide the data-parallel size 2"),
-    ({"parallel__expert_parallel_size": 4, "moe__num_experts": [6]}, 4,
-     "layer 1 has 6 experts, not divisible by expert-parallel size 4"),
     ({"parallel__tensor_parallel_size": 3}, 3, "--num-attention-heads 8 is not divisible by --tensor-parallel-size 3"),
     ({"parallel__pipeline_parallel_size": 8}, 8, "--pipeline-parallel-size 8 exceeds --num-layers 4"),
     ({"parallel__offload_optimizer": True}, 1, "optimizer offload needs ZeRO stage 1"),

@@ -170,8 +170,8 @@ def prepare_data_main(argv: list[str]) -> int:
     parser.add_argument("--output-prefix", required=True, metavar="PREFIX", help="where to write PREFIX.bin/.idx")
     parser.add_argument("--tokenizer-type", choices=TOKENIZER_KINDS, default="bpe",
                         help="bpe: byte-level BPE trained on the inputs; gpt2: from --vocab-file/--merge-file; "
-                             "byte: raw UTF-8 bytes")
-    parser.add_argument("--vocab-file", help="GPT-2 vocab.json (gpt2 tokenizer)")
+                             "byte: raw UTF-8 bytes; json: load the tokenizers JSON given as --vocab-file")
+    parser.add_argument("--vocab-file", help="GPT-2 vocab.json (gpt2), or a tokenizers JSON file (json)")
     parser.add_argument("--merge-file", help="GPT-2 merges.txt (gpt2 tokenizer)")
     parser.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size of the trained bpe tokenizer")
     args = parser.parse_args(argv)

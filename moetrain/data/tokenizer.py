@@ -9,16 +9,20 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from moetrain.data import DataError
 
 EOS_TOKEN = "<|endoftext|>"
-TOKENIZER_KINDS = ("bpe", "gpt2", "byte")
+# End-of-document tokens tried in order: moetrain's and GPT-2's, then those of imported tokenizers
+# (Llama/Mistral/Mixtral "</s>", Llama 3 "<|end_of_text|>", Gemma "<eos>").
+EOS_TOKENS = (EOS_TOKEN, "</s>", "<|end_of_text|>", "<eos>")
+TOKENIZER_KINDS = ("bpe", "gpt2", "byte", "json")
 
 
 class Tokenizer:
-    """Text <-> token ids, with the end-of-document token every kind shares (`<|endoftext|>`)."""
+    """Text <-> token ids, with an end-of-document token (`<|endoftext|>`, or the first of EOS_TOKENS it has)."""
 
     def __init__(self, backend: tokenizers.Tokenizer):
-        eos_id = backend.token_to_id(EOS_TOKEN)
+        eos_id = next((i for i in map(backend.token_to_id, EOS_TOKENS) if i is not None), None)
         if eos_id is None:
-            raise DataError(f"tokenizer has no '{EOS_TOKEN}' token; build it with moetrain.data.build_tokenizer")
+            raise DataError(f"tokenizer has none of the end-of-document tokens {', '.join(EOS_TOKENS)}; "
+                            "build it with moetrain.data.build_tokenizer")
         self._backend = backend
         self.eos_id: int = eos_id
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
@@ -126,9 +130,15 @@ def _trained_bpe(texts: Iterable[str] | None, vocab_size: int) -> Tokenizer:
 
 def build_tokenizer(kind: str, *, vocab_file: str | None = None, merge_file: str | None = None,
                     texts: Iterable[str] | None = None, vocab_size: int = 4096) -> Tokenizer:
-    """Builds a "gpt2" (from vocab/merge files), "bpe" (trained on `texts`) or "byte" tokenizer."""
+    """Builds a "gpt2" (from vocab/merge files), "bpe" (trained on `texts`), "byte" tokenizer, or loads a
+    "json" one (a `tokenizers` JSON file given as `vocab_file`, e.g. a checkpoint's tokenizer.json)."""
     if kind == "byte":
         return _byte_tokenizer()
+    if kind == "json":
+        if vocab_file is None:
+            raise DataError("tokenizer 'json' needs --vocab-file, a tokenizers JSON file such as a checkpoint's "
+                            "tokenizer.json")
+        return Tokenizer.load(vocab_file)
     if kind == "gpt2":
         return _gpt2_tokenizer(vocab_file, merge_file)
     if kind == "bpe":

@@ -4,18 +4,23 @@ One dispatcher serves capacity and dropless routing alike: the router's keep mas
 assignments travel, nothing here is padded to a capacity. With an expert-parallel process group
 the permuted rows are exchanged with `all_to_all_single` (uneven splits), regrouped by local
 expert, and sent back the same way after the experts ran; gradients flow through both.
+
+When the expert-parallel ranks all hold the same tokens (experts split over tensor-parallel
+ranks), `split_tokens` makes each rank send only its 1/ep share of them and sums the shares
+back, so no expert computes a token twice (DeepSpeed's drop_tokens / gather_tokens).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.nn.functional import all_to_all_single
+from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
 from moetrain.moe.router import RoutingDecision
+from moetrain.parallel.comm import copy_to_group, reduce_from_group
 
 
 @dataclass
@@ -35,10 +40,12 @@ class DispatchPlan:
 class TokenDispatcher:
     """Moves routed tokens to their experts (locally, or across an expert-parallel group)."""
 
-    def __init__(self, num_experts: int, ep_group: dist.ProcessGroup | None = None) -> None:
+    def __init__(self, num_experts: int, ep_group: dist.ProcessGroup | None = None,
+                 split_tokens: bool = False) -> None:
         self.num_experts = num_experts
         self.ep_group = ep_group
         self.ep_size = dist.get_world_size(ep_group) if ep_group is not None else 1
+        self.split_group = ep_group if split_tokens and self.ep_size > 1 else None
         if num_experts % self.ep_size:
             raise ValueError(
                 f"num_experts={num_experts} is not divisible by the expert-parallel size "
@@ -48,6 +55,8 @@ class TokenDispatcher:
 
     def dispatch(self, x: Tensor, decision: RoutingDecision) -> tuple[Tensor, DispatchPlan]:
         """[S, d] tokens -> rows for the local experts, grouped by expert, and the plan to undo."""
+        if self.split_group is not None:
+            x, decision = self._my_share(x, decision)
         indices, kept = decision.expert_indices, decision.kept
         k = indices.shape[1]
         experts = indices.flatten()
@@ -71,6 +80,19 @@ class TokenDispatcher:
             return rows, plan
         return self._exchange(rows, plan, counts)
 
+    def _my_share(self, x: Tensor, decision: RoutingDecision) -> tuple[Tensor, RoutingDecision]:
+        """Keep the assignments of this rank's contiguous 1/ep of the (replicated) tokens.
+
+        The other ranks' tokens count as not kept here; their gradients arrive through the sum
+        in `copy_to_group`, so x and the routing weights get the full gradient on every rank.
+        """
+        rank, tokens = dist.get_rank(self.split_group), x.shape[0]
+        first, stop = rank * tokens // self.ep_size, (rank + 1) * tokens // self.ep_size
+        mine = torch.zeros(tokens, 1, dtype=torch.bool, device=x.device)
+        mine[first:stop] = True
+        weights = copy_to_group(decision.weights, self.split_group)
+        return copy_to_group(x, self.split_group), replace(decision, kept=decision.kept & mine, weights=weights)
+
     def _exchange(self, rows: Tensor, plan: DispatchPlan,
                   counts: Tensor) -> tuple[Tensor, DispatchPlan]:
         """All-to-all the rows to the ranks that own their experts.
@@ -83,10 +105,8 @@ class TokenDispatcher:
         dist.all_to_all_single(received_counts, per_rank, group=self.ep_group)
         send_splits = per_rank.sum(1).tolist()
         recv_splits = received_counts.sum(1).tolist()
-        rows = all_to_all_single(rows.new_empty(sum(recv_splits), rows.shape[1]), rows,
-                                 recv_splits, send_splits, group=self.ep_group)
-        weights = all_to_all_single(plan.weights.new_empty(sum(recv_splits)), plan.weights,
-                                    recv_splits, send_splits, group=self.ep_group)
+        rows = _all_to_all(rows, recv_splits, send_splits, self.ep_group)
+        weights = _all_to_all(plan.weights, recv_splits, send_splits, self.ep_group)
         local_expert = torch.arange(self.num_local_experts, device=rows.device).repeat(self.ep_size)
         local_order = torch.sort(
             local_expert.repeat_interleave(received_counts.flatten()), stable=True
@@ -100,11 +120,14 @@ class TokenDispatcher:
         if self.ep_size > 1:
             restored = torch.empty_like(expert_rows)
             restored[plan.local_order] = expert_rows
-            expert_rows = all_to_all_single(
-                expert_rows.new_empty(sum(plan.send_splits), expert_rows.shape[1]), restored,
-                plan.send_splits, plan.recv_splits, group=self.ep_group)
-        return _SumIntoTokens.apply(expert_rows, plan.token_index, plan.row_of_assignment,
-                                    num_tokens)
+            expert_rows = _all_to_all(restored, plan.send_splits, plan.recv_splits, self.ep_group)
+        out = _SumIntoTokens.apply(expert_rows, plan.token_index, plan.row_of_assignment, num_tokens)
+        return reduce_from_group(out, self.split_group)
+
+
+def _all_to_all(x: Tensor, output_splits: list[int], input_splits: list[int], group: dist.ProcessGroup) -> Tensor:
+    """Differentiable uneven all-to-all along dimension 0 (backward sends the gradients home)."""
+    return wait_tensor(all_to_all_single_autograd(x.contiguous(), output_splits, input_splits, group))
 
 
 def _sum_rows_into_tokens(rows: Tensor, token_index: Tensor, row_of_assignment: Tensor | None,

@@ -139,6 +139,13 @@ class GroupedExperts(nn.Module):
     def num_experts(self) -> int:
         return self.w1.shape[0]
 
+    def keep(self, first: int, stop: int) -> None:
+        """Keep experts [first, stop) only: this rank's share under expert parallelism."""
+        for name in ("w1", "w2", "b1", "b2"):
+            weight = getattr(self, name)
+            if weight is not None:
+                setattr(self, name, nn.Parameter(weight.detach()[first:stop].clone()))
+
     def forward(self, rows: Tensor, tokens_per_expert: list[int], route_weight: Tensor) -> Tensor:
         return _GroupedMLP.apply(rows, self.w1, self.b1, self.w2, self.b2, route_weight,
                                  tokens_per_expert, self.activation)
@@ -154,6 +161,10 @@ class ModuleExperts(nn.Module):
     @property
     def num_experts(self) -> int:
         return len(self.experts)
+
+    def keep(self, first: int, stop: int) -> None:
+        """Keep experts [first, stop) only: this rank's share under expert parallelism."""
+        self.experts = nn.ModuleList(self.experts[first:stop])
 
     def forward(self, rows: Tensor, tokens_per_expert: list[int], route_weight: Tensor) -> Tensor:
         outputs = []

@@ -83,6 +83,7 @@ class MoE(nn.Module):
         self.num_experts = num_experts
         self.ep_size = ep_size
         self.num_local_experts = num_experts // ep_size
+        self.first_expert = 0  # global index of this rank's first expert (set by shard_experts)
         self.k = k
         ffn_hidden_size = ffn_hidden_size or 4 * hidden_size
 
@@ -145,6 +146,22 @@ class MoE(nn.Module):
         stats = self.routing_stats if self.training else self.eval_routing_stats
         stats.record(decision.exp_counts, kept_counts)
         return output, decision.l_aux, decision.exp_counts
+
+    def shard_experts(self, ep_rank: int, ep_group: dist.ProcessGroup | None,
+                      split_tokens: bool = False) -> None:
+        """Keep this rank's experts of the layer and exchange tokens over `ep_group`.
+
+        Applied from outside (see moetrain.parallel) to a layer built whole on every rank, so all
+        ranks start from the same weights as a single-process run.
+        """
+        ep_size = dist.get_world_size(ep_group) if ep_group is not None else 1
+        if self.num_experts % ep_size:
+            raise ValueError(f"num_experts={self.num_experts} is not divisible by the expert-parallel "
+                             f"size {ep_size}; use a multiple of {ep_size} experts")
+        self.ep_size, self.num_local_experts = ep_size, self.num_experts // ep_size
+        self.first_expert = ep_rank * self.num_local_experts
+        self.experts.keep(self.first_expert, self.first_expert + self.num_local_experts)
+        self.dispatcher = TokenDispatcher(self.num_experts, ep_group, split_tokens)
 
     def update_expert_bias(self) -> None:
         """Aux-loss-free balancing step (no-op unless built with expert_bias=True)."""

@@ -33,6 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 MODEL_FILE = "model.safetensors"
+SHARD_INDEX_FILE = "index.json"  # a sharded (multi-process) checkpoint: see moetrain.parallel.checkpoint
 STATE_FILE = "state.pt"
 LATEST_FILE = "latest"
 TMP_PREFIX = ".tmp-"
@@ -242,17 +243,27 @@ def save_checkpoint(
     _check_weights_only_safe(state, "checkpoint state")
     tensors, aliases = _split_shared(model_state)
 
-    os.makedirs(save_dir, exist_ok=True)
-    for leftover in os.listdir(save_dir):  # debris of an earlier crashed save
-        if leftover.startswith(TMP_PREFIX + "iter_"):
-            shutil.rmtree(os.path.join(save_dir, leftover))
-    name = iter_dir_name(iteration)
-    tmp_dir = os.path.join(save_dir, TMP_PREFIX + name)
-    os.makedirs(tmp_dir)
-
+    tmp_dir = prepare_tmp_dir(save_dir, iteration)
     model_path = os.path.join(tmp_dir, MODEL_FILE)
     save_file(tensors, model_path, metadata={"format": "pt", ALIASES_KEY: json.dumps(aliases)})
     _fsync_path(model_path)
+    write_state(tmp_dir, state, files)
+    return publish(save_dir, iteration, keep_last)
+
+
+def prepare_tmp_dir(save_dir: str, iteration: int) -> str:
+    """A fresh hidden directory for `iteration`, removing debris of earlier crashed saves."""
+    os.makedirs(save_dir, exist_ok=True)
+    for leftover in os.listdir(save_dir):
+        if leftover.startswith(TMP_PREFIX + "iter_"):
+            shutil.rmtree(os.path.join(save_dir, leftover))
+    tmp_dir = os.path.join(save_dir, TMP_PREFIX + iter_dir_name(iteration))
+    os.makedirs(tmp_dir)
+    return tmp_dir
+
+
+def write_state(tmp_dir: str, state: dict, files: dict[str, str]) -> None:
+    """state.pt and the copied extra files, each flushed to disk."""
     with open(os.path.join(tmp_dir, STATE_FILE), "wb") as f:
         torch.save(state, f)
         f.flush()
@@ -261,8 +272,13 @@ def save_checkpoint(
         target = os.path.join(tmp_dir, file_name)
         shutil.copyfile(source, target)
         _fsync_path(target)
-    _fsync_path(tmp_dir)
 
+
+def publish(save_dir: str, iteration: int, keep_last: int | None) -> str:
+    """Rename the finished hidden directory into place, then point ``latest`` at it."""
+    name = iter_dir_name(iteration)
+    tmp_dir = os.path.join(save_dir, TMP_PREFIX + name)
+    _fsync_path(tmp_dir)
     final_dir = os.path.join(save_dir, name)
     replaced_dir = os.path.join(save_dir, REPLACED_PREFIX + name)
     if os.path.isdir(final_dir):  # re-saving an iteration: directories cannot be swapped in one rename
@@ -280,7 +296,8 @@ def save_checkpoint(
 # --------------------------------------------------------------------------------------------- load
 
 
-def _resolve_checkpoint_dir(load_dir: str, iteration: int | None) -> str:
+def resolve_checkpoint_dir(load_dir: str, iteration: int | None = None) -> str:
+    """The iter_* directory that `latest`, an iteration, or the path itself names."""
     if not os.path.isdir(load_dir):
         raise FileNotFoundError(f"checkpoint directory {load_dir!r} does not exist; check the load path")
     if iteration is not None:
@@ -289,7 +306,7 @@ def _resolve_checkpoint_dir(load_dir: str, iteration: int | None) -> str:
             raise FileNotFoundError(f"no checkpoint for iteration {iteration} in {load_dir!r}; "
                                     f"available iterations: {list_checkpoints(load_dir) or 'none'}")
         return path
-    if os.path.isfile(os.path.join(load_dir, MODEL_FILE)):
+    if any(os.path.isfile(os.path.join(load_dir, f)) for f in (MODEL_FILE, SHARD_INDEX_FILE)):
         return load_dir  # a direct iter_* directory
     latest_path = os.path.join(load_dir, LATEST_FILE)
     if not os.path.isfile(latest_path):
@@ -346,11 +363,17 @@ def _load_state(path: str) -> dict:
 def load_checkpoint(load_dir: str, iteration: int | None = None) -> Checkpoint:
     """Load the checkpoint named by ``load_dir/latest``, a given iteration, or ``load_dir`` itself
     when it is an ``iter_*`` directory. Tensors come back on CPU; nothing but plain data is unpickled."""
-    path = _resolve_checkpoint_dir(load_dir, iteration)
+    path = resolve_checkpoint_dir(load_dir, iteration)
     state = _load_state(path)
+    if os.path.isfile(os.path.join(path, SHARD_INDEX_FILE)):  # written by several processes
+        from moetrain.parallel.checkpoint import CheckpointReader
+
+        model_state = CheckpointReader(path).model_state()
+    else:
+        model_state = _load_model_state(path)
     return Checkpoint(
         iteration=int(state["iteration"]),
-        model_state=_load_model_state(path),
+        model_state=model_state,
         optimizer_state=state["optimizer"],
         extra=state["extra"],
         path=path,

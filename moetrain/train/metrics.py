@@ -145,8 +145,10 @@ def format_train_line(record: dict[str, Any]) -> str:
         f"Step {record['step']}",
         f"Loss: {_fmt(record['loss'], '.4f')}",
         f"Aux Loss: {_fmt(record['aux_loss'], '.4f')}",
-        f"LR: {_fmt(record['lr'], '.2e')}",
     ]
+    if record.get("kd_loss") is not None:  # distillation runs, until --kd-stop-iter
+        parts.append(f"KD Loss: {record['kd_loss']:.4f}")
+    parts.append(f"LR: {_fmt(record['lr'], '.2e')}")
     if record.get("tokens_per_s") is not None:
         parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
     summary = routing_summary(record.get("moe_layers") or [])

@@ -18,6 +18,9 @@ def _no_decay_param_ids(model: nn.Module) -> set[int]:
             full_name = f"{module_name}.{param_name}" if module_name else param_name
             if param.ndim < 2 or isinstance(module, nn.Embedding) or "embed" in full_name:
                 no_decay.add(id(param))
+    if getattr(getattr(model, "cfg", None), "tie_embeddings", False) and getattr(model, "lm_head", None) is not None:
+        # a pipeline's last stage holds its own copy of the tied embedding: it must step alike
+        no_decay.add(id(model.lm_head.weight))
     return no_decay
 
 

@@ -1,0 +1,81 @@
+"""Weights-only moetrain checkpoints: what import and upcycling write, and how to train on from them.
+
+Such a checkpoint is a fresh start, not a paused run: iteration 0, no optimizer state, no data position or
+RNG state. `moetrain train --load` initialises the model from it and starts the schedule, the optimizer and
+the data order anew.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import tempfile
+
+import torch
+from torch import Tensor
+
+from moetrain.config import Config, ModelConfig, MoEConfig, build_train_parser
+from moetrain.data import Tokenizer
+from moetrain.model import GPT
+from moetrain.train.checkpoint import iter_dir_name, list_checkpoints, save_checkpoint
+
+
+def check_new_checkpoint_dir(out_dir: str) -> None:
+    """Refuse to write into a directory that already holds checkpoints (checked before any slow work)."""
+    if list_checkpoints(out_dir):
+        raise ValueError(f"--out {out_dir} already holds checkpoints; write to a new directory")
+
+
+def save_model_checkpoint(out_dir: str, cfg: Config, model_state: dict[str, Tensor], tokenizer: Tokenizer) -> str:
+    """Write `model_state` (moetrain names) with its config and tokenizer as `out_dir/iter_0000000`.
+
+    The state must fit `GPT(cfg)` exactly (checked on the meta device, so nothing is allocated): a
+    converter bug surfaces here as a ValueError instead of as a checkpoint that fails to load later.
+    """
+    check_new_checkpoint_dir(out_dir)
+    cfg.model.vocab_size = int(model_state["tok_emb.weight"].shape[0])
+    cfg.validate()
+    with torch.device("meta"):
+        model = GPT(cfg.model, cfg.moe)
+    try:
+        model.load_state_dict(model_state, strict=True, assign=True)
+    except RuntimeError as error:
+        detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
+        raise ValueError(f"converted weights do not fit the moetrain model ({detail})") from None
+    state = {name: tensor.detach().to(torch.float32).contiguous() for name, tensor in model_state.items()}
+    if cfg.model.tie_embeddings:
+        state["lm_head.weight"] = state["tok_emb.weight"]  # stored once, re-tied on load
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer_path = os.path.join(tmp, "tokenizer.json")
+        tokenizer.save(tokenizer_path)
+        return save_checkpoint(out_dir, 0, model_state=state, optimizer_state={},
+                               extra={"config": cfg.to_dict()}, files={"tokenizer.json": tokenizer_path})
+
+
+def train_flags(cfg: Config) -> list[str]:
+    """The `moetrain train` flags that rebuild cfg's model and MoE layers: those whose value is not the default."""
+    defaults = {"model": ModelConfig(), "moe": MoEConfig()}
+    flags: list[str] = []
+    for action in build_train_parser()._actions:
+        section, _, name = action.dest.partition(".")
+        if section not in defaults:
+            continue
+        value = getattr(getattr(cfg, section), name)
+        if value == getattr(defaults[section], name):
+            continue
+        flag = action.option_strings[0]
+        if action.nargs == 0:  # a switch: differing from the default means it was set
+            flags.append(flag)
+        elif isinstance(value, list):
+            flags += [flag, *map(str, value)]
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+def train_command(out_dir: str, cfg: Config) -> str:
+    """The command that fine-tunes / continues training a checkpoint written by save_model_checkpoint."""
+    tokenizer = os.path.join(out_dir, iter_dir_name(0), "tokenizer.json")
+    words = ["moetrain", "train", "--load", out_dir, *train_flags(cfg),
+             "--tokenizer-type", "json", "--vocab-file", tokenizer]
+    return shlex.join(words)

@@ -1,0 +1,98 @@
+"""Data-parallel gradient reduction and the one global gradient norm.
+
+Each parameter carries a `GradSpec`: the group its gradient is summed over (dense parameters:
+the data-parallel group; expert parameters: their expert-data-parallel group, the ranks holding
+the same experts) and how many ranks end up holding that same reduced gradient, so the global
+norm counts every distinct gradient element exactly once, whatever the layout. Either sum is
+divided by the full data-parallel size: an expert already received the tokens of all the ranks
+of its expert-parallel group through the all-to-all, so dividing by its smaller group alone
+would overweight it (the single-process run is the reference).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+BUCKET_BYTES = 32 * 2**20
+
+
+@dataclass(frozen=True)
+class GradSpec:
+    group: dist.ProcessGroup | None  # gradients summed over these ranks (None: no reduction)
+    size: int  # ranks in `group`
+    copies: int  # ranks in the world holding this reduced gradient (group copies x other replicas)
+    divisor: int  # data-parallel size: every gradient is a mean over all data-parallel ranks' batches
+
+
+def buckets(params: list[nn.Parameter], limit: int = BUCKET_BYTES) -> Iterable[list[nn.Parameter]]:
+    """Consecutive runs of parameters of one dtype, about `limit` bytes each."""
+    run: list[nn.Parameter] = []
+    size = 0
+    for param in params:
+        if run and (size + param.numel() * param.element_size() > limit or param.dtype != run[0].dtype):
+            yield run
+            run, size = [], 0
+        run.append(param)
+        size += param.numel() * param.element_size()
+    if run:
+        yield run
+
+
+def grouped(specs: dict[nn.Parameter, GradSpec]) -> dict[GradSpec, list[nn.Parameter]]:
+    """Parameters by the group their gradients reduce over, in model order."""
+    by_spec: dict[GradSpec, list[nn.Parameter]] = {}
+    for param, spec in specs.items():
+        by_spec.setdefault(spec, []).append(param)
+    return by_spec
+
+
+def fill_missing_grads(params: Iterable[nn.Parameter]) -> None:
+    """Zero gradients for parameters no token reached (an idle expert), so collectives line up."""
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+
+
+@torch.no_grad()
+def all_reduce_gradients(specs: dict[nn.Parameter, GradSpec]) -> None:
+    """Sum every gradient over its group and divide by the data-parallel size, a bucket at a time."""
+    for spec, params in grouped(specs).items():
+        if spec.divisor == 1:
+            continue
+        fill_missing_grads(params)
+        for run in buckets(params):
+            grads = [p.grad for p in run]
+            flat = _flatten_dense_tensors(grads)
+            if spec.size > 1:
+                dist.all_reduce(flat, group=spec.group)
+            flat.div_(spec.divisor)
+            for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                grad.copy_(reduced)
+
+
+@torch.no_grad()
+def global_grad_norm(grads: Iterable[tuple[Tensor, int]], world: bool) -> Tensor:
+    """L2 norm over all ranks' gradients; each (grad, copies) counts 1/copies of its square."""
+    total = torch.zeros((), dtype=torch.float32)
+    for grad, copies in grads:
+        total = total.to(grad.device) + grad.float().square().sum() / copies
+    if world:
+        dist.all_reduce(total)
+    return total.sqrt()
+
+
+@torch.no_grad()
+def clip_gradients(grads: list[Tensor], max_norm: float, norm: Tensor) -> None:
+    """Scale gradients so the global norm is at most max_norm (as torch's clip_grad_norm_ does)."""
+    if not math.isfinite(max_norm):
+        return
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    if grads:
+        torch._foreach_mul_(grads, coef.to(grads[0].device))

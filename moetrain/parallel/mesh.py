@@ -1,0 +1,129 @@
+"""The device mesh: which ranks share data, tensors, pipeline stages and experts.
+
+Rank layout, slowest to fastest: pipeline stage, expert-data-parallel, expert-parallel, tensor
+parallel. Data parallelism is the flattened (edp, ep) pair, so an explicit expert-parallel size
+spreads experts over data-parallel ranks, as DeepSpeed does. Without one, experts follow the
+tensor-parallel group (the seed guides' mode): ep = tp and expert gradients reduce over dp.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from moetrain.config import ParallelConfig
+
+
+@dataclass
+class ExpertGroups:
+    """The groups of one MoE layer whose experts are spread over `size` ranks."""
+
+    size: int  # expert-parallel size of the layer
+    rank: int  # this rank's index in its expert-parallel group
+    ep_group: dist.ProcessGroup | None  # ranks that split the layer's experts
+    reduce_group: dist.ProcessGroup | None  # ranks that hold the same experts (gradients reduce here)
+    reduce_size: int
+    split_tokens: bool  # experts over tensor-parallel ranks: each rank sends 1/tp of the (replicated) tokens
+
+
+@dataclass
+class ParallelState:
+    """Sizes, ranks and process groups of one run; a single process has all sizes 1 and no groups."""
+
+    world_size: int = 1
+    rank: int = 0
+    pp: int = 1
+    dp: int = 1
+    tp: int = 1
+    ep: int = 1
+    pp_rank: int = 0
+    dp_rank: int = 0
+    tp_rank: int = 0
+    ep_follows_tp: bool = True
+    mesh: DeviceMesh | None = None
+    dp_group: dist.ProcessGroup | None = None
+    tp_group: dist.ProcessGroup | None = None
+    pp_group: dist.ProcessGroup | None = None
+    expert_groups: dict[int, ExpertGroups] = field(default_factory=dict)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    def layer_ep_size(self, num_experts: int) -> int:
+        """A layer's expert-parallel size: the run's, or its largest divisor the layer's count allows."""
+        return math.gcd(num_experts, self.ep)
+
+    def experts(self, num_experts: int) -> ExpertGroups:
+        return self.expert_groups[self.layer_ep_size(num_experts)]
+
+
+def _new_groups(layout: torch.Tensor, dim: int) -> dist.ProcessGroup:
+    """Create one group per line of `layout` along `dim` (collectively); return this rank's."""
+    lines = layout.movedim(dim, -1).reshape(-1, layout.shape[dim])
+    mine = None
+    for line in lines.tolist():
+        group = dist.new_group(line)
+        if dist.get_rank() in line:
+            mine = group
+    return mine
+
+
+def init_parallel(pc: ParallelConfig, device_type: str, expert_counts: list[int]) -> ParallelState:
+    """Join the torchrun job (if any) and build the mesh and every group the model needs.
+
+    `expert_counts` lists the expert count of each MoE layer so that layers whose count the run's
+    expert-parallel size does not divide get groups of their own size.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 and not dist.is_initialized():
+        pc.parallel_sizes(1)
+        return ParallelState(expert_groups={1: ExpertGroups(1, 0, None, None, 1, False)})
+    if not dist.is_initialized():
+        backend = pc.distributed_backend or ("nccl" if device_type == "cuda" else "gloo")
+        if device_type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    sizes = pc.parallel_sizes(world)
+    pp, dp, tp, ep = sizes["pp"], sizes["dp"], sizes["tp"], sizes["ep"]
+    follows_tp = pc.expert_parallel_size is None
+    edp_dim = dp if follows_tp else dp // ep
+    ep_dim = 1 if follows_tp else ep
+    mesh = init_device_mesh(device_type, (pp, edp_dim, ep_dim, tp), mesh_dim_names=("pp", "edp", "ep", "tp"))
+    layout = torch.arange(world).view(pp, dp, tp)  # dp index = edp * ep + ep
+    state = ParallelState(
+        world_size=world, rank=rank, pp=pp, dp=dp, tp=tp, ep=ep,
+        pp_rank=mesh.get_local_rank("pp"), dp_rank=mesh.get_local_rank("edp") * ep_dim + mesh.get_local_rank("ep"),
+        tp_rank=mesh.get_local_rank("tp"), ep_follows_tp=follows_tp, mesh=mesh,
+        dp_group=_new_groups(layout, 1), tp_group=_new_groups(layout, 2), pp_group=_new_groups(layout, 0))
+    for size in sorted({math.gcd(count, ep) for count in expert_counts} | {1}):
+        state.expert_groups[size] = _expert_groups(state, layout, size)
+    return state
+
+
+def _expert_groups(state: ParallelState, layout: torch.Tensor, size: int) -> ExpertGroups:
+    """Groups for layers with `size`-way expert parallelism (created collectively on every rank)."""
+    pp, dp, tp = layout.shape
+    if size == 1:
+        return ExpertGroups(1, 0, None, state.dp_group, dp, False)
+    if state.ep_follows_tp:  # experts over the tensor-parallel ranks, replicated over data parallel
+        ep_group = _new_groups(layout.view(pp, dp, tp // size, size), 3)
+        return ExpertGroups(size, state.tp_rank % size, ep_group, state.dp_group, dp, True)
+    # experts over `size` consecutive data-parallel ranks; replicas are `size` apart
+    split = layout.view(pp, dp // size, size, tp)
+    return ExpertGroups(size, state.dp_rank % size, _new_groups(split, 2), _new_groups(split, 1),
+                        dp // size, False)

@@ -1,0 +1,248 @@
+"""Pipeline parallelism: split the GPT into contiguous stages and run them with torch's schedules.
+
+Every rank builds the whole GPT from the same seed and keeps its stage (`split_for_pipeline`), so
+all stages start from the weights of a single-process run and keep its parameter names
+("blocks.5.attn.qkv.weight"), which checkpoints key by. `PipelineRunner` drives one optimizer
+step's micro-batches through `torch.distributed.pipelining` (GPipe or 1F1B).
+
+The MoE auxiliary and z losses of every stage reach the gradient without travelling down the
+pipeline: each stage attaches its weighted sum to its output through `_AuxLossScaler`, whose
+backward hands that scalar the gradient the averaged trainer loss would give it (Megatron's
+MoEAuxLossAutoScaler).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+from moetrain.model import GPT
+from moetrain.moe import MoE
+from moetrain.parallel.mesh import ParallelState
+from moetrain.train.precision import AUTOCAST_DTYPES, autocast
+
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+
+
+def stage_layers(num_layers: int, pp: int, pp_rank: int) -> range:
+    """The blocks of stage `pp_rank`: balanced, the earlier stages take one more when uneven."""
+    if not 1 <= pp <= num_layers:
+        raise ValueError(f"pipeline-parallel size {pp} is not between 1 and the {num_layers} layers; "
+                         f"use at most one stage per layer")
+    if not 0 <= pp_rank < pp:
+        raise ValueError(f"pipeline rank {pp_rank} is outside the {pp} stages")
+    base, extra = divmod(num_layers, pp)
+    start = pp_rank * base + min(pp_rank, extra)
+    return range(start, start + base + (1 if pp_rank < extra else 0))
+
+
+class GPTStage(nn.Module):
+    """One pipeline stage of a GPT, holding the original modules under their original names.
+
+    Blocks sit in a ModuleDict keyed by their index in the whole model; embeddings (first stage)
+    and final norm / lm_head (last stage) are None where the stage does not own them. The forward
+    maps token ids (first stage) or hidden states to hidden states or logits (last stage), and
+    returns this stage's unscaled aux and z loss sums beside them.
+    """
+
+    def __init__(self, model: GPT, layers: range, is_first: bool, is_last: bool) -> None:
+        super().__init__()
+        self.cfg, self.moe_cfg = model.cfg, model.moe_cfg
+        self.tok_emb = model.tok_emb if is_first else None
+        self.pos_emb = model.pos_emb if is_first else None
+        self.drop = model.drop if is_first else None
+        self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in layers})
+        self.norm = model.norm if is_last else None
+        self.lm_head = model.lm_head if is_last else None
+        # the first and last stage each hold a copy of a tied embedding; their gradients are summed
+        self.ties_across_stages = model.cfg.tie_embeddings and is_first != is_last
+        if self.ties_across_stages and is_last:
+            tied = model.lm_head.weight
+            self.lm_head.weight = nn.Parameter(tied.detach().clone(), requires_grad=tied.requires_grad)
+        if model.cfg.style == "llama":
+            self.register_buffer("rope_cos", model.rope_cos, persistent=False)
+            self.register_buffer("rope_sin", model.rope_sin, persistent=False)
+
+    def moe_layers(self) -> list[tuple[int, MoE]]:
+        """(index in the whole model, layer) of this stage's MoE layers."""
+        return [(int(i), b.ffn) for i, b in self.blocks.items() if isinstance(b.ffn, MoE)]
+
+    update_expert_biases = GPT.update_expert_biases
+    parameter_counts = GPT.parameter_counts  # of this stage
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.tok_emb is not None:
+            seq = x.shape[1]
+            x = self.tok_emb(x)
+            if self.pos_emb is not None:
+                x = x + self.pos_emb(torch.arange(seq, device=x.device))
+            x = self.drop(x)
+        rope = (self.rope_cos, self.rope_sin) if self.cfg.style == "llama" else None
+        aux_terms = []
+        for block in self.blocks.values():
+            x, l_aux = block(x, rope)
+            if l_aux is not None:
+                aux_terms.append(l_aux)
+        if self.lm_head is not None:
+            x = self.lm_head(self.norm(x))
+        zero = x.new_zeros((), dtype=torch.float32)
+        aux = torch.stack(aux_terms).sum() if aux_terms else zero
+        z_terms = [moe.last_z_loss for _, moe in self.moe_layers()]
+        z = torch.stack(z_terms).sum() if z_terms else zero
+        return x, aux, z
+
+
+def split_for_pipeline(model: GPT, pp: int, pp_rank: int) -> GPTStage:
+    """This rank's stage of `model` (built whole on every rank); the stage takes over its modules."""
+    return GPTStage(model, stage_layers(model.cfg.num_layers, pp, pp_rank),
+                    is_first=pp_rank == 0, is_last=pp_rank == pp - 1)
+
+
+def tied_embedding_params(stage: nn.Module) -> list[nn.Parameter]:
+    """This stage's copy of an embedding tied across stages (tok_emb first, lm_head last), if any."""
+    if not getattr(stage, "ties_across_stages", False):
+        return []
+    return [stage.tok_emb.weight if stage.tok_emb is not None else stage.lm_head.weight]
+
+
+def embedding_group(state: ParallelState) -> dist.ProcessGroup | None:
+    """The group of this rank's first and last stage (same dp/tp coordinates); None elsewhere.
+
+    Creates one group per (dp, tp) pair, so every rank must call it, in the same order.
+    """
+    if state.pp == 1:
+        return None
+    layout = torch.arange(state.world_size).view(state.pp, state.dp, state.tp)
+    mine = None
+    for first, last in zip(layout[0].flatten().tolist(), layout[-1].flatten().tolist()):
+        group = dist.new_group([first, last])
+        if state.rank in (first, last):
+            mine = group
+    return mine
+
+
+def all_reduce_tied_embedding_grads(stage: nn.Module, group: dist.ProcessGroup | None) -> None:
+    """Sum the tied embedding's gradient of the first and last stage, so both copies step alike."""
+    for param in tied_embedding_params(stage):
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        dist.all_reduce(param.grad, group=group)
+
+
+class _AuxLossScaler(torch.autograd.Function):
+    """Identity on the activation; in backward, the aux-loss scalar gets the gradient `scale`."""
+
+    @staticmethod
+    def forward(ctx, activation: Tensor, aux_loss: Tensor, scale: float) -> Tensor:
+        ctx.save_for_backward(aux_loss)
+        ctx.scale = scale
+        return activation
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (aux_loss,) = ctx.saved_tensors
+        return grad, torch.full_like(aux_loss, ctx.scale), None
+
+
+class _ScheduledStage(nn.Module):
+    """What the schedule runs: the stage under autocast, its aux losses attached and recorded."""
+
+    def __init__(self, stage: GPTStage, aux_loss_coeff: float, z_loss_coeff: float, precision: str) -> None:
+        super().__init__()
+        self.stage = stage
+        self.aux_loss_coeff, self.z_loss_coeff, self.precision = aux_loss_coeff, z_loss_coeff, precision
+        self.aux_grad = 1.0  # gradient of the weighted aux term: loss scale / micro-batches
+        self.recorded: list[Tensor] = []  # [aux, z] of each micro-batch, in forward order
+
+    def forward(self, x: Tensor) -> Tensor:
+        with autocast(x.device.type, self.precision):
+            out, aux, z = self.stage(x)
+        self.recorded.append(torch.stack([aux, z]).detach().float())
+        weighted = self.aux_loss_coeff * aux + self.z_loss_coeff * z
+        if weighted.requires_grad:
+            out = _AuxLossScaler.apply(out, weighted, self.aux_grad)
+        return out
+
+
+class PipelineRunner:
+    """Runs the forward and backward of one optimizer step's micro-batches through the pipeline.
+
+    The loss given to the schedule is lm_loss * loss_scale / num_microbatches and the schedule
+    does not rescale (scale_grads=False), so the accumulated gradients equal those of a single
+    process averaging lm_loss + aux_coeff * aux + z_coeff * z over the same micro-batches.
+    Stage shapes are given up front (static metadata): torch then skips its shape-inference
+    forward and backward, which would run the MoE routers (and their statistics) an extra time.
+    """
+
+    def __init__(self, stage: GPTStage, state: ParallelState, num_microbatches: int,
+                 micro_batch_size: int, seq_length: int, device: torch.device, *,
+                 aux_loss_coeff: float, z_loss_coeff: float, schedule: str = "1f1b",
+                 precision: str = "fp32") -> None:
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown pipeline schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
+        self.state, self.num_microbatches, self.device = state, num_microbatches, device
+        self.batch_shape = (num_microbatches * micro_batch_size, seq_length)
+        self.module = _ScheduledStage(stage, aux_loss_coeff, z_loss_coeff, precision)
+        self.vocab_size = stage.cfg.vocab_size
+        dtype = next(stage.parameters()).dtype
+        hidden = (micro_batch_size, seq_length, stage.cfg.hidden_size)
+        if state.is_first_stage:
+            inputs = torch.empty(micro_batch_size, seq_length, dtype=torch.long, device="meta")
+        else:
+            inputs = torch.empty(hidden, dtype=dtype, device="meta", requires_grad=True)
+        if state.is_last_stage:  # logits, in the autocast dtype; the residual stream stays in `dtype`
+            outputs = torch.empty(micro_batch_size, seq_length, self.vocab_size,
+                                  dtype=AUTOCAST_DTYPES.get(precision, dtype), device="meta", requires_grad=True)
+        else:
+            outputs = torch.empty(hidden, dtype=dtype, device="meta", requires_grad=True)
+        self.stage = PipelineStage(self.module, state.pp_rank, state.pp, device, input_args=inputs,
+                                   output_args=outputs, group=state.pp_group)
+        self.schedule = SCHEDULES[schedule](self.stage, num_microbatches, loss_fn=self._loss,
+                                            scale_grads=False)
+        self.loss_scale = 1.0
+        self.lm_losses: list[Tensor] = []
+
+    def _loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        lm_loss = F.cross_entropy(logits.float().reshape(-1, self.vocab_size), targets.reshape(-1))
+        self.lm_losses.append(lm_loss.detach())
+        return lm_loss * (self.loss_scale / self.num_microbatches)
+
+    def _run(self, run, inputs: Tensor, targets: Tensor) -> None:
+        """One pass of the schedule (`step` or `eval`): first stage feeds inputs, last targets."""
+        if tuple(inputs.shape) != self.batch_shape or tuple(targets.shape) != self.batch_shape:
+            raise ValueError(f"pipeline batches must be [num_microbatches * micro_batch, seq] = "
+                             f"{list(self.batch_shape)}; got {list(inputs.shape)} and {list(targets.shape)}")
+        self.module.recorded.clear()
+        self.lm_losses.clear()
+        args = (inputs,) if self.state.is_first_stage else ()
+        target = targets if self.state.is_last_stage else None
+        run(*args, target=target, return_outputs=False)
+
+    def _mean_lm_loss(self) -> Tensor:
+        return torch.stack(self.lm_losses).mean() if self.lm_losses else torch.zeros((), device=self.device)
+
+    def step(self, inputs: Tensor, targets: Tensor, loss_scale: float = 1.0) -> dict[str, Tensor]:
+        """Forward and backward of all micro-batches; gradients accumulate into the stage's .grad.
+
+        `loss_scale` multiplies every gradient (fp16 loss scaling). Returns detached means over
+        the micro-batches: lm_loss (last stage; 0 elsewhere) and this stage's aux_loss, z_loss.
+        """
+        self.loss_scale = loss_scale
+        self.module.aux_grad = loss_scale / self.num_microbatches
+        self._run(self.schedule.step, inputs, targets)
+        aux, z = torch.stack(self.module.recorded).mean(0)
+        return {"lm_loss": self._mean_lm_loss(), "aux_loss": aux, "z_loss": z}
+
+    @torch.no_grad()
+    def evaluate(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        """Mean lm loss over the micro-batches (last stage; 0 elsewhere), forward only, in eval mode."""
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            self._run(self.schedule.eval, inputs, targets)
+        finally:
+            self.module.train(was_training)
+        return self._mean_lm_loss()

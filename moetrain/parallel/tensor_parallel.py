@@ -1,0 +1,85 @@
+"""Tensor parallelism (Megatron's column/row split) for attention and dense MLPs.
+
+A column-parallel linear keeps the output rows of this rank's heads (or FFN columns); a
+row-parallel linear keeps the matching input columns and sums the partial outputs over the group.
+Fused projections (q|k|v, swiglu's gate|up) are split part by part so each rank holds whole heads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moetrain.parallel.comm import copy_to_group, reduce_from_group
+
+
+def shard_index(size: int, parts: int, rank: int, ranks: int) -> Tensor:
+    """Indices of rank's slice of each of `parts` equal blocks of a dimension of `size`."""
+    block = size // parts
+    width = block // ranks
+    return torch.cat([torch.arange(p * block + rank * width, p * block + (rank + 1) * width)
+                      for p in range(parts)])
+
+
+class ColumnParallelLinear(nn.Module):
+    """y_local = x W_local^T + b_local; the input's gradient is summed over the group."""
+
+    def __init__(self, linear: nn.Linear, group: dist.ProcessGroup, parts: int = 1) -> None:
+        super().__init__()
+        self.group = group
+        rows = shard_index(linear.out_features, parts, dist.get_rank(group), dist.get_world_size(group))
+        self.weight = nn.Parameter(linear.weight.detach()[rows].clone())
+        self.bias = nn.Parameter(linear.bias.detach()[rows].clone()) if linear.bias is not None else None
+        self.full_shape = tuple(linear.weight.shape)
+        self.index = rows  # global rows of the local weight (dimension 0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(copy_to_group(x, self.group), self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = sum over ranks of x_local W_local^T, then the (replicated) bias."""
+
+    def __init__(self, linear: nn.Linear, group: dist.ProcessGroup) -> None:
+        super().__init__()
+        self.group = group
+        cols = shard_index(linear.in_features, 1, dist.get_rank(group), dist.get_world_size(group))
+        self.weight = nn.Parameter(linear.weight.detach()[:, cols].clone())
+        self.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
+        self.full_shape = tuple(linear.weight.shape)
+        self.index = cols  # global columns of the local weight (dimension 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = reduce_from_group(F.linear(x, self.weight), self.group)
+        return out + self.bias if self.bias is not None else out
+
+
+def tensor_parallel_shards(model: nn.Module) -> dict[str, tuple[int, Tensor, tuple[int, ...]]]:
+    """Name of each tensor-parallel weight -> (split dimension, global indices, full shape)."""
+    shards = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ColumnParallelLinear):
+            shards[f"{name}.weight"] = (0, module.index, module.full_shape)
+            if module.bias is not None:
+                shards[f"{name}.bias"] = (0, module.index, module.full_shape[:1])
+        elif isinstance(module, RowParallelLinear):
+            shards[f"{name}.weight"] = (1, module.index, module.full_shape)
+    return shards
+
+
+def apply_tensor_parallel(model: nn.Module, group: dist.ProcessGroup) -> None:
+    """Split every attention block and every dense MLP (not the experts) over `group`."""
+    from moetrain.model import Attention
+    from moetrain.moe import MLP
+
+    ranks = dist.get_world_size(group)
+    for module in list(model.modules()):
+        if isinstance(module, Attention):
+            module.qkv = ColumnParallelLinear(module.qkv, group, parts=3)
+            module.proj = RowParallelLinear(module.proj, group)
+            module.num_heads //= ranks
+        elif isinstance(module, MLP):
+            module.fc1 = ColumnParallelLinear(module.fc1, group, parts=2 if module.activation == "swiglu" else 1)
+            module.fc2 = RowParallelLinear(module.fc2, group)

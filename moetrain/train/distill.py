@@ -1,0 +1,165 @@
+"""Mixture-of-Students: knowledge distillation from a frozen teacher checkpoint (DeepSpeed-MoE, section 5).
+
+The teacher is a plain `GPT` rebuilt from its checkpoint by `load_model`, exactly as a student is built, so
+whatever shards a student can shard a teacher the same way. It runs in eval mode (eval capacity factor,
+no dropout) under `torch.no_grad()` on the student's batch, is never a submodule of the student (so it is
+neither optimised nor saved with it), and is dropped once `--kd-stop-iter` is reached (staged KD).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moetrain.config import Config, ConfigError, MoEConfig
+from moetrain.data import Tokenizer
+from moetrain.generate import load_model
+from moetrain.model import GPT
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """T^2 * KL(softmax(teacher / T) || softmax(student / T)) per token, averaged over tokens.
+
+    T^2 keeps the gradient scale of the soft targets independent of T (Hinton et al.); this is
+    Megatron-DeepSpeed's KLDivLoss(batchmean) / seq_length.
+    """
+    vocab = student_logits.shape[-1]
+    student = F.log_softmax(student_logits.float().reshape(-1, vocab) / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float().reshape(-1, vocab) / temperature, dim=-1)
+    kl = F.kl_div(student, teacher, reduction="sum", log_target=True)
+    return temperature ** 2 * kl / student.shape[0]
+
+
+def same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:
+    """Whether two tokenizers map text to the same ids (same model vocabulary/merges and special tokens)."""
+    first, second = json.loads(a.to_json()), json.loads(b.to_json())
+    return a.vocab_size == b.vocab_size and all(
+        first.get(key) == second.get(key) for key in ("model", "added_tokens", "pre_tokenizer"))
+
+
+def teacher_layer_map(student_layers: int, teacher_layers: int) -> list[int]:
+    """Teacher layer each student layer starts from: evenly spaced, the first and last always kept.
+
+    Student layer i takes teacher layer round(i * (L_teacher - 1) / (L_student - 1)), halves rounded up: 21 of 24
+    layers drops teacher layers 4, 11 and 19 (0-based); equal depths map i to i; a 1-layer student takes the last.
+    """
+    if student_layers == 1:
+        return [teacher_layers - 1]
+    span, gaps = teacher_layers - 1, student_layers - 1
+    return [(2 * i * span + gaps) // (2 * gaps) for i in range(student_layers)]  # i * span / gaps, rounded half up
+
+
+def _teacher_flag_mismatches(cfg: Config, teacher_cfg: Config) -> list[str]:
+    """The --*-teacher flags given that disagree with the teacher checkpoint."""
+    dc, tm = cfg.distill, teacher_cfg.model
+    wrong = [f"{flag} {given} (checkpoint: {actual})" for flag, given, actual in (
+        ("--num-layers-teacher", dc.num_layers_teacher, tm.num_layers),
+        ("--hidden-size-teacher", dc.hidden_size_teacher, tm.hidden_size),
+        ("--num-attention-heads-teacher", dc.num_attention_heads_teacher, tm.num_attention_heads),
+    ) if given is not None and given != actual]
+    if dc.num_experts_teacher is not None:
+        actual = teacher_cfg.experts_per_layer()
+        given_moe = MoEConfig(num_experts=dc.num_experts_teacher, expert_interval=teacher_cfg.moe.expert_interval)
+        try:
+            matches = given_moe.experts_per_layer(tm.num_layers) == actual
+        except ConfigError:  # a list whose length does not fit the teacher's MoE layers
+            matches = False
+        if not matches:
+            wrong.append(f"--num-experts-teacher {' '.join(map(str, dc.num_experts_teacher))} "
+                         f"(checkpoint: {[count for count in actual if count] or 'dense'})")
+    return wrong
+
+
+class Distiller:
+    """The teacher of one training run and the distillation term it adds to the student's loss."""
+
+    def __init__(self, cfg: Config, tokenizer: Tokenizer, device: torch.device,
+                 log: Callable[[str], None] = print) -> None:
+        self.cfg, self.log = cfg.distill, log
+        load_dir = self.cfg.load_teacher
+        with torch.random.fork_rng(devices=[]):  # building the teacher must not shift the student's RNG stream
+            teacher, teacher_tokenizer, self.teacher_cfg = load_model(load_dir, str(device))
+        wrong = _teacher_flag_mismatches(cfg, self.teacher_cfg)
+        if wrong:
+            raise ConfigError(f"teacher checkpoint {load_dir} does not match {', '.join(wrong)}; "
+                              f"drop these flags or fix them")
+        if not same_vocabulary(tokenizer, teacher_tokenizer):
+            raise ConfigError(f"teacher {load_dir} uses a different tokenizer (vocab {teacher_tokenizer.vocab_size}) "
+                              f"than the student (vocab {tokenizer.vocab_size}); distil with the teacher's data and "
+                              f"--tokenizer-type so both share one vocabulary")
+        if self.teacher_cfg.model.seq_length < cfg.model.seq_length:
+            raise ConfigError(f"teacher {load_dir} handles {self.teacher_cfg.model.seq_length} tokens per sequence, "
+                              f"the student's --seq-length is {cfg.model.seq_length}; use at most the teacher's")
+        self.teacher: GPT | None = teacher.requires_grad_(False).eval()
+        self.stopped = False
+        tm, counts = self.teacher_cfg.model, teacher.parameter_counts()
+        experts = [count for count in self.teacher_cfg.experts_per_layer() if count] or "dense"
+        stop = f", until iteration {self.cfg.stop_iter}" if self.cfg.stop_iter is not None else ""
+        self.log(f"teacher: {load_dir}, {tm.num_layers} layers, hidden {tm.hidden_size}, experts {experts}, "
+                 f"{counts['total'] / 1e6:.2f}M parameters | loss = {self.cfg.alpha_ce} x LM + {self.cfg.beta_ce} x "
+                 f"KD (T = {self.cfg.temperature}){stop}")
+
+    def init_student(self, student: GPT) -> tuple[int, int]:
+        """Copy the teacher's weights into the student (see teacher_layer_map); return (copied, kept) counts.
+
+        A tensor is copied where the student has the same name and shape (after renumbering the blocks; the
+        position table is cut to the student's length); the rest (a different expert count or FFN kind in a
+        layer) keep their init.
+        """
+        if self.teacher is None:
+            raise ConfigError("--student-init-from-teacher needs the teacher, but distillation has stopped")
+        if student.cfg.hidden_size != self.teacher_cfg.model.hidden_size:
+            raise ConfigError(f"--student-init-from-teacher needs the teacher's hidden size "
+                              f"{self.teacher_cfg.model.hidden_size}, the student has {student.cfg.hidden_size}")
+        layers = teacher_layer_map(student.cfg.num_layers, self.teacher_cfg.model.num_layers)
+        teacher_state = self.teacher.state_dict()
+        copied = kept = 0
+        with torch.no_grad():
+            for name, tensor in student.state_dict().items():
+                source = name
+                if name.startswith("blocks."):
+                    _, index, rest = name.split(".", 2)
+                    source = f"blocks.{layers[int(index)]}.{rest}"
+                value = teacher_state.get(source)
+                if name == "pos_emb.weight" and value is not None:
+                    value = value[:tensor.shape[0]]  # the student's sequences are at most the teacher's
+                if value is not None and value.shape == tensor.shape:
+                    tensor.copy_(value)
+                    copied += 1
+                else:
+                    kept += 1
+        self.log(f"student initialised from teacher layers {layers}: {copied} tensors copied, "
+                 f"{kept} kept their random init")
+        return copied, kept
+
+    def active(self, iteration: int) -> bool:
+        """Whether the step after `iteration` distils; reaching --kd-stop-iter frees the teacher for good."""
+        if not self.stopped and self.cfg.stop_iter is not None and iteration >= self.cfg.stop_iter:
+            self.stop()
+            self.log(f"distillation stopped at iteration {iteration} (--kd-stop-iter); teacher released")
+        return not self.stopped
+
+    def stop(self) -> None:
+        self.stopped, self.teacher = True, None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def loss(self, inputs: Tensor, student_logits: Tensor) -> Tensor:
+        """The unweighted distillation loss of one micro-batch."""
+        with torch.no_grad():
+            teacher_logits = self.teacher(inputs).logits
+        return kd_loss(student_logits, teacher_logits, self.cfg.temperature)
+
+    def state_dict(self) -> dict[str, bool]:
+        return {"stopped": self.stopped}
+
+    def load_state_dict(self, state: dict[str, bool]) -> None:
+        """A run that had stopped distilling stays stopped when resumed."""
+        if state["stopped"] and not self.stopped:
+            self.stop()
