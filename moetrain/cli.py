@@ -16,6 +16,7 @@ commands:
   export         write a checkpoint as a Hugging Face transformers model (needs the hf extra)
   import         convert a Hugging Face model or a Megatron-DeepSpeed MoE checkpoint into a checkpoint
   upcycle        turn a dense checkpoint into an MoE one whose experts start as copies of the FFN
+  consolidate    merge a sharded (multi-process) checkpoint into a single-process one
 
 `moetrain COMMAND --help` lists a command's options."""
 
@@ -61,6 +62,12 @@ def _lm_eval(argv: list[str]) -> int:
     return harness_main(argv)
 
 
+def _consolidate(argv: list[str]) -> int:
+    from moetrain.parallel.checkpoint import consolidate_main
+
+    return consolidate_main(argv)
+
+
 def _interop(name: str):
     """export / import / upcycle, from moetrain.interop.cli."""
     def run(argv: list[str]) -> int:
@@ -72,7 +79,7 @@ def _interop(name: str):
 
 COMMANDS = {"train": _train, "prepare-data": _prepare, "generate": _generate, "plot": _plot, "eval": _eval,
             "lm-eval": _lm_eval, "export": _interop("export"), "import": _interop("import"),
-            "upcycle": _interop("upcycle")}
+            "upcycle": _interop("upcycle"), "consolidate": _consolidate}
 
 
 def main(argv: list[str] | None = None) -> None:

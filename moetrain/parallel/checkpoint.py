@@ -110,14 +110,15 @@ def _set_optimizer_state(optimizer, param: nn.Parameter, state: dict[str, Tensor
 def _local_entries(model: nn.Module, optimizer) -> Iterator[tuple[str, Tensor, Piece]]:
     """(global key, tensor, piece) of everything this rank holds, model and optimizer state."""
     pieces = model_pieces(model)
-    seen: set[int] = set()
+    seen: set[tuple] = set()
     by_param = {}
     for name, (global_name, tensor, piece) in pieces.items():
-        if id(tensor) in seen and global_name.endswith("lm_head.weight"):
-            continue  # tied to the embedding: stored once under tok_emb.weight
-        seen.add(id(tensor))
-        yield f"model/{global_name}", tensor, piece
+        identity = (tensor.data_ptr(), tuple(tensor.shape))
         by_param[name] = (global_name, piece)
+        if identity in seen and tensor.numel():
+            continue  # tied to the embedding: stored once under tok_emb.weight
+        seen.add(identity)
+        yield f"model/{global_name}", tensor, piece
     names = {id(p): n for n, p in model.named_parameters()}
     for param, state in _optimizer_states(optimizer, list(model.parameters())).items():
         global_name, piece = by_param[names[id(param)]]
@@ -199,8 +200,11 @@ class CheckpointReader:
         """All model tensors, whole (what a single-process model loads)."""
         if not self.sharded:
             return {k[len("model/"):]: v for k, v in self._full.items() if k.startswith("model/")}
-        return {key[len("model/"):]: self.read(key, Piece(tuple(entries[0]["shape"])))
-                for key, entries in self.index.items() if key.startswith("model/")}
+        state = {key[len("model/"):]: self.read(key, Piece(tuple(entries[0]["shape"])))
+                 for key, entries in self.index.items() if key.startswith("model/")}
+        if "lm_head.weight" not in state and "tok_emb.weight" in state:
+            state["lm_head.weight"] = state["tok_emb.weight"]  # tied: stored once
+        return state
 
     def read(self, key: str, want: Piece) -> Tensor:
         """The selection `want` of global tensor `key`, assembled from the pieces that hold it."""
@@ -310,3 +314,39 @@ def rank_rng_state(extra: dict, rank: int, world_size: int) -> dict:
 def _barrier(state: ParallelState) -> None:
     if state.distributed:
         dist.barrier()
+
+
+def consolidate(load_dir: str, out_dir: str) -> str:
+    """Merge a checkpoint of any layout into a single-process one: whole tensors, torch optimizer state."""
+    from moetrain.config import Config, ParallelConfig
+    from moetrain.model import GPT
+    from moetrain.train.checkpoint import resolve_checkpoint_dir, save_checkpoint
+    from moetrain.train.optimizer import build_optimizer
+
+    reader = CheckpointReader(resolve_checkpoint_dir(load_dir))
+    extra = dict(reader.state["extra"])
+    cfg = Config.from_dict(extra["config"])
+    cfg.parallel = ParallelConfig()  # the result is a one-process checkpoint
+    model = GPT(cfg.model, cfg.moe)
+    tc = cfg.training
+    optimizer = build_optimizer(model, lr=tc.lr, weight_decay=tc.weight_decay,
+                                betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps)
+    load_into(reader, model, optimizer)
+    extra.update(config=cfg.to_dict(), rng=rank_rng_state(extra, 0, 1),
+                 optimizer_param_names=optimizer_param_names(model, optimizer))
+    extra.pop("rng_per_rank", None)
+    tokenizer = os.path.join(reader.path, "tokenizer.json")
+    files = {"tokenizer.json": tokenizer} if os.path.isfile(tokenizer) else {}
+    return save_checkpoint(out_dir, int(reader.state["iteration"]), model_state=model.state_dict(),
+                           optimizer_state=optimizer.state_dict(), extra=extra, files=files)
+
+
+def consolidate_main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="moetrain consolidate", description=consolidate.__doc__)
+    parser.add_argument("--load", required=True, help="checkpoint directory (a --save directory or an iter_* one)")
+    parser.add_argument("--out", required=True, help="directory for the single-process checkpoint")
+    args = parser.parse_args(argv)
+    print(f"consolidated into {consolidate(args.load, args.out)}")
+    return 0
