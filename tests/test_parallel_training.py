@@ -8,7 +8,10 @@ with the matching selection (its experts, its tensor-parallel rows or columns) o
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -65,6 +68,7 @@ def reference(cfg: Config) -> tuple[list[float], float | None, dict[str, torch.T
     single = Config.from_dict(cfg.to_dict())
     single.parallel.tensor_parallel_size = single.parallel.pipeline_parallel_size = 1
     single.parallel.expert_parallel_size, single.parallel.zero_stage = None, 0
+    single.parallel.offload_optimizer = False
     trainer = Trainer(single, quiet=True)
     result = trainer.fit()
     return result.losses, result.final_eval_loss, {k: v.detach() for k, v in trainer.model.state_dict().items()}
@@ -103,8 +107,9 @@ def test_data_parallel_2_by_expert_parallel_2(tmp_path):
     assert_matches_single_process(parallel_config(tmp_path, style="gpt", expert_parallel_size=2), world=4)
 
 
-def test_zero_stage_1(tmp_path):
-    assert_matches_single_process(parallel_config(tmp_path, zero_stage=1), world=2)
+@pytest.mark.parametrize("offload", [False, True], ids=["", "offload"])
+def test_zero_stage_1(tmp_path, offload):
+    assert_matches_single_process(parallel_config(tmp_path, zero_stage=1, offload_optimizer=offload), world=2)
 
 
 @pytest.mark.slow
@@ -145,3 +150,26 @@ def test_layer_expert_parallel_size_follows_its_expert_count():
 
     state = ParallelState(ep=4)
     assert [state.layer_ep_size(count) for count in (8, 6, 2, 3)] == [4, 2, 2, 1]
+
+
+def test_console_script_under_torchrun(tmp_path):
+    """`torchrun moetrain train` (the console script) trains, prints one loss line per step, saves shards."""
+    script = shutil.which("moetrain")
+    assert script, "the moetrain console script is not installed (pip install -e .)"
+    cfg = parallel_config(tmp_path)
+    args = ["--data-path", cfg.data.data_path[0], "--tokenizer-type", "byte", "--split", "80,20,0",
+            "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+            "--num-experts", "4", "--expert-parallel-size", "2", "--micro-batch-size", "2",
+            "--global-batch-size", "4", "--train-iters", "2", "--log-interval", "1", "--eval-iters", "1",
+            "--save", str(tmp_path / "run"), "--device", "cpu", "--data-cache-dir", str(tmp_path / "cache"),
+            "--no-progress-bar", "--lr-warmup-iters", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--no-python",
+                           f"--master_port={_free_port()}", script, "train", *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("Step ") and "| Loss:" in line]
+    assert [line.split(" |")[0] for line in lines] == ["Step 1", "Step 2"]  # rank 0 only
+    assert "parallel: 2 processes = DP 2 (EP 2) x TP 1 x PP 1" in done.stdout
+    shards = sorted(os.listdir(tmp_path / "run" / "iter_0000002"))
+    assert "index.json" in shards and "shard-00000.safetensors" in shards

@@ -395,6 +395,10 @@ class Trainer:
         self._print(f"parameters: {counts['total'] / 1e6:.2f}M total, {counts['active'] / 1e6:.2f}M active "
                     f"per token | vocab {self.tokenizer.vocab_size} | train tokens "
                     f"{self.train_data.num_tokens:,} | device {self.device} | {self.cfg.training.precision}")
+        state = self.parallel
+        if state.distributed:
+            self._print(f"parallel: {state.world_size} processes = DP {state.dp} (EP {state.ep}) x TP {state.tp} x "
+                        f"PP {state.pp} | ZeRO {self.cfg.parallel.zero_stage}")
 
     def _print_finish(self, path: str | None) -> None:
         if path is None or self.parallel.rank != 0:

@@ -1,0 +1,147 @@
+"""Parallel layouts on this machine (gloo, 1, 2 and 4 CPU processes): step time, all-to-all share,
+and optimizer-state memory per rank under ZeRO 0/1/2.
+
+Every layout trains the same model through `Trainer.train_step()` on the same global batch of
+synthetic tokens. Reported per layout, medians over the timed steps, from rank 0:
+
+  step s         wall time of one optimizer step
+  all-to-all     share of the step spent inside the expert dispatcher's all-to-all calls (waiting
+                 for the slowest rank included: that is what the exchange costs the step)
+  optim MiB      bytes of AdamW state (exp_avg, exp_avg_sq, step) this rank holds, max over ranks
+  grads MiB      bytes of gradients this rank still holds after the reduction (ZeRO 2 frees the rest)
+
+This machine has 2 cores, so 4 processes oversubscribe it: step times there measure the code path,
+not a speed-up. The memory columns are exact counts and do not depend on load.
+
+    python benchmarks/parallel.py            # 2 warm-up + 5 timed steps per layout
+    python benchmarks/parallel.py --quick    # 1 + 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moetrain.config import Config
+from moetrain.moe import dispatcher as dispatcher_module
+from moetrain.parallel.checkpoint import _optimizer_states
+from moetrain.train.trainer import Trainer
+
+LAYOUTS = [  # (name, world size, parallel config)
+    ("1 process", 1, {}),
+    ("DP 2", 2, {}),
+    ("EP 2 (DP 2)", 2, {"expert_parallel_size": 2}),
+    ("TP 2", 2, {"tensor_parallel_size": 2}),
+    ("PP 2", 2, {"pipeline_parallel_size": 2}),
+    ("DP 4, ZeRO 0", 4, {}),
+    ("DP 4, ZeRO 1", 4, {"zero_stage": 1}),
+    ("DP 4, ZeRO 2", 4, {"zero_stage": 2}),
+    ("DP 4 x EP 4, ZeRO 2", 4, {"zero_stage": 2, "expert_parallel_size": 4}),
+]
+
+
+def config(data_dir: str, parallel: dict) -> Config:
+    cfg = Config()
+    m = cfg.model
+    m.style, m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length = "llama", 4, 128, 8, 128
+    cfg.moe.num_experts, cfg.moe.expert_interval, cfg.moe.topk = [8], 1, 2
+    cfg.moe.drop_tokens, cfg.moe.top2_2nd_expert_sampling = False, False
+    cfg.data.tokenizer_type, cfg.data.data_path = "byte", [data_dir]
+    cfg.data.cache_dir, cfg.data.split = os.path.join(data_dir, "cache"), "100,0,0"
+    t = cfg.training
+    t.micro_batch_size, t.global_batch_size, t.train_iters = 4, 16, 1000
+    t.device, t.progress_bar, t.eval_interval, t.save = "cpu", False, 0, None
+    for key, value in parallel.items():
+        setattr(cfg.parallel, key, value)
+    return cfg
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def _worker(rank: int, world: int, port: int, data_dir: str, parallel: dict, steps: tuple[int, int],
+            results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    exchange = [0.0]
+    timed = dispatcher_module._all_to_all
+
+    def all_to_all(*args, **kwargs):
+        start = time.perf_counter()
+        out = timed(*args, **kwargs)
+        exchange[0] += time.perf_counter() - start
+        return out
+
+    dispatcher_module._all_to_all = all_to_all
+    trainer = Trainer(config(data_dir, parallel), quiet=True)
+    grads_held = []
+    reduce = trainer.optimizer.reduce_gradients if hasattr(trainer.optimizer, "reduce_gradients") else None
+    if reduce is not None:
+        def counting_reduce():
+            reduce()
+            grads_held.append(_tensor_bytes(p.grad for p in trainer.grad_specs if p.grad is not None))
+        trainer.optimizer.reduce_gradients = counting_reduce
+    warmup, timed_steps = steps
+    for _ in range(warmup):
+        trainer.train_step()
+    times, shares = [], []
+    for _ in range(timed_steps):
+        exchange[0] = 0.0
+        if world > 1:
+            dist.barrier()
+        start = time.perf_counter()
+        trainer.train_step()
+        elapsed = time.perf_counter() - start
+        times.append(elapsed)
+        shares.append(exchange[0] / elapsed)
+    states = _optimizer_states(trainer.optimizer, list(trainer.model.parameters()))
+    optim_bytes = _tensor_bytes(v for state in states.values() for v in state.values())
+    # without ZeRO every local parameter keeps its whole gradient until the step
+    grads_bytes = grads_held[-1] if grads_held else _tensor_bytes(p for p in trainer.grad_specs)
+    results[rank] = (statistics.median(times), statistics.median(shares), optim_bytes, grads_bytes)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    steps = (1, 2) if args.quick else (2, 5)
+    import tempfile
+
+    import moetrain.data.corpus as corpus
+
+    with tempfile.TemporaryDirectory() as data_dir:
+        with open(os.path.join(data_dir, "corpus.txt"), "w") as f:
+            f.write("\n".join(corpus.default_corpus())[:400_000])
+        print(f"model: llama style, 4 layers, hidden 128, 8 experts top-2 in every layer (dropless), seq 128, "
+              f"global batch 16 sequences; {steps[1]} timed steps after {steps[0]} warm-up")
+        print(f"{'layout':<22} {'step s':>8} {'all-to-all':>11} {'optim MiB':>10} {'grads MiB':>10}")
+        for name, world, parallel in LAYOUTS:
+            results = mp.Manager().dict()
+            mp.spawn(_worker, args=(world, _free_port(), data_dir, parallel, steps, results), nprocs=world)
+            step = statistics.median(r[0] for r in results.values())
+            share = max(r[1] for r in results.values())
+            optim = max(r[2] for r in results.values()) / 2**20
+            grads = max(r[3] for r in results.values()) / 2**20
+            print(f"{name:<22} {step:>8.3f} {share:>10.1%} {optim:>10.2f} {grads:>10.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
