@@ -8,10 +8,12 @@ synthetic tokens. Reported per layout, medians over the timed steps, from rank 0
   all-to-all     share of the step spent inside the expert dispatcher's all-to-all calls (waiting
                  for the slowest rank included: that is what the exchange costs the step)
   optim MiB      bytes of AdamW state (exp_avg, exp_avg_sq, step) this rank holds, max over ranks
-  grads MiB      bytes of gradients this rank still holds after the reduction (ZeRO 2 frees the rest)
+  grads MiB      peak bytes of gradients this rank holds during backward and reduction: every local
+                 parameter's under ZeRO 0/1; its owned share plus the bucket in flight under ZeRO 2
 
-This machine has 2 cores, so 4 processes oversubscribe it: step times there measure the code path,
-not a speed-up. The memory columns are exact counts and do not depend on load.
+Every process runs one thread. This machine has 2 cores, so 4 processes oversubscribe it: step
+times there measure the code path, not a speed-up. The memory columns are exact counts and do not
+depend on load.
 
     python benchmarks/parallel.py            # 2 warm-up + 5 timed steps per layout
     python benchmarks/parallel.py --quick    # 1 + 2
@@ -71,7 +73,7 @@ def _worker(rank: int, world: int, port: int, data_dir: str, parallel: dict, ste
             results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    torch.set_num_threads(1)  # one thread per process: 2 threads on a busy 2-core box stall in OpenMP barriers
     exchange = [0.0]
     timed = dispatcher_module._all_to_all
 
@@ -83,13 +85,18 @@ def _worker(rank: int, world: int, port: int, data_dir: str, parallel: dict, ste
 
     dispatcher_module._all_to_all = all_to_all
     trainer = Trainer(config(data_dir, parallel), quiet=True)
-    grads_held = []
-    reduce = trainer.optimizer.reduce_gradients if hasattr(trainer.optimizer, "reduce_gradients") else None
-    if reduce is not None:
-        def counting_reduce():
-            reduce()
-            grads_held.append(_tensor_bytes(p.grad for p in trainer.grad_specs if p.grad is not None))
-        trainer.optimizer.reduce_gradients = counting_reduce
+    peak_grads = [0]
+    optimizer = trainer.optimizer
+    if getattr(optimizer, "stage", 0) == 2:
+        reduce_bucket = optimizer._reduce_bucket
+
+        def counting_reduce(bucket):  # gradients only pile up until a bucket is reduced: sample here
+            held = _tensor_bytes(p.grad for p in trainer.grad_specs if p.grad is not None)
+            peak_grads[0] = max(peak_grads[0], held + _tensor_bytes(optimizer.reduced.values()))
+            reduce_bucket(bucket)
+        optimizer._reduce_bucket = counting_reduce
+    else:  # every local parameter's gradient is whole at the end of backward
+        peak_grads[0] = _tensor_bytes(trainer.grad_specs)
     warmup, timed_steps = steps
     for _ in range(warmup):
         trainer.train_step()
@@ -105,9 +112,7 @@ def _worker(rank: int, world: int, port: int, data_dir: str, parallel: dict, ste
         shares.append(exchange[0] / elapsed)
     states = _optimizer_states(trainer.optimizer, list(trainer.model.parameters()))
     optim_bytes = _tensor_bytes(v for state in states.values() for v in state.values())
-    # without ZeRO every local parameter keeps its whole gradient until the step
-    grads_bytes = grads_held[-1] if grads_held else _tensor_bytes(p for p in trainer.grad_specs)
-    results[rank] = (statistics.median(times), statistics.median(shares), optim_bytes, grads_bytes)
+    results[rank] = (statistics.median(times), statistics.median(shares), optim_bytes, peak_grads[0])
     if world > 1:
         dist.destroy_process_group()
 

@@ -133,9 +133,9 @@ def test_pipeline_parallel_2(tmp_path, style):
 
 
 @pytest.mark.slow
-def test_pipeline_2_by_data_parallel_2_with_expert_parallel_2(tmp_path):
+def test_pipeline_2_by_data_parallel_2_with_expert_parallel_2_and_zero_2(tmp_path):
     cfg = parallel_config(tmp_path, style="gpt", pipeline_parallel_size=2, expert_parallel_size=2,
-                          pipeline_schedule="gpipe", zero_stage=1)
+                          pipeline_schedule="gpipe", zero_stage=2)
     assert_matches_single_process(cfg, world=4)
 
 

@@ -3,8 +3,11 @@
 Each parameter is owned whole by one rank of its gradient group (dense parameters: the
 data-parallel group; expert parameters: their expert-data-parallel group, as DeepSpeed shards
 them), assigned largest first to the least loaded rank, so AdamW state per rank falls as 1/DP.
-Stage 1 all-reduces gradients and lets owners step; stage 2 reduces each gradient to its owner
-only and frees it everywhere else. Owners then broadcast the new values. With `offload` the
+Stage 1 all-reduces gradients and lets owners step. Stage 2 reduces gradients to their owners
+during backward, bucket by bucket as each bucket's gradients become ready (a hook per parameter),
+and frees them on every rank at once; owners keep the running sum over micro-batches. So no rank
+ever holds much more than its share of gradients plus one bucket. Owners then broadcast the new
+values. With `offload` the
 owner keeps fp32 master weights and the AdamW state in CPU memory (DeepSpeed's offload_optimizer).
 """
 
@@ -15,6 +18,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from dataclasses import dataclass, field
+
 from moetrain.parallel.data_parallel import (
     GradSpec,
     all_reduce_gradients,
@@ -22,6 +27,16 @@ from moetrain.parallel.data_parallel import (
     fill_missing_grads,
     grouped,
 )
+
+
+@dataclass
+class _Bucket:
+    """Parameters of one gradient group and one owner, reduced together once all are ready."""
+
+    spec: GradSpec
+    owner: int
+    params: list[nn.Parameter]
+    ready: set[nn.Parameter] = field(default_factory=set)
 
 
 def assign_owners(params: list[nn.Parameter], group_size: int) -> list[int]:
@@ -39,7 +54,9 @@ class ZeroOptimizer:
     """Wraps the AdamW that `build_optimizer` made; exposes the same param_groups for the LR schedule."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, specs: dict[nn.Parameter, GradSpec], stage: int,
-                 offload: bool = False) -> None:
+                 offload: bool = False, reduce_late: list[nn.Parameter] = ()) -> None:
+        """`reduce_late`: parameters whose gradients another step still needs whole after backward
+        (a pipeline's tied embedding, summed across stages first); stage 2 reduces them at the end."""
         if stage not in (1, 2):
             raise ValueError(f"ZeRO stage must be 1 or 2 here, got {stage}; stage 0 needs no ZeroOptimizer")
         self.specs, self.stage, self.offload = specs, stage, offload
@@ -58,6 +75,56 @@ class ZeroOptimizer:
                   for g in optimizer.param_groups]
         # each group already carries every hyperparameter; the constructor only needs the lr default
         self.inner = type(optimizer)(groups, lr=optimizer.defaults["lr"])
+        self.late = [p for p in specs if any(p is q for q in reduce_late)]
+        self.reduced: dict[nn.Parameter, Tensor] = {}  # stage 2, owners: gradients summed over ranks
+        self.buckets: list[_Bucket] = []
+        self.bucket_of: dict[nn.Parameter, _Bucket] = {}
+        self._flush_queued = False
+        if stage == 2:
+            self._attach_hooks()
+
+    def _attach_hooks(self) -> None:
+        """Buckets in reverse model order (about the order backward produces gradients)."""
+        late = set(self.late)
+        for spec, params in grouped(self.specs).items():
+            for owner, mine in self._by_owner([p for p in params if p not in late]):
+                for run in buckets(list(reversed(mine))):
+                    bucket = _Bucket(spec, owner, run)
+                    self.buckets.append(bucket)
+                    for param in run:
+                        self.bucket_of[param] = bucket
+                        param.register_post_accumulate_grad_hook(self._grad_ready)
+
+    def _grad_ready(self, param: nn.Parameter) -> None:
+        if not self._flush_queued:  # at the end of this backward, reduce what is left
+            torch.autograd.Variable._execution_engine.queue_callback(self._flush)
+            self._flush_queued = True
+        bucket = self.bucket_of[param]
+        bucket.ready.add(param)
+        if len(bucket.ready) == len(bucket.params):
+            self._reduce_bucket(bucket)
+
+    def _flush(self) -> None:
+        """Buckets some of whose parameters got no gradient in this backward (idle experts): zeros."""
+        self._flush_queued = False
+        for bucket in self.buckets:
+            if bucket.ready:
+                self._reduce_bucket(bucket)
+
+    @torch.no_grad()
+    def _reduce_bucket(self, bucket: _Bucket) -> None:
+        fill_missing_grads(bucket.params)
+        grads = [p.grad for p in bucket.params]
+        flat = _flatten_dense_tensors(grads)
+        if bucket.spec.size > 1:
+            dist.reduce(flat, dst=bucket.owner, group=bucket.spec.group)
+        if bucket.owner == self.rank:
+            for param, reduced in zip(bucket.params, _unflatten_dense_tensors(flat, grads)):
+                total = self.reduced.get(param)
+                self.reduced[param] = reduced.clone() if total is None else total.add_(reduced)
+        for param in bucket.params:
+            param.grad = None
+        bucket.ready.clear()
 
     @property
     def param_groups(self) -> list[dict]:
@@ -75,22 +142,21 @@ class ZeroOptimizer:
 
     @torch.no_grad()
     def reduce_gradients(self) -> None:
-        """Stage 1: all-reduce; stage 2: reduce each bucket to its owner. Non-owners drop gradients."""
+        """After the last micro-batch: owners hold the mean gradient, everyone else none.
+
+        Stage 1 all-reduces here; stage 2 already reduced during backward (only late parameters
+        are left) and divides the owners' sums.
+        """
         if self.stage == 1:
             all_reduce_gradients(self.specs)
         else:
-            for spec, params in grouped(self.specs).items():
-                fill_missing_grads(params)
+            for spec, params in grouped({p: self.specs[p] for p in self.late}).items():
                 for owner, mine in self._by_owner(params):
-                    for run in buckets(mine):
-                        grads = [p.grad for p in run]
-                        flat = _flatten_dense_tensors(grads)
-                        if spec.size > 1:
-                            dist.reduce(flat, dst=owner, group=spec.group)
-                        if owner == self.rank:
-                            flat.div_(spec.divisor)
-                            for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-                                grad.copy_(reduced)
+                    bucket = _Bucket(spec, owner, mine)
+                    self._reduce_bucket(bucket)
+            for param, total in self.reduced.items():
+                param.grad = total.div_(self.specs[param].divisor)
+            self.reduced = {}
         owned = set(self.owned)
         for param in self.specs:
             if param not in owned:

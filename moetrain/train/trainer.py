@@ -118,7 +118,8 @@ class Trainer:
                                          betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps)
         if cfg.parallel.zero_stage:
             self.optimizer = ZeroOptimizer(self.optimizer, self.grad_specs, cfg.parallel.zero_stage,
-                                           offload=cfg.parallel.offload_optimizer)
+                                           offload=cfg.parallel.offload_optimizer,
+                                           reduce_late=tied_embedding_params(self.model))
         self.schedule = LRSchedule(tc.lr, tc.min_lr, tc.lr_warmup_iters,
                                    tc.lr_decay_iters or tc.train_iters, tc.lr_decay_style)
         self.scaler = LossScaler.from_config(
