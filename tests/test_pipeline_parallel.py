@@ -60,7 +60,7 @@ def _worker(rank: int, port: int, results) -> None:
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    state = init_parallel(ParallelConfig(pipeline_parallel_size=WORLD), "cpu", [4])
+    state = init_parallel(ParallelConfig(pipeline_parallel_size=WORLD), "cpu")
     try:
         group = embedding_group(state)
         inputs, targets = _batch()

@@ -82,11 +82,12 @@ def _new_groups(layout: torch.Tensor, dim: int) -> dist.ProcessGroup:
     return mine
 
 
-def init_parallel(pc: ParallelConfig, device_type: str, expert_counts: list[int]) -> ParallelState:
-    """Join the torchrun job (if any) and build the mesh and every group the model needs.
+def init_parallel(pc: ParallelConfig, device_type: str) -> ParallelState:
+    """Join the torchrun job (if any) and build the mesh and every group a model can need.
 
-    `expert_counts` lists the expert count of each MoE layer so that layers whose count the run's
-    expert-parallel size does not divide get groups of their own size.
+    Expert groups are made for every divisor of the expert-parallel size, since a layer whose
+    expert count the run's size does not divide runs on gcd(count, ep) ranks (any model: the
+    student's, a distillation teacher's).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 and not dist.is_initialized():
@@ -110,7 +111,7 @@ def init_parallel(pc: ParallelConfig, device_type: str, expert_counts: list[int]
         pp_rank=mesh.get_local_rank("pp"), dp_rank=mesh.get_local_rank("edp") * ep_dim + mesh.get_local_rank("ep"),
         tp_rank=mesh.get_local_rank("tp"), ep_follows_tp=follows_tp, mesh=mesh,
         dp_group=_new_groups(layout, 1), tp_group=_new_groups(layout, 2), pp_group=_new_groups(layout, 0))
-    for size in sorted({math.gcd(count, ep) for count in expert_counts} | {1}):
+    for size in (d for d in range(1, ep + 1) if ep % d == 0):
         state.expert_groups[size] = _expert_groups(state, layout, size)
     return state
 

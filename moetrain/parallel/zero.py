@@ -2,7 +2,7 @@
 
 Each parameter is owned whole by one rank of its gradient group (dense parameters: the
 data-parallel group; expert parameters: their expert-data-parallel group, as DeepSpeed shards
-them), assigned largest first to the least loaded rank, so AdamW state per rank falls as 1/DP.
+them), in contiguous runs of about equal size, so AdamW state per rank falls as 1/DP.
 Stage 1 all-reduces gradients and lets owners step. Stage 2 reduces gradients to their owners
 during backward, bucket by bucket as each bucket's gradients become ready (a hook per parameter),
 and frees them on every rank at once; owners keep the running sum over micro-batches. So no rank
@@ -40,13 +40,15 @@ class _Bucket:
 
 
 def assign_owners(params: list[nn.Parameter], group_size: int) -> list[int]:
-    """Owner (index within the group) of each parameter: greedy, largest first, deterministic."""
-    load = [0] * group_size
-    owners = [0] * len(params)
-    for index in sorted(range(len(params)), key=lambda i: (-params[i].numel(), i)):
-        owner = min(range(group_size), key=lambda r: (load[r], r))
-        owners[index] = owner
-        load[owner] += params[index].numel()
+    """Owner (index within the group) of each parameter: contiguous runs in model order, of about
+    equal size. Backward finishes the runs one after another, so stage 2 can reduce and free a
+    run's gradients early; the AdamW state still falls as 1/DP."""
+    sizes = [p.numel() for p in params]
+    total = sum(sizes) or 1
+    owners, before = [], 0
+    for size in sizes:
+        owners.append(min(group_size - 1, (2 * before + size) * group_size // (2 * total)))  # by midpoint
+        before += size
     return owners
 
 

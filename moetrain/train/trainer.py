@@ -94,7 +94,7 @@ class Trainer:
         cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))  # before joining: bad flags fail at once
         tc = cfg.training
         self.device = resolve_device(tc.device)
-        self.parallel = init_parallel(cfg.parallel, self.device.type, [e for e in cfg.experts_per_layer() if e > 1])
+        self.parallel = init_parallel(cfg.parallel, self.device.type)
         self.cfg, self.quiet = cfg, quiet or self.parallel.rank != 0
         seed_everything(tc.seed)
         with self._rank_zero_first():  # one rank builds the tokenizer and token caches
