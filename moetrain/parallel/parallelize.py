@@ -43,19 +43,18 @@ def gradient_specs(model: nn.Module, state: ParallelState) -> dict[nn.Parameter,
             tp_sharded.update(p for p in (module.weight, module.bias) if p is not None)
         elif isinstance(module, RowParallelLinear):
             tp_sharded.add(module.weight)
-    specs: dict[nn.Parameter, GradSpec] = {}
+    expert_specs: dict[nn.Parameter, GradSpec] = {}
     for moe in moe_layers(model):
         groups = state.experts(moe.num_experts)
         replicas = state.tp // groups.size if groups.split_tokens else state.tp
         spec = GradSpec(groups.reduce_group, groups.reduce_size, groups.reduce_size * replicas, state.dp)
         for param in moe.experts.parameters():
-            specs[param] = spec
+            expert_specs[param] = spec
     sharded = GradSpec(state.dp_group, state.dp, state.dp, state.dp)
     replicated = GradSpec(state.dp_group, state.dp, state.dp * state.tp, state.dp)
-    for param in model.parameters():
-        if param.requires_grad and param not in specs:
-            specs[param] = sharded if param in tp_sharded else replicated
-    return {p: s for p, s in specs.items() if p.requires_grad}
+    # in model order: ZeRO hands out contiguous runs, and backward finishes them in reverse
+    return {p: expert_specs.get(p) or (sharded if p in tp_sharded else replicated)
+            for p in model.parameters() if p.requires_grad}
 
 
 @torch.no_grad()
