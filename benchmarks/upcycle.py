@@ -13,8 +13,8 @@ All three are trained by moetrain's own Trainer (`train_step()` in a loop, `eval
 --eval-interval steps on the same held-out batches), on the built-in default corpus. Top-2 runs two
 experts per token in the MoE layers, so upcycled and scratch do more FFN work per token than dense.
 
-    python benchmarks/upcycle.py            # N = M = 300 steps, about 6 minutes on 2 cores
-    python benchmarks/upcycle.py --quick    # N = M = 100 steps
+    python benchmarks/upcycle.py --threads 1   # N = M = 150 steps (600 in all): 459 s on a loaded 2-core box
+    python benchmarks/upcycle.py --quick       # N = M = 100 steps
 """
 
 from __future__ import annotations
@@ -73,9 +73,9 @@ def run(name: str, cfg: Config) -> tuple[Trainer, list[tuple[int, float]], float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="100 + 100 steps")
-    parser.add_argument("--pretrain-iters", type=int, default=300, help="N: dense pre-training steps")
-    parser.add_argument("--iters", type=int, default=300, help="M: further steps of each run")
-    parser.add_argument("--eval-interval", type=int, default=50)
+    parser.add_argument("--pretrain-iters", type=int, default=150, help="N: dense pre-training steps")
+    parser.add_argument("--iters", type=int, default=150, help="M: further steps of each run")
+    parser.add_argument("--eval-interval", type=int, default=25)
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=128)
@@ -87,7 +87,11 @@ def main() -> None:
     parser.add_argument("--expert-interval", type=int, default=2)
     parser.add_argument("--expert-noise", type=float, default=0.0, help="noise on the upcycled copies")
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's); 1 is faster on a machine others load")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.pretrain_iters, args.iters, args.eval_interval, args.eval_batches = 100, 100, 25, 4
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} "
@@ -117,19 +121,16 @@ def main() -> None:
     print(f"\nwall time {time.perf_counter() - started:.0f} s; load average at the end {os.getloadavg()[0]:.1f}")
     print(f"dense pre-training: val loss {pre_curve[0][1]:.3f} -> {pre_curve[-1][1]:.3f} after {args.pretrain_iters} "
           "steps")
-    marks = sorted({0, args.iters // 4, args.iters // 2, 3 * args.iters // 4, args.iters})
-    header = ["run", "experts/layer", "total params", "active params", "s/step"] + [f"val@{s}" for s in marks]
+    steps = [step for step, _ in results["dense"][1]]  # every run evaluates at the same steps
+    header = ["run", "experts/layer", "total params", "active params", "s/step"] + [f"val@{s}" for s in steps]
     print("\n| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for name, (trainer, curve, seconds) in results.items():
         counts = trainer.model.parameter_counts()
         row = [name, str(trainer.cfg.experts_per_layer()), f"{counts['total'] / 1e6:.2f}M",
                f"{counts['active'] / 1e6:.2f}M", f"{seconds:.2f}"]
-        row += [f"{min(curve, key=lambda point: abs(point[0] - s))[1]:.3f}" for s in marks]
+        row += [f"{loss:.3f}" for _, loss in curve]
         print("| " + " | ".join(row) + " |")
-    print("\nvalidation curves (step: loss)")
-    for name, (_, curve, _) in results.items():
-        print(f"{name:8s} " + " ".join(f"{s}:{loss:.3f}" for s, loss in curve))
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def megatron_module(model: GPT, cfg: Config, kv_heads: int) -> dict[str, torch.T
     if not cfg.model.tie_embeddings:
         out["language_model.output_layer.weight"] = sd["lm_head.weight"]
     names = {"norm1": "input_layernorm", "norm2": "post_attention_layernorm", "attn.proj": "self_attention.dense"}
-    for i, (block, experts) in enumerate(zip(model.blocks, cfg.experts_per_layer())):
+    for i, (block, experts) in enumerate(zip(model.blocks, cfg.experts_per_layer(), strict=True)):
         src, dst = f"blocks.{i}.", f"language_model.encoder.layers.{i}."
         for ours, theirs in names.items():
             for kind in ("weight", "bias"):

@@ -217,18 +217,22 @@ def test_import_refusals_and_missing_files(tmp_path):
         import_hf(top1, str(tmp_path / "out"))
 
 
-def test_cli_export_import_generate_and_one_line_errors(tmp_path, capsys):
+def test_cli_export_import_generate_eval_and_one_line_errors(tmp_path, capsys):
     ckpt = make_checkpoint(tmp_path / "ckpt", tiny_config())
     out = str(tmp_path / "hf")
     for argv in (["export", "--load", ckpt, "--format", "hf", "--out", out],
                  ["import", "--from-hf", out, "--out", str(tmp_path / "back")],
-                 ["generate", "--load", str(tmp_path / "back"), "--max-new-tokens", "3", "--prompt", "ab"]):
+                 ["generate", "--load", str(tmp_path / "back"), "--max-new-tokens", "3", "--prompt", "ab"],
+                 ["eval", "--load", str(tmp_path / "back"), "--ppl", write_corpus(tmp_path), "--limit", "1",
+                  "--no-progress-bar", "--output", str(tmp_path / "eval.json")]):
         with pytest.raises(SystemExit) as exited:
             main(argv)
         assert exited.value.code == 0
     assert "moetrain train --load" in capsys.readouterr().out
     for argv, message in ((["export", "--load", ckpt, "--out", out], "not empty"),
-                          (["import", "--from-hf", out, "--out", str(tmp_path / "back")], "already holds checkpoints")):
+                          (["import", "--from-hf", out, "--out", str(tmp_path / "back")], "already holds checkpoints"),
+                          (["import", "--from-hf", out, "--out", str(tmp_path / "b2"), "--topk", "1"],
+                           "drop the DeepSpeed options")):
         with pytest.raises(SystemExit) as exited:
             main(argv)
         err = capsys.readouterr().err.strip()

@@ -80,10 +80,10 @@ def import_main(argv: list[str]) -> int:
 
 
 def upcycle_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="moetrain upcycle", allow_abbrev=False,
-                                     description="Turn a dense checkpoint into an MoE one whose experts start as copies "
-                                                 "of the dense FFN (sparse upcycling); MoE flags as for train, top-k "
-                                                 "defaults to 2.")
+    parser = argparse.ArgumentParser(
+        prog="moetrain upcycle", allow_abbrev=False,
+        description="Turn a dense checkpoint into an MoE one whose experts start as copies of the dense FFN (sparse "
+                    "upcycling); MoE flags as for train, top-k defaults to 2.")
     parser.add_argument("--load", required=True, help="dense moetrain checkpoint directory")
     parser.add_argument("--out", required=True, help="MoE checkpoint directory to create")
     parser.add_argument("--router-init", choices=("zeros", "random"), default="random",

@@ -61,7 +61,8 @@ _MEGATRON_ARGS = {
     "max_position_embeddings": "model.seq_length", "layernorm_epsilon": "model.norm_eps",
     "rope_theta": "model.rope_theta", "init_method_std": "model.init_method_std",
     "hidden_dropout": "model.hidden_dropout", "attention_dropout": "model.attention_dropout",
-    "topk": "moe.topk", "expert_interval": "moe.expert_interval", "moe_train_capacity_factor": "moe.train_capacity_factor",
+    "topk": "moe.topk", "expert_interval": "moe.expert_interval",
+    "moe_train_capacity_factor": "moe.train_capacity_factor",
     "moe_eval_capacity_factor": "moe.eval_capacity_factor", "moe_min_capacity": "moe.min_capacity",
     "moe_token_dropping": "moe.drop_tokens", "moe_loss_coeff": "moe.aux_loss_coeff",
     "moe_top2_2nd_expert_sampling": "moe.top2_2nd_expert_sampling",
@@ -118,7 +119,7 @@ def _read_state(ckpt_dir: str, trust_checkpoint: bool) -> tuple[dict[str, Tensor
     state = {_canonical(name): tensor for name, tensor in main["module"].items()}
     for name in sorted(os.listdir(ckpt_dir)):
         if EXPERT_FILE_RE.match(name):
-            expert_state = _load(os.path.join(ckpt_dir, name), trust_checkpoint=False)
+            expert_state = _load(os.path.join(ckpt_dir, name), trust_checkpoint)
             state.update({_canonical(key): tensor for key, tensor in expert_state.items()})
     args = main.get("args")
     return state, vars(args) if isinstance(args, argparse.Namespace) else {}
@@ -153,7 +154,8 @@ def _infer_config(state: dict[str, Tensor], args: dict[str, Any], overrides: dic
         raise ValueError(f"partial rotary embeddings (--rotary-percent {args['rotary_percent']}) have no moetrain "
                          "counterpart")
 
-    layers = sorted({int(m.group(1)) for key in state if (m := re.match(r"language_model\.encoder\.layers\.(\d+)\.", key))})
+    layers = sorted({int(found.group(1)) for key in state
+                     if (found := re.match(r"language_model\.encoder\.layers\.(\d+)\.", key))})
     if not layers or layers != list(range(len(layers))):
         raise ValueError(f"{ckpt_dir}: no Megatron transformer layers (language_model.encoder.layers.N.*) in the "
                          "checkpoint; is it a Megatron-DeepSpeed GPT checkpoint?")
@@ -189,14 +191,21 @@ def _infer_config(state: dict[str, Tensor], args: dict[str, Any], overrides: dic
         raise ValueError("the checkpoint's args do not give the number of attention heads; pass --num-attention-heads")
     if dense_layer is not None:
         model.ffn_hidden_size = state[_layer_prefix(dense_layer) + "mlp.dense_4h_to_h.weight"].shape[1]
+    _infer_moe_layout(cfg, state, len(layers), settings.get("moe.expert_interval"), expert_output, ckpt_dir)
+    return cfg
 
+
+def _infer_moe_layout(cfg: Config, state: dict[str, Tensor], num_layers: int, interval: int | None,
+                      expert_output: str | None, ckpt_dir: str) -> None:
+    """Expert counts per MoE layer (from the gates), their interval, expert width and residual MoE."""
     moe = cfg.moe
-    gates = {i: state[key].shape[0] for i in layers if (key := _layer_prefix(i) + "mlp.deepspeed_moe.gate.wg.weight") in state}
+    gate = "mlp.deepspeed_moe.gate.wg.weight"
+    gates = {i: state[_layer_prefix(i) + gate].shape[0] for i in range(num_layers) if _layer_prefix(i) + gate in state}
     if not gates:
         moe.num_experts = [1]
-        return cfg
-    interval = settings.get("moe.expert_interval") or min(gates) + 1
-    slots = range(interval - 1, len(layers), interval)
+        return
+    interval = interval or min(gates) + 1
+    slots = range(interval - 1, num_layers, interval)
     if not set(gates) <= set(slots):
         raise ValueError(f"MoE layers {sorted(gates)} are not every {interval}-th layer; pass the right "
                          "--expert-interval")
@@ -210,7 +219,6 @@ def _infer_config(state: dict[str, Tensor], args: dict[str, Any], overrides: dic
         raise ValueError(f"{ckpt_dir}: only some MoE layers have a residual MLP (mlp.coefficient); moetrain's "
                          "--mlp-type applies to all")
     moe.mlp_type = "residual" if residual.pop() else "standard"
-    return cfg
 
 
 def _check_overrides(cfg: Config, overrides: dict[str, Any]) -> None:
@@ -219,7 +227,8 @@ def _check_overrides(cfg: Config, overrides: dict[str, Any]) -> None:
         section, field = dest.split(".")
         actual = getattr(getattr(cfg, section), field)
         if actual != value:
-            raise ValueError(f"{dest} = {value} contradicts the checkpoint's weights, which give {actual}; drop the flag")
+            raise ValueError(f"{dest} = {value} contradicts the checkpoint's weights, which give {actual}; "
+                             "drop the flag")
 
 
 # ----------------------------------------------------------------------------------------- the weights
@@ -291,7 +300,7 @@ def _moe_layer(w: _Weights, experts: int, dst: str) -> dict[str, Tensor]:
         out[dst + "experts.b2"] = torch.stack([p["fc2.bias"] for p in per_expert])
     if "coefficient.weight" in w.state:  # residual MoE: a dense MLP beside the experts, mixed by a coefficient
         out |= _mlp(w, "mlp.", dst + "mlp.", output_bias=False)
-        out |= {dst + "coefficient.weight": w.get("coefficient.weight"), dst + "coefficient.bias": w.get("coefficient.bias")}
+        out |= {dst + f"coefficient.{kind}": w.get(f"coefficient.{kind}") for kind in ("weight", "bias")}
     return out
 
 

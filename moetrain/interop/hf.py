@@ -52,15 +52,14 @@ class _Target:
 
     architecture: str
     model_type: str
-    shared_name: str | None = None  # module of the always-active experts
     interleaved_rope: bool = False  # rotates pairs (2i, 2i + 1) instead of (i, i + head_dim / 2)
 
 
 LLAMA = _Target("LlamaForCausalLM", "llama")
 MISTRAL = _Target("MistralForCausalLM", "mistral")
 MIXTRAL = _Target("MixtralForCausalLM", "mixtral")
-QWEN2_MOE = _Target("Qwen2MoeForCausalLM", "qwen2_moe", shared_name="shared_expert")
-ERNIE = _Target("Ernie4_5_MoeForCausalLM", "ernie4_5_moe", shared_name="shared_experts", interleaved_rope=True)
+QWEN2_MOE = _Target("Qwen2MoeForCausalLM", "qwen2_moe")
+ERNIE = _Target("Ernie4_5_MoeForCausalLM", "ernie4_5_moe", interleaved_rope=True)
 _BY_MODEL_TYPE = {t.model_type: t for t in (LLAMA, MISTRAL, MIXTRAL, QWEN2_MOE, ERNIE)}
 
 
@@ -212,7 +211,8 @@ def _to_hf_state(cfg: Config, state: dict[str, Tensor], target: _Target) -> dict
 
 def _mlp_to_hf(state: dict[str, Tensor], src: str, dst: str) -> dict[str, Tensor]:
     gate, up = state[src + "fc1.weight"].chunk(2)  # SwiGLU: act(gate) * up
-    return {dst + "gate_proj.weight": gate, dst + "up_proj.weight": up, dst + "down_proj.weight": state[src + "fc2.weight"]}
+    return {dst + "gate_proj.weight": gate, dst + "up_proj.weight": up,
+            dst + "down_proj.weight": state[src + "fc2.weight"]}
 
 
 def _mlp_from_hf(state: dict[str, Tensor], src: str, dst: str) -> dict[str, Tensor]:
@@ -235,7 +235,8 @@ def _from_hf_state(cfg: Config, hf_config: Any, state: dict[str, Tensor], target
                 .repeat_interleave(groups, dim=0).reshape(hidden, hidden) for name in "kv")
         if target.interleaved_rope:
             q, k = _permute_heads(q, heads, inverse), _permute_heads(k, heads, inverse)
-        out |= {dst + "attn.qkv.weight": torch.cat([q, k, v]), dst + "attn.proj.weight": state[src + "self_attn.o_proj.weight"],
+        out |= {dst + "attn.qkv.weight": torch.cat([q, k, v]),
+                dst + "attn.proj.weight": state[src + "self_attn.o_proj.weight"],
                 dst + "norm1.weight": state[src + "input_layernorm.weight"],
                 dst + "norm2.weight": state[src + "post_attention_layernorm.weight"]}
         if not experts:
@@ -246,8 +247,8 @@ def _from_hf_state(cfg: Config, hf_config: Any, state: dict[str, Tensor], target
                 dst + "ffn.experts.w2": state[src + "mlp.experts.down_proj"].transpose(1, 2)}
         if target is ERNIE:  # import_hf keeps it only where it is not all zero
             out[dst + "ffn.router.expert_bias"] = state[src + "mlp.gate.moe_statics.e_score_correction_bias"].view(-1)
-        if cfg.moe.num_shared_experts:
-            out |= _mlp_from_hf(state, src + f"mlp.{target.shared_name}.", dst + "ffn.shared_experts.")
+        if cfg.moe.num_shared_experts:  # only ERNIE's: Qwen2-MoE's gated one is refused
+            out |= _mlp_from_hf(state, src + "mlp.shared_experts.", dst + "ffn.shared_experts.")
     return {name: tensor.contiguous() for name, tensor in out.items()}
 
 

@@ -8,8 +8,8 @@ MoE (PR-MoE) gets the FFN as its dense branch too, and keeps that property. Top-
 top-1 weights the expert output by its gate probability (1/E for a fresh router), which would shrink
 every FFN output at step 0.
 
-The router starts at zero (every expert equally likely; ties go to the lowest index until the router
-learns) or small random values; optional noise on each copy breaks the experts' symmetry, at the price of
+The router starts at zero (every expert equally likely; the first choice goes to the lowest index until the
+router learns) or small random values; optional noise on each copy breaks the experts' symmetry, at the price of
 the exact start.
 """
 
