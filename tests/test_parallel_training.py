@@ -173,3 +173,14 @@ def test_console_script_under_torchrun(tmp_path):
     assert "parallel: 2 processes = DP 2 (EP 2) x TP 1 x PP 1" in done.stdout
     shards = sorted(os.listdir(tmp_path / "run" / "iter_0000002"))
     assert "index.json" in shards and "shard-00000.safetensors" in shards
+
+
+def test_distillation_with_teacher_and_student_both_expert_parallel(tmp_path):
+    # an MoE teacher (4 experts, every other layer), saved by one process; then an expert-parallel student
+    teacher = parallel_config(tmp_path)
+    teacher.training.save = str(tmp_path / "teacher")
+    Trainer(teacher, quiet=True).fit()
+    cfg = parallel_config(tmp_path, expert_parallel_size=2)
+    cfg.model.num_layers, cfg.moe.num_experts = 2, [2]
+    cfg.distill.enabled, cfg.distill.load_teacher, cfg.distill.temperature = True, str(tmp_path / "teacher"), 2.0
+    assert_matches_single_process(cfg, world=2)

@@ -106,6 +106,15 @@ class Trainer:
         cfg.model.vocab_size = self.tokenizer.vocab_size
         model = GPT(cfg.model, cfg.moe)  # whole, from the same seed on every rank; then sharded
         self.param_counts = model.parameter_counts()
+        self.distiller = Distiller(cfg, self.tokenizer, self.device, log=self._print) if cfg.distill.enabled else None
+        if self.distiller is not None:
+            if cfg.distill.student_init_from_teacher and not tc.load:
+                self.distiller.init_student(model)  # whole models, before either is sharded
+            heads = self.distiller.teacher_cfg.model.num_attention_heads
+            if heads % self.parallel.tp:
+                raise ConfigError(f"the teacher's {heads} attention heads do not split over --tensor-parallel-size "
+                                  f"{self.parallel.tp}; use a size that divides both models' head counts")
+            parallelize(self.distiller.teacher, self.parallel)  # the teacher is sharded as the student is
         if self.parallel.pp > 1:
             model = split_for_pipeline(model, self.parallel.pp, self.parallel.pp_rank)
         self.grad_specs = parallelize(model, self.parallel)
@@ -130,9 +139,6 @@ class Trainer:
             self.model, self.parallel, self.accumulation, tc.micro_batch_size, cfg.model.seq_length, self.device,
             aux_loss_coeff=cfg.moe.aux_loss_coeff, z_loss_coeff=cfg.moe.z_loss_coeff,
             schedule=cfg.parallel.pipeline_schedule, precision=tc.precision) if self.parallel.pp > 1 else None
-        self.distiller = Distiller(cfg, self.tokenizer, self.device, log=self._print) if cfg.distill.enabled else None
-        if self.distiller is not None and cfg.distill.student_init_from_teacher and not tc.load:
-            self.distiller.init_student(self.model)
         self.iteration = 0
         if tc.load:
             self._resume(tc.load)
