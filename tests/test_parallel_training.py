@@ -184,3 +184,13 @@ def test_distillation_with_teacher_and_student_both_expert_parallel(tmp_path):
     cfg.model.num_layers, cfg.moe.num_experts = 2, [2]
     cfg.distill.enabled, cfg.distill.load_teacher, cfg.distill.temperature = True, str(tmp_path / "teacher"), 2.0
     assert_matches_single_process(cfg, world=2)
+
+
+@pytest.mark.slow
+def test_pyramid_layers_take_the_expert_parallel_size_their_counts_allow(tmp_path):
+    cfg = parallel_config(tmp_path, expert_parallel_size=4)
+    cfg.moe.num_experts = [4, 2]  # layer 1 over 4 ranks, layer 3 over gcd(2, 4) = 2 ranks
+    results = assert_matches_single_process(cfg, world=4)
+    held = {rank: (got["pieces"]["blocks.1.ffn.experts.w1"][1].index, got["pieces"]["blocks.3.ffn.experts.w1"][1].index)
+            for rank, got in results.items()}
+    assert held == {0: ((0,), (0,)), 1: ((1,), (1,)), 2: ((2,), (0,)), 3: ((3,), (1,))}
