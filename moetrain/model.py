@@ -144,28 +144,37 @@ class GPT(nn.Module):
         return [(i, b.ffn) for i, b in enumerate(self.blocks) if isinstance(b.ffn, MoE)]
 
     def forward(self, input_ids: Tensor, targets: Tensor | None = None) -> ModelOutput:
-        seq = input_ids.shape[1]
-        if seq > self.cfg.seq_length:
-            raise ValueError(f"sequence of {seq} tokens exceeds seq_length {self.cfg.seq_length}")
-        x = self.tok_emb(input_ids)
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(seq, device=input_ids.device))
-        x = self.drop(x)
-        rope = (self.rope_cos, self.rope_sin) if self.cfg.style == "llama" else None
-        aux_terms = []
-        for block in self.blocks:
-            x, l_aux = block(x, rope)
-            if l_aux is not None:
-                aux_terms.append(l_aux)
+        if input_ids.shape[1] > self.cfg.seq_length:
+            raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds seq_length {self.cfg.seq_length}")
+        x, aux, z = self.run_blocks(self.embed(input_ids), self.blocks)
         logits = self.lm_head(self.norm(x))
         lm_loss = None
         if targets is not None:
             lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))
-        zero = logits.new_zeros((), dtype=torch.float32)
-        aux = torch.stack(aux_terms).sum() if aux_terms else zero
-        z_terms = [moe.last_z_loss for _, moe in self.moe_layers()]
-        z = torch.stack(z_terms).sum() if z_terms else zero
         return ModelOutput(logits, lm_loss, aux, z)
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        x = self.tok_emb(input_ids)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(input_ids.shape[1], device=input_ids.device))
+        return self.drop(x)
+
+    def run_blocks(self, x: Tensor, blocks) -> tuple[Tensor, Tensor, Tensor]:
+        """x through `blocks`, with the summed (unscaled) aux and z losses of their MoE layers.
+
+        Shared with the pipeline stages (moetrain.parallel.pipeline), which run a run of blocks each.
+        """
+        rope = (self.rope_cos, self.rope_sin) if self.cfg.style == "llama" else None
+        aux_terms, z_terms = [], []
+        for block in blocks:
+            x, l_aux = block(x, rope)
+            if l_aux is not None:
+                aux_terms.append(l_aux)
+                z_terms.append(block.ffn.last_z_loss)
+        zero = x.new_zeros((), dtype=torch.float32)
+        aux = torch.stack(aux_terms).sum() if aux_terms else zero
+        z = torch.stack(z_terms).sum() if z_terms else zero
+        return x, aux, z
 
     def update_expert_biases(self) -> None:
         """Aux-loss-free balancing: call after each optimizer step."""

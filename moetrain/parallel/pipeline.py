@@ -71,27 +71,16 @@ class GPTStage(nn.Module):
         return [(int(i), b.ffn) for i, b in self.blocks.items() if isinstance(b.ffn, MoE)]
 
     update_expert_biases = GPT.update_expert_biases
+    embed = GPT.embed
+    run_blocks = GPT.run_blocks
     parameter_counts = GPT.parameter_counts  # of this stage
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if self.tok_emb is not None:
-            seq = x.shape[1]
-            x = self.tok_emb(x)
-            if self.pos_emb is not None:
-                x = x + self.pos_emb(torch.arange(seq, device=x.device))
-            x = self.drop(x)
-        rope = (self.rope_cos, self.rope_sin) if self.cfg.style == "llama" else None
-        aux_terms = []
-        for block in self.blocks.values():
-            x, l_aux = block(x, rope)
-            if l_aux is not None:
-                aux_terms.append(l_aux)
+            x = self.embed(x)
+        x, aux, z = self.run_blocks(x, self.blocks.values())
         if self.lm_head is not None:
             x = self.lm_head(self.norm(x))
-        zero = x.new_zeros((), dtype=torch.float32)
-        aux = torch.stack(aux_terms).sum() if aux_terms else zero
-        z_terms = [moe.last_z_loss for _, moe in self.moe_layers()]
-        z = torch.stack(z_terms).sum() if z_terms else zero
         return x, aux, z
 
 
