@@ -1,6 +1,6 @@
 """Does an MoE reach a dense model's validation loss in fewer steps? And PR-MoE vs standard MoE.
 
-Three models train with moetrain's own `Trainer` (its `train_step()` and `evaluate()`, the code
+The models (default: dense, moe, moe32, prmoe) train with moetrain's own `Trainer` (its `train_step()` and `evaluate()`, the code
 `moetrain train` runs) on the built-in default corpus, with the same seed, the same batches in
 the same order, the same tokens per step and the same LR schedule:
 
@@ -12,6 +12,15 @@ the same order, the same tokens per step and the same LR schedule:
   prmoe   PR-MoE (DeepSpeed-MoE): pyramid [4, 8] experts over the two MoE layers + a residual
           dense MLP beside the experts (`--mlp-type residual`): fewer total parameters than moe,
           but each token runs the residual MLP and one expert in an MoE layer.
+  fg<E>x<k>[s<S>][i<N>]
+          fine-grained experts (DeepSeekMoE): E experts of width ffn / (k + S), top-k with the
+          weights renormalised over the k choices (k >= 2), S always-on shared experts of the same
+          width, MoE every N-th layer (default `--expert-interval`). Each token runs exactly one
+          dense FFN's width per MoE layer, so active parameters equal the dense model's (plus the
+          routers). E.g. fg16x2 (16 half-width experts, top-2), fg16x2i1 (the same in every layer),
+          fg32x4, fg32x3s1.
+  moe<E>  moe with E experts instead of `--experts` (e.g. moe16, moe32): same active parameters,
+          more total ones.
 
 Why dropless rather than capacity factor 1.25: moetrain's dispatcher never pads to a capacity, so
 dropless top-1 costs exactly the dense FFN's FLOPs, keeps the "same active parameters" comparison
@@ -22,7 +31,8 @@ Validation loss (`trainer.evaluate()`, the same fixed held-out batches for every
 every `--eval-interval` steps. Reported: where each MoE's curve first reaches the dense model's
 final validation loss (linear interpolation between evaluations), as a fraction of the steps.
 
-    python benchmarks/moe_vs_dense.py            # 1000 steps each, about 15 min on 2 cores (861 s measured)
+    python benchmarks/moe_vs_dense.py            # dense, moe, moe32, prmoe; 1000 steps each, about 20 min
+                                                 # on 2 quiet cores (861 s measured without moe32)
     python benchmarks/moe_vs_dense.py --quick    # 150 steps each, a few minutes
 """
 
@@ -30,12 +40,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import time
 
 import torch
 
 from moetrain.config import Config
 from moetrain.train.trainer import Trainer
+
+
+# fg<E>x<k>[s<S>][i<N>]: E fine-grained experts, top-k, S shared experts, MoE every N-th layer
+FINE_GRAINED = re.compile(r"fg(?P<experts>\d+)x(?P<k>\d+)(?:s(?P<shared>\d+))?(?:i(?P<interval>\d+))?")
+
+# moe<E>: the moe variant with E experts (dense-FFN-shaped, top-1)
+MORE_EXPERTS = re.compile(r"moe(?P<experts>\d+)")
 
 
 def make_config(args, variant: str) -> Config:
@@ -63,8 +81,25 @@ def make_config(args, variant: str) -> Config:
     elif variant == "moe2h":  # same active FFN work as dense: top-2 of experts half the dense width
         moe.num_experts, moe.topk, moe.top2_2nd_expert_sampling = [args.experts], 2, False
         moe.expert_ffn_hidden_size = m.ffn_size() // 2
+    elif (many := MORE_EXPERTS.fullmatch(variant)) is not None:  # moe with E experts instead of --experts
+        moe.num_experts = [int(many["experts"])]
+    elif (fine := FINE_GRAINED.fullmatch(variant)) is not None:
+        # Fine-grained experts (DeepSeekMoE): E experts of width ffn / (k + S), top-k with weights
+        # renormalised over the k choices, plus S always-on shared experts of the same width, so
+        # each token runs exactly one dense FFN's width in every MoE layer.
+        experts, k = int(fine["experts"]), int(fine["k"])
+        shared = int(fine["shared"] or 0)
+        if k < 2:
+            raise SystemExit(f"{variant}: fine-grained variants need k >= 2 (top-1 is not renormalised)")
+        if m.ffn_size() % (k + shared):
+            raise SystemExit(f"{variant}: ffn size {m.ffn_size()} is not divisible by k + shared = {k + shared}")
+        moe.num_experts, moe.topk, moe.top2_2nd_expert_sampling = [experts], k, False
+        moe.expert_ffn_hidden_size = m.ffn_size() // (k + shared)
+        moe.num_shared_experts = shared
+        if fine["interval"]:
+            moe.expert_interval = int(fine["interval"])
     else:
-        raise SystemExit(f"unknown variant {variant!r}; use dense, moe, prmoe, moe2h")
+        raise SystemExit(f"unknown variant {variant!r}; use dense, moe, prmoe, moe2h, moe<E> or fg<E>x<k>[s<S>][i<N>]")
     moe.score_func = args.score_func
     return cfg
 
@@ -138,8 +173,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="150 steps per model, smaller evaluation")
     add_run_args(parser)
-    parser.add_argument("--variants", default="dense,moe,prmoe",
-                        help="comma list of dense, moe, prmoe, moe2h (8 half-width experts, top-2)")
+    parser.add_argument("--variants", default="dense,moe,moe32,prmoe",
+                        help="comma list of dense, moe, prmoe, moe2h (8 half-width experts, top-2), "
+                             "moe<E>, fg<E>x<k>[s<S>][i<N>] (see the module docstring)")
     args = parser.parse_args()
     if args.quick:
         args.iters, args.eval_interval, args.eval_batches = 150, 15, 4
@@ -173,8 +209,8 @@ def main() -> None:
         print("| " + " | ".join(row) + " |")
 
     if dense:
-        for variant in ("moe", "prmoe", "moe2h"):
-            if variant in results:
+        for variant in results:
+            if variant != "dense":
                 reach = steps_to_reach(results[variant]["curve"], dense["final"])
                 verdict = ("never, within the run" if reach is None else
                            f"at step {reach:.0f} of {args.iters} ({reach / args.iters:.0%} of the steps; target "

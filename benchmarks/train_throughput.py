@@ -96,7 +96,7 @@ def synthetic_batches(cfg: Config, vocab: int, count: int, seed: int) -> list[tu
     return batches
 
 
-def build_peer(cfg: Config, vocab: int):
+def build_peer(cfg: Config, vocab: int, fused_adamw: bool = False):
     """The mixtral config as transformers' MixtralForCausalLM, and its optimizer step."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
@@ -113,7 +113,8 @@ def build_peer(cfg: Config, vocab: int):
     model = MixtralForCausalLM._from_config(hf_cfg, attn_implementation="sdpa", dtype=torch.float32)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2),
-                                  eps=tc.adam_eps, weight_decay=tc.weight_decay)
+                                  eps=tc.adam_eps, weight_decay=tc.weight_decay,
+                                  **({"fused": True} if fused_adamw else {}))
 
     def step(inputs: torch.Tensor, targets: torch.Tensor) -> float:
         out = model(input_ids=inputs, use_cache=False)
@@ -156,12 +157,13 @@ def run_config(name: str, cfg: Config, args, a: torch.Tensor, b: torch.Tensor, p
 
     peer_step = None
     if peer:
-        peer_model, peer_step = build_peer(cfg, vocab)
+        peer_model, peer_step = build_peer(cfg, vocab, fused_adamw=args.peer_fused_adamw)
         peer_total = sum(p.numel() for p in peer_model.parameters())
         impl = getattr(peer_model.config, "_experts_implementation", None)
         print(f"[{name}] transformers MixtralForCausalLM: {peer_total / 1e6:.2f}M params "
               f"(moetrain {counts['total'] / 1e6:.2f}M), experts_implementation={impl}, "
-              f"attn={peer_model.config._attn_implementation}")
+              f"attn={peer_model.config._attn_implementation}, "
+              f"AdamW {'fused' if args.peer_fused_adamw else 'default (for-loop on CPU)'}")
 
     for i in range(args.warmup):
         trainer.train_step()
@@ -217,6 +219,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--configs", default="default,mixtral", help="comma list of default, mixtral")
     parser.add_argument("--no-peer", action="store_true", help="skip the transformers comparison")
+    parser.add_argument("--peer-fused-adamw", action="store_true",
+                        help="give the transformers peer torch's fused AdamW too (default: AdamW's defaults)")
     parser.add_argument("--profile", action="store_true", help="print the top ops of two moetrain steps")
     parser.add_argument("--profile-rows", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
