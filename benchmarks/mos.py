@@ -16,8 +16,10 @@ teacher) and the two students on the sample tasks in tests/data, with held-out p
 a handful of examples each and these models are tiny: scores near chance are expected; the table shows the
 machinery, not a model ranking.
 
-    python benchmarks/mos.py            # 500 steps per model, 5 models, about 15 min on 2 cores
-    python benchmarks/mos.py --quick    # 150 steps, a few minutes
+    python benchmarks/mos.py                       # 500 steps per model, 5 models (2,500 steps of 0.2-0.35 s
+                                                   # on 2 quiet cores: about 15 min; much longer when shared)
+    python benchmarks/mos.py --quick               # 150 steps
+    python benchmarks/mos.py --teacher-iters 1000 --no-baselines   # a teacher that finished a longer schedule
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ def train(cfg: Config, label: str, save_root: str, log_interval: int) -> tuple[T
              if r["type"] == "eval"]
     counts = trainer.model.parameter_counts()
     return trainer, {"label": label, "final": result.final_eval_loss, "curve": curve, "seconds": seconds,
+                     "steps": cfg.training.train_iters,
                      "total": counts["total"], "active": counts["active"],
                      "experts": cfg.experts_per_layer(), "layers": cfg.model.num_layers}
 
@@ -75,6 +78,8 @@ def main() -> None:
     add_run_args(parser)
     parser.add_argument("--student-experts", type=int, nargs="+", default=[0, 4, 8],
                         help="expert count of each student layer (0: dense); its length is the student's depth")
+    parser.add_argument("--teacher-iters", type=int,
+                        help="train the teacher longer than the students (its own LR schedule); default: --iters")
     parser.add_argument("--kd-temp", type=float, default=1.0)
     parser.add_argument("--kd-alpha-ce", type=float, default=1.0)
     parser.add_argument("--kd-beta-ce", type=float, default=1.0)
@@ -95,7 +100,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         save_root = args.save_dir or scratch
         trained: dict[str, tuple[Trainer, dict]] = {}
-        trained["teacher (prmoe)"] = train(make_config(args, "prmoe"), "teacher", save_root, args.eval_interval)
+        teacher_args = argparse.Namespace(**{**vars(args), "iters": args.teacher_iters or args.iters})
+        trained["teacher (prmoe)"] = train(make_config(teacher_args, "prmoe"), "teacher", save_root,
+                                           args.eval_interval)
         teacher_dir = os.path.join(save_root, "teacher")
         trained["mos (distilled)"] = train(student_config(args, teacher_dir), "mos", save_root, args.eval_interval)
         trained["student (no KD)"] = train(student_config(args, None), "student", save_root, args.eval_interval)
@@ -106,19 +113,21 @@ def main() -> None:
 
     results = {label: result for label, (_, result) in trained.items()}
     marks = [args.iters // 4, args.iters // 2, 3 * args.iters // 4]
-    header = ["model", "layers", "experts/layer", "total params", "active params", "s/step (incl. eval)"]
-    header += [f"val@{s}" for s in marks] + [f"val@{args.iters} (final)"]
+    header = ["model", "layers", "experts/layer", "total params", "active params", "steps", "s/step (incl. eval)"]
+    header += [f"val@{s}" for s in marks] + ["final val"]
     print("\n| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for label, r in results.items():
         row = [label, str(r["layers"]), str(r["experts"]), f"{r['total'] / 1e6:.2f}M", f"{r['active'] / 1e6:.2f}M",
-               f"{r['seconds'] / args.iters:.2f}"]
+               str(r["steps"]), f"{r['seconds'] / r['steps']:.2f}"]
         row += [f"{loss_at(r['curve'], s):.3f}" for s in marks] + [f"{r['final']:.3f}"]
         print("| " + " | ".join(row) + " |")
     teacher, mos, student = (results[k]["final"] for k in ("teacher (prmoe)", "mos (distilled)", "student (no KD)"))
     gap = student - teacher
-    print(f"\nstudent gap to the teacher without KD: {gap:+.4f}; with KD: {mos - teacher:+.4f}; "
-          + (f"distillation closes {(student - mos) / gap:.0%} of it" if gap > 0 else "no gap to close"))
+    closed = (f"closes {(student - mos) / gap:.0%} of the gap" if gap > 0
+              else "(no gap to close: the student alone is at least as good as the teacher)")
+    print(f"\nfinal validation loss minus the teacher's: student without KD {gap:+.4f}, with KD {mos - teacher:+.4f}; "
+          f"distillation improves the student by {student - mos:.4f} and {closed}")
     print("\nvalidation curves (step: loss)")
     for label, r in results.items():
         print(f"{label:16s} " + " ".join(f"{s}:{loss:.3f}" for s, loss in r["curve"]))

@@ -184,7 +184,8 @@ def test_distillation_flags(tmp_path, capsys):
     assert Config.from_dict(cfg.to_dict()) == cfg
     assert parse_train_args(["--kd", "--load-teacher", "t"]).distill.enabled
     cfg.validate()
-    for argv, needle in ((["--mos"], "--load-teacher"), (["--kd", "--load-teacher", "t", "--kd-temp", "0"], "--kd-temp"),
+    for argv, needle in ((["--mos"], "--load-teacher"),
+                         (["--kd", "--load-teacher", "t", "--kd-temp", "0"], "--kd-temp"),
                          (["--kd-stop-iter", "5"], "without --mos or --kd"),
                          (["--load-teacher", "t"], "without --mos or --kd")):
         with pytest.raises(ConfigError, match=needle) as error:

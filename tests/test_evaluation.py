@@ -285,7 +285,8 @@ def test_lm_eval_runs_a_local_task_on_a_checkpoint(checkpoint, tmp_path):
 
     model, tokenizer, _ = load_model(checkpoint)
     ours = evaluate_task(read_task("piqa", DATA / "piqa.jsonl"), LMScorer(model, tokenizer, batch_size=4))
-    assert harness["acc,none"] == pytest.approx(ours["acc"]) and harness["acc_norm,none"] == pytest.approx(ours["acc_norm"])
+    assert harness["acc,none"] == pytest.approx(ours["acc"])
+    assert harness["acc_norm,none"] == pytest.approx(ours["acc_norm"])
 
 
 @pytest.mark.slow
@@ -294,7 +295,7 @@ def test_moetrain_lm_eval_command_line(checkpoint, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "moetrain", "lm-eval", "--model", "moetrain", "--model_args",
                              f"path={checkpoint}", "--tasks", "moetrain_toy_piqa", "--include_path",
-                             str(toy_task_dir(tmp_path)), "--device", "cpu", "--limit", "4"],
+                             str(toy_task_dir(tmp_path)), "--device", "cpu", "--limit", "4"], check=False,
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "moetrain_toy_piqa" in result.stdout and "acc_norm" in result.stdout

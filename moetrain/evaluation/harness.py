@@ -46,8 +46,8 @@ class MoetrainLM(LM):
                 warnings.warn(f"--device {device} is not available; evaluating on the CPU", stacklevel=2)
             device = "cuda" if torch.cuda.is_available() else "cpu"
         model, tokenizer, _ = load_model(path, device)
-        # lm-eval's "auto" probes memory limits; fixed batches are what a CPU run wants
-        size = DEFAULT_BATCH_SIZE if batch_size in (None, "auto") else int(str(batch_size).split(":")[0])
+        # lm-eval's "auto" / "auto:N" probe memory limits; a fixed batch size is used instead
+        size = DEFAULT_BATCH_SIZE if batch_size is None or str(batch_size).startswith("auto") else int(batch_size)
         if max_batch_size is not None:
             size = min(size, int(max_batch_size))
         self.scorer = LMScorer(model, tokenizer, batch_size=size)

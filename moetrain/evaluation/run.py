@@ -104,7 +104,8 @@ def eval_main(argv: list[str] | None = None) -> int:
         if "perplexity" in result:
             drops = {"ppl": result["perplexity"]["drop_fraction"], **drops}
         if any(drops.values()):
-            print(f"{load_dir}: MoE drop fraction in eval " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in drops.items()))
+            shown = ", ".join(f"{name} {100 * drop:.1f}%" for name, drop in drops.items())
+            print(f"{load_dir}: MoE drop fraction in eval {shown}")
     output_dir = os.path.dirname(args.output)
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)

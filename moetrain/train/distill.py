@@ -1,4 +1,4 @@
-"""Mixture-of-Students: knowledge distillation from a frozen teacher checkpoint (DeepSpeed-MoE, section 5).
+"""Mixture-of-Students: knowledge distillation from a frozen teacher checkpoint (DeepSpeed-MoE's MoS).
 
 The teacher is a plain `GPT` rebuilt from its checkpoint by `load_model`, exactly as a student is built, so
 whatever shards a student can shard a teacher the same way. It runs in eval mode (eval capacity factor,
