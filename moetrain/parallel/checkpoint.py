@@ -28,6 +28,7 @@ from moetrain.moe import MoE
 from moetrain.moe.experts import GroupedExperts
 from moetrain.parallel.mesh import ParallelState
 from moetrain.parallel.tensor_parallel import tensor_parallel_shards
+from moetrain.parallel.zero import ZeroOptimizer
 from moetrain.train.checkpoint import (
     SHARD_INDEX_FILE,
     TMP_PREFIX,
@@ -91,16 +92,12 @@ def model_pieces(model: nn.Module) -> dict[str, tuple[str, Tensor, Piece]]:
 
 def _optimizer_states(optimizer, params: list[nn.Parameter]) -> dict[nn.Parameter, dict[str, Tensor]]:
     """AdamW state of each parameter this rank holds it for (all of them, or its ZeRO share)."""
-    from moetrain.parallel.zero import ZeroOptimizer
-
     if isinstance(optimizer, ZeroOptimizer):
         return {p: optimizer.state_of(p) for p in optimizer.owned}
     return {p: optimizer.state[p] for p in params if p in optimizer.state}
 
 
 def _set_optimizer_state(optimizer, param: nn.Parameter, state: dict[str, Tensor]) -> None:
-    from moetrain.parallel.zero import ZeroOptimizer
-
     if isinstance(optimizer, ZeroOptimizer):
         optimizer.set_state(param, state)
     else:
@@ -291,8 +288,6 @@ def load_into(reader: CheckpointReader, model: nn.Module, optimizer) -> None:
 
 def _held_params(optimizer, params: dict[str, nn.Parameter]) -> dict[str, tuple[nn.Parameter, bool]]:
     """Each named parameter and whether this rank keeps its optimizer state."""
-    from moetrain.parallel.zero import ZeroOptimizer
-
     owned = set(optimizer.owned) if isinstance(optimizer, ZeroOptimizer) else set(params.values())
     return {name: (param, param in owned) for name, param in params.items()}
 

@@ -110,7 +110,8 @@ def init_parallel(pc: ParallelConfig, device_type: str) -> ParallelState:
         world_size=world, rank=rank, pp=pp, dp=dp, tp=tp, ep=ep,
         pp_rank=mesh.get_local_rank("pp"), dp_rank=mesh.get_local_rank("edp") * ep_dim + mesh.get_local_rank("ep"),
         tp_rank=mesh.get_local_rank("tp"), ep_follows_tp=follows_tp, mesh=mesh,
-        dp_group=_new_groups(layout, 1), tp_group=_new_groups(layout, 2), pp_group=_new_groups(layout, 0))
+        dp_group=mesh["edp", "ep"]._flatten("dp").get_group(), tp_group=mesh.get_group("tp"),
+        pp_group=mesh.get_group("pp"))
     for size in (d for d in range(1, ep + 1) if ep % d == 0):
         state.expert_groups[size] = _expert_groups(state, layout, size)
     return state

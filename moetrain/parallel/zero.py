@@ -13,12 +13,12 @@ owner keeps fp32 master weights and the AdamW state in CPU memory (DeepSpeed's o
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-from dataclasses import dataclass, field
 
 from moetrain.parallel.data_parallel import (
     GradSpec,
