@@ -2,7 +2,9 @@
 
 For each row: forward + backward of `moetrain.moe.MoE` (built-in experts) on T tokens, and of a
 dense FFN of the expert's shape on k x T tokens (same active FLOPs), timed side by side in one
-run (interleaved repetitions, medians). Memory: peak resident memory of a fresh process running
+run (interleaved repetitions; medians, and the ratio of the fastest repetitions, which the
+noise of a shared machine disturbs least). Like moetrain's Trainer, the process keeps freed memory
+for reuse (moetrain.train.host_memory), for both sides. Memory: peak resident memory of a fresh process running
 the same step, minus what it held before the step, MoE over dense; and the bytes autograd saved
 for backward, MoE over dense.
 
@@ -23,6 +25,7 @@ import time
 import torch
 
 from moetrain.moe import MLP, MoE
+from moetrain.train.host_memory import keep_freed_memory
 
 
 def build(kind: str, experts: int, k: int, hidden: int, ffn: int, activation: str, tokens: int,
@@ -38,6 +41,9 @@ def build(kind: str, experts: int, k: int, hidden: int, ffn: int, activation: st
 
 
 def step(module: torch.nn.Module, x: torch.Tensor) -> None:
+    """One forward + backward from cleared gradients, as in a training step after zero_grad()."""
+    module.zero_grad(set_to_none=True)
+    x.grad = None
     out = module(x)
     out = out[0] if isinstance(out, tuple) else out
     out.backward(torch.ones_like(out))
@@ -74,8 +80,8 @@ def peak_memory(spec: dict) -> float:
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_kb"]
 
 
-def time_pair(a, b, repeats: int) -> tuple[float, float]:
-    """Median seconds of fn a and fn b, interleaved so drift hits both."""
+def time_pair(a, b, repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds of every repetition of fn a and fn b, interleaved so drift hits both."""
     ta, tb = [], []
     for fn in (a, b):
         fn()
@@ -84,7 +90,7 @@ def time_pair(a, b, repeats: int) -> tuple[float, float]:
             start = time.perf_counter()
             fn()
             acc.append(time.perf_counter() - start)
-    return statistics.median(ta), statistics.median(tb)
+    return ta, tb
 
 
 def main() -> None:
@@ -94,8 +100,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--ffn", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
+    keep_freed_memory()  # as moetrain's Trainer does on a CPU: both sides reuse freed pages
     if args.child:
         peak_memory_child(json.loads(args.child))
         return
@@ -105,8 +112,9 @@ def main() -> None:
     repeats = 3 if args.quick else args.repeats
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, tokens {args.tokens}, "
           f"hidden {args.hidden}, expert ffn {args.ffn}, fp32 CPU")
-    print("| act | E | k | capacity | MoE ms | dense ms | time ratio | peak mem ratio | saved-for-backward ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| act | E | k | capacity | MoE ms | dense ms | time ratio (medians) | time ratio (fastest) "
+          "| peak mem ratio | saved-for-backward ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for activation in activations:
         for experts in experts_list:
             for k in (1, 2):
@@ -115,13 +123,15 @@ def main() -> None:
                                   activation=activation, tokens=args.tokens, capacity=capacity)
                     moe, x_moe = build("moe", **common)
                     dense, x_dense = build("dense", **common)
-                    t_moe, t_dense = time_pair(lambda: step(moe, x_moe), lambda: step(dense, x_dense),
-                                               repeats)
+                    runs_moe, runs_dense = time_pair(lambda: step(moe, x_moe),
+                                                     lambda: step(dense, x_dense), repeats)
+                    t_moe, t_dense = statistics.median(runs_moe), statistics.median(runs_dense)
                     mem_ratio = peak_memory(dict(kind="moe", **common)) / peak_memory(
                         dict(kind="dense", **common))
                     saved_ratio = saved_bytes(moe, x_moe) / saved_bytes(dense, x_dense)
                     print(f"| {activation} | {experts} | {k} | {capacity} | {t_moe * 1e3:.0f} | "
-                          f"{t_dense * 1e3:.0f} | {t_moe / t_dense:.2f} | {mem_ratio:.2f} | "
+                          f"{t_dense * 1e3:.0f} | {t_moe / t_dense:.2f} | {min(runs_moe) / min(runs_dense):.2f} | "
+                          f"{mem_ratio:.2f} | "
                           f"{saved_ratio:.2f} |", flush=True)
 
 

@@ -324,6 +324,39 @@ def test_moe_expert_grouped_matches_module_experts(activation, bias, shape, dtyp
             torch.testing.assert_close(grouped.b2.grad[e], ex.fc2.bias.grad, **tol)
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("activation", ["gelu", "relu", "swiglu"])
+def test_moe_expert_threaded_cpu_path_matches_single_grouped_pass(activation, bias):
+    """On a multi-threaded CPU the experts run one by one on worker threads; with one thread the
+    whole range runs as one grouped pass. Same outputs and gradients, both paths really taken."""
+    from moetrain.moe.experts import use_expert_threads
+
+    counts = [7, 0, 12, 1, 0, 9, 3, 5]  # uneven, with empty experts
+    torch.manual_seed(8)
+    experts = GroupedExperts(len(counts), 16, 24, activation, bias=bias)
+    randomize_(experts, scale=0.4)
+    rows = torch.randn(sum(counts), 16)
+    route = torch.rand(sum(counts)) + 0.1
+    grad_out = torch.randn(sum(counts), 16)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert use_expert_threads(rows, counts) == (n == 2)
+            experts.zero_grad(set_to_none=True)
+            r, w = rows.clone().requires_grad_(), route.clone().requires_grad_()
+            out = experts(r, counts, w)
+            out.backward(grad_out)
+            results.append([out.detach(), r.grad, w.grad]
+                           + [p.grad.clone() for p in experts.parameters()])
+    finally:
+        torch.set_num_threads(threads)
+    for single, threaded in zip(*results):
+        torch.testing.assert_close(threaded, single, atol=1e-6, rtol=1e-5)
+    assert torch.count_nonzero(experts.w1.grad[1]) == 0  # empty experts get zero gradients
+
+
 @pytest.mark.parametrize("counts", [[3, 0, 5, 2], [0, 0, 4, 0], [2, 3, 0, 0], [0, 0, 0, 0]])
 @pytest.mark.parametrize("shape", [(8, 4), (3, 5)], ids=["aligned", "unaligned"])
 def test_moe_expert_grouped_mm_matches_matmul_loop(counts, shape):

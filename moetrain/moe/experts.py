@@ -2,7 +2,8 @@
 
 `GroupedExperts` stores all experts as stacked weights ([E, d, f], [E, f, d]) and runs them as
 grouped matrix multiplies (`torch._grouped_mm` where the device and dtype allow, a loop of
-matmuls elsewhere). Its autograd function folds the routing weight into the hidden activation
+matmuls elsewhere); on a multi-threaded CPU, ranges of experts side by side on single-threaded
+workers. Its autograd function folds the routing weight into the hidden activation
 (w * act(x W1)) W2 = w * (act(x W1) W2) and keeps only the input and the pre-activation for
 backward, so the layer holds less activation memory than a dense FFN on the same rows.
 
@@ -16,6 +17,8 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from moetrain.moe.expert_threads import run_experts_threaded, use_expert_threads
 
 ACTIVATIONS = ("gelu", "relu", "swiglu")
 
@@ -41,26 +44,35 @@ def _use_torch_grouped_mm(*operands: Tensor) -> bool:
     return True
 
 
-def grouped_mm(rows: Tensor, weights: Tensor, counts: list[int]) -> Tensor:
-    """rows [N, a] (grouped by expert, counts[e] rows each) @ weights[e] [a, b] -> [N, b]."""
-    if _use_torch_grouped_mm(rows, weights):
+def grouped_mm(rows: Tensor, weights: Tensor, counts: list[int], out: Tensor | None = None) -> Tensor:
+    """rows [N, a] (grouped by expert, counts[e] rows each) @ weights[e] [a, b] -> [N, b].
+
+    With `out` the products are written into it (the threaded CPU path fills row slices of one
+    buffer); without it, torch._grouped_mm runs where it can.
+    """
+    if out is None and _use_torch_grouped_mm(rows, weights):
         offsets = torch.tensor(counts, device=rows.device).cumsum(0).to(torch.int32)
         return torch._grouped_mm(rows, weights, offs=offsets)
-    out = rows.new_empty(rows.shape[0], weights.shape[-1])
+    if out is None:
+        out = rows.new_empty(rows.shape[0], weights.shape[-1])
     for block_in, block_out, weight in zip(rows.split(counts), out.split(counts), weights):
         torch.mm(block_in, weight, out=block_out)
     return out
 
 
-def grouped_weight_grad(rows: Tensor, grad: Tensor, counts: list[int]) -> Tensor:
+def grouped_weight_grad(rows: Tensor, grad: Tensor, counts: list[int],
+                        out: Tensor | None = None) -> Tensor:
     """Per-expert rows_e^T @ grad_e -> [E, a, b]: the weight gradient of `grouped_mm`."""
-    if _use_torch_grouped_mm(rows, grad):
+    if out is None and _use_torch_grouped_mm(rows, grad):
         offsets = torch.tensor(counts, device=rows.device).cumsum(0).to(torch.int32)
         return torch._grouped_mm(rows.t(), grad, offs=offsets)
-    out = rows.new_zeros(len(counts), rows.shape[1], grad.shape[1])
-    for e, (block_in, block_grad) in enumerate(zip(rows.split(counts), grad.split(counts))):
+    if out is None:
+        out = rows.new_empty(len(counts), rows.shape[1], grad.shape[1])
+    for expert_out, block_in, block_grad in zip(out, rows.split(counts), grad.split(counts)):
         if block_in.shape[0]:
-            torch.mm(block_in.t(), block_grad, out=out[e])
+            torch.mm(block_in.t(), block_grad, out=expert_out)
+        else:
+            expert_out.zero_()
     return out
 
 
@@ -75,6 +87,66 @@ def _per_row(bias: Tensor, counts: list[int]) -> Tensor:
     return torch.repeat_interleave(bias, torch.tensor(counts, device=bias.device), dim=0)
 
 
+def _activation_grad(grad_act: Tensor, h: Tensor, activation: str) -> Tensor:
+    """d act(h) / dh applied to grad_act, by the fused aten backward kernels."""
+    if activation == "gelu":
+        return torch.ops.aten.gelu_backward(grad_act, h)
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward(grad_act, h, 0)
+    gate, up = h.chunk(2, dim=-1)
+    grad_h = torch.empty_like(h)
+    width = gate.shape[1]
+    torch.mul(grad_act, F.silu(gate), out=grad_h[:, width:])
+    grad_h[:, :width] = torch.ops.aten.silu_backward(grad_act * up, gate)
+    return grad_h
+
+
+# ---------------------------------------------------------------------------------------------
+# Expert math on a range of experts. `_GroupedMLP` runs it once over all experts (one grouped
+# GEMM per matrix: GPUs, single-threaded CPUs) or, on a multi-threaded CPU, range by range on
+# single-threaded workers (moetrain.moe.expert_threads), each writing its rows' slices of
+# shared output buffers.
+# ---------------------------------------------------------------------------------------------
+def _experts_forward(x, w1, b1, w2, b2, route_weight, counts, activation, h=None, y=None):
+    """y = w * (act(x W1 + b1) W2 + b2); returns (h, y), h = the pre-activation kept for backward."""
+    h = grouped_mm(x, w1, counts, out=h)
+    if b1 is not None:
+        h += _per_row(b1, counts)
+    y = grouped_mm(_activate(h, activation), w2, counts, out=y)
+    if b2 is not None:
+        y += _per_row(b2, counts)
+    y *= route_weight.to(y.dtype).unsqueeze(1)
+    return h, y
+
+
+def _experts_backward(grad_y, x, w1, b1, w2, b2, route_weight, h, counts, activation, out=None):
+    """Gradients (x, w1, b1, w2, b2, route_weight) of `_experts_forward`, written into `out` if given."""
+    grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_route = out or (None,) * 6
+    scale = route_weight.to(x.dtype).unsqueeze(1)
+    act = _activate(h, activation)  # recomputed, not saved
+    grad_unscaled = grad_y * scale  # gradient w.r.t. act W2 + b2
+    grad_w2 = grouped_weight_grad(act, grad_unscaled, counts, out=grad_w2)
+    if b2 is not None:
+        grad_b2 = _copy_or_return(_per_expert_sum(grad_unscaled, counts), grad_b2)
+    grad_act = grouped_mm(grad_y, w2.transpose(1, 2), counts)
+    # d/dw of w * (act W2 + b2) is a row-wise dot of grad_y with act W2 + b2
+    route = torch.linalg.vecdot(grad_act, act)
+    if b2 is not None:
+        route += torch.linalg.vecdot(grad_y, _per_row(b2, counts))
+    grad_route = _copy_or_return(route.to(route_weight.dtype), grad_route)
+    grad_act *= scale
+    grad_h = _activation_grad(grad_act, h, activation)
+    grad_w1 = grouped_weight_grad(x, grad_h, counts, out=grad_w1)
+    if b1 is not None:
+        grad_b1 = _copy_or_return(_per_expert_sum(grad_h, counts), grad_b1)
+    grad_x = grouped_mm(grad_h, w1.transpose(1, 2), counts, out=grad_x)
+    return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_route
+
+
+def _copy_or_return(value: Tensor, out: Tensor | None) -> Tensor:
+    return value if out is None else out.copy_(value)
+
+
 class _GroupedMLP(torch.autograd.Function):
     """y = w * (act(x W1 + b1) W2 + b2) per expert block.
 
@@ -84,14 +156,15 @@ class _GroupedMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, route_weight, counts, activation):
-        h = grouped_mm(x, w1, counts)
-        if b1 is not None:
-            h += _per_row(b1, counts)
-        y = grouped_mm(_activate(h, activation), w2, counts)
-        if b2 is not None:
-            y += _per_row(b2, counts)
-        y *= route_weight.to(y.dtype).unsqueeze(1)
-        ctx.save_for_backward(x, w1, b1, w2, b2, route_weight, h)
+        args = (x, w1, b1, w2, b2, route_weight)
+        if use_expert_threads(x, counts):
+            h = x.new_empty(x.shape[0], w1.shape[2])
+            y = x.new_empty(x.shape)
+            run_experts_threaded(counts, lambda experts, rows: _experts_forward(
+                *_expert_slice(args, experts, rows), counts[experts], activation, h[rows], y[rows]))
+        else:
+            h, y = _experts_forward(*args, counts, activation)
+        ctx.save_for_backward(*args, h)
         ctx.counts, ctx.activation = counts, activation
         return y
 
@@ -99,25 +172,24 @@ class _GroupedMLP(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, w1, b1, w2, b2, route_weight, h = ctx.saved_tensors
         counts, activation = ctx.counts, ctx.activation
-        scale = route_weight.to(x.dtype).unsqueeze(1)
-        grad_unscaled = grad_y * scale  # gradient w.r.t. act W2 + b2
-        with torch.enable_grad():
-            h_leaf = h.detach().requires_grad_()
-            act = _activate(h_leaf, activation)
-        grad_w2 = grouped_weight_grad(act.detach(), grad_unscaled, counts)
-        grad_b2 = _per_expert_sum(grad_unscaled, counts) if b2 is not None else None
-        grad_act = grouped_mm(grad_y.contiguous(), w2.transpose(1, 2), counts)
-        # d/dw of w * (act W2 + b2) is a row-wise dot of grad_y with act W2 + b2
-        grad_route = torch.linalg.vecdot(grad_act, act.detach())
-        if b2 is not None:
-            grad_route += torch.linalg.vecdot(grad_y, _per_row(b2, counts))
-        grad_act *= scale
-        (grad_h,) = torch.autograd.grad(act, h_leaf, grad_act)
-        grad_w1 = grouped_weight_grad(x, grad_h, counts)
-        grad_b1 = _per_expert_sum(grad_h, counts) if b1 is not None else None
-        grad_x = grouped_mm(grad_h, w1.transpose(1, 2), counts)
-        return (grad_x, grad_w1, grad_b1, grad_w2, grad_b2,
-                grad_route.to(route_weight.dtype), None, None)
+        grad_y = grad_y.contiguous()
+        if use_expert_threads(x, counts):
+            grads = tuple(None if t is None else torch.empty_like(t)
+                          for t in (x, w1, b1, w2, b2, route_weight))
+            params = (x, w1, b1, w2, b2, route_weight)
+            run_experts_threaded(counts, lambda experts, rows: _experts_backward(
+                grad_y[rows], *_expert_slice(params, experts, rows), h[rows], counts[experts],
+                activation, _expert_slice(grads, experts, rows)))
+        else:
+            grads = _experts_backward(grad_y, x, w1, b1, w2, b2, route_weight, h, counts, activation)
+        return (*grads, None, None)
+
+
+def _expert_slice(tensors, experts: slice, rows: slice) -> tuple:
+    """(x, w1, b1, w2, b2, route_weight)-shaped tuple cut to a range of experts and their rows."""
+    x, w1, b1, w2, b2, route = tensors
+    return (x[rows], w1[experts], None if b1 is None else b1[experts], w2[experts],
+            None if b2 is None else b2[experts], route[rows])
 
 
 class GroupedExperts(nn.Module):

@@ -57,6 +57,7 @@ from moetrain.train.checkpoint import (
     save_checkpoint,
 )
 from moetrain.train.distill import Distiller
+from moetrain.train.host_memory import keep_freed_memory
 from moetrain.train.lr_schedule import LRSchedule
 from moetrain.train.metrics import MetricsLogger, format_eval_line, format_train_line
 from moetrain.train.optimizer import build_optimizer
@@ -94,6 +95,8 @@ class Trainer:
         cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))  # before joining: bad flags fail at once
         tc = cfg.training
         self.device = resolve_device(tc.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # per-step activations and gradients reuse pages, not page faults
         self.parallel = init_parallel(cfg.parallel, self.device.type)
         self.cfg, self.quiet = cfg, quiet or self.parallel.rank != 0
         seed_everything(tc.seed)
