@@ -357,6 +357,21 @@ def test_moe_expert_threaded_cpu_path_matches_single_grouped_pass(activation, bi
     assert torch.count_nonzero(experts.w1.grad[1]) == 0  # empty experts get zero gradients
 
 
+@pytest.mark.parametrize("counts", [[64] * 128, [900, 3, 0, 0, 7, 300, 1, 1], [0] * 8, [5] * 4])
+@pytest.mark.parametrize("workers", [2, 4])
+def test_moe_expert_thread_tasks_cover_every_expert_once_largest_first(counts, workers):
+    from moetrain.moe.expert_threads import TASKS_PER_WORKER, expert_tasks
+
+    tasks = expert_tasks(counts, workers)
+    covered = sorted(e for task in tasks for e in range(task.start, task.stop))
+    assert covered == list(range(len(counts)))
+    sizes = [sum(counts[task]) for task in tasks]
+    assert sizes == sorted(sizes, reverse=True)
+    target = max(1, sum(counts) // (TASKS_PER_WORKER * workers))
+    # a task only grows past the target by its last expert
+    assert all(sum(counts[t.start:t.stop - 1]) < target for t in tasks)
+
+
 @pytest.mark.parametrize("counts", [[3, 0, 5, 2], [0, 0, 4, 0], [2, 3, 0, 0], [0, 0, 0, 0]])
 @pytest.mark.parametrize("shape", [(8, 4), (3, 5)], ids=["aligned", "unaligned"])
 def test_moe_expert_grouped_mm_matches_matmul_loop(counts, shape):
