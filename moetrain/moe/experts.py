@@ -3,9 +3,10 @@
 `GroupedExperts` stores all experts as stacked weights ([E, d, f], [E, f, d]) and runs them as
 grouped matrix multiplies (`torch._grouped_mm` where the device and dtype allow, a loop of
 matmuls elsewhere); on a multi-threaded CPU, ranges of experts side by side on single-threaded
-workers. Its autograd function folds the routing weight into the hidden activation
-(w * act(x W1)) W2 = w * (act(x W1) W2) and keeps only the input and the pre-activation for
-backward, so the layer holds less activation memory than a dense FFN on the same rows.
+workers. Its autograd function applies the routing weight to the [N, d] output,
+(w * act(x W1)) W2 = w * (act(x W1) W2), and keeps the input, the pre-activation and the
+unweighted output for backward but not the activation (recomputed), so the layer holds less
+activation memory than a dense FFN on the same rows.
 
 `ModuleExperts` deep-copies any `nn.Module` expert, as DeepSpeed does.
 """
@@ -87,18 +88,24 @@ def _per_row(bias: Tensor, counts: list[int]) -> Tensor:
     return torch.repeat_interleave(bias, torch.tensor(counts, device=bias.device), dim=0)
 
 
-def _activation_grad(grad_act: Tensor, h: Tensor, activation: str) -> Tensor:
-    """d act(h) / dh applied to grad_act, by the fused aten backward kernels."""
-    if activation == "gelu":
-        return torch.ops.aten.gelu_backward(grad_act, h)
+def _activation_with_grad(h: Tensor, activation: str):
+    """act(h), recomputed in backward, and a function taking d loss / d act to d loss / d h that
+    reuses what the recomputation made (fused aten backward kernels, no autograd graph)."""
     if activation == "relu":
-        return torch.ops.aten.threshold_backward(grad_act, h, 0)
+        return F.relu(h), lambda grad_act: torch.ops.aten.threshold_backward(grad_act, h, 0)
+    if activation == "gelu":
+        return F.gelu(h), lambda grad_act: torch.ops.aten.gelu_backward(grad_act, h)
     gate, up = h.chunk(2, dim=-1)
-    grad_h = torch.empty_like(h)
-    width = gate.shape[1]
-    torch.mul(grad_act, F.silu(gate), out=grad_h[:, width:])
-    grad_h[:, :width] = torch.ops.aten.silu_backward(grad_act * up, gate)
-    return grad_h
+    silu_gate = F.silu(gate)
+
+    def swiglu_grad(grad_act: Tensor) -> Tensor:
+        grad_h = torch.empty_like(h)
+        grad_gate, grad_up = grad_h.chunk(2, dim=-1)
+        torch.mul(grad_act, silu_gate, out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad_act * up, gate, grad_input=grad_gate)
+        return grad_h
+
+    return silu_gate * up, swiglu_grad
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,35 +114,29 @@ def _activation_grad(grad_act: Tensor, h: Tensor, activation: str) -> Tensor:
 # single-threaded workers (moetrain.moe.expert_threads), each writing its rows' slices of
 # shared output buffers.
 # ---------------------------------------------------------------------------------------------
-def _experts_forward(x, w1, b1, w2, b2, route_weight, counts, activation, h=None, y=None):
-    """y = w * (act(x W1 + b1) W2 + b2); returns (h, y), h = the pre-activation kept for backward."""
+def _experts_forward(x, w1, b1, w2, b2, route_weight, counts, activation, h=None, o=None, y=None):
+    """y = w * o, o = act(x W1 + b1) W2 + b2. Returns (h, o, y); h (the pre-activation) and o
+    are what backward keeps."""
     h = grouped_mm(x, w1, counts, out=h)
     if b1 is not None:
         h += _per_row(b1, counts)
-    y = grouped_mm(_activate(h, activation), w2, counts, out=y)
+    o = grouped_mm(_activate(h, activation), w2, counts, out=o)
     if b2 is not None:
-        y += _per_row(b2, counts)
-    y *= route_weight.to(y.dtype).unsqueeze(1)
-    return h, y
+        o += _per_row(b2, counts)
+    y = torch.mul(o, route_weight.to(o.dtype).unsqueeze(1), out=y)
+    return h, o, y
 
 
-def _experts_backward(grad_y, x, w1, b1, w2, b2, route_weight, h, counts, activation, out=None):
+def _experts_backward(grad_y, x, w1, b1, w2, b2, route_weight, h, o, counts, activation, out=None):
     """Gradients (x, w1, b1, w2, b2, route_weight) of `_experts_forward`, written into `out` if given."""
     grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_route = out or (None,) * 6
-    scale = route_weight.to(x.dtype).unsqueeze(1)
-    act = _activate(h, activation)  # recomputed, not saved
-    grad_unscaled = grad_y * scale  # gradient w.r.t. act W2 + b2
-    grad_w2 = grouped_weight_grad(act, grad_unscaled, counts, out=grad_w2)
+    grad_route = _copy_or_return(torch.linalg.vecdot(grad_y, o).to(route_weight.dtype), grad_route)
+    grad_o = grad_y * route_weight.to(grad_y.dtype).unsqueeze(1)
+    act, act_grad = _activation_with_grad(h, activation)
+    grad_w2 = grouped_weight_grad(act, grad_o, counts, out=grad_w2)
     if b2 is not None:
-        grad_b2 = _copy_or_return(_per_expert_sum(grad_unscaled, counts), grad_b2)
-    grad_act = grouped_mm(grad_y, w2.transpose(1, 2), counts)
-    # d/dw of w * (act W2 + b2) is a row-wise dot of grad_y with act W2 + b2
-    route = torch.linalg.vecdot(grad_act, act)
-    if b2 is not None:
-        route += torch.linalg.vecdot(grad_y, _per_row(b2, counts))
-    grad_route = _copy_or_return(route.to(route_weight.dtype), grad_route)
-    grad_act *= scale
-    grad_h = _activation_grad(grad_act, h, activation)
+        grad_b2 = _copy_or_return(_per_expert_sum(grad_o, counts), grad_b2)
+    grad_h = act_grad(grouped_mm(grad_o, w2.transpose(1, 2), counts))
     grad_w1 = grouped_weight_grad(x, grad_h, counts, out=grad_w1)
     if b1 is not None:
         grad_b1 = _copy_or_return(_per_expert_sum(grad_h, counts), grad_b1)
@@ -150,8 +151,8 @@ def _copy_or_return(value: Tensor, out: Tensor | None) -> Tensor:
 class _GroupedMLP(torch.autograd.Function):
     """y = w * (act(x W1 + b1) W2 + b2) per expert block.
 
-    The routing weight w scales the [N, d] output rather than the wider hidden activation, and
-    backward recomputes act from the saved pre-activation: only x and x W1 + b1 are kept.
+    Backward recomputes act from the saved pre-activation and keeps the unweighted [N, d] output
+    o for the routing weight's gradient (grad_y . o): x, h and o are kept, not the activation.
     """
 
     @staticmethod
@@ -159,29 +160,29 @@ class _GroupedMLP(torch.autograd.Function):
         args = (x, w1, b1, w2, b2, route_weight)
         if use_expert_threads(x, counts):
             h = x.new_empty(x.shape[0], w1.shape[2])
-            y = x.new_empty(x.shape)
+            o, y = x.new_empty(x.shape), x.new_empty(x.shape)
             run_experts_threaded(counts, lambda experts, rows: _experts_forward(
-                *_expert_slice(args, experts, rows), counts[experts], activation, h[rows], y[rows]))
+                *_expert_slice(args, experts, rows), counts[experts], activation, h[rows], o[rows],
+                y[rows]))
         else:
-            h, y = _experts_forward(*args, counts, activation)
-        ctx.save_for_backward(*args, h)
+            h, o, y = _experts_forward(*args, counts, activation)
+        ctx.save_for_backward(*args, h, o)
         ctx.counts, ctx.activation = counts, activation
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, w1, b1, w2, b2, route_weight, h = ctx.saved_tensors
+        x, w1, b1, w2, b2, route_weight, h, o = ctx.saved_tensors
+        params = (x, w1, b1, w2, b2, route_weight)
         counts, activation = ctx.counts, ctx.activation
         grad_y = grad_y.contiguous()
         if use_expert_threads(x, counts):
-            grads = tuple(None if t is None else torch.empty_like(t)
-                          for t in (x, w1, b1, w2, b2, route_weight))
-            params = (x, w1, b1, w2, b2, route_weight)
+            grads = tuple(None if t is None else torch.empty_like(t) for t in params)
             run_experts_threaded(counts, lambda experts, rows: _experts_backward(
-                grad_y[rows], *_expert_slice(params, experts, rows), h[rows], counts[experts],
-                activation, _expert_slice(grads, experts, rows)))
+                grad_y[rows], *_expert_slice(params, experts, rows), h[rows], o[rows],
+                counts[experts], activation, _expert_slice(grads, experts, rows)))
         else:
-            grads = _experts_backward(grad_y, x, w1, b1, w2, b2, route_weight, h, counts, activation)
+            grads = _experts_backward(grad_y, *params, h, o, counts, activation)
         return (*grads, None, None)
 
 
