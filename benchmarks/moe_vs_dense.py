@@ -1,15 +1,23 @@
 """Does an MoE reach a dense model's validation loss in fewer steps? And PR-MoE vs standard MoE.
 
-The models (default: dense, moe, moe32, prmoe) train with moetrain's own `Trainer` (its `train_step()` and `evaluate()`, the code
-`moetrain train` runs) on the built-in default corpus, with the same seed, the same batches in
-the same order, the same tokens per step and the same LR schedule:
+The models (default: dense, moe32, prmoe with pyramid [16, 32]) train with moetrain's own `Trainer` (its `train_step()` and
+`evaluate()`, the code `moetrain train` runs) on the built-in default corpus, with the same seed, the
+same batches in the same order, the same tokens per step and the same LR schedule.
+
+Default model: byte tokens (vocabulary 256 + eos, 6.46M training tokens), 4 layers, hidden 64, FFN 256,
+4 heads, seq 128, batch 16, 3000 steps (6.1M tokens, 0.95 epochs: no window is trained on twice), lr 2e-3
+cosine. A small vocabulary keeps the parameter budget out of the embedding, and a small model runs
+enough steps per minute to leave the early phase in which every model is limited by steps, not
+capacity. The previous default (BPE vocabulary 4096, 1.76M tokens, hidden 128, 1000 steps; dense,
+moe, moe32, prmoe) is `--tokenizer bpe --hidden 128 --iters 1000 --eval-interval 50
+--variants dense,moe,moe32,prmoe`. The variants:
 
   dense   GPT style, every FFN a dense MLP
   moe     the same model dims; every other FFN (Megatron-DeepSpeed layout, `--expert-interval 2`)
           an MoE of 8 experts of the dense FFN's shape, top-1, dropless. Each token runs exactly
           one expert, so the active parameters and FLOPs per token equal the dense model's
           (plus the 8 x h router), while the FFN parameters of those layers grow 8x.
-  prmoe   PR-MoE (DeepSpeed-MoE): pyramid [4, 8] experts over the two MoE layers + a residual
+  prmoe   PR-MoE (DeepSpeed-MoE): pyramid `--pyramid` experts over the two MoE layers + a residual
           dense MLP beside the experts (`--mlp-type residual`): fewer total parameters than moe,
           but each token runs the residual MLP and one expert in an MoE layer.
   fg<E>x<k>[s<S>][i<N>]
@@ -19,8 +27,10 @@ the same order, the same tokens per step and the same LR schedule:
           dense FFN's width per MoE layer, so active parameters equal the dense model's (plus the
           routers). E.g. fg16x2 (16 half-width experts, top-2), fg16x2i1 (the same in every layer),
           fg32x4, fg32x3s1.
-  moe<E>  moe with E experts instead of `--experts` (e.g. moe16, moe32): same active parameters,
-          more total ones.
+  moe<E>[i<N>]
+          moe with E experts instead of `--experts` (e.g. moe16, moe32): same active parameters,
+          more total ones; with i<N> MoE every N-th layer instead of `--expert-interval` (moe32i1:
+          every layer).
 
 Why dropless rather than capacity factor 1.25: moetrain's dispatcher never pads to a capacity, so
 dropless top-1 costs exactly the dense FFN's FLOPs, keeps the "same active parameters" comparison
@@ -31,9 +41,9 @@ Validation loss (`trainer.evaluate()`, the same fixed held-out batches for every
 every `--eval-interval` steps. Reported: where each MoE's curve first reaches the dense model's
 final validation loss (linear interpolation between evaluations), as a fraction of the steps.
 
-    python benchmarks/moe_vs_dense.py            # dense, moe, moe32, prmoe; 1000 steps each, about 20 min
-                                                 # on 2 quiet cores (861 s measured without moe32)
-    python benchmarks/moe_vs_dense.py --quick    # 150 steps each, a few minutes
+    python benchmarks/moe_vs_dense.py            # dense, moe32, prmoe; 3000 steps each, about 20 min
+                                                 # with OMP_NUM_THREADS=1 on a quiet core
+    python benchmarks/moe_vs_dense.py --quick    # 150 steps each, about a minute
 """
 
 from __future__ import annotations
@@ -48,19 +58,19 @@ import torch
 from moetrain.config import Config
 from moetrain.train.trainer import Trainer
 
-
 # fg<E>x<k>[s<S>][i<N>]: E fine-grained experts, top-k, S shared experts, MoE every N-th layer
 FINE_GRAINED = re.compile(r"fg(?P<experts>\d+)x(?P<k>\d+)(?:s(?P<shared>\d+))?(?:i(?P<interval>\d+))?")
 
-# moe<E>: the moe variant with E experts (dense-FFN-shaped, top-1)
-MORE_EXPERTS = re.compile(r"moe(?P<experts>\d+)")
+# moe<E>[i<N>]: the moe variant with E experts (dense-FFN-shaped, top-1), MoE every N-th layer
+MORE_EXPERTS = re.compile(r"moe(?P<experts>\d+)(?:i(?P<interval>\d+))?")
 
 
 def make_config(args, variant: str) -> Config:
     cfg = Config()
     m, moe, tc = cfg.model, cfg.moe, cfg.training
     m.style, m.num_layers, m.hidden_size = "gpt", args.layers, args.hidden
-    m.num_attention_heads, m.seq_length = args.heads, args.seq
+    m.num_attention_heads, m.seq_length, m.ffn_hidden_size = args.heads, args.seq, args.ffn
+    cfg.data.tokenizer_type, cfg.data.vocab_size = args.tokenizer, args.vocab
     tc.micro_batch_size, tc.train_iters = args.batch, args.iters
     tc.lr, tc.min_lr = args.lr, args.lr / 10
     tc.lr_warmup_iters = max(1, args.iters // 20)
@@ -83,6 +93,8 @@ def make_config(args, variant: str) -> Config:
         moe.expert_ffn_hidden_size = m.ffn_size() // 2
     elif (many := MORE_EXPERTS.fullmatch(variant)) is not None:  # moe with E experts instead of --experts
         moe.num_experts = [int(many["experts"])]
+        if many["interval"]:
+            moe.expert_interval = int(many["interval"])
     elif (fine := FINE_GRAINED.fullmatch(variant)) is not None:
         # Fine-grained experts (DeepSeekMoE): E experts of width ffn / (k + S), top-k with weights
         # renormalised over the k choices, plus S always-on shared experts of the same width, so
@@ -101,6 +113,7 @@ def make_config(args, variant: str) -> Config:
     else:
         raise SystemExit(f"unknown variant {variant!r}; use dense, moe, prmoe, moe2h, moe<E> or fg<E>x<k>[s<S>][i<N>]")
     moe.score_func = args.score_func
+    moe.aux_loss_coeff = args.aux_coeff
     return cfg
 
 
@@ -156,6 +169,10 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--ffn", type=int, default=None, help="dense FFN width (default 4 x hidden)")
+    parser.add_argument("--tokenizer", default="bpe", choices=("bpe", "byte"),
+                        help="bpe: trained on the corpus with --vocab entries; byte: 256 bytes + eos")
+    parser.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary size")
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -166,6 +183,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
                         help="train/eval capacity factor with token dropping (default: dropless)")
     parser.add_argument("--score-func", default="softmax", choices=("softmax", "sigmoid"),
                         help="router score function of the MoE variants")
+    parser.add_argument("--aux-coeff", type=float, default=0.01, help="load-balancing loss coefficient")
     parser.add_argument("--seed", type=int, default=1234)
 
 
@@ -173,15 +191,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="150 steps per model, smaller evaluation")
     add_run_args(parser)
-    parser.add_argument("--variants", default="dense,moe,moe32,prmoe",
+    # mos.py keeps add_run_args' defaults
+    parser.set_defaults(tokenizer="byte", hidden=64, iters=3000, eval_interval=100, pyramid=[16, 32])
+    parser.add_argument("--variants", default="dense,moe32,prmoe",
                         help="comma list of dense, moe, prmoe, moe2h (8 half-width experts, top-2), "
-                             "moe<E>, fg<E>x<k>[s<S>][i<N>] (see the module docstring)")
+                             "moe<E>[i<N>], fg<E>x<k>[s<S>][i<N>] (see the module docstring)")
     args = parser.parse_args()
     if args.quick:
         args.iters, args.eval_interval, args.eval_batches = 150, 15, 4
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} CPUs")
-    print(f"{args.layers} layers, hidden {args.hidden}, {args.heads} heads, seq {args.seq}, batch {args.batch} "
+    vocab = f"BPE vocabulary {args.vocab}" if args.tokenizer == "bpe" else "byte tokens"
+    print(f"{vocab}, {args.layers} layers, hidden {args.hidden}, ffn {args.ffn or 4 * args.hidden}, {args.heads} heads, "
+          f"seq {args.seq}, batch {args.batch} "
           f"({args.batch * args.seq} tokens/step, {args.batch * args.seq * args.iters:,} tokens), {args.iters} "
           f"steps, lr {args.lr} cosine to {args.lr / 10} after {max(1, args.iters // 20)} warm-up steps, "
           f"eval every {args.eval_interval} steps on {args.eval_batches} x {args.batch} held-out windows, "
