@@ -10,7 +10,7 @@ cosine. A small vocabulary keeps the parameter budget out of the embedding, and 
 enough steps per minute to leave the early phase in which every model is limited by steps, not
 capacity. The previous default (BPE vocabulary 4096, 1.76M tokens, hidden 128, 1000 steps; dense,
 moe, moe32, prmoe) is `--tokenizer bpe --hidden 128 --iters 1000 --eval-interval 50
---variants dense,moe,moe32,prmoe`. The variants:
+--pyramid 4 8 --variants dense,moe,moe32,prmoe`. The variants:
 
   dense   GPT style, every FFN a dense MLP
   moe     the same model dims; every other FFN (Megatron-DeepSpeed layout, `--expert-interval 2`)
