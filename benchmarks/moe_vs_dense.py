@@ -72,7 +72,7 @@ def make_config(args, variant: str) -> Config:
     m.num_attention_heads, m.seq_length, m.ffn_hidden_size = args.heads, args.seq, args.ffn
     cfg.data.tokenizer_type, cfg.data.vocab_size = args.tokenizer, args.vocab
     tc.micro_batch_size, tc.train_iters = args.batch, args.iters
-    tc.lr, tc.min_lr = args.lr, args.lr / 10
+    tc.lr, tc.min_lr, tc.lr_decay_style = args.lr, args.lr / 10, args.lr_decay_style
     tc.lr_warmup_iters = max(1, args.iters // 20)
     tc.eval_iters, tc.eval_interval = args.eval_batches, args.eval_interval
     tc.save, tc.device, tc.progress_bar, tc.seed = None, "cpu", False, args.seed
@@ -176,6 +176,8 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr-decay-style", default="cosine", choices=("cosine", "linear", "constant"),
+                        help="the shared LR schedule after warm-up (cosine decays to lr / 10)")
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--expert-interval", type=int, default=2)
     parser.add_argument("--pyramid", type=int, nargs="+", default=[4, 8])
@@ -205,7 +207,7 @@ def main() -> None:
     print(f"{vocab}, {args.layers} layers, hidden {args.hidden}, ffn {args.ffn or 4 * args.hidden}, {args.heads} heads, "
           f"seq {args.seq}, batch {args.batch} "
           f"({args.batch * args.seq} tokens/step, {args.batch * args.seq * args.iters:,} tokens), {args.iters} "
-          f"steps, lr {args.lr} cosine to {args.lr / 10} after {max(1, args.iters // 20)} warm-up steps, "
+          f"steps, lr {args.lr} {args.lr_decay_style} (min {args.lr / 10}) after {max(1, args.iters // 20)} warm-up steps, "
           f"eval every {args.eval_interval} steps on {args.eval_batches} x {args.batch} held-out windows, "
           f"{'dropless' if args.capacity_factor is None else f'capacity factor {args.capacity_factor}'}")
     started = time.perf_counter()
