@@ -3,10 +3,10 @@
 For each row: forward + backward of `moetrain.moe.MoE` (built-in experts) on T tokens, and of a
 dense FFN of the expert's shape on k x T tokens (same active FLOPs), timed side by side in one
 run (interleaved repetitions; medians, and the ratio of the fastest repetitions, which the
-noise of a shared machine disturbs least). Like moetrain's Trainer, the process keeps freed memory
-for reuse (moetrain.train.host_memory), for both sides. Memory: peak resident memory of a fresh process running
-the same step, minus what it held before the step, MoE over dense; and the bytes autograd saved
-for backward, MoE over dense.
+noise of a shared machine disturbs least). Like moetrain's Trainer, the process keeps freed
+memory for reuse (moetrain.train.host_memory), for both sides. Memory: peak resident memory of a
+fresh process running the same step, minus what it held before the step, MoE over dense; and the
+bytes autograd saved for backward, MoE over dense.
 
     python benchmarks/moe_layer.py                 # the full table of the issue (slow: ~15 min)
     python benchmarks/moe_layer.py --quick         # E in {8, 64}, gelu, fewer repetitions
@@ -106,7 +106,6 @@ def main() -> None:
     if args.child:
         peak_memory_child(json.loads(args.child))
         return
-    torch.set_num_threads(torch.get_num_threads())
     experts_list = [8, 64] if args.quick else [8, 64, 128]
     activations = ["gelu"] if args.quick else ["gelu", "swiglu"]
     repeats = 3 if args.quick else args.repeats
