@@ -4,13 +4,14 @@ The models (default: dense, moe32, prmoe with pyramid [16, 32]) train with moetr
 `evaluate()`, the code `moetrain train` runs) on the built-in default corpus, with the same seed, the
 same batches in the same order, the same tokens per step and the same LR schedule.
 
-Default model: byte tokens (vocabulary 256 + eos, 6.46M training tokens), 4 layers, hidden 64, FFN 256,
-4 heads, seq 128, batch 16, 3000 steps (6.1M tokens, 0.95 epochs: no window is trained on twice), lr 2e-3
-cosine. A small vocabulary keeps the parameter budget out of the embedding, and a small model runs
-enough steps per minute to leave the early phase in which every model is limited by steps, not
-capacity. The previous default (BPE vocabulary 4096, 1.76M tokens, hidden 128, 1000 steps; dense,
-moe, moe32, prmoe) is `--tokenizer bpe --hidden 128 --iters 1000 --eval-interval 50
---pyramid 4 8 --variants dense,moe,moe32,prmoe`. The variants:
+Default model: byte tokens (vocabulary 256 + eos, 6.46M training tokens), 4 layers, hidden 32, FFN 128,
+4 heads, seq 128, batch 16, 6000 steps (12.3M tokens, 1.9 epochs), lr 2e-3 cosine. A small vocabulary
+keeps the parameter budget out of the embedding, and a small model runs enough steps per minute to
+leave the early phase in which every model is limited by steps, not capacity: the claim under test
+is about a dense model that more data no longer helps much and an MoE that it still does. The
+earlier defaults are `--hidden 64 --iters 3000 --eval-interval 100` (session 3) and `--tokenizer bpe
+--hidden 128 --iters 1000 --eval-interval 50 --pyramid 4 8 --variants dense,moe,moe32,prmoe`
+(sessions 1-2); BENCHMARKS.md has all three. The variants:
 
   dense   GPT style, every FFN a dense MLP
   moe     the same model dims; every other FFN (Megatron-DeepSpeed layout, `--expert-interval 2`)
@@ -41,17 +42,19 @@ Validation loss (`trainer.evaluate()`, the same fixed held-out batches for every
 every `--eval-interval` steps. Reported: where each MoE's curve first reaches the dense model's
 final validation loss (linear interpolation between evaluations), as a fraction of the steps.
 
-    python benchmarks/moe_vs_dense.py            # dense, moe32, prmoe; 3000 steps each, about 20 min
-                                                 # with OMP_NUM_THREADS=1 on a quiet core
+    python benchmarks/moe_vs_dense.py            # dense, moe32, prmoe; 6000 steps each, two at a time
+                                                 # (--jobs 2): about 17 min on two quiet cores
     python benchmarks/moe_vs_dense.py --quick    # 150 steps each, about a minute
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import re
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
@@ -145,6 +148,20 @@ def train(args, variant: str) -> dict:
             "train_losses": train_losses}
 
 
+def train_all(args, variants: list[str]) -> dict[str, dict]:
+    """Train every variant; with --jobs > 1 in worker processes of one torch thread each.
+
+    The models share no state, so running them side by side changes only wall time (and float
+    summation order, as any change of thread count does), not what is compared.
+    """
+    if args.jobs <= 1:
+        return {v: train(args, v) for v in variants}
+    with ProcessPoolExecutor(min(args.jobs, len(variants)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        futures = {v: pool.submit(train, args, v) for v in variants}
+        return {v: future.result() for v, future in futures.items()}
+
+
 def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
     """First step at which the validation curve reaches `target`, interpolated between evaluations."""
     prev_step, prev_loss = 0, None
@@ -194,14 +211,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="150 steps per model, smaller evaluation")
     add_run_args(parser)
     # mos.py keeps add_run_args' defaults
-    parser.set_defaults(tokenizer="byte", hidden=64, iters=3000, eval_interval=100, pyramid=[16, 32])
+    parser.set_defaults(tokenizer="byte", hidden=32, iters=6000, eval_interval=200, pyramid=[16, 32])
     parser.add_argument("--variants", default="dense,moe32,prmoe",
                         help="comma list of dense, moe, prmoe, moe2h (8 half-width experts, top-2), "
                              "moe<E>[i<N>], fg<E>x<k>[s<S>][i<N>] (see the module docstring)")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="variants trained side by side, each in its own process on one torch thread "
+                             "(1: one after another in this process, on its torch threads)")
     args = parser.parse_args()
     if args.quick:
         args.iters, args.eval_interval, args.eval_batches = 150, 15, 4
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} "
+    threads = "1 thread per job" if args.jobs > 1 else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {args.jobs} jobs, {threads}, load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} CPUs")
     vocab = f"BPE vocabulary {args.vocab}" if args.tokenizer == "bpe" else "byte tokens"
     print(f"{vocab}, {args.layers} layers, hidden {args.hidden}, ffn {args.ffn or 4 * args.hidden}, {args.heads} heads, "
@@ -211,7 +232,7 @@ def main() -> None:
           f"eval every {args.eval_interval} steps on {args.eval_batches} x {args.batch} held-out windows, "
           f"{'dropless' if args.capacity_factor is None else f'capacity factor {args.capacity_factor}'}")
     started = time.perf_counter()
-    results = {v: train(args, v) for v in args.variants.split(",")}
+    results = train_all(args, args.variants.split(","))
 
     print(f"\nwall time {time.perf_counter() - started:.0f} s; load average at the end {os.getloadavg()[0]:.1f}")
     marks = [args.iters // 4, args.iters // 2, 3 * args.iters // 4]
@@ -223,13 +244,16 @@ def main() -> None:
     print("\n| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for variant, r in results.items():
-        experts = make_config(args, variant).experts_per_layer()
-        row = [variant, str(experts), f"{r['total'] / 1e6:.2f}M", f"{r['active'] / 1e6:.2f}M",
+        cfg = make_config(args, variant)
+        experts = f"{cfg.experts_per_layer()}{' + residual MLP' if cfg.moe.mlp_type == 'residual' else ''}"
+        row = [variant, experts, f"{r['total'] / 1e6:.2f}M", f"{r['active'] / 1e6:.2f}M",
                f"{r['train_s_per_step']:.2f}"]
         row += [f"{loss_at(r['curve'], s):.3f}" for s in marks] + [f"{r['final']:.3f}"]
         if dense:
             reach = steps_to_reach(r["curve"], dense["final"])
-            row.append("not reached" if reach is None else f"{reach:.0f} ({reach / args.iters:.0%})")
+            cell = "not reached" if reach is None else f"{reach:.0f} ({reach / args.iters:.0%})"
+            # the dense row shows where its own curve first got within evaluation noise of its end
+            row.append(f"reference, first at {cell}" if variant == "dense" else cell)
         print("| " + " | ".join(row) + " |")
 
     if dense:
@@ -240,12 +264,13 @@ def main() -> None:
                            f"at step {reach:.0f} of {args.iters} ({reach / args.iters:.0%} of the steps; target "
                            f"<= 50%: {'met' if reach <= args.iters / 2 else 'not met'})")
                 print(f"{variant} reaches the dense final validation loss {dense['final']:.4f} {verdict}")
-    if "moe" in results and "prmoe" in results:
-        moe, pr = results["moe"], results["prmoe"]
+    standard = next((v for v in results if v == "moe" or MORE_EXPERTS.fullmatch(v)), None)
+    if standard and "prmoe" in results:
+        moe, pr = results[standard], results["prmoe"]
         reach = steps_to_reach(pr["curve"], moe["final"])
         print(f"prmoe ({pr['total'] / 1e6:.2f}M total, {pr['active'] / 1e6:.2f}M active) final {pr['final']:.4f} vs "
-              f"moe ({moe['total'] / 1e6:.2f}M total, {moe['active'] / 1e6:.2f}M active) final {moe['final']:.4f}; "
-              f"prmoe reaches the moe final loss "
+              f"{standard} ({moe['total'] / 1e6:.2f}M total, {moe['active'] / 1e6:.2f}M active) final "
+              f"{moe['final']:.4f}; prmoe reaches the {standard} final loss "
               f"{'never' if reach is None else f'at step {reach:.0f}'}")
     print("\nvalidation curves (step: loss)")
     for variant, r in results.items():
