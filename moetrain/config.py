@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 from moetrain.data import DataError
 from moetrain.data.loader import parse_split
+from moetrain.data.tokenizer import check_tokenizer_files
 
 MODEL_STYLES = ("gpt", "llama")
 MLP_TYPES = ("standard", "residual")
@@ -147,7 +148,7 @@ class DataConfig:
 
 @dataclass
 class TrainingConfig:
-    micro_batch_size: int = 8
+    micro_batch_size: int | None = 8  # None: derived from the global batch (DeepSpeed train_batch_size alone)
     global_batch_size: int | None = None
     train_iters: int = 400
     lr: float = 1e-3
@@ -283,13 +284,29 @@ class Config:
         return self.training.micro_batch_size * dp * self.accumulation_steps(world_size)
 
     def validate(self, world_size: int = 1) -> None:
-        """Raise ConfigError for the first inconsistent option, before any work is done."""
+        """Raise ConfigError for the first inconsistent option, before any work is done; a micro-batch size left
+        to be derived is settled here, where the data-parallel size is known."""
         _validate_model(self.model)
         _validate_moe(self.moe, self.model)
         _validate_data(self.data)
+        self._derive_micro_batch(world_size)
         _validate_training(self.training)
         self._validate_parallel(world_size)
         _validate_distill(self.distill)
+
+    def _derive_micro_batch(self, world_size: int) -> None:
+        """DeepSpeed's rule for train_batch_size without train_micro_batch_size_per_gpu: the global batch split
+        over the data-parallel ranks and gradient_accumulation_steps (1 if unset)."""
+        training = self.training
+        if training.micro_batch_size is not None:
+            return
+        total = training.global_batch_size
+        _check(total is not None, "--micro-batch-size is unset; give it, or DeepSpeed's train_batch_size")
+        dp, steps = self.parallel.parallel_sizes(world_size)["dp"], self.parallel.num_microbatches or 1
+        _check(steps >= 1 and total % (steps * dp) == 0,
+               f"train_batch_size {total} is not divisible by gradient_accumulation_steps {steps} x data-parallel "
+               f"size {dp}; set train_micro_batch_size_per_gpu or a train_batch_size that divides")
+        training.micro_batch_size = total // (steps * dp)
 
     def _validate_parallel(self, world_size: int) -> None:
         parallel = self.parallel
@@ -387,6 +404,7 @@ def _validate_data(data: DataConfig) -> None:
     _check_at_least("--vocab-size", data.vocab_size, 1)
     try:
         parse_split(data.split)  # the loader's own reading, so validation and loading never disagree
+        check_tokenizer_files(data.tokenizer_type, data.vocab_file, data.merge_file)
     except DataError as error:
         raise ConfigError(str(error)) from None
 
@@ -793,10 +811,6 @@ def config_from_namespace(namespace: argparse.Namespace) -> Config:
         lr = explicit.get("training.lr", from_json["training.lr"].value if "training.lr" in from_json
                           else TrainingConfig.lr)
         from_json["training.min_lr"] = min_lr._replace(value=min_lr.value.ratio * lr)
-    if {"training.global_batch_size", "parallel.num_microbatches"} <= from_json.keys():
-        _check("training.micro_batch_size" in from_json.keys() | explicit.keys(),
-               f"{json_path} sets train_batch_size and gradient_accumulation_steps but not "
-               f"train_micro_batch_size_per_gpu; add it or pass --micro-batch-size")
 
     for dest, value in explicit.items():
         setting = from_json.get(dest)
@@ -804,6 +818,8 @@ def config_from_namespace(namespace: argparse.Namespace) -> Config:
             warnings.warn(f"{given[dest].shown} overrides {setting.source} in {json_path}", stacklevel=2)
 
     merged = {dest: setting.value for dest, setting in from_json.items()} | explicit
+    if "training.global_batch_size" in from_json:
+        merged.setdefault("training.micro_batch_size", None)  # derived in Config.validate, as DeepSpeed does
     nested: dict[str, dict[str, Any]] = {}
     for dest, value in merged.items():
         section, name = dest.split(".")

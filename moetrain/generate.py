@@ -20,9 +20,13 @@ def load_model(load_dir: str, device: str = "cpu") -> tuple[GPT, Tokenizer, Conf
     tokenizer_path = os.path.join(ckpt.path, "tokenizer.json")
     if not os.path.exists(tokenizer_path):
         raise FileNotFoundError(f"{ckpt.path} has no tokenizer.json; was it written by `moetrain train`?")
+    tokenizer = Tokenizer.load(tokenizer_path)
+    if tokenizer.vocab_size > cfg.model.vocab_size:  # fewer is fine: a padded (e.g. Megatron) vocabulary
+        raise ValueError(f"{tokenizer_path} has {tokenizer.vocab_size} tokens, more than the model's "
+                         f"{cfg.model.vocab_size}; put back the tokenizer.json this checkpoint was saved with")
     model = GPT(cfg.model, cfg.moe)
     model.load_state_dict(ckpt.model_state)
-    return model.to(device).eval(), Tokenizer.load(tokenizer_path), cfg
+    return model.to(device).eval(), tokenizer, cfg
 
 
 def generate_main(argv: list[str] | None = None) -> int:

@@ -195,15 +195,13 @@ def test_resolution_and_missing_checkpoint_errors(tmp_path):
         load_checkpoint(str(tmp_path), iteration=7)
 
 
-def test_resaving_an_iteration_replaces_it_and_copies_files(tmp_path):
-    tokenizer = tmp_path / "tok.json"
-    tokenizer.write_text('{"vocab": 1}')
-    _save(tmp_path / "run", 4, extra={"v": 1})
-    _save(tmp_path / "run", 4, extra={"v": 2}, files={"tokenizer.json": str(tokenizer)})
+def test_resaving_an_iteration_replaces_it_and_writes_files(tmp_path):
+    _save(tmp_path / "run", 4, extra={"v": 1}, files={"tokenizer.json": '{"vocab": 1}'})
+    _save(tmp_path / "run", 4, extra={"v": 2}, files={"tokenizer.json": '{"vocab": 2}'})
     assert load_checkpoint(str(tmp_path / "run")).extra["v"] == 2
-    assert (tmp_path / "run" / "iter_0000004" / "tokenizer.json").read_text() == '{"vocab": 1}'
+    assert (tmp_path / "run" / "iter_0000004" / "tokenizer.json").read_text() == '{"vocab": 2}'
     with pytest.raises(ValueError, match="plain file name"):
-        _save(tmp_path / "run", 5, files={"../x": str(tokenizer)})
+        _save(tmp_path / "run", 5, files={"../x": "{}"})
 
 
 def test_keep_last_deletes_only_older_checkpoints(tmp_path):

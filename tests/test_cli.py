@@ -124,6 +124,23 @@ def test_prepare_data_then_train_on_prefix(tmp_path, capsys):
     assert load_checkpoint(str(save)).iteration == 2
 
 
+def test_each_run_saves_its_own_tokenizer(tmp_path, capsys):
+    """A fresh run into a --save directory used before writes its own tokenizer into its checkpoints, and a
+    checkpoint whose tokenizer does not fit its model is refused in one line rather than sampled from."""
+    corpus, save = write_corpus(tmp_path), tmp_path / "run"
+    common = [*TINY, "--data-path", corpus, "--num-experts", "2", "--train-iters", "2", "--save", str(save),
+              "--data-cache-dir", str(tmp_path / "cache")]
+    assert run_main(capsys, "train", *common, "--tokenizer-type", "bpe", "--vocab-size", "300")[0] == 0
+    bpe_tokenizer = (save / "iter_0000002" / "tokenizer.json").read_text()
+    assert run_main(capsys, "train", *common, "--tokenizer-type", "byte")[0] == 0
+    model, tokenizer, cfg = load_model(str(save))
+    assert tokenizer.vocab_size == cfg.model.vocab_size == model.tok_emb.num_embeddings == 257  # bytes + eos
+
+    (save / "iter_0000002" / "tokenizer.json").write_text(bpe_tokenizer)
+    code, _, err = run_main(capsys, "generate", "--load", str(save), "--prompt", "x", "--max-new-tokens", "1")
+    assert_one_line_error(code, err, "tokens, more than the model's 257")
+
+
 def test_deepspeed_config_drives_the_run(tmp_path, capsys):
     ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
           "moe": {"enabled": True, "num_experts": 2, "top_k": 2, "moe_loss_coeff": 0.05},

@@ -360,11 +360,30 @@ def test_inconsistent_batch_triple_is_an_error(tmp_path: Path) -> None:
         cfg.validate(world_size=1)
 
 
-def test_batch_and_accumulation_without_micro_batch_is_an_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("batch, world_size, micro, steps", [
+    ({"train_batch_size": 12}, 1, 12, 1),
+    ({"train_batch_size": 12}, 2, 6, 1),
+    ({"train_batch_size": 32, "gradient_accumulation_steps": 4}, 1, 8, 4),
+    ({"train_batch_size": 32, "gradient_accumulation_steps": 4}, 2, 4, 4),
+    ({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 3}, 2, 4, 3),
+])
+def test_missing_batch_value_is_derived_as_deepspeed_does(tmp_path: Path, batch: dict, world_size: int,
+                                                          micro: int, steps: int) -> None:
+    cfg = parse_train_args(["--deepspeed_config", write_json(tmp_path, batch)])
+    cfg.validate(world_size)
+    assert (cfg.training.micro_batch_size, cfg.accumulation_steps(world_size)) == (micro, steps)
+    assert cfg.global_batch(world_size) == micro * steps * world_size
+
+
+def test_underivable_micro_batch_is_an_error_and_an_explicit_one_wins(tmp_path: Path) -> None:
+    path = write_json(tmp_path, {"train_batch_size": 30, "gradient_accumulation_steps": 4})
+    with pytest.raises(ConfigError, match="^train_batch_size 30 is not divisible by gradient_accumulation_steps 4 "
+                                          "x data-parallel size 1; set train_micro_batch_size_per_gpu"):
+        parse_train_args(["--deepspeed_config", path]).validate()
     path = write_json(tmp_path, {"train_batch_size": 32, "gradient_accumulation_steps": 4})
-    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu"):
-        parse_train_args(["--deepspeed_config", path])
-    assert parse_train_args(["--deepspeed_config", path, "--micro-batch-size", "8"]).training.micro_batch_size == 8
+    cfg = parse_train_args(["--deepspeed_config", path, "--micro-batch-size", "8"])
+    cfg.validate()
+    assert cfg.training.micro_batch_size == 8
 
 
 def test_missing_json_file_names_the_file(tmp_path: Path) -> None:
@@ -446,6 +465,10 @@ def with_changes(**changes: Any) -> Config:
     ({"training__global_batch_size": 32, "parallel__num_microbatches": 2}, 1,
      "--global-batch-size 32 != micro-batch-size 8 x --num-microbatches"),
     ({"data__split": "90;10"}, 1, "--split '90;10' must be up to three"),
+    ({"data__vocab_file": "vocab.json", "data__merge_file": "merges.txt"}, 1,
+     "--vocab-file/--merge-file are not read by --tokenizer-type bpe; add --tokenizer-type gpt2"),
+    ({"data__tokenizer_type": "json", "data__vocab_file": "t.json", "data__merge_file": "merges.txt"}, 1,
+     "--merge-file is not read by --tokenizer-type json"),
     ({"model__hidden_dropout": 1.0}, 1, r"--hidden-dropout must be in \[0, 1\)"),
     ({"training__keep_last_checkpoints": 0}, 1, "--keep-last-checkpoints must be at least 1"),
     ({"training__device": "tpu"}, 1, "--device 'tpu' is not one of auto, cpu, cuda"),

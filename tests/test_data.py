@@ -83,6 +83,8 @@ def test_gpt2_tokenizer_errors(tmp_path):
         build_tokenizer("gpt2", vocab_file=str(no_eos), merge_file=merge_file)
     with pytest.raises(DataError, match="unknown tokenizer type 'wordpiece'"):
         build_tokenizer("wordpiece")
+    with pytest.raises(DataError, match="not read by --tokenizer-type byte"):  # given files are never ignored
+        build_tokenizer("byte", vocab_file=vocab_file, merge_file=merge_file)
 
 
 def test_bpe_is_deterministic_learns_merges_and_round_trips():
@@ -261,6 +263,18 @@ def test_corrupt_prepared_files_are_rejected(prepared):
         IndexedDataset(prepared)
     with pytest.raises(DataError, match="not found; create it with `moetrain prepare-data"):
         IndexedDataset(prepared + "-missing")
+
+
+def test_incomplete_prepared_dataset_names_the_missing_files(prepared, tmp_path):
+    Path(f"{prepared}.idx").unlink()
+    with pytest.raises(DataError, match=r"p.bin' is not a complete prepared dataset: one needs .*p.idx and "
+                                        r".*p.tokenizer.json together"):
+        load_training_data([f"{prepared}.bin"], tokenizer_type="byte", seq_length=2, cache_dir=str(tmp_path / "c"))
+    Path(f"{prepared}.tokenizer.json").unlink()
+    Path(f"{prepared}.bin").rename(tmp_path / "tokens.bin")  # e.g. a raw token dump from elsewhere
+    with pytest.raises(DataError, match="tokens.bin' is not a complete prepared dataset"):
+        load_training_data([str(tmp_path / "tokens.bin")], tokenizer_type="byte", seq_length=2,
+                           cache_dir=str(tmp_path / "c"))
 
 
 def test_prepare_data_cli(tmp_path, capsys):

@@ -225,6 +225,27 @@ def test_metrics_jsonl_schema_and_plots(tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_tokens_per_s_counts_train_steps_only(tmp_path, monkeypatch):
+    """Evaluations and checkpoint saves between log lines do not dilute the logged throughput (a fake clock:
+    each train step takes 1 s, each eval and save 100 s)."""
+    clock = [0.0]
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: clock[0])
+
+    def taking(seconds, method):
+        def timed(self, *args, **kwargs):
+            clock[0] += seconds
+            return method(self, *args, **kwargs)
+        return timed
+
+    for name, seconds in (("train_step", 1.0), ("evaluate", 100.0), ("save", 100.0)):
+        monkeypatch.setattr(Trainer, name, taking(seconds, getattr(Trainer, name)))
+    cfg = tiny_config(tmp_path, train_iters=6, log_interval=2, eval_interval=2, save_interval=2)
+    Trainer(cfg, quiet=True).fit()
+    train = [r for r in read_records(tmp_path / "run") if r["type"] == "train"]
+    assert [r["step"] for r in train] == [2, 4, 6]
+    assert [r["tokens_per_s"] for r in train] == [4 * 16] * 3  # micro-batch 4 x 16 tokens per 1 s step
+
+
 def test_logged_loss_is_lm_plus_weighted_aux_and_z(tmp_path):
     cfg = tiny_config(tmp_path, save="run", train_iters=3, micro_batch_size=2, global_batch_size=4)
     cfg.moe.aux_loss_coeff, cfg.moe.z_loss_coeff = 0.3, 0.05

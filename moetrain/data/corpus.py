@@ -76,6 +76,10 @@ def _expand(paths: DataPaths) -> list[tuple[Path, list[Path]]]:
             if not files:
                 raise DataError(f"data directory '{path}' has no .txt or .jsonl files; add some or point elsewhere")
         elif path.is_file():
+            if path.suffix.lower() in (".bin", ".idx"):
+                stem = path.with_suffix("")
+                raise DataError(f"'{path}' is not a complete prepared dataset: one needs {stem}.bin, {stem}.idx and "
+                                f"{stem}.tokenizer.json together, as moetrain prepare-data writes them; re-run it")
             if path.suffix.lower() not in DOCUMENT_SUFFIXES:
                 raise DataError(f"data file '{path}' is neither .txt nor .jsonl; convert it (one document per .txt "
                                 'file, or one {"text": ...} object per .jsonl line)')

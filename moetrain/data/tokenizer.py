@@ -128,10 +128,21 @@ def _trained_bpe(texts: Iterable[str] | None, vocab_size: int) -> Tokenizer:
     return Tokenizer(backend)
 
 
+def check_tokenizer_files(kind: str, vocab_file: str | None, merge_file: str | None) -> None:
+    """Tokenizer files given to a kind that does not read them are a mistake, not something to ignore."""
+    if kind in ("bpe", "byte") and (vocab_file or merge_file):
+        raise DataError(f"--vocab-file/--merge-file are not read by --tokenizer-type {kind}; add --tokenizer-type "
+                        "gpt2 (GPT-2's vocab.json and merges.txt) or json (a tokenizers JSON file), or drop them")
+    if kind == "json" and merge_file:
+        raise DataError("--merge-file is not read by --tokenizer-type json (one tokenizers JSON file as "
+                        "--vocab-file); drop it, or use --tokenizer-type gpt2 for vocab.json + merges.txt")
+
+
 def build_tokenizer(kind: str, *, vocab_file: str | None = None, merge_file: str | None = None,
                     texts: Iterable[str] | None = None, vocab_size: int = 4096) -> Tokenizer:
     """Builds a "gpt2" (from vocab/merge files), "bpe" (trained on `texts`), "byte" tokenizer, or loads a
     "json" one (a `tokenizers` JSON file given as `vocab_file`, e.g. a checkpoint's tokenizer.json)."""
+    check_tokenizer_files(kind, vocab_file, merge_file)
     if kind == "byte":
         return _byte_tokenizer()
     if kind == "json":

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import tempfile
 
 import torch
 from torch import Tensor
@@ -45,11 +44,8 @@ def save_model_checkpoint(out_dir: str, cfg: Config, model_state: dict[str, Tens
     state = {name: tensor.detach().to(torch.float32).contiguous() for name, tensor in model_state.items()}
     if cfg.model.tie_embeddings:
         state["lm_head.weight"] = state["tok_emb.weight"]  # stored once, re-tied on load
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer_path = os.path.join(tmp, "tokenizer.json")
-        tokenizer.save(tokenizer_path)
-        return save_checkpoint(out_dir, 0, model_state=state, optimizer_state={},
-                               extra={"config": cfg.to_dict()}, files={"tokenizer.json": tokenizer_path})
+    return save_checkpoint(out_dir, 0, model_state=state, optimizer_state={},
+                           extra={"config": cfg.to_dict()}, files={"tokenizer.json": tokenizer.to_json()})
 
 
 def train_flags(cfg: Config) -> list[str]:

@@ -331,7 +331,10 @@ def consolidate(load_dir: str, out_dir: str) -> str:
                  optimizer_param_names=optimizer_param_names(model, optimizer))
     extra.pop("rng_per_rank", None)
     tokenizer = os.path.join(reader.path, "tokenizer.json")
-    files = {"tokenizer.json": tokenizer} if os.path.isfile(tokenizer) else {}
+    files = {}
+    if os.path.isfile(tokenizer):
+        with open(tokenizer, encoding="utf-8") as f:
+            files["tokenizer.json"] = f.read()
     return save_checkpoint(out_dir, int(reader.state["iteration"]), model_state=model.state_dict(),
                            optimizer_state=optimizer.state_dict(), extra=extra, files=files)
 

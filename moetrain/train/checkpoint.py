@@ -6,7 +6,7 @@ Layout of ``save_dir``::
     iter_0000100/
         model.safetensors  model weights (tied tensors stored once, see _split_shared)
         state.pt           {"iteration", "optimizer", "extra"}; only tensors, numbers, strings, containers
-        tokenizer.json ... extra files copied in by the caller
+        tokenizer.json ... extra text files given by the caller
 
 A checkpoint is written into a hidden sibling directory, fsynced, then renamed into place with
 ``os.replace``; only after that is ``latest`` replaced (temp file + ``os.replace``). A crash at any
@@ -225,7 +225,8 @@ def save_checkpoint(
 
     ``extra`` holds everything else needed to resume (LR step, loss scaler state, RNG states, data
     position, config dict) and must contain only weights_only-safe values. ``files`` maps a file
-    name inside the checkpoint to a source path to copy (e.g. {"tokenizer.json": path}).
+    name inside the checkpoint to its text (e.g. {"tokenizer.json": tokenizer.to_json()}), written
+    with the rest so a checkpoint always carries the files of the run that wrote it.
     ``keep_last`` then deletes older checkpoints (see _remove_older).
     """
     if iteration < 0:
@@ -233,12 +234,10 @@ def save_checkpoint(
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1 or None (keep all), got {keep_last}")
     files = files or {}
-    for name, source in files.items():
+    for name in files:
         if os.path.basename(name) != name or name in (MODEL_FILE, STATE_FILE) or name.startswith("."):
             raise ValueError(f"extra checkpoint file name {name!r} must be a plain file name other than "
                              f"{MODEL_FILE} and {STATE_FILE}")
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"file {source!r} to copy into the checkpoint as {name} does not exist")
     state = {"iteration": iteration, "optimizer": optimizer_state, "extra": extra}
     _check_weights_only_safe(state, "checkpoint state")
     tensors, aliases = _split_shared(model_state)
@@ -263,15 +262,16 @@ def prepare_tmp_dir(save_dir: str, iteration: int) -> str:
 
 
 def write_state(tmp_dir: str, state: dict, files: dict[str, str]) -> None:
-    """state.pt and the copied extra files, each flushed to disk."""
+    """state.pt and the extra text files, each flushed to disk."""
     with open(os.path.join(tmp_dir, STATE_FILE), "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    for file_name, source in files.items():
-        target = os.path.join(tmp_dir, file_name)
-        shutil.copyfile(source, target)
-        _fsync_path(target)
+    for file_name, text in files.items():
+        with open(os.path.join(tmp_dir, file_name), "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def publish(save_dir: str, iteration: int, keep_last: int | None) -> str:

@@ -196,11 +196,7 @@ class Trainer:
             extra["loss_scaler"] = self.scaler.state_dict()
         if self.distiller is not None:
             extra["distill"] = self.distiller.state_dict()
-        tokenizer_path = os.path.join(save_dir, "tokenizer.json")
-        if self.parallel.rank == 0 and not os.path.exists(tokenizer_path):
-            os.makedirs(save_dir, exist_ok=True)
-            self.tokenizer.save(tokenizer_path)
-        files, keep = {"tokenizer.json": tokenizer_path}, self.cfg.training.keep_last_checkpoints
+        files, keep = {"tokenizer.json": self.tokenizer.to_json()}, self.cfg.training.keep_last_checkpoints
         if self.parallel.distributed or self.cfg.parallel.zero_stage:
             return save_sharded(save_dir, self.iteration, self.model, self.optimizer, extra, capture_rng_state(),
                                 self.parallel, keep, files)
@@ -336,22 +332,23 @@ class Trainer:
         self._print_startup()
         tokens_per_step = self.cfg.global_batch(self.parallel.world_size) * self.cfg.model.seq_length
         losses: list[float] = []
-        window_start, window_steps = time.perf_counter(), 0
+        window_seconds, window_steps = 0.0, 0  # time in train steps only: evals and saves are not training
         bar = tqdm(total=tc.train_iters, initial=self.iteration, disable=self.quiet or not tc.progress_bar,
                    desc="train", unit="step", dynamic_ncols=True)
         last_eval = None
         with contextlib.closing(bar), contextlib.closing(self.metrics):
             while self.iteration < tc.train_iters:
+                step_start = time.perf_counter()
                 step = self.train_step()
+                window_seconds += time.perf_counter() - step_start
                 losses.append(float("nan") if step["skipped"] else step["loss"])
                 window_steps += 1
                 bar.update(1)
                 if self.iteration % tc.log_interval == 0 or self.iteration == tc.train_iters:
-                    elapsed = time.perf_counter() - window_start
-                    record = self._train_record(step, window_steps * tokens_per_step / elapsed)
+                    record = self._train_record(step, window_steps * tokens_per_step / window_seconds)
                     self.metrics.log(record)
                     self._print(format_train_line(record), bar)
-                    window_start, window_steps = time.perf_counter(), 0
+                    window_seconds, window_steps = 0.0, 0
                 if tc.eval_interval and self.iteration % tc.eval_interval == 0 \
                         and self.iteration < tc.train_iters:
                     last_eval = self._log_eval(bar)
