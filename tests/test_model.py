@@ -10,10 +10,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moetrain.config import Config, ModelConfig, MoEConfig
-from moetrain.model import GPT, Block, apply_rope, rope_tables
+from moetrain.model import GPT, Block, RMSNorm, apply_rope, rope_tables
 from moetrain.moe import MLP, MoE
 
 VOCAB, HIDDEN, HEADS, SEQ = 50, 32, 4, 16
@@ -255,7 +256,7 @@ def test_moe_transformer_biases_by_style():
     llama = build("llama", num_experts=[4], expert_interval=1)
     assert [n for n, _ in llama.named_parameters() if "bias" in n.split(".")[-1] or n.endswith(("b1", "b2"))] == []
     assert llama.pos_emb is None
-    assert all(isinstance(m, nn.RMSNorm) for m in (llama.norm, llama.blocks[0].norm1))
+    assert all(isinstance(m, RMSNorm) for m in (llama.norm, llama.blocks[0].norm1))
     gpt = build("gpt", num_experts=[4], expert_interval=1)
     names = {n for n, _ in gpt.named_parameters()}
     for expected in ("blocks.0.attn.qkv.bias", "blocks.0.attn.proj.bias", "blocks.0.norm1.bias",
@@ -279,12 +280,32 @@ def test_moe_transformer_tied_embeddings_share_storage():
 # ---------------------------------------------------------------------------------------------
 # RoPE
 # ---------------------------------------------------------------------------------------------
+def test_rms_norm_matches_torch_and_its_gradients_are_exact():
+    torch.manual_seed(0)
+    norm = RMSNorm(16, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    reference = F.rms_norm(x, [16], norm.weight, 1e-5)
+    torch.testing.assert_close(norm(x), reference)
+    grad = torch.randn_like(reference)
+    expected = torch.autograd.grad(reference, (x, norm.weight), grad)
+    torch.testing.assert_close(torch.autograd.grad(norm(x), (x, norm.weight), grad), expected)
+    wide = RMSNorm(16, eps=1e-5).double()
+    with torch.no_grad():
+        wide.weight.normal_()
+    assert torch.autograd.gradcheck(wide, (torch.randn(2, 3, 16, dtype=torch.float64, requires_grad=True),))
+    half = norm(x.detach().bfloat16())  # statistics in fp32, output in the input's precision
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), reference.detach(), atol=0.05, rtol=0.02)
+
+
 def test_rope_tables_and_rotation_by_hand():
     cos, sin = rope_tables(4, 4, 100.0)
     # angle(t, i) = t / theta^(2i / d): inv_freq = [1, 1/10] for d=4, theta=100
     expected = torch.tensor([[t * 1.0, t / 10.0] for t in range(4)])
-    torch.testing.assert_close(cos, expected.cos())
-    torch.testing.assert_close(sin, expected.sin())
+    torch.testing.assert_close(cos, torch.cat([expected.cos(), expected.cos()], dim=-1))
+    torch.testing.assert_close(sin, torch.cat([-expected.sin(), expected.sin()], dim=-1))  # signed for the first half
     # d=2: the pair (x1, x2) at position t rotates by t radians
     cos2, sin2 = rope_tables(3, 2, 10000.0)
     x = torch.tensor([[0.3, -0.7]] * 3)

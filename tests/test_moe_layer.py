@@ -329,6 +329,7 @@ def test_moe_expert_grouped_matches_module_experts(activation, bias, shape, dtyp
 def test_moe_expert_threaded_cpu_path_matches_single_grouped_pass(activation, bias):
     """On a multi-threaded CPU the experts run one by one on worker threads; with one thread the
     whole range runs as one grouped pass. Same outputs and gradients, both paths really taken."""
+    from moetrain.moe.expert_threads import THREADED_BELOW_ROWS_PER_EXPERT
     from moetrain.moe.experts import use_expert_threads
 
     counts = [7, 0, 12, 1, 0, 9, 3, 5]  # uneven, with empty experts
@@ -344,6 +345,8 @@ def test_moe_expert_threaded_cpu_path_matches_single_grouped_pass(activation, bi
         for n in (1, 2):
             torch.set_num_threads(n)
             assert use_expert_threads(rows, counts) == (n == 2)
+            big = torch.empty(THREADED_BELOW_ROWS_PER_EXPERT * len(counts), 16)  # stays on BLAS threads
+            assert not use_expert_threads(big, counts) and use_expert_threads(big[:-1], counts) == (n == 2)
             experts.zero_grad(set_to_none=True)
             r, w = rows.clone().requires_grad_(), route.clone().requires_grad_()
             out = experts(r, counts, w)

@@ -19,19 +19,26 @@ import torch
 from torch import Tensor
 
 TASKS_PER_WORKER = 8  # enough to even out uneven expert loads, few enough to amortise Python
+# From this many rows per expert on, the BLAS library's own split of each expert's GEMMs over all
+# threads is as fast (BENCHMARKS.md, "Training throughput"), and the workers would only add
+# contention with its spinning OpenMP threads.
+THREADED_BELOW_ROWS_PER_EXPERT = 512
 
 _pool: ThreadPoolExecutor | None = None
 _pool_workers = 0
 
 
 def use_expert_threads(x: Tensor, counts: list[int]) -> bool:
-    """Threaded experts on a CPU with several threads and at least two experts per thread.
+    """Threaded experts on a CPU with several threads, at least two experts per thread, and
+    blocks small enough (fewer than THREADED_BELOW_ROWS_PER_EXPERT rows per expert on average)
+    that the BLAS library splits them poorly.
 
     Not under CPU autocast: its state is thread-local and would not reach the workers.
     """
     threads = torch.get_num_threads()
     return (x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-            and threads > 1 and len(counts) >= 2 * threads)
+            and threads > 1 and len(counts) >= 2 * threads
+            and x.shape[0] < THREADED_BELOW_ROWS_PER_EXPERT * len(counts))
 
 
 def expert_tasks(counts: list[int], workers: int) -> list[slice]:
