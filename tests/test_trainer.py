@@ -296,22 +296,24 @@ def faults_of_touching_64_mib():
     torch.ones(16 * 2**20)  # 64 MiB written, then freed
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-print(applied, min(faults_of_touching_64_mib() for _ in range(4)))
+faults = [faults_of_touching_64_mib() for _ in range(10)]
+print(applied, min(faults[-3:]), max(faults[-3:]))  # once the heap has settled (3-5 allocations)
 """
 
 
 @pytest.mark.parametrize("opt_out", [False, True], ids=["default", "opted-out"])
 def test_host_memory_freed_pages_are_reused_not_faulted_in_again(opt_out):
     """A step's large buffers come back from the heap: a repeated 64 MiB allocation takes almost
-    no page faults (16384 4-KiB pages when each allocation is a fresh mmap)."""
+    no page faults (16384 4-KiB pages when each allocation is a fresh mmap). The first few may
+    still grow the heap, depending on where other threads' small blocks land."""
     import subprocess
     import sys
 
     env = dict(os.environ, MOETRAIN_KEEP_FREED_MEMORY="0" if opt_out else "1")
     out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], env=env, capture_output=True,
                          text=True, check=True).stdout.split()
-    applied, faults = out[0] == "True", int(out[1])
+    applied, fewest, most = out[0] == "True", int(out[1]), int(out[2])
     if opt_out:
-        assert not applied and faults > 8000
+        assert not applied and fewest > 8000
     else:
-        assert applied and faults < 1000
+        assert applied and most < 1000
