@@ -33,7 +33,7 @@ import torch.multiprocessing as mp
 
 from moetrain.config import Config
 from moetrain.moe import dispatcher as dispatcher_module
-from moetrain.parallel.checkpoint import _optimizer_states
+from moetrain.checkpoint.layout import optimizer_states
 from moetrain.train.trainer import Trainer
 
 LAYOUTS = [  # (name, world size, parallel config)
@@ -110,7 +110,7 @@ def _worker(rank: int, world: int, port: int, data_dir: str, parallel: dict, ste
         elapsed = time.perf_counter() - start
         times.append(elapsed)
         shares.append(exchange[0] / elapsed)
-    states = _optimizer_states(trainer.optimizer, list(trainer.model.parameters()))
+    states = optimizer_states(trainer.optimizer, list(trainer.model.parameters()))
     optim_bytes = _tensor_bytes(v for state in states.values() for v in state.values())
     results[rank] = (statistics.median(times), statistics.median(shares), optim_bytes, peak_grads[0])
     if world > 1:

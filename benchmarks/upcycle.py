@@ -27,7 +27,7 @@ import time
 import torch
 
 from moetrain.config import Config, MoEConfig
-from moetrain.generate import load_model
+from moetrain.checkpoint import load_model
 from moetrain.interop import save_model_checkpoint
 from moetrain.interop.upcycle import upcycle
 from moetrain.train.trainer import Trainer

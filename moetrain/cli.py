@@ -63,7 +63,7 @@ def _lm_eval(argv: list[str]) -> int:
 
 
 def _consolidate(argv: list[str]) -> int:
-    from moetrain.parallel.checkpoint import consolidate_main
+    from moetrain.checkpoint import consolidate_main
 
     return consolidate_main(argv)
 
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"\nmoetrain: unknown command {argv[0]!r}", file=sys.stderr)
             sys.exit(2)
         sys.exit(0)
-    from moetrain.train.checkpoint import CheckpointError
+    from moetrain.checkpoint.storage import CheckpointError
 
     try:
         code = COMMANDS[argv[0]](argv[1:])

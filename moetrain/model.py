@@ -43,6 +43,11 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos.to(x.dtype) + swapped * sin.to(x.dtype)
 
 
+def tied_weights(cfg: ModelConfig) -> dict[str, str]:
+    """Parameters that are another parameter's tensor: name -> the name it is tied to (stored under)."""
+    return {"lm_head.weight": "tok_emb.weight"} if cfg.tie_embeddings else {}
+
+
 def make_norm(cfg: ModelConfig) -> nn.Module:
     """LayerNorm for the GPT style, RMSNorm for the Llama style."""
     if cfg.style == "gpt":

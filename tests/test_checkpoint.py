@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from moetrain.train import checkpoint as ckpt
-from moetrain.train.checkpoint import (
+from moetrain.checkpoint import storage as ckpt
+from moetrain.checkpoint import (
     CheckpointError,
     capture_rng_state,
     list_checkpoints,
@@ -213,3 +213,52 @@ def test_keep_last_deletes_only_older_checkpoints(tmp_path):
     assert load_checkpoint(str(tmp_path)).iteration == 2
     with pytest.raises(ValueError, match="keep_last"):
         _save(tmp_path, 9, keep_last=0)
+
+
+BEFORE = os.path.join(os.path.dirname(__file__), "data", "checkpoints_before_issue15")
+
+
+def _fixture_config(tmp_path, load: str):
+    """The run that wrote tests/data/checkpoints_before_issue15, resumed for one more step."""
+    from tests.test_trainer import tiny_config
+
+    cfg = tiny_config(tmp_path, save=None, train_iters=3, lr_decay_style="constant", load=load)
+    m = cfg.model
+    m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length = 2, 16, 2, 16
+    cfg.moe.num_experts, cfg.moe.expert_interval, cfg.moe.topk = [2], 1, 1
+    cfg.moe.drop_tokens, cfg.moe.use_rts, cfg.moe.top2_2nd_expert_sampling = False, False, False
+    cfg.training.micro_batch_size, cfg.training.global_batch_size = 2, 4
+    cfg.data.cache_dir = None
+    return cfg
+
+
+@pytest.mark.parametrize("layout", ["single", "sharded"])
+def test_checkpoints_written_before_the_checkpoint_package_load_and_resume_as_they_did(layout, tmp_path):
+    """Both on-disk formats of the code before moetrain.checkpoint existed: the same weights (logits) and the
+    same resumed loss that code got from them (tests/data/checkpoints_before_issue15/expected.json)."""
+    import json
+
+    from moetrain.checkpoint import load_model
+    from moetrain.train.trainer import Trainer
+
+    with open(os.path.join(BEFORE, "expected.json")) as f:
+        expected = json.load(f)
+    path = os.path.join(BEFORE, layout)
+    model, _, _ = load_model(path)
+    assert model.lm_head.weight is model.tok_emb.weight  # stored once (the sharded index had no aliases then)
+    ids = torch.arange(16).view(1, 16) * 7 % 250
+    with torch.no_grad():
+        assert float(model(ids).logits.double().sum()) == pytest.approx(expected["logits_sum"][layout], abs=1e-9)
+    if layout == "sharded":  # pieces of a 2-process tensor-parallel run, against an independent reading
+        with open(os.path.join(path, "iter_0000002", "index.json")) as f:
+            index = json.load(f)["tensors"]
+        entries = index["model/blocks.0.attn.qkv.weight"]
+        assert len(entries) == 2 and entries[0]["dim"] == 0
+        from safetensors import safe_open
+
+        for entry in entries:
+            with safe_open(os.path.join(path, "iter_0000002", entry["file"]), "pt") as shard:
+                part = shard.get_tensor("model/blocks.0.attn.qkv.weight")
+            assert torch.equal(model.blocks[0].attn.qkv.weight.detach()[entry["index"]], part)
+    result = Trainer(_fixture_config(tmp_path, path), quiet=True).fit()
+    assert result.losses == [expected["resumed_loss_at_step_3"][layout]]

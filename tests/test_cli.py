@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from moetrain.cli import main
-from moetrain.generate import load_model
-from moetrain.train.checkpoint import load_checkpoint
+from moetrain.checkpoint import load_model
+from moetrain.checkpoint import load_checkpoint
 from tests.conftest import TEXT, write_corpus
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}

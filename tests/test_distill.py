@@ -10,8 +10,8 @@ import torch
 
 from moetrain.cli import main
 from moetrain.config import Config, ConfigError, parse_train_args
-from moetrain.generate import load_model
-from moetrain.train.checkpoint import load_checkpoint
+from moetrain.checkpoint import load_model
+from moetrain.checkpoint import load_checkpoint
 from moetrain.train.distill import Distiller, kd_loss, teacher_layer_map
 from moetrain.train.trainer import Trainer
 from tests.test_trainer import read_records, tiny_config

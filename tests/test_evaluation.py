@@ -281,7 +281,7 @@ def test_lm_eval_runs_a_local_task_on_a_checkpoint(checkpoint, tmp_path):
     results = lm_eval.simple_evaluate(model="moetrain", model_args=f"path={checkpoint}",
                                       tasks=["moetrain_toy_piqa"], task_manager=manager, batch_size=4)
     harness = results["results"]["moetrain_toy_piqa"]
-    from moetrain.generate import load_model
+    from moetrain.checkpoint import load_model
 
     model, tokenizer, _ = load_model(checkpoint)
     ours = evaluate_task(read_task("piqa", DATA / "piqa.jsonl"), LMScorer(model, tokenizer, batch_size=4))

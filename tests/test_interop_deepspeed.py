@@ -26,10 +26,10 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 from moetrain.cli import main
 from moetrain.config import Config
 from moetrain.data import Tokenizer, build_tokenizer
-from moetrain.generate import load_model
+from moetrain.checkpoint import load_model
 from moetrain.interop.deepspeed import import_deepspeed
 from moetrain.model import GPT
-from moetrain.train.checkpoint import CheckpointError
+from moetrain.checkpoint import CheckpointError
 
 TAG = "global_step7"
 

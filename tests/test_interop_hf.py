@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 from moetrain.cli import main
 from moetrain.config import Config, parse_train_args
 from moetrain.data import Tokenizer, build_tokenizer
-from moetrain.generate import load_model
+from moetrain.checkpoint import load_model
 from moetrain.interop import export_hf, import_hf, save_model_checkpoint, train_command
 from moetrain.model import GPT
 from moetrain.train.trainer import Trainer

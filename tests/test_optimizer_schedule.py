@@ -10,7 +10,8 @@ from torch import nn
 
 from moetrain.train.lr_schedule import LRSchedule
 from moetrain.train.optimizer import build_optimizer
-from moetrain.train.precision import LossScaler, autocast
+from moetrain.precision import autocast
+from moetrain.train.precision import LossScaler
 
 
 class TinyMoELike(nn.Module):

@@ -11,8 +11,7 @@ import torch
 
 from moetrain.cli import main as cli_main
 from moetrain.config import Config
-from moetrain.parallel.checkpoint import CheckpointReader, consolidate
-from moetrain.train.checkpoint import CheckpointError, load_checkpoint
+from moetrain.checkpoint import CheckpointError, CheckpointReader, consolidate, load_checkpoint
 from moetrain.train.trainer import Trainer
 from tests.test_parallel_training import parallel_config, reference, run_parallel, select
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moetrain.config import Config
-from moetrain.parallel.checkpoint import model_pieces
+from moetrain.checkpoint import model_pieces
 from moetrain.train.trainer import Trainer
 from tests.test_trainer import tiny_config
 

@@ -29,7 +29,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
                       "pip install 'moetrain[lm-eval]'") from None
 
 from moetrain.evaluation.scorer import LMScorer
-from moetrain.generate import load_model
+from moetrain.checkpoint import load_model
 
 DEFAULT_BATCH_SIZE = 8
 

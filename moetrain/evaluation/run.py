@@ -17,7 +17,7 @@ from typing import Any
 from moetrain.data import DataError, read_documents
 from moetrain.evaluation.scorer import LMScorer
 from moetrain.evaluation.tasks import HEADLINE_METRIC, Task, evaluate_task, read_task
-from moetrain.generate import load_model
+from moetrain.checkpoint import load_model
 
 
 def perplexity(scorer: LMScorer, texts: list[str]) -> dict[str, float]:

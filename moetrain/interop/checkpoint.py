@@ -16,7 +16,7 @@ from torch import Tensor
 from moetrain.config import Config, ModelConfig, MoEConfig, build_train_parser
 from moetrain.data import Tokenizer
 from moetrain.model import GPT
-from moetrain.train.checkpoint import iter_dir_name, list_checkpoints, save_checkpoint
+from moetrain.checkpoint.storage import iter_dir_name, list_checkpoints, save_checkpoint
 
 
 def check_new_checkpoint_dir(out_dir: str) -> None:

@@ -47,7 +47,7 @@ from moetrain.config import Config
 from moetrain.data import Tokenizer
 from moetrain.interop.checkpoint import check_new_checkpoint_dir, save_model_checkpoint
 from moetrain.moe import from_deepspeed_state_dict
-from moetrain.train.checkpoint import CheckpointError
+from moetrain.checkpoint.storage import CheckpointError
 
 MAIN_FILE = "mp_rank_00_model_states.pt"
 EXPERT_FILE_RE = re.compile(r"^(layer_(\d+)_)?expert_(\d+)_mp_rank_00_model_states\.pt$")

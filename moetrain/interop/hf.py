@@ -40,7 +40,7 @@ from torch import Tensor
 
 from moetrain.config import Config
 from moetrain.data import DataError, Tokenizer
-from moetrain.generate import load_model
+from moetrain.checkpoint import load_model
 from moetrain.interop.checkpoint import check_new_checkpoint_dir, save_model_checkpoint
 
 IMPORTABLE = ("llama", "mistral", "mixtral", "qwen2_moe", "ernie4_5_moe")

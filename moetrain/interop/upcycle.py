@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from moetrain.config import Config, MoEConfig
-from moetrain.generate import load_model
+from moetrain.checkpoint import load_model
 from moetrain.interop.checkpoint import check_new_checkpoint_dir, save_model_checkpoint
 from moetrain.model import GPT
 

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
 from moetrain.moe.router import RoutingDecision
-from moetrain.parallel.comm import copy_to_group, reduce_from_group
+from moetrain.comm import copy_to_group, reduce_from_group
 
 
 @dataclass

@@ -22,7 +22,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from moetrain.model import GPT
 from moetrain.moe import MoE
 from moetrain.parallel.mesh import ParallelState
-from moetrain.train.precision import AUTOCAST_DTYPES, autocast
+from moetrain.precision import AUTOCAST_DTYPES, autocast
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moetrain.parallel.comm import copy_to_group, reduce_from_group
+from moetrain.comm import copy_to_group, reduce_from_group
 
 
 def shard_index(size: int, parts: int, rank: int, ranks: int) -> Tensor:

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from moetrain.config import Config, ConfigError, MoEConfig
 from moetrain.data import Tokenizer
-from moetrain.generate import load_model
+from moetrain.checkpoint import load_model
 from moetrain.model import GPT
 
 

@@ -1,24 +1,11 @@
-"""Mixed precision: autocast contexts and a DeepSpeed-compatible fp16 loss scaler."""
+"""fp16 loss scaling, DeepSpeed-compatible (autocast lives in moetrain.precision)."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable
 from typing import Any
 
 import torch
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-PRECISIONS = ("fp32", *AUTOCAST_DTYPES)
-
-
-def autocast(device_type: str, precision: str) -> contextlib.AbstractContextManager:
-    """Autocast context for "bf16" / "fp16", and a no-op context for "fp32"."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision not in AUTOCAST_DTYPES:
-        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-    return torch.autocast(device_type=device_type, dtype=AUTOCAST_DTYPES[precision])
 
 
 class LossScaler:

@@ -22,14 +22,8 @@ from tqdm import tqdm
 
 from moetrain.config import Config, ConfigError
 from moetrain.data import load_training_data
+from moetrain.checkpoint import restore, restore_rng_state, save
 from moetrain.model import GPT
-from moetrain.parallel.checkpoint import (
-    CheckpointReader,
-    load_into,
-    optimizer_param_names,
-    rank_rng_state,
-    save_sharded,
-)
 from moetrain.parallel.data_parallel import (
     all_reduce_gradients,
     clip_gradients,
@@ -50,18 +44,13 @@ from moetrain.parallel.pipeline import (
 )
 from moetrain.parallel.zero import ZeroOptimizer
 from moetrain.plot import plot_metrics
-from moetrain.train.checkpoint import (
-    capture_rng_state,
-    resolve_checkpoint_dir,
-    restore_rng_state,
-    save_checkpoint,
-)
+from moetrain.precision import autocast
 from moetrain.train.distill import Distiller
 from moetrain.train.host_memory import keep_freed_memory
 from moetrain.train.lr_schedule import LRSchedule
 from moetrain.train.metrics import MetricsLogger, format_eval_line, format_train_line
 from moetrain.train.optimizer import build_optimizer
-from moetrain.train.precision import LossScaler, autocast
+from moetrain.train.precision import LossScaler
 
 
 def resolve_device(name: str) -> torch.device:
@@ -159,33 +148,19 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------
     def _resume(self, load_dir: str) -> None:
-        """Same layout, one process: load as saved (bit-exact). Otherwise map any layout onto this one."""
-        reader = CheckpointReader(resolve_checkpoint_dir(load_dir))
-        # Weights only (moetrain import / upcycle write no data position): a new run from these weights.
-        fresh_start = "data" not in reader.state["extra"]
-        if reader.sharded or self.parallel.distributed or self.cfg.parallel.zero_stage:
-            load_into(reader, self.model, self.optimizer)
-        else:
-            try:
-                self.model.load_state_dict(reader.model_state())
-            except RuntimeError as error:
-                detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
-                raise ConfigError(f"checkpoint {reader.path} does not fit this model ({detail}); resume with the "
-                                  "model and MoE flags it was trained with") from None
-            if not fresh_start:
-                self.optimizer.load_state_dict(reader.state["optimizer"])
-        if fresh_start:
-            self._print(f"initialised from the weights in {reader.path}; optimizer, schedule and data start afresh")
+        restored = restore(load_dir, self.model, self.optimizer, self.parallel)
+        if restored.fresh_start:
+            self._print(f"initialised from the weights in {restored.path}; optimizer, schedule and data start afresh")
             return
-        extra = reader.state["extra"]
+        extra = restored.extra
         if self.scaler is not None and "loss_scaler" in extra:
             self.scaler.load_state_dict(extra["loss_scaler"])
         self.train_data.load_state_dict(extra["data"])
-        restore_rng_state(rank_rng_state(extra, self.parallel.rank, self.parallel.world_size))
+        restore_rng_state(restored.rng)
         if self.distiller is not None and "distill" in extra:
             self.distiller.load_state_dict(extra["distill"])  # a stopped distillation stays stopped
-        self.iteration = int(reader.state["iteration"])
-        self._print(f"resumed from {reader.path} at iteration {self.iteration}")
+        self.iteration = restored.iteration
+        self._print(f"resumed from {restored.path} at iteration {self.iteration}")
 
     def save(self) -> str | None:
         save_dir = self.cfg.training.save
@@ -196,14 +171,9 @@ class Trainer:
             extra["loss_scaler"] = self.scaler.state_dict()
         if self.distiller is not None:
             extra["distill"] = self.distiller.state_dict()
-        files, keep = {"tokenizer.json": self.tokenizer.to_json()}, self.cfg.training.keep_last_checkpoints
-        if self.parallel.distributed or self.cfg.parallel.zero_stage:
-            return save_sharded(save_dir, self.iteration, self.model, self.optimizer, extra, capture_rng_state(),
-                                self.parallel, keep, files)
-        extra.update(rng=capture_rng_state(), optimizer_param_names=optimizer_param_names(self.model, self.optimizer))
-        return save_checkpoint(save_dir, self.iteration, model_state=self.model.state_dict(),
-                               optimizer_state=self.optimizer.state_dict(), extra=extra, keep_last=keep,
-                               files=files)
+        return save(save_dir, self.iteration, self.model, self.optimizer, self.parallel, extra=extra,
+                    files={"tokenizer.json": self.tokenizer.to_json()},
+                    keep_last=self.cfg.training.keep_last_checkpoints)
 
     # -- one optimizer step -----------------------------------------------------------------
     def train_step(self) -> dict:

@@ -1,10 +1,11 @@
-"""Atomic, code-free checkpoints: safetensors weights + a weights_only-loadable state.pt.
+"""Checkpoint storage: atomic publishing, the single-process weights file and the weights_only state.pt.
 
-Layout of ``save_dir``::
+Layout of ``save_dir`` (a sharded checkpoint has index.json + shard-NNNNN.safetensors in place of
+model.safetensors, see moetrain.checkpoint.sharded)::
 
     latest                 text file naming the newest complete checkpoint, e.g. "iter_0000100"
     iter_0000100/
-        model.safetensors  model weights (tied tensors stored once, see _split_shared)
+        model.safetensors  model weights (tied tensors stored once, see split_shared)
         state.pt           {"iteration", "optimizer", "extra"}; only tensors, numbers, strings, containers
         tokenizer.json ... extra text files given by the caller
 
@@ -19,21 +20,17 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import random
 import re
 import shutil
-import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 MODEL_FILE = "model.safetensors"
-SHARD_INDEX_FILE = "index.json"  # a sharded (multi-process) checkpoint: see moetrain.parallel.checkpoint
+SHARD_INDEX_FILE = "index.json"  # a sharded checkpoint: see moetrain.checkpoint.sharded
 STATE_FILE = "state.pt"
 LATEST_FILE = "latest"
 TMP_PREFIX = ".tmp-"
@@ -49,17 +46,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be read safely (corrupt, truncated, or contains pickled code)."""
 
 
-@dataclass
-class Checkpoint:
-    """What load_checkpoint returns; tensors are on CPU."""
-
-    iteration: int
-    model_state: dict[str, torch.Tensor]
-    optimizer_state: dict
-    extra: dict
-    path: str
-
-
 def iter_dir_name(iteration: int) -> str:
     """Zero-padded so directory listings sort by iteration."""
     return f"iter_{iteration:07d}"
@@ -73,56 +59,10 @@ def list_checkpoints(save_dir: str) -> list[int]:
     return sorted(int(m.group(1)) for m in found if m and os.path.isdir(os.path.join(save_dir, m.group(0))))
 
 
-# ---------------------------------------------------------------------------------------------- RNG
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """RNG states of python ``random``, numpy, torch CPU and CUDA, as weights_only-safe values."""
-    np_state = np.random.get_state(legacy=False)
-    state = {
-        "python": random.getstate(),  # (version, tuple of ints, gauss_next): already safe
-        "numpy": {
-            "bit_generator": np_state["bit_generator"],
-            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-            "pos": int(np_state["state"]["pos"]),
-            "has_gauss": int(np_state["has_gauss"]),
-            "gauss": float(np_state["gauss"]),
-        },
-        "torch_cpu": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["torch_cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of ``capture_rng_state``; CUDA states are restored for the devices present."""
-    missing = {"python", "numpy", "torch_cpu"} - state.keys()
-    if missing:
-        raise KeyError(f"RNG state lacks {sorted(missing)}; pass a dict made by capture_rng_state()")
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    np_state = state["numpy"]
-    np.random.set_state({
-        "bit_generator": np_state["bit_generator"],
-        "state": {"key": np.asarray(np_state["key"], dtype=np.uint32), "pos": np_state["pos"]},
-        "has_gauss": np_state["has_gauss"],
-        "gauss": np_state["gauss"],
-    })
-    torch.set_rng_state(state["torch_cpu"])
-    cuda_states = state.get("torch_cuda")
-    if cuda_states and torch.cuda.is_available():
-        if len(cuda_states) != torch.cuda.device_count():
-            warnings.warn(f"checkpoint holds CUDA RNG states for {len(cuda_states)} devices but "
-                          f"{torch.cuda.device_count()} are visible; restoring the overlapping ones")
-        for device_index, device_state in enumerate(cuda_states[: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(device_state, device_index)
-
-
 # --------------------------------------------------------------------------------------------- save
 
 
-def _split_shared(model_state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def split_shared(model_state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Store each tied tensor once: return (tensors to write, alias name -> stored name).
 
     Tensors that are the same view of the same storage (tied embedding / LM head) become aliases and
@@ -158,7 +98,7 @@ def _split_shared(model_state: dict[str, torch.Tensor]) -> tuple[dict[str, torch
     return to_write, aliases
 
 
-def _check_weights_only_safe(value: Any, where: str) -> None:
+def check_weights_only_safe(value: Any, where: str) -> None:
     """Reject anything torch.load(weights_only=True) would refuse, naming where it sits."""
     if isinstance(value, torch.Tensor):
         if type(value) not in (torch.Tensor, torch.nn.Parameter):
@@ -172,11 +112,11 @@ def _check_weights_only_safe(value: Any, where: str) -> None:
                         f"weights_only checkpoint cannot hold; convert it to tensors, numbers, strings, lists or dicts")
     if isinstance(value, dict):
         for key, item in value.items():
-            _check_weights_only_safe(key, f"{where} key {key!r}")
-            _check_weights_only_safe(item, f"{where}[{key!r}]")
+            check_weights_only_safe(key, f"{where} key {key!r}")
+            check_weights_only_safe(item, f"{where}[{key!r}]")
     else:
         for index, item in enumerate(value):
-            _check_weights_only_safe(item, f"{where}[{index}]")
+            check_weights_only_safe(item, f"{where}[{index}]")
 
 
 def _fsync_path(path: str) -> None:
@@ -239,8 +179,8 @@ def save_checkpoint(
             raise ValueError(f"extra checkpoint file name {name!r} must be a plain file name other than "
                              f"{MODEL_FILE} and {STATE_FILE}")
     state = {"iteration": iteration, "optimizer": optimizer_state, "extra": extra}
-    _check_weights_only_safe(state, "checkpoint state")
-    tensors, aliases = _split_shared(model_state)
+    check_weights_only_safe(state, "checkpoint state")
+    tensors, aliases = split_shared(model_state)
 
     tmp_dir = prepare_tmp_dir(save_dir, iteration)
     model_path = os.path.join(tmp_dir, MODEL_FILE)
@@ -326,7 +266,7 @@ def resolve_checkpoint_dir(load_dir: str, iteration: int | None = None) -> str:
     return path
 
 
-def _load_model_state(path: str) -> dict[str, torch.Tensor]:
+def load_model_state(path: str) -> dict[str, torch.Tensor]:
     model_path = os.path.join(path, MODEL_FILE)
     if not os.path.isfile(model_path):
         raise FileNotFoundError(f"checkpoint {path!r} has no {MODEL_FILE}; it is incomplete or not a moetrain "
@@ -343,7 +283,7 @@ def _load_model_state(path: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _load_state(path: str) -> dict:
+def load_state(path: str) -> dict:
     state_path = os.path.join(path, STATE_FILE)
     if not os.path.isfile(state_path):
         raise FileNotFoundError(f"checkpoint {path!r} has no {STATE_FILE}; it is incomplete or not a moetrain "
@@ -358,23 +298,3 @@ def _load_state(path: str) -> dict:
     if not isinstance(state, dict) or not {"iteration", "optimizer", "extra"} <= state.keys():
         raise CheckpointError(f"{state_path} is not a moetrain checkpoint state (missing iteration/optimizer/extra)")
     return state
-
-
-def load_checkpoint(load_dir: str, iteration: int | None = None) -> Checkpoint:
-    """Load the checkpoint named by ``load_dir/latest``, a given iteration, or ``load_dir`` itself
-    when it is an ``iter_*`` directory. Tensors come back on CPU; nothing but plain data is unpickled."""
-    path = resolve_checkpoint_dir(load_dir, iteration)
-    state = _load_state(path)
-    if os.path.isfile(os.path.join(path, SHARD_INDEX_FILE)):  # written by several processes
-        from moetrain.parallel.checkpoint import CheckpointReader
-
-        model_state = CheckpointReader(path).model_state()
-    else:
-        model_state = _load_model_state(path)
-    return Checkpoint(
-        iteration=int(state["iteration"]),
-        model_state=model_state,
-        optimizer_state=state["optimizer"],
-        extra=state["extra"],
-        path=path,
-    )

@@ -1,0 +1,39 @@
+"""Checkpoints: `save` / `restore` (either format, chosen from the run's layout), `load_model`, `consolidate`.
+
+Modules, each importing only those before it: storage (files, atomic publish, state.pt), rng,
+layout (pieces and global names of a sharded model), sharded (the multi-process writer), reader
+(any format, any selection), api (what the rest of moetrain calls).
+"""
+
+from moetrain.checkpoint.api import Restored, consolidate, consolidate_main, load_model, restore, save
+from moetrain.checkpoint.layout import Piece, model_pieces
+from moetrain.checkpoint.reader import Checkpoint, CheckpointReader, load_checkpoint
+from moetrain.checkpoint.rng import capture_rng_state, restore_rng_state
+from moetrain.checkpoint.storage import (
+    CheckpointError,
+    iter_dir_name,
+    list_checkpoints,
+    resolve_checkpoint_dir,
+    save_checkpoint,
+)
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointReader",
+    "Piece",
+    "Restored",
+    "capture_rng_state",
+    "consolidate",
+    "consolidate_main",
+    "iter_dir_name",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_model",
+    "model_pieces",
+    "resolve_checkpoint_dir",
+    "restore",
+    "restore_rng_state",
+    "save",
+    "save_checkpoint",
+]

@@ -1,0 +1,132 @@
+"""One way in and out: `save` and `restore` pick the format, `load_model` rebuilds a trained model.
+
+A checkpoint is single-process (model.safetensors + state.pt, bit-exact resume in one process) when
+one process holds the whole model and optimizer, and sharded (index.json + one shard per rank) when
+several processes or ZeRO hold parts of them; either format loads into any layout.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from torch import nn
+
+from moetrain.checkpoint.layout import OPTIMIZER_PARAM_NAMES, optimizer_param_names
+from moetrain.checkpoint.reader import CheckpointReader, load_checkpoint, load_into
+from moetrain.checkpoint.rng import capture_rng_state, rank_rng_state
+from moetrain.checkpoint.sharded import save_sharded
+from moetrain.checkpoint.storage import resolve_checkpoint_dir, save_checkpoint
+from moetrain.config import Config, ConfigError, ParallelConfig
+from moetrain.data import Tokenizer
+from moetrain.model import GPT
+from moetrain.parallel.mesh import ParallelState
+from moetrain.parallel.zero import ZeroOptimizer
+from moetrain.train.optimizer import build_optimizer
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def _sharded(state: ParallelState, optimizer) -> bool:
+    """Whether this run's state is spread over processes (or ZeRO shares), so only the sharded format holds it."""
+    return state.distributed or isinstance(optimizer, ZeroOptimizer)
+
+
+def save(save_dir: str, iteration: int, model: nn.Module, optimizer, state: ParallelState, *, extra: dict,
+         files: dict[str, str] | None = None, keep_last: int | None = None) -> str:
+    """Atomically write this run's checkpoint for `iteration` (every rank calls it); return its path.
+
+    `extra` (data position, config, loss scaler, ...) is the same on every rank; each rank's RNG
+    state is added here.
+    """
+    if _sharded(state, optimizer):
+        return save_sharded(save_dir, iteration, model, optimizer, extra, capture_rng_state(), state,
+                            keep_last, files)
+    extra = {**extra, "rng": capture_rng_state(), OPTIMIZER_PARAM_NAMES: optimizer_param_names(model, optimizer)}
+    return save_checkpoint(save_dir, iteration, model_state=model.state_dict(),
+                           optimizer_state=optimizer.state_dict(), extra=extra, keep_last=keep_last, files=files)
+
+
+@dataclass
+class Restored:
+    """What `restore` read besides the tensors it loaded."""
+
+    path: str
+    iteration: int
+    extra: dict
+    fresh_start: bool  # weights only (an import or upcycle): optimizer, schedule and data start afresh
+    rng: dict | None  # this rank's saved RNG state (None for a fresh start)
+
+
+def restore(load_dir: str, model: nn.Module, optimizer, state: ParallelState) -> Restored:
+    """Load a checkpoint of any layout into this rank's model and optimizer.
+
+    Same layout in one process: loaded as saved (bit-exact). Otherwise each rank reads its pieces.
+    """
+    reader = CheckpointReader(resolve_checkpoint_dir(load_dir))
+    extra = reader.state["extra"]
+    fresh_start = "data" not in extra
+    if reader.sharded or _sharded(state, optimizer):
+        load_into(reader, model, optimizer)
+    else:
+        try:
+            model.load_state_dict(reader.model_state())
+        except RuntimeError as error:
+            detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
+            raise ConfigError(f"checkpoint {reader.path} does not fit this model ({detail}); resume with the "
+                              "model and MoE flags it was trained with") from None
+        if not fresh_start:
+            optimizer.load_state_dict(reader.state["optimizer"])
+    rng = None if fresh_start else rank_rng_state(extra, state.rank, state.world_size)
+    return Restored(reader.path, int(reader.state["iteration"]), extra, fresh_start, rng)
+
+
+def load_model(load_dir: str, device: str = "cpu") -> tuple[GPT, Tokenizer, Config]:
+    """Rebuild the model a checkpoint (of any layout) was trained with, its weights, and its tokenizer."""
+    ckpt = load_checkpoint(load_dir)
+    cfg = Config.from_dict(ckpt.extra["config"])
+    tokenizer_path = os.path.join(ckpt.path, TOKENIZER_FILE)
+    if not os.path.exists(tokenizer_path):
+        raise FileNotFoundError(f"{ckpt.path} has no {TOKENIZER_FILE}; was it written by `moetrain train`?")
+    tokenizer = Tokenizer.load(tokenizer_path)
+    if tokenizer.vocab_size > cfg.model.vocab_size:  # fewer is fine: a padded (e.g. Megatron) vocabulary
+        raise ValueError(f"{tokenizer_path} has {tokenizer.vocab_size} tokens, more than the model's "
+                         f"{cfg.model.vocab_size}; put back the {TOKENIZER_FILE} this checkpoint was saved with")
+    model = GPT(cfg.model, cfg.moe)
+    model.load_state_dict(ckpt.model_state)
+    return model.to(device).eval(), tokenizer, cfg
+
+
+def consolidate(load_dir: str, out_dir: str) -> str:
+    """Merge a checkpoint of any layout into a single-process one: whole tensors, torch optimizer state."""
+    reader = CheckpointReader(resolve_checkpoint_dir(load_dir))
+    extra = dict(reader.state["extra"])
+    cfg = Config.from_dict(extra["config"])
+    cfg.parallel = ParallelConfig()  # the result is a one-process checkpoint
+    model = GPT(cfg.model, cfg.moe)
+    tc = cfg.training
+    optimizer = build_optimizer(model, lr=tc.lr, weight_decay=tc.weight_decay,
+                                betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps)
+    load_into(reader, model, optimizer)
+    extra.update(config=cfg.to_dict(), rng=rank_rng_state(extra, 0, 1),
+                 optimizer_param_names=optimizer_param_names(model, optimizer))
+    extra.pop("rng_per_rank", None)
+    tokenizer = os.path.join(reader.path, TOKENIZER_FILE)
+    files = {}
+    if os.path.isfile(tokenizer):
+        with open(tokenizer, encoding="utf-8") as f:
+            files[TOKENIZER_FILE] = f.read()
+    return save_checkpoint(out_dir, int(reader.state["iteration"]), model_state=model.state_dict(),
+                           optimizer_state=optimizer.state_dict(), extra=extra, files=files)
+
+
+def consolidate_main(argv: list[str] | None = None) -> int:
+    """`moetrain consolidate` (moves to the cli package)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="moetrain consolidate", description=consolidate.__doc__)
+    parser.add_argument("--load", required=True, help="checkpoint directory (a --save directory or an iter_* one)")
+    parser.add_argument("--out", required=True, help="directory for the single-process checkpoint")
+    args = parser.parse_args(argv)
+    print(f"consolidated into {consolidate(args.load, args.out)}")
+    return 0

@@ -1,0 +1,184 @@
+"""Read any checkpoint, sharded or single-process, as global tensors or any selection of them."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from moetrain.checkpoint.layout import (
+    OPTIMIZER_PARAM_NAMES,
+    Piece,
+    holds_optimizer_state,
+    model_pieces,
+    set_optimizer_state,
+)
+from moetrain.checkpoint.storage import (
+    SHARD_INDEX_FILE,
+    CheckpointError,
+    load_model_state,
+    load_state,
+    resolve_checkpoint_dir,
+)
+
+
+@dataclass
+class Checkpoint:
+    """What load_checkpoint returns; tensors are on CPU."""
+
+    iteration: int
+    model_state: dict[str, Tensor]
+    optimizer_state: dict
+    extra: dict
+    path: str
+
+
+class CheckpointReader:
+    """Reads global tensors, or any piece of them, from a sharded or a single-process checkpoint."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.state = load_state(path)
+        self.sharded = os.path.isfile(os.path.join(path, SHARD_INDEX_FILE))
+        self._files: dict[str, object] = {}
+        self.aliases: dict[str, str] = {}  # tied key -> the key it is stored under (sharded checkpoints)
+        if self.sharded:
+            with open(os.path.join(path, SHARD_INDEX_FILE)) as f:
+                index = json.load(f)
+            self.index = index["tensors"]
+            self.aliases = index["aliases"] if "aliases" in index else self._ties_from_config()
+        else:
+            self._full = {f"model/{k}": v for k, v in load_model_state(path).items()}
+            self._full.update(self._named_optimizer_state())
+
+    def _ties_from_config(self) -> dict[str, str]:
+        """Tied keys of an index written before indexes recorded them: the saved model config's ties."""
+        from moetrain.config import Config
+        from moetrain.model import tied_weights
+
+        config = self.state["extra"].get("config")
+        if config is None:
+            return {}
+        return {f"model/{alias}": f"model/{stored}"
+                for alias, stored in tied_weights(Config.from_dict(config).model).items()}
+
+    def _named_optimizer_state(self) -> dict[str, Tensor]:
+        """A torch optimizer state_dict (keyed by position) re-keyed by parameter name."""
+        optimizer = self.state["optimizer"]
+        if not optimizer or not optimizer.get("state"):
+            return {}
+        names = self.state["extra"].get(OPTIMIZER_PARAM_NAMES)
+        if names is None:
+            return {}  # saved by an older moetrain: weights only, the optimizer starts afresh
+        return {f"optim/{names[int(position)]}/{key}": value
+                for position, state in optimizer["state"].items() for key, value in state.items()}
+
+    def keys(self) -> list[str]:
+        return list(self.index) if self.sharded else list(self._full)
+
+    def model_state(self) -> dict[str, Tensor]:
+        """All model tensors, whole (what a single-process model loads); tied names share one tensor."""
+        if not self.sharded:
+            return {k[len("model/"):]: v for k, v in self._full.items() if k.startswith("model/")}
+        state = {key[len("model/"):]: self.read(key, Piece(tuple(entries[0]["shape"])))
+                 for key, entries in self.index.items() if key.startswith("model/")}
+        for alias, stored in self.aliases.items():
+            alias, stored = alias[len("model/"):], stored[len("model/"):]
+            if alias not in state and stored in state:
+                state[alias] = state[stored]
+        return state
+
+    def read(self, key: str, want: Piece) -> Tensor:
+        """The selection `want` of global tensor `key`, assembled from the pieces that hold it."""
+        if not self.sharded:
+            if key not in self._full:
+                raise CheckpointError(f"{self.path} has no tensor {key!r}; it was saved from a different model")
+            return _select(self._full[key], want, key, self.path)
+        if key not in self.index:
+            key = self.aliases.get(key, key)  # a tied tensor, stored under its other name
+        if key not in self.index:
+            raise CheckpointError(f"{self.path} has no tensor {key!r}; it was saved from a different model")
+        pieces = [(Piece.from_json(entry), entry["file"]) for entry in self.index[key]]
+        whole = next((file for piece, file in pieces if piece.dim is None), None)
+        if whole is not None:
+            return _select(self._open(whole).get_tensor(key), want, key, self.path)
+        dim = pieces[0][0].dim
+        if pieces[0][0].shape != want.shape:
+            raise CheckpointError(f"{key} has shape {list(pieces[0][0].shape)} in {self.path} but the model needs "
+                                  f"{list(want.shape)}; load it with the model flags it was saved with")
+        if want.dim not in (None, dim):
+            raise CheckpointError(f"{key} was split along dimension {dim} when saved and {want.dim} now; "
+                                  "consolidate the checkpoint first (moetrain consolidate)")
+        wanted = want.index if want.dim is not None else tuple(range(want.shape[dim]))
+        target = {g: j for j, g in enumerate(wanted)}
+        out, covered = None, 0
+        for piece, file in pieces:
+            pairs = [(i, target[g]) for i, g in enumerate(piece.index) if g in target]
+            if not pairs:
+                continue
+            tensor = self._open(file).get_tensor(key)
+            if out is None:
+                shape = list(want.shape)
+                shape[dim] = len(wanted)
+                out = tensor.new_empty(shape)
+            source, destination = (torch.tensor(column) for column in zip(*pairs))
+            out.index_copy_(dim, destination, tensor.index_select(dim, source))
+            covered += len(pairs)
+        if covered != len(wanted):
+            raise CheckpointError(f"{self.path} holds {covered} of the {len(wanted)} slices of {key} this layout "
+                                  "needs; the checkpoint is incomplete")
+        return out
+
+    def _open(self, file: str):
+        if file not in self._files:
+            self._files[file] = safe_open(os.path.join(self.path, file), framework="pt")
+        return self._files[file]
+
+
+def _select(full: Tensor, want: Piece, key: str, path: str) -> Tensor:
+    if tuple(full.shape) != want.shape:
+        raise CheckpointError(f"{key} has shape {list(full.shape)} in {path} but the model needs "
+                              f"{list(want.shape)}; load it with the model flags it was saved with")
+    if want.dim is None:
+        return full
+    return full.index_select(want.dim, torch.tensor(want.index))
+
+
+@torch.no_grad()
+def load_into(reader: CheckpointReader, model: nn.Module, optimizer) -> None:
+    """Fill this rank's model tensors and optimizer state from any layout's checkpoint."""
+    entries = model_pieces(model)
+    for global_name, tensor, piece in entries.values():
+        tensor.copy_(reader.read(f"model/{global_name}", piece))
+    state_keys: dict[str, list[str]] = {}
+    for key in reader.keys():
+        if key.startswith("optim/"):
+            global_name, state_key = key[len("optim/"):].rsplit("/", 1)
+            state_keys.setdefault(global_name, []).append(state_key)
+    for name, param in model.named_parameters():
+        global_name, _, piece = entries[name]
+        if not holds_optimizer_state(optimizer, param) or global_name not in state_keys:
+            continue
+        state = {}
+        for state_key in state_keys[global_name]:
+            value_piece = piece if state_key != "step" else Piece(())
+            state[state_key] = reader.read(f"optim/{global_name}/{state_key}", value_piece)
+        set_optimizer_state(optimizer, param, state)
+
+
+def load_checkpoint(load_dir: str, iteration: int | None = None) -> Checkpoint:
+    """Load the checkpoint named by ``load_dir/latest``, a given iteration, or ``load_dir`` itself
+    when it is an ``iter_*`` directory, in either format. Tensors come back on CPU; nothing but plain
+    data is unpickled."""
+    reader = CheckpointReader(resolve_checkpoint_dir(load_dir, iteration))
+    return Checkpoint(
+        iteration=int(reader.state["iteration"]),
+        model_state=reader.model_state(),
+        optimizer_state=reader.state["optimizer"],
+        extra=reader.state["extra"],
+        path=reader.path,
+    )
