@@ -8,7 +8,9 @@ Two styles: "gpt" (Megatron/GPT-3: learned positions, LayerNorm, GELU, biases) a
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +43,13 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
     return x * cos.to(x.dtype) + swapped * sin.to(x.dtype)
+
+
+class TPSplit(NamedTuple):
+    """How tensor parallelism splits one linear (Megatron): by output rows or by input columns."""
+
+    style: str  # "column": each rank keeps whole heads / FFN columns; "row": matching inputs, outputs summed
+    parts: int = 1  # fused projections (q|k|v, gate|up) are split part by part
 
 
 def tied_weights(cfg: ModelConfig) -> dict[str, str]:
@@ -96,6 +105,9 @@ class _RMSNormFunction(torch.autograd.Function):
 
 
 class Attention(nn.Module):
+    """Causal self-attention over `num_heads` heads; under tensor parallelism a rank holds whole heads of them
+    (its share of qkv's rows), and the forward takes the local head count from those rows."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
@@ -108,7 +120,7 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
         batch, seq, _ = x.shape
-        q, k, v = self.qkv(x).view(batch, seq, 3, self.num_heads, self.head_dim).unbind(2)
+        q, k, v = self.qkv(x).view(batch, seq, 3, -1, self.head_dim).unbind(2)  # -1: local heads under TP
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if rope is not None:
             cos, sin = rope[0][:seq], rope[1][:seq]
@@ -152,7 +164,35 @@ class Block(nn.Module):
         return x + self.dropout(self.ffn(self.norm2(x))), None
 
 
+class LayerStack(nn.Module):
+    """Blocks keyed by their index in the whole model, so a pipeline stage keeps the names ("blocks.5.attn...")."""
+
+    def __init__(self, blocks: dict[int, Block]) -> None:
+        super().__init__()
+        for index, block in blocks.items():
+            self.add_module(str(index), block)
+
+    def __getitem__(self, index: int) -> Block:
+        return self._modules[str(index)]
+
+    def __iter__(self) -> Iterator[Block]:
+        return iter(self._modules.values())
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def items(self) -> list[tuple[int, Block]]:
+        return [(int(index), block) for index, block in self._modules.items()]
+
+
 class GPT(nn.Module):
+    """The decoder: embeddings, blocks, final norm and LM head. A pipeline stage is a GPT over a range of
+    layers (`pipeline_stage`): only the first holds the embeddings, only the last the norm and head.
+
+    The model declares what parallelism may split (`tp_plan`), which weights are tied (`tied_parameters`)
+    and, through MoE.shard_experts, how experts are kept; moetrain.parallel decides the layout.
+    """
+
     def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig) -> None:
         super().__init__()
         if cfg.vocab_size < 1:
@@ -162,7 +202,7 @@ class GPT(nn.Module):
         self.pos_emb = nn.Embedding(cfg.seq_length, cfg.hidden_size) if cfg.style == "gpt" else None
         self.drop = nn.Dropout(cfg.hidden_dropout)
         experts = moe_cfg.experts_per_layer(cfg.num_layers)
-        self.blocks = nn.ModuleList(Block(cfg, moe_cfg, e) for e in experts)
+        self.blocks = LayerStack({i: Block(cfg, moe_cfg, e) for i, e in enumerate(experts)})
         self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -187,18 +227,73 @@ class GPT(nn.Module):
             if name.endswith(("attn.proj.weight", "fc2.weight", "experts.w2")):
                 nn.init.normal_(param, 0.0, scaled)
 
+    def pipeline_stage(self, layers: range) -> GPT:
+        """This model cut to `layers` (built whole on every rank, so every stage starts from the same weights).
+
+        The stage shares this model's modules and names; the embeddings go with layer 0, the norm and head
+        with the last layer. A weight tied across stages (the embedding and LM head) becomes the last
+        stage's own copy, whose gradient is summed with the first stage's (moetrain.parallel.pipeline).
+        """
+        if not (0 <= layers.start < layers.stop <= self.cfg.num_layers and layers.step == 1):
+            raise ValueError(f"pipeline stage layers {layers} are not a run of the {self.cfg.num_layers} layers")
+        first, last = layers.start == 0, layers.stop == self.cfg.num_layers
+        stage = GPT.__new__(GPT)
+        nn.Module.__init__(stage)
+        stage.cfg, stage.moe_cfg = self.cfg, self.moe_cfg
+        stage.tok_emb, stage.pos_emb, stage.drop = (self.tok_emb, self.pos_emb, self.drop) if first else (None,) * 3
+        stage.blocks = LayerStack({i: self.blocks[i] for i in layers})
+        stage.norm, stage.lm_head = (self.norm, self.lm_head) if last else (None, None)
+        held = dict(stage.named_parameters(remove_duplicate=False))
+        for alias, stored in stage.tied_parameters().items():
+            if alias in held and stored not in held:
+                module_name, _, param_name = alias.rpartition(".")
+                tied = held[alias]
+                setattr(stage.get_submodule(module_name), param_name,
+                        nn.Parameter(tied.detach().clone(), requires_grad=tied.requires_grad))
+        if self.cfg.style == "llama":
+            stage.register_buffer("rope_cos", self.rope_cos, persistent=False)
+            stage.register_buffer("rope_sin", self.rope_sin, persistent=False)
+        return stage
+
+    def tied_parameters(self) -> dict[str, str]:
+        """Tied weights: parameter name -> the name of the parameter it shares a tensor with. In a pipeline
+        stage the two may sit on different stages; checkpoints store a tied tensor once."""
+        return tied_weights(self.cfg)
+
+    def tp_plan(self) -> dict[str, TPSplit]:
+        """The linears tensor parallelism splits: each attention's q|k|v (by column, whole heads) and output
+        projection (by row), and each dense MLP (fc1 by column, fc2 by row); routed experts are not split."""
+        plan = {}
+        for name, module in self.named_modules():
+            if isinstance(module, Attention):
+                plan[f"{name}.qkv"], plan[f"{name}.proj"] = TPSplit("column", parts=3), TPSplit("row")
+            elif isinstance(module, MLP):
+                fused = 2 if module.activation == "swiglu" else 1
+                plan[f"{name}.fc1"], plan[f"{name}.fc2"] = TPSplit("column", parts=fused), TPSplit("row")
+        return plan
+
     def moe_layers(self) -> list[tuple[int, MoE]]:
-        return [(i, b.ffn) for i, b in enumerate(self.blocks) if isinstance(b.ffn, MoE)]
+        """(index in the whole model, layer) of each MoE layer this model (or stage) holds."""
+        return [(i, b.ffn) for i, b in self.blocks.items() if isinstance(b.ffn, MoE)]
 
     def forward(self, input_ids: Tensor, targets: Tensor | None = None) -> ModelOutput:
         if input_ids.shape[1] > self.cfg.seq_length:
             raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds seq_length {self.cfg.seq_length}")
-        x, aux, z = self.run_blocks(self.embed(input_ids), self.blocks)
-        logits = self.lm_head(self.norm(x))
+        logits, aux, z = self.forward_stage(input_ids)
         lm_loss = None
         if targets is not None:
             lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))
         return ModelOutput(logits, lm_loss, aux, z)
+
+    def forward_stage(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Token ids (or a later stage's hidden states) -> logits (or hidden states for the next stage),
+        with the summed (unscaled) aux and z losses of this model's MoE layers."""
+        if self.tok_emb is not None:
+            x = self.embed(x)
+        x, aux, z = self.run_blocks(x)
+        if self.lm_head is not None:
+            x = self.lm_head(self.norm(x))
+        return x, aux, z
 
     def embed(self, input_ids: Tensor) -> Tensor:
         x = self.tok_emb(input_ids)
@@ -206,14 +301,11 @@ class GPT(nn.Module):
             x = x + self.pos_emb(torch.arange(input_ids.shape[1], device=input_ids.device))
         return self.drop(x)
 
-    def run_blocks(self, x: Tensor, blocks) -> tuple[Tensor, Tensor, Tensor]:
-        """x through `blocks`, with the summed (unscaled) aux and z losses of their MoE layers.
-
-        Shared with the pipeline stages (moetrain.parallel.pipeline), which run a run of blocks each.
-        """
+    def run_blocks(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x through the blocks, with the summed (unscaled) aux and z losses of their MoE layers."""
         rope = (self.rope_cos, self.rope_sin) if self.cfg.style == "llama" else None
         aux_terms, z_terms = [], []
-        for block in blocks:
+        for block in self.blocks:
             x, l_aux = block(x, rope)
             if l_aux is not None:
                 aux_terms.append(l_aux)

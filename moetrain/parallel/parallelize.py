@@ -1,7 +1,9 @@
 """Apply parallelism to a GPT built whole on every rank (same seed, so the same start as one process).
 
 Order: pipeline split (keep this stage's blocks), tensor parallel (split attention and dense MLPs),
-expert parallel (keep this rank's experts). The model code itself knows nothing of any of it.
+expert parallel (keep this rank's experts). The model declares what can be split and how (GPT.tp_plan,
+GPT.tied_parameters, GPT.pipeline_stage, MoE.shard_experts, which checks that the experts divide);
+this package decides the layout, owns the process groups and applies the plan.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moetrain.moe import MoE
+from moetrain.model import GPT
 from moetrain.parallel.data_parallel import GradSpec
 from moetrain.parallel.mesh import ParallelState
 from moetrain.parallel.tensor_parallel import (
@@ -20,22 +22,18 @@ from moetrain.parallel.tensor_parallel import (
 )
 
 
-def moe_layers(model: nn.Module) -> list[MoE]:
-    return [m for m in model.modules() if isinstance(m, MoE)]
-
-
-def parallelize(model: nn.Module, state: ParallelState) -> dict[nn.Parameter, GradSpec]:
+def parallelize(model: GPT, state: ParallelState) -> dict[nn.Parameter, GradSpec]:
     """Shard `model` in place for this rank; return how each parameter's gradient is reduced."""
     if state.tp > 1:
         apply_tensor_parallel(model, state.tp_group)
-    for moe in moe_layers(model):
+    for _, moe in model.moe_layers():
         groups = state.experts(moe.num_experts)
         if groups.size > 1:
             moe.shard_experts(groups.rank, groups.ep_group, groups.split_tokens)
     return gradient_specs(model, state)
 
 
-def gradient_specs(model: nn.Module, state: ParallelState) -> dict[nn.Parameter, GradSpec]:
+def gradient_specs(model: GPT, state: ParallelState) -> dict[nn.Parameter, GradSpec]:
     """Dense parameters reduce over data parallel; experts over the ranks holding the same experts."""
     tp_sharded = set()
     for module in model.modules():
@@ -44,7 +42,7 @@ def gradient_specs(model: nn.Module, state: ParallelState) -> dict[nn.Parameter,
         elif isinstance(module, RowParallelLinear):
             tp_sharded.add(module.weight)
     expert_specs: dict[nn.Parameter, GradSpec] = {}
-    for moe in moe_layers(model):
+    for _, moe in model.moe_layers():
         groups = state.experts(moe.num_experts)
         replicas = state.tp // groups.size if groups.split_tokens else state.tp
         spec = GradSpec(groups.reduce_group, groups.reduce_size, groups.reduce_size * replicas, state.dp)
@@ -58,7 +56,7 @@ def gradient_specs(model: nn.Module, state: ParallelState) -> dict[nn.Parameter,
 
 
 @torch.no_grad()
-def sync_expert_load(model: nn.Module, state: ParallelState) -> None:
+def sync_expert_load(model: GPT, state: ParallelState) -> None:
     """Sum the load each router observed this step over data parallel, before the bias update.
 
     Every data-parallel rank routed different tokens over all of a layer's experts, so the sum is
@@ -66,17 +64,17 @@ def sync_expert_load(model: nn.Module, state: ParallelState) -> None:
     """
     if state.dp == 1:
         return
-    for moe in moe_layers(model):
+    for _, moe in model.moe_layers():
         if getattr(moe.router, "expert_bias", None) is not None:
             dist.all_reduce(moe.router.pending_load, group=state.dp_group)
 
 
 @torch.no_grad()
-def sync_routing_stats(model: nn.Module, state: ParallelState, training: bool = True) -> None:
+def sync_routing_stats(model: GPT, state: ParallelState, training: bool = True) -> None:
     """Sum the routing counts since the last summary over data parallel, just before logging them."""
     if state.dp == 1:
         return
-    for moe in moe_layers(model):
+    for _, moe in model.moe_layers():
         stats = moe.routing_stats if training else moe.eval_routing_stats
         for tensor in (stats.routed, stats.kept):
             dist.all_reduce(tensor, group=state.dp_group)

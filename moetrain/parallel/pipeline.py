@@ -20,7 +20,6 @@ from torch import Tensor, nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from moetrain.model import GPT
-from moetrain.moe import MoE
 from moetrain.parallel.mesh import ParallelState
 from moetrain.precision import AUTOCAST_DTYPES, autocast
 
@@ -39,62 +38,16 @@ def stage_layers(num_layers: int, pp: int, pp_rank: int) -> range:
     return range(start, start + base + (1 if pp_rank < extra else 0))
 
 
-class GPTStage(nn.Module):
-    """One pipeline stage of a GPT, holding the original modules under their original names.
-
-    Blocks sit in a ModuleDict keyed by their index in the whole model; embeddings (first stage)
-    and final norm / lm_head (last stage) are None where the stage does not own them. The forward
-    maps token ids (first stage) or hidden states to hidden states or logits (last stage), and
-    returns this stage's unscaled aux and z loss sums beside them.
-    """
-
-    def __init__(self, model: GPT, layers: range, is_first: bool, is_last: bool) -> None:
-        super().__init__()
-        self.cfg, self.moe_cfg = model.cfg, model.moe_cfg
-        self.tok_emb = model.tok_emb if is_first else None
-        self.pos_emb = model.pos_emb if is_first else None
-        self.drop = model.drop if is_first else None
-        self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in layers})
-        self.norm = model.norm if is_last else None
-        self.lm_head = model.lm_head if is_last else None
-        # the first and last stage each hold a copy of a tied embedding; their gradients are summed
-        self.ties_across_stages = model.cfg.tie_embeddings and is_first != is_last
-        if self.ties_across_stages and is_last:
-            tied = model.lm_head.weight
-            self.lm_head.weight = nn.Parameter(tied.detach().clone(), requires_grad=tied.requires_grad)
-        if model.cfg.style == "llama":
-            self.register_buffer("rope_cos", model.rope_cos, persistent=False)
-            self.register_buffer("rope_sin", model.rope_sin, persistent=False)
-
-    def moe_layers(self) -> list[tuple[int, MoE]]:
-        """(index in the whole model, layer) of this stage's MoE layers."""
-        return [(int(i), b.ffn) for i, b in self.blocks.items() if isinstance(b.ffn, MoE)]
-
-    update_expert_biases = GPT.update_expert_biases
-    embed = GPT.embed
-    run_blocks = GPT.run_blocks
-    parameter_counts = GPT.parameter_counts  # of this stage
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        if self.tok_emb is not None:
-            x = self.embed(x)
-        x, aux, z = self.run_blocks(x, self.blocks.values())
-        if self.lm_head is not None:
-            x = self.lm_head(self.norm(x))
-        return x, aux, z
+def split_for_pipeline(model: GPT, pp: int, pp_rank: int) -> GPT:
+    """This rank's stage of `model` (built whole on every rank): a GPT over the stage's layers."""
+    return model.pipeline_stage(stage_layers(model.cfg.num_layers, pp, pp_rank))
 
 
-def split_for_pipeline(model: GPT, pp: int, pp_rank: int) -> GPTStage:
-    """This rank's stage of `model` (built whole on every rank); the stage takes over its modules."""
-    return GPTStage(model, stage_layers(model.cfg.num_layers, pp, pp_rank),
-                    is_first=pp_rank == 0, is_last=pp_rank == pp - 1)
-
-
-def tied_embedding_params(stage: nn.Module) -> list[nn.Parameter]:
-    """This stage's copy of an embedding tied across stages (tok_emb first, lm_head last), if any."""
-    if not getattr(stage, "ties_across_stages", False):
-        return []
-    return [stage.tok_emb.weight if stage.tok_emb is not None else stage.lm_head.weight]
+def tied_embedding_params(stage: GPT) -> list[nn.Parameter]:
+    """This stage's copy of a weight tied to one on another stage (tok_emb first, lm_head last), if any."""
+    held = dict(stage.named_parameters(remove_duplicate=False))
+    return [held[alias] if alias in held else held[stored] for alias, stored in stage.tied_parameters().items()
+            if (alias in held) != (stored in held)]
 
 
 def embedding_group(state: ParallelState) -> dist.ProcessGroup | None:
@@ -139,7 +92,7 @@ class _AuxLossScaler(torch.autograd.Function):
 class _ScheduledStage(nn.Module):
     """What the schedule runs: the stage under autocast, its aux losses attached and recorded."""
 
-    def __init__(self, stage: GPTStage, aux_loss_coeff: float, z_loss_coeff: float, precision: str) -> None:
+    def __init__(self, stage: GPT, aux_loss_coeff: float, z_loss_coeff: float, precision: str) -> None:
         super().__init__()
         self.stage = stage
         self.aux_loss_coeff, self.z_loss_coeff, self.precision = aux_loss_coeff, z_loss_coeff, precision
@@ -148,7 +101,7 @@ class _ScheduledStage(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         with autocast(x.device.type, self.precision):
-            out, aux, z = self.stage(x)
+            out, aux, z = self.stage.forward_stage(x)
         self.recorded.append(torch.stack([aux, z]).detach().float())
         weighted = self.aux_loss_coeff * aux + self.z_loss_coeff * z
         if weighted.requires_grad:
@@ -166,7 +119,7 @@ class PipelineRunner:
     forward and backward, which would run the MoE routers (and their statistics) an extra time.
     """
 
-    def __init__(self, stage: GPTStage, state: ParallelState, num_microbatches: int,
+    def __init__(self, stage: GPT, state: ParallelState, num_microbatches: int,
                  micro_batch_size: int, seq_length: int, device: torch.device, *,
                  aux_loss_coeff: float, z_loss_coeff: float, schedule: str = "1f1b",
                  precision: str = "fp32") -> None:

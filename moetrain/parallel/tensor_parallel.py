@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moetrain.comm import copy_to_group, reduce_from_group
+from moetrain.model import GPT
 
 
 def shard_index(size: int, parts: int, rank: int, ranks: int) -> Tensor:
@@ -69,17 +70,13 @@ def tensor_parallel_shards(model: nn.Module) -> dict[str, tuple[int, Tensor, tup
     return shards
 
 
-def apply_tensor_parallel(model: nn.Module, group: dist.ProcessGroup) -> None:
-    """Split every attention block and every dense MLP (not the experts) over `group`."""
-    from moetrain.model import Attention
-    from moetrain.moe import MLP
-
-    ranks = dist.get_world_size(group)
-    for module in list(model.modules()):
-        if isinstance(module, Attention):
-            module.qkv = ColumnParallelLinear(module.qkv, group, parts=3)
-            module.proj = RowParallelLinear(module.proj, group)
-            module.num_heads //= ranks
-        elif isinstance(module, MLP):
-            module.fc1 = ColumnParallelLinear(module.fc1, group, parts=2 if module.activation == "swiglu" else 1)
-            module.fc2 = RowParallelLinear(module.fc2, group)
+def apply_tensor_parallel(model: GPT, group: dist.ProcessGroup) -> None:
+    """Split the linears of the model's plan (GPT.tp_plan: attention and dense MLPs) over `group`."""
+    for name, split in model.tp_plan().items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, attr)
+        if split.style == "column":
+            setattr(parent, attr, ColumnParallelLinear(linear, group, parts=split.parts))
+        else:
+            setattr(parent, attr, RowParallelLinear(linear, group))
