@@ -326,9 +326,6 @@ class Config:
         _check(sizes["pp"] <= self.model.num_layers,
                f"--pipeline-parallel-size {sizes['pp']} exceeds --num-layers {self.model.num_layers}; "
                f"use at most one stage per layer")
-        _check(not (self.distill.enabled and sizes["pp"] > 1),
-               "distillation (--mos / --kd) does not run under pipeline parallelism (the student's logits live on "
-               "the last stage only); use data, expert or tensor parallelism for it")
         if sizes["pp"] > 1:
             steps = self.accumulation_steps(world_size)
             _check(parallel.pipeline_schedule != "1f1b" or steps >= sizes["pp"],

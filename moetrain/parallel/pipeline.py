@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from moetrain.model import GPT
+from moetrain.loss import LossFunction, LossParts
+from moetrain.model import GPT, ModelOutput
 from moetrain.parallel.mesh import ParallelState
 from moetrain.precision import AUTOCAST_DTYPES, autocast
 
@@ -90,20 +90,19 @@ class _AuxLossScaler(torch.autograd.Function):
 
 
 class _ScheduledStage(nn.Module):
-    """What the schedule runs: the stage under autocast, its aux losses attached and recorded."""
+    """What the schedule runs: the stage under autocast, its router losses attached and recorded."""
 
-    def __init__(self, stage: GPT, aux_loss_coeff: float, z_loss_coeff: float, precision: str) -> None:
+    def __init__(self, stage: GPT, loss_function: LossFunction, precision: str) -> None:
         super().__init__()
-        self.stage = stage
-        self.aux_loss_coeff, self.z_loss_coeff, self.precision = aux_loss_coeff, z_loss_coeff, precision
-        self.aux_grad = 1.0  # gradient of the weighted aux term: loss scale / micro-batches
+        self.stage, self.loss_function, self.precision = stage, loss_function, precision
+        self.aux_grad = 1.0  # gradient of the weighted router term: loss scale / micro-batches
         self.recorded: list[Tensor] = []  # [aux, z] of each micro-batch, in forward order
 
     def forward(self, x: Tensor) -> Tensor:
         with autocast(x.device.type, self.precision):
             out, aux, z = self.stage.forward_stage(x)
         self.recorded.append(torch.stack([aux, z]).detach().float())
-        weighted = self.aux_loss_coeff * aux + self.z_loss_coeff * z
+        weighted = self.loss_function.router_loss(aux, z)
         if weighted.requires_grad:
             out = _AuxLossScaler.apply(out, weighted, self.aux_grad)
         return out
@@ -112,23 +111,26 @@ class _ScheduledStage(nn.Module):
 class PipelineRunner:
     """Runs the forward and backward of one optimizer step's micro-batches through the pipeline.
 
-    The loss given to the schedule is lm_loss * loss_scale / num_microbatches and the schedule
-    does not rescale (scale_grads=False), so the accumulated gradients equal those of a single
-    process averaging lm_loss + aux_coeff * aux + z_coeff * z over the same micro-batches.
+    The last stage's schedule loss is `loss_function.compute_loss` of its logits (the LM term, with
+    distillation's KD term while distilling) * loss_scale / num_microbatches, and the schedule does
+    not rescale (scale_grads=False); every stage adds its own router terms (`router_loss`). So the
+    accumulated gradients equal those of a single process averaging the whole loss over the same
+    micro-batches. `aux_loss_coeff` / `z_loss_coeff` are shorthand for LossFunction(aux, z).
     Stage shapes are given up front (static metadata): torch then skips its shape-inference
     forward and backward, which would run the MoE routers (and their statistics) an extra time.
     """
 
     def __init__(self, stage: GPT, state: ParallelState, num_microbatches: int,
                  micro_batch_size: int, seq_length: int, device: torch.device, *,
-                 aux_loss_coeff: float, z_loss_coeff: float, schedule: str = "1f1b",
-                 precision: str = "fp32") -> None:
+                 aux_loss_coeff: float = 0.0, z_loss_coeff: float = 0.0, schedule: str = "1f1b",
+                 precision: str = "fp32", loss_function: LossFunction | None = None) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown pipeline schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
         self.state, self.num_microbatches, self.device = state, num_microbatches, device
         self.batch_shape = (num_microbatches * micro_batch_size, seq_length)
-        self.module = _ScheduledStage(stage, aux_loss_coeff, z_loss_coeff, precision)
-        self.vocab_size = stage.cfg.vocab_size
+        self.loss_function = loss_function or LossFunction(aux_loss_coeff, z_loss_coeff)
+        self.precision = precision
+        self.module = _ScheduledStage(stage, self.loss_function, precision)
         dtype = next(stage.parameters()).dtype
         hidden = (micro_batch_size, seq_length, stage.cfg.hidden_size)
         if state.is_first_stage:
@@ -136,7 +138,7 @@ class PipelineRunner:
         else:
             inputs = torch.empty(hidden, dtype=dtype, device="meta", requires_grad=True)
         if state.is_last_stage:  # logits, in the autocast dtype; the residual stream stays in `dtype`
-            outputs = torch.empty(micro_batch_size, seq_length, self.vocab_size,
+            outputs = torch.empty(micro_batch_size, seq_length, stage.cfg.vocab_size,
                                   dtype=AUTOCAST_DTYPES.get(precision, dtype), device="meta", requires_grad=True)
         else:
             outputs = torch.empty(hidden, dtype=dtype, device="meta", requires_grad=True)
@@ -145,12 +147,23 @@ class PipelineRunner:
         self.schedule = SCHEDULES[schedule](self.stage, num_microbatches, loss_fn=self._loss,
                                             scale_grads=False)
         self.loss_scale = 1.0
-        self.lm_losses: list[Tensor] = []
+        self.iteration: int | None = None  # the step being trained (None: evaluation, no distillation)
+        self.microbatch_inputs: tuple[Tensor, ...] = ()
+        self.head_parts: list[LossParts] = []  # last stage: each micro-batch's loss terms, in order
 
     def _loss(self, logits: Tensor, targets: Tensor) -> Tensor:
-        lm_loss = F.cross_entropy(logits.float().reshape(-1, self.vocab_size), targets.reshape(-1))
-        self.lm_losses.append(lm_loss.detach())
-        return lm_loss * (self.loss_scale / self.num_microbatches)
+        inputs = self.microbatch_inputs[len(self.head_parts)]
+        zero = torch.zeros((), device=logits.device)  # router terms reach the gradient at their own stage
+        with autocast(logits.device.type, self.precision):
+            parts = self.loss_function.compute_loss(ModelOutput(logits, None, zero, zero), (inputs, targets),
+                                                    self.iteration)
+        self.head_parts.append(parts)
+        return parts.loss * (self.loss_scale / self.num_microbatches)
+
+    @property
+    def lm_losses(self) -> list[Tensor]:
+        """The last stage's lm loss of each micro-batch of the last run."""
+        return [parts.lm_loss.detach() for parts in self.head_parts]
 
     def _run(self, run, inputs: Tensor, targets: Tensor) -> None:
         """One pass of the schedule (`step` or `eval`): first stage feeds inputs, last targets."""
@@ -158,33 +171,42 @@ class PipelineRunner:
             raise ValueError(f"pipeline batches must be [num_microbatches * micro_batch, seq] = "
                              f"{list(self.batch_shape)}; got {list(inputs.shape)} and {list(targets.shape)}")
         self.module.recorded.clear()
-        self.lm_losses.clear()
+        self.head_parts.clear()
+        self.microbatch_inputs = inputs.chunk(self.num_microbatches)
         args = (inputs,) if self.state.is_first_stage else ()
         target = targets if self.state.is_last_stage else None
         run(*args, target=target, return_outputs=False)
 
-    def _mean_lm_loss(self) -> Tensor:
-        return torch.stack(self.lm_losses).mean() if self.lm_losses else torch.zeros((), device=self.device)
+    def _mean(self, values: list[Tensor]) -> Tensor:
+        return torch.stack(values).mean() if values else torch.zeros((), device=self.device)
 
-    def step(self, inputs: Tensor, targets: Tensor, loss_scale: float = 1.0) -> dict[str, Tensor]:
+    def step(self, inputs: Tensor, targets: Tensor, loss_scale: float = 1.0,
+             iteration: int | None = None) -> dict[str, Tensor]:
         """Forward and backward of all micro-batches; gradients accumulate into the stage's .grad.
 
-        `loss_scale` multiplies every gradient (fp16 loss scaling). Returns detached means over
-        the micro-batches: lm_loss (last stage; 0 elsewhere) and this stage's aux_loss, z_loss.
+        `loss_scale` multiplies every gradient (fp16 loss scaling); `iteration` is the step being
+        trained (the loss function's distillation schedule). Returns detached means over the
+        micro-batches: lm_loss (last stage; 0 elsewhere) and this stage's aux_loss, z_loss, and
+        kd_loss while distilling (last stage; 0 elsewhere).
         """
-        self.loss_scale = loss_scale
+        self.loss_scale, self.iteration = loss_scale, iteration
         self.module.aux_grad = loss_scale / self.num_microbatches
+        distilling = self.loss_function.distilling(iteration)
         self._run(self.schedule.step, inputs, targets)
         aux, z = torch.stack(self.module.recorded).mean(0)
-        return {"lm_loss": self._mean_lm_loss(), "aux_loss": aux, "z_loss": z}
+        out = {"lm_loss": self._mean(self.lm_losses), "aux_loss": aux, "z_loss": z}
+        if distilling:
+            out["kd_loss"] = self._mean([parts.kd_loss.detach() for parts in self.head_parts])
+        return out
 
     @torch.no_grad()
     def evaluate(self, inputs: Tensor, targets: Tensor) -> Tensor:
         """Mean lm loss over the micro-batches (last stage; 0 elsewhere), forward only, in eval mode."""
         was_training = self.module.training
         self.module.eval()
+        self.iteration = None
         try:
             self._run(self.schedule.eval, inputs, targets)
         finally:
             self.module.train(was_training)
-        return self._mean_lm_loss()
+        return self._mean(self.lm_losses)

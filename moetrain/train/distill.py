@@ -18,6 +18,7 @@ from torch import Tensor
 
 from moetrain.config import Config, ConfigError, MoEConfig
 from moetrain.data import Tokenizer
+from moetrain.loss import LossFunction
 from moetrain.checkpoint import load_model
 from moetrain.model import GPT
 
@@ -163,3 +164,22 @@ class Distiller:
         """A run that had stopped distilling stays stopped when resumed."""
         if state["stopped"] and not self.stopped:
             self.stop()
+
+
+class DistillationLoss(LossFunction):
+    """While the teacher is active, alpha * LM + beta * KD takes the LM loss's place (Megatron-DeepSpeed's MoS)."""
+
+    def __init__(self, aux_loss_coeff: float, z_loss_coeff: float, distiller: Distiller) -> None:
+        super().__init__(aux_loss_coeff, z_loss_coeff)
+        self.distiller = distiller
+
+    def distilling(self, iteration: int | None) -> bool:
+        return iteration is not None and self.distiller.active(iteration)
+
+    def kd_loss(self, inputs: Tensor, logits: Tensor) -> Tensor:
+        return self.distiller.loss(inputs, logits)
+
+    def lm_term(self, lm_loss: Tensor, kd_loss: Tensor | None) -> Tensor:
+        if kd_loss is None:
+            return lm_loss
+        return self.distiller.cfg.alpha_ce * lm_loss + self.distiller.cfg.beta_ce * kd_loss

@@ -1,6 +1,7 @@
 """The training loop: one screen per step, components from their own modules.
 
-Loss = LM loss + moe_loss_coeff * sum(l_aux) + z_loss_coeff * sum(z-loss), each logged on its own.
+The pieces come from build_run (moetrain.train.run); the loss from moetrain.loss, composed once for the
+local and the pipeline executor (moetrain.train.executor); each term is logged on its own.
 Checkpoints carry everything a resumed run needs to continue bit for bit: model, optimizer, loss
 scaler, RNG states, data position and iteration (the LR schedule is a function of the iteration).
 """
@@ -8,65 +9,22 @@ scaler, RNG states, data position and iteration (the LR schedule is a function o
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
-import random
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from moetrain.config import Config, ConfigError
-from moetrain.data import load_training_data
 from moetrain.checkpoint import restore, restore_rng_state, save
-from moetrain.model import GPT
-from moetrain.parallel.data_parallel import (
-    all_reduce_gradients,
-    clip_gradients,
-    global_grad_norm,
-)
-from moetrain.parallel.mesh import init_parallel
-from moetrain.parallel.parallelize import (
-    parallelize,
-    sync_expert_load,
-    sync_routing_stats,
-)
-from moetrain.parallel.pipeline import (
-    PipelineRunner,
-    all_reduce_tied_embedding_grads,
-    embedding_group,
-    split_for_pipeline,
-    tied_embedding_params,
-)
-from moetrain.parallel.zero import ZeroOptimizer
+from moetrain.config import Config
+from moetrain.parallel.data_parallel import clip_gradients, global_grad_norm
+from moetrain.parallel.parallelize import sync_expert_load
 from moetrain.plot import plot_metrics
-from moetrain.precision import autocast
-from moetrain.train.distill import Distiller
-from moetrain.train.host_memory import keep_freed_memory
-from moetrain.train.lr_schedule import LRSchedule
 from moetrain.train.metrics import MetricsLogger, format_eval_line, format_train_line
-from moetrain.train.optimizer import build_optimizer
-from moetrain.train.precision import LossScaler
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was given but no CUDA device is available; use --device cpu")
-    if name == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per local rank
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+from moetrain.train.run import build_run
 
 
 @dataclass
@@ -81,70 +39,19 @@ class Trainer:
     """Owns the model, optimizer and data of one run; `fit()` trains to `train_iters`."""
 
     def __init__(self, cfg: Config, *, quiet: bool = False) -> None:
-        cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))  # before joining: bad flags fail at once
-        tc = cfg.training
-        self.device = resolve_device(tc.device)
-        if self.device.type == "cpu":
-            keep_freed_memory()  # per-step activations and gradients reuse pages, not page faults
-        self.parallel = init_parallel(cfg.parallel, self.device.type)
-        self.cfg, self.quiet = cfg, quiet or self.parallel.rank != 0
-        seed_everything(tc.seed)
-        with self._rank_zero_first():  # one rank builds the tokenizer and token caches
-            self.tokenizer, self.train_data, self.valid_data = load_training_data(
-                cfg.data.data_path, tokenizer_type=cfg.data.tokenizer_type, vocab_file=cfg.data.vocab_file,
-                merge_file=cfg.data.merge_file, vocab_size=cfg.data.vocab_size,
-                seq_length=cfg.model.seq_length, split=cfg.data.split, seed=tc.seed,
-                cache_dir=cfg.data.cache_dir)
-        cfg.model.vocab_size = self.tokenizer.vocab_size
-        model = GPT(cfg.model, cfg.moe)  # whole, from the same seed on every rank; then sharded
-        self.param_counts = model.parameter_counts()
-        self.distiller = Distiller(cfg, self.tokenizer, self.device, log=self._print) if cfg.distill.enabled else None
-        if self.distiller is not None:
-            if cfg.distill.student_init_from_teacher and not tc.load:
-                self.distiller.init_student(model)  # whole models, before either is sharded
-            heads = self.distiller.teacher_cfg.model.num_attention_heads
-            if heads % self.parallel.tp:
-                raise ConfigError(f"the teacher's {heads} attention heads do not split over --tensor-parallel-size "
-                                  f"{self.parallel.tp}; use a size that divides both models' head counts")
-            parallelize(self.distiller.teacher, self.parallel)  # the teacher is sharded as the student is
-        if self.parallel.pp > 1:
-            model = split_for_pipeline(model, self.parallel.pp, self.parallel.pp_rank)
-        self.grad_specs = parallelize(model, self.parallel)
-        self.embedding_group = embedding_group(self.parallel)
-        for param in tied_embedding_params(model):  # one weight, held by the first and the last stage
-            spec = self.grad_specs[param]
-            self.grad_specs[param] = dataclasses.replace(spec, copies=2 * spec.copies)
-        self.model = model.to(self.device)
-        self.optimizer = build_optimizer(self.model, lr=tc.lr, weight_decay=tc.weight_decay,
-                                         betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps)
-        if cfg.parallel.zero_stage:
-            self.optimizer = ZeroOptimizer(self.optimizer, self.grad_specs, cfg.parallel.zero_stage,
-                                           offload=cfg.parallel.offload_optimizer,
-                                           reduce_late=tied_embedding_params(self.model))
-        self.schedule = LRSchedule(tc.lr, tc.min_lr, tc.lr_warmup_iters,
-                                   tc.lr_decay_iters or tc.train_iters, tc.lr_decay_style)
-        self.scaler = LossScaler.from_config(
-            tc.loss_scale, tc.initial_scale_power, tc.loss_scale_window, tc.hysteresis,
-            tc.min_loss_scale, tc.consecutive_hysteresis) if tc.precision == "fp16" else None
-        self.accumulation = cfg.accumulation_steps(self.parallel.world_size)
-        self.pipeline = PipelineRunner(
-            self.model, self.parallel, self.accumulation, tc.micro_batch_size, cfg.model.seq_length, self.device,
-            aux_loss_coeff=cfg.moe.aux_loss_coeff, z_loss_coeff=cfg.moe.z_loss_coeff,
-            schedule=cfg.parallel.pipeline_schedule, precision=tc.precision) if self.parallel.pp > 1 else None
+        self.run = run = build_run(cfg, quiet=quiet)
+        self.cfg, self.device, self.parallel, self.quiet = run.cfg, run.device, run.parallel, run.quiet
+        self.tokenizer, self.train_data, self.valid_data = run.tokenizer, run.train_data, run.valid_data
+        self.model, self.distiller, self.param_counts = run.model, run.distiller, run.param_counts
+        self.grad_specs, self.optimizer, self.scaler = run.grad_specs, run.optimizer, run.scaler
+        self.executor, self.grad_sync, self.schedule = run.executor, run.grad_sync, run.schedule
+        self.accumulation = run.accumulation
         self.iteration = 0
+        tc = cfg.training
         if tc.load:
             self._resume(tc.load)
         rank_zero = self.parallel.rank == 0
         self.metrics = MetricsLogger(tc.save if rank_zero else None, tc.tensorboard_dir if rank_zero else None)
-
-    @contextlib.contextmanager
-    def _rank_zero_first(self):
-        """Rank 0 runs the body first (filling caches), the others after it, from the cache."""
-        if self.parallel.distributed and self.parallel.rank != 0:
-            dist.barrier()
-        yield
-        if self.parallel.distributed and self.parallel.rank == 0:
-            dist.barrier()
 
     # -- checkpoints ------------------------------------------------------------------------
     def _resume(self, load_dir: str) -> None:
@@ -181,19 +88,14 @@ class Trainer:
         tc = self.cfg.training
         lr = self.schedule.apply(self.optimizer, self.iteration)
         self.model.train()
-        means = self._pipeline_forward_backward() if self.pipeline is not None else self._forward_backward()
+        means = self.executor.forward_backward(self._next_batch, self.iteration, self.scaler)
         if self.parallel.dp > 1:
             dist.all_reduce(means, group=self.parallel.dp_group)
             means /= self.parallel.dp
         # one host sync per step (not four per micro-batch) for the logged values
         sums = dict(zip(("loss", "lm_loss", "aux_loss", "z_loss", "kd_loss"), means.tolist()))
-        zero = isinstance(self.optimizer, ZeroOptimizer)
-        if zero:
-            self.optimizer.reduce_gradients()
-        else:
-            all_reduce_gradients(self.grad_specs)
-        held = [(p, s.copies // s.size if zero else s.copies) for p, s in self.grad_specs.items()
-                if p.grad is not None]
+        self.grad_sync.reduce()
+        held = self.grad_sync.held()
         overflow = self.scaler.unscale_([p for p, _ in held]) if self.scaler else False
         grad_norm = float("nan")
         if not overflow:
@@ -209,38 +111,6 @@ class Trainer:
         self.iteration += 1
         return {**sums, "lr": lr, "grad_norm": grad_norm, "skipped": overflow}
 
-    def _forward_backward(self) -> torch.Tensor:
-        """Accumulate the micro-batches' gradients; return the mean of each logged loss."""
-        tc, moe = self.cfg.training, self.cfg.moe
-        parts = []
-        distilling = self.distiller is not None and self.distiller.active(self.iteration)
-        for _ in range(self.accumulation):
-            inputs, targets = self._next_batch()
-            with autocast(self.device.type, tc.precision):
-                out = self.model(inputs, targets)
-                lm_term, kd = out.lm_loss, []
-                if distilling:  # alpha * LM + beta * KD takes the LM loss's place
-                    kd = [self.distiller.loss(inputs, out.logits)]
-                    lm_term = self.cfg.distill.alpha_ce * out.lm_loss + self.cfg.distill.beta_ce * kd[0]
-            loss = lm_term + moe.aux_loss_coeff * out.aux_loss + moe.z_loss_coeff * out.z_loss
-            scaled = loss / self.accumulation
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            parts.append(torch.stack([loss, out.lm_loss, out.aux_loss, out.z_loss, *kd]).detach().float())
-        return torch.stack(parts).sum(0) / self.accumulation
-
-    def _pipeline_forward_backward(self) -> torch.Tensor:
-        """All micro-batches through the pipeline schedule; the logged losses summed over stages."""
-        moe = self.cfg.moe
-        batches = [self._next_batch() for _ in range(self.accumulation)]
-        out = self.pipeline.step(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]),
-                                 self.scaler.loss_scale if self.scaler else 1.0)
-        values = torch.stack([out["lm_loss"], out["aux_loss"], out["z_loss"]]).float()
-        dist.all_reduce(values, group=self.parallel.pp_group)  # lm: the last stage's; aux, z: every stage's
-        lm_loss, aux_loss, z_loss = values
-        all_reduce_tied_embedding_grads(self.model, self.embedding_group)
-        loss = lm_loss + moe.aux_loss_coeff * aux_loss + moe.z_loss_coeff * z_loss
-        return torch.stack([loss, lm_loss, aux_loss, z_loss])
-
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This data-parallel rank's rows of the next global micro-batch (every rank draws the same)."""
         micro, state = self.cfg.training.micro_batch_size, self.parallel
@@ -254,47 +124,17 @@ class Trainer:
         if self.valid_data is None:
             return None
         tc, state = self.cfg.training, self.parallel
-        batches = self.valid_data.eval_batches(tc.micro_batch_size, tc.eval_iters)
-        if self.pipeline is not None:  # the schedule runs fixed shapes: drop a short last batch
-            batches = [b for b in batches if b[0].shape[0] == tc.micro_batch_size] or batches[:1]
-        mine = batches[state.dp_rank::state.dp]
-        # every rank runs as many forwards (expert all-to-alls and stages must pair up); padding counts 0
-        rounds = -(-len(batches) // state.dp)
-        if self.pipeline is not None:
-            rounds = -(-rounds // self.accumulation) * self.accumulation
-        padded = [(*mine[i], True) if i < len(mine) else (*batches[0], False) for i in range(rounds)]
         self.model.eval()
-        losses = self._pipeline_eval_losses(padded) if self.pipeline is not None else self._eval_losses(padded)
+        losses, counts = self.executor.eval_losses(self.valid_data.eval_batches(tc.micro_batch_size, tc.eval_iters))
         self.model.train()
-        real = torch.tensor([float(r) for *_, r in padded], dtype=torch.float64)
-        totals = torch.stack([(losses.double() * real).sum(), real.sum()])
+        totals = torch.stack([(losses.double() * counts).sum(), counts.sum()])
         if state.dp > 1:
             dist.all_reduce(totals, group=state.dp_group)
         eval_loss = float(totals[0] / totals[1])
-        stats = self._layer_summaries(training=False)
+        stats = self.executor.routing_summaries(training=False)
         drop = sum(s["drop_fraction"] for s in stats) / len(stats) if stats else 0.0
         return {"type": "eval", "step": self.iteration, "eval_loss": eval_loss,
                 "eval_ppl": math.exp(min(eval_loss, 50.0)), "eval_drop_fraction": drop}
-
-    def _eval_losses(self, batches: list) -> torch.Tensor:
-        losses = []
-        for inputs, targets, _ in batches:
-            with autocast(self.device.type, self.cfg.training.precision):
-                losses.append(self.model(inputs.to(self.device), targets.to(self.device)).lm_loss.float())
-        return torch.stack(losses).cpu()
-
-    def _pipeline_eval_losses(self, batches: list) -> torch.Tensor:
-        """Per-batch lm losses through the stages, `accumulation` batches per schedule run."""
-        losses = []
-        for start in range(0, len(batches), self.accumulation):
-            chunk = batches[start:start + self.accumulation]
-            self.pipeline.evaluate(torch.cat([b[0] for b in chunk]).to(self.device),
-                                   torch.cat([b[1] for b in chunk]).to(self.device))
-            per_batch = self.pipeline.lm_losses if self.parallel.is_last_stage else [torch.zeros(())] * len(chunk)
-            losses.extend(loss.float().cpu() for loss in per_batch)
-        values = torch.stack(losses)
-        dist.all_reduce(values, group=self.parallel.pp_group)  # only the last stage computed them
-        return values
 
     # -- the loop -----------------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -331,24 +171,13 @@ class Trainer:
         return TrainResult(self.iteration, last_eval["eval_loss"] if last_eval else None, tc.save, losses)
 
     def _train_record(self, step: dict, tokens_per_s: float) -> dict:
-        layers = self._layer_summaries(training=True)
+        layers = self.executor.routing_summaries(training=True)
         return {"type": "train", "step": self.iteration, "loss": step["loss"], "lm_loss": step["lm_loss"],
                 "aux_loss": step["aux_loss"], "z_loss": step["z_loss"], "lr": step["lr"],
                 **({"kd_loss": step.get("kd_loss")} if self.distiller is not None else {}),
                 "grad_norm": step["grad_norm"], "tokens_per_s": tokens_per_s,
                 "loss_scale": self.scaler.loss_scale if self.scaler else None,
                 "skipped_steps": self.scaler.skipped_steps if self.scaler else 0, "moe_layers": layers}
-
-    def _layer_summaries(self, training: bool) -> list[dict]:
-        """Routing statistics of every MoE layer since the last call, over all ranks and stages."""
-        sync_routing_stats(self.model, self.parallel, training)
-        layers = [{"layer": i, **(m.routing_stats if training else m.eval_routing_stats).summary(reset=True)}
-                  for i, m in self.model.moe_layers()]
-        if self.parallel.pp > 1:
-            stages: list = [None] * self.parallel.pp
-            dist.all_gather_object(stages, layers, group=self.parallel.pp_group)
-            layers = [layer for stage in stages for layer in stage]
-        return layers
 
     def _log_eval(self, bar) -> dict | None:
         record = self.evaluate()

@@ -1,0 +1,34 @@
+"""After backward: reduce every gradient over its group, and say which gradients this rank holds.
+
+Plain data parallelism all-reduces, so every rank of a group holds each reduced gradient; ZeRO
+reduces each gradient to its one owner in the group, so a reduced gradient is held `copies / size`
+times in the world. `held()` gives each (gradient, copies) for the one global norm either way.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from moetrain.parallel.data_parallel import GradSpec, all_reduce_gradients
+from moetrain.parallel.zero import ZeroOptimizer
+
+
+class GradientSync:
+    """The gradient reduction of one run: all-reduce (DP) or reduce to owners (ZeRO)."""
+
+    def __init__(self, specs: dict[nn.Parameter, GradSpec], optimizer) -> None:
+        self.specs = specs
+        self.zero = optimizer if isinstance(optimizer, ZeroOptimizer) else None
+
+    def reduce(self) -> None:
+        """Every gradient becomes the mean over data parallel (on the ranks that keep it)."""
+        if self.zero is not None:
+            self.zero.reduce_gradients()
+        else:
+            all_reduce_gradients(self.specs)
+
+    def held(self) -> list[tuple[nn.Parameter, int]]:
+        """(parameter, ranks in the world holding its reduced gradient) for each gradient this rank holds."""
+        owners_per_group = self.zero is not None
+        return [(p, s.copies // s.size if owners_per_group else s.copies) for p, s in self.specs.items()
+                if p.grad is not None]

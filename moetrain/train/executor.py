@@ -1,0 +1,122 @@
+"""How one optimizer step's micro-batches run: in this process (`LocalExecutor`) or through the pipeline
+schedule (`PipelineExecutor`). Both compose the loss with the run's LossFunction, return the same logged
+values, and pad evaluation so that every rank runs as many forwards (collectives must pair up).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from moetrain.loss import LossFunction
+from moetrain.model import GPT
+from moetrain.parallel.mesh import ParallelState
+from moetrain.parallel.parallelize import sync_routing_stats
+from moetrain.parallel.pipeline import PipelineRunner, all_reduce_tied_embedding_grads, embedding_group
+from moetrain.precision import autocast
+from moetrain.train.precision import LossScaler
+
+Batch = tuple[Tensor, Tensor]
+EvalRound = tuple[Tensor, Tensor, bool]  # inputs, targets, whether it counts (padding does not)
+
+
+def pad_rounds(batches: list[Batch], state: ParallelState, multiple: int = 1) -> list[EvalRound]:
+    """This data-parallel rank's share of `batches`, padded to as many rounds as every other rank runs
+    (a multiple of `multiple`) with copies of the first batch that count 0."""
+    mine = batches[state.dp_rank::state.dp]
+    rounds = -(-len(batches) // state.dp)
+    rounds = -(-rounds // multiple) * multiple
+    return [(*mine[i], True) if i < len(mine) else (*batches[0], False) for i in range(rounds)]
+
+
+class LocalExecutor:
+    """Every micro-batch through the whole (data, tensor or expert parallel) model in this process."""
+
+    def __init__(self, model: GPT, loss_function: LossFunction, state: ParallelState, device: torch.device,
+                 precision: str, accumulation: int) -> None:
+        self.model, self.loss_function, self.state = model, loss_function, state
+        self.device, self.precision, self.accumulation = device, precision, accumulation
+
+    def forward_backward(self, next_batch: Callable[[], Batch], iteration: int,
+                         scaler: LossScaler | None) -> Tensor:
+        """Accumulate the micro-batches' gradients; return the mean of each logged loss
+        ([loss, lm_loss, aux_loss, z_loss(, kd_loss)], this rank's)."""
+        logged = []
+        for _ in range(self.accumulation):
+            inputs, targets = next_batch()
+            with autocast(self.device.type, self.precision):
+                parts = self.loss_function.compute_loss(self.model(inputs, targets), (inputs, targets), iteration)
+            scaled = parts.loss / self.accumulation
+            (scaler.scale(scaled) if scaler else scaled).backward()
+            logged.append(parts.logged())
+        return torch.stack(logged).sum(0) / self.accumulation
+
+    def eval_losses(self, batches: list[Batch]) -> tuple[Tensor, Tensor]:
+        """LM loss of each evaluation round of this rank, and whether each counts (1) or pads (0)."""
+        rounds = pad_rounds(batches, self.state)
+        losses = []
+        for inputs, targets, _ in rounds:
+            with autocast(self.device.type, self.precision):
+                losses.append(self.model(inputs.to(self.device), targets.to(self.device)).lm_loss.float())
+        return torch.stack(losses).cpu(), _counts(rounds)
+
+    def routing_summaries(self, training: bool) -> list[dict]:
+        """Routing statistics of every MoE layer since the last call, summed over data parallel."""
+        sync_routing_stats(self.model, self.state, training)
+        return [{"layer": i, **(m.routing_stats if training else m.eval_routing_stats).summary(reset=True)}
+                for i, m in self.model.moe_layers()]
+
+
+class PipelineExecutor(LocalExecutor):
+    """All micro-batches through the pipeline schedule; logged losses summed over the stages."""
+
+    def __init__(self, model: GPT, loss_function: LossFunction, state: ParallelState, device: torch.device,
+                 precision: str, accumulation: int, micro_batch_size: int, seq_length: int, schedule: str) -> None:
+        super().__init__(model, loss_function, state, device, precision, accumulation)
+        self.micro_batch_size = micro_batch_size
+        self.embedding_group = embedding_group(state)
+        self.runner = PipelineRunner(model, state, accumulation, micro_batch_size, seq_length, device,
+                                     schedule=schedule, precision=precision, loss_function=loss_function)
+
+    def forward_backward(self, next_batch: Callable[[], Batch], iteration: int,
+                         scaler: LossScaler | None) -> Tensor:
+        batches = [next_batch() for _ in range(self.accumulation)]
+        out = self.runner.step(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]),
+                               scaler.loss_scale if scaler else 1.0, iteration)
+        names = ("lm_loss", "aux_loss", "z_loss", "kd_loss") if "kd_loss" in out else ("lm_loss", "aux_loss", "z_loss")
+        values = torch.stack([out[name] for name in names]).float()
+        dist.all_reduce(values, group=self.state.pp_group)  # lm, kd: the last stage's; aux, z: every stage's
+        all_reduce_tied_embedding_grads(self.model, self.embedding_group)
+        lm_loss, aux_loss, z_loss, *kd = values
+        loss = self.loss_function.total(lm_loss, aux_loss, z_loss, kd[0] if kd else None)
+        return torch.stack([loss, lm_loss, aux_loss, z_loss, *kd])
+
+    def eval_losses(self, batches: list[Batch]) -> tuple[Tensor, Tensor]:
+        """Per-round lm losses through the stages, `accumulation` rounds per schedule run. The schedule
+        runs fixed shapes: a short last batch is dropped."""
+        batches = [b for b in batches if b[0].shape[0] == self.micro_batch_size] or batches[:1]
+        rounds = pad_rounds(batches, self.state, multiple=self.accumulation)
+        losses = []
+        for start in range(0, len(rounds), self.accumulation):
+            chunk = rounds[start:start + self.accumulation]
+            self.runner.evaluate(torch.cat([r[0] for r in chunk]).to(self.device),
+                                 torch.cat([r[1] for r in chunk]).to(self.device))
+            per_batch = self.runner.lm_losses if self.state.is_last_stage else [torch.zeros(())] * len(chunk)
+            losses.extend(loss.float().cpu() for loss in per_batch)
+        values = torch.stack(losses)
+        dist.all_reduce(values, group=self.state.pp_group)  # only the last stage computed them
+        return values, _counts(rounds)
+
+    def routing_summaries(self, training: bool) -> list[dict]:
+        """Every stage's layers, gathered over the pipeline group."""
+        layers = super().routing_summaries(training)
+        stages: list = [None] * self.state.pp
+        dist.all_gather_object(stages, layers, group=self.state.pp_group)
+        return [layer for stage in stages for layer in stage]
+
+
+def _counts(rounds: list[EvalRound]) -> Tensor:
+    return torch.tensor([float(real) for *_, real in rounds], dtype=torch.float64)

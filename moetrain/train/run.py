@@ -1,0 +1,149 @@
+"""`build_run(cfg)`: the order-sensitive wiring of one training run, in one place.
+
+Order matters: validate before joining the job; seed before the data and the model; build the model
+whole (same seed on every rank) and initialise a student from its teacher before anything is sharded;
+shard (pipeline stage, then tensor and expert parallel) before moving to the device; make the optimizer
+from the sharded parameters; and create process groups in the same order on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moetrain.config import Config, ConfigError
+from moetrain.data import Tokenizer, load_training_data
+from moetrain.loss import LossFunction
+from moetrain.model import GPT
+from moetrain.parallel.data_parallel import GradSpec
+from moetrain.parallel.grad_sync import GradientSync
+from moetrain.parallel.mesh import ParallelState, init_parallel
+from moetrain.parallel.parallelize import parallelize
+from moetrain.parallel.pipeline import split_for_pipeline, tied_embedding_params
+from moetrain.parallel.zero import ZeroOptimizer
+from moetrain.train.distill import DistillationLoss, Distiller
+from moetrain.train.executor import LocalExecutor, PipelineExecutor
+from moetrain.train.host_memory import keep_freed_memory
+from moetrain.train.lr_schedule import LRSchedule
+from moetrain.train.optimizer import build_optimizer
+from moetrain.train.precision import LossScaler
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was given but no CUDA device is available; use --device cpu")
+    if name == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per local rank
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Run:
+    """Everything one training run is made of, wired; `Trainer` drives it."""
+
+    cfg: Config
+    device: torch.device
+    parallel: ParallelState
+    quiet: bool  # this process prints nothing (asked for, or not rank 0)
+    tokenizer: Tokenizer
+    train_data: object
+    valid_data: object | None
+    model: GPT  # this rank's share: a pipeline stage, tensor and expert shards
+    param_counts: dict[str, int]  # of the whole model
+    distiller: Distiller | None
+    loss_function: LossFunction
+    grad_specs: dict[nn.Parameter, GradSpec]
+    optimizer: object  # AdamW, or the ZeroOptimizer around it
+    grad_sync: GradientSync
+    schedule: LRSchedule
+    scaler: LossScaler | None
+    accumulation: int
+    executor: LocalExecutor
+
+
+@contextlib.contextmanager
+def rank_zero_first(state: ParallelState):
+    """Rank 0 runs the body first (filling caches), the others after it, from the cache."""
+    if state.distributed and state.rank != 0:
+        dist.barrier()
+    yield
+    if state.distributed and state.rank == 0:
+        dist.barrier()
+
+
+def build_run(cfg: Config, *, quiet: bool = False) -> Run:
+    """Join the job, load the data, build and shard the model (and a distillation teacher), make the optimizer."""
+    cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))  # before joining: bad flags fail at once
+    tc = cfg.training
+    device = resolve_device(tc.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # per-step activations and gradients reuse pages, not page faults
+    state = init_parallel(cfg.parallel, device.type)
+    quiet = quiet or state.rank != 0
+    log: Callable[[str], None] = (lambda line: None) if quiet else print
+    seed_everything(tc.seed)
+    with rank_zero_first(state):  # one rank builds the tokenizer and token caches
+        tokenizer, train_data, valid_data = load_training_data(
+            cfg.data.data_path, tokenizer_type=cfg.data.tokenizer_type, vocab_file=cfg.data.vocab_file,
+            merge_file=cfg.data.merge_file, vocab_size=cfg.data.vocab_size,
+            seq_length=cfg.model.seq_length, split=cfg.data.split, seed=tc.seed,
+            cache_dir=cfg.data.cache_dir)
+    cfg.model.vocab_size = tokenizer.vocab_size
+    model = GPT(cfg.model, cfg.moe)  # whole, from the same seed on every rank; then sharded
+    param_counts = model.parameter_counts()
+    loss_function = LossFunction(cfg.moe.aux_loss_coeff, cfg.moe.z_loss_coeff)
+    distiller = Distiller(cfg, tokenizer, device, log=log) if cfg.distill.enabled else None
+    if distiller is not None:
+        if cfg.distill.student_init_from_teacher and not tc.load:
+            distiller.init_student(model)  # whole models, before either is sharded
+        heads = distiller.teacher_cfg.model.num_attention_heads
+        if heads % state.tp:
+            raise ConfigError(f"the teacher's {heads} attention heads do not split over --tensor-parallel-size "
+                              f"{state.tp}; use a size that divides both models' head counts")
+        parallelize(distiller.teacher, state)  # the teacher is sharded as the student is (whole on every stage)
+        loss_function = DistillationLoss(cfg.moe.aux_loss_coeff, cfg.moe.z_loss_coeff, distiller)
+    if state.pp > 1:
+        model = split_for_pipeline(model, state.pp, state.pp_rank)
+    grad_specs = parallelize(model, state)
+    for param in tied_embedding_params(model):  # one weight, held by the first and the last stage
+        spec = grad_specs[param]
+        grad_specs[param] = dataclasses.replace(spec, copies=2 * spec.copies)
+    model = model.to(device)
+    optimizer = build_optimizer(model, lr=tc.lr, weight_decay=tc.weight_decay,
+                                betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps)
+    if cfg.parallel.zero_stage:
+        optimizer = ZeroOptimizer(optimizer, grad_specs, cfg.parallel.zero_stage,
+                                  offload=cfg.parallel.offload_optimizer, reduce_late=tied_embedding_params(model))
+    schedule = LRSchedule(tc.lr, tc.min_lr, tc.lr_warmup_iters, tc.lr_decay_iters or tc.train_iters,
+                          tc.lr_decay_style)
+    scaler = LossScaler.from_config(
+        tc.loss_scale, tc.initial_scale_power, tc.loss_scale_window, tc.hysteresis,
+        tc.min_loss_scale, tc.consecutive_hysteresis) if tc.precision == "fp16" else None
+    accumulation = cfg.accumulation_steps(state.world_size)
+    if state.pp > 1:
+        executor = PipelineExecutor(model, loss_function, state, device, tc.precision, accumulation,
+                                    tc.micro_batch_size, cfg.model.seq_length, cfg.parallel.pipeline_schedule)
+    else:
+        executor = LocalExecutor(model, loss_function, state, device, tc.precision, accumulation)
+    return Run(cfg=cfg, device=device, parallel=state, quiet=quiet, tokenizer=tokenizer, train_data=train_data,
+               valid_data=valid_data, model=model, param_counts=param_counts, distiller=distiller,
+               loss_function=loss_function, grad_specs=grad_specs, optimizer=optimizer,
+               grad_sync=GradientSync(grad_specs, optimizer), schedule=schedule, scaler=scaler,
+               accumulation=accumulation, executor=executor)
