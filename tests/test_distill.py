@@ -201,3 +201,20 @@ def test_configs_saved_before_distillation_existed_still_load():
     data = Config().to_dict()
     del data["distill"]
     assert Config.from_dict(data).distill.enabled is False
+
+
+def test_distillation_under_pipeline_parallelism_matches_one_process(teacher, tmp_path):
+    """2 pipeline stages (gloo): the last stage adds the KD term of each micro-batch in the schedule's loss;
+    losses (KD included) and the final eval loss equal the single-process run's."""
+    from tests.test_parallel_training import parallel_config, reference, run_parallel
+
+    cfg = parallel_config(tmp_path, style="gpt", pipeline_parallel_size=2)
+    cfg.distill.enabled, cfg.distill.load_teacher = True, teacher
+    cfg.distill.alpha_ce, cfg.distill.beta_ce, cfg.distill.temperature = 0.5, 2.0, 2.0
+    losses, eval_loss, _ = reference(cfg)
+    undistilled = Config.from_dict(cfg.to_dict())
+    undistilled.distill.enabled, undistilled.distill.load_teacher = False, None
+    assert abs(reference(undistilled)[0][0] - losses[0]) > 0.1  # the KD term is in the loss
+    for rank, result in run_parallel(cfg, 2).items():
+        assert result["losses"] == pytest.approx(losses, abs=1e-5), rank
+        assert result["eval"] == pytest.approx(eval_loss, abs=1e-5), rank
