@@ -369,3 +369,52 @@ def test_moe_transformer_generate_sampling_seeded():
     torch.manual_seed(3)
     c = model.generate(prompt, 8, temperature=1.5, top_k=10)
     assert torch.equal(b, c) and b.shape == (1, 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model's parallelism plan: tensor-parallel splits, tied weights, pipeline stages
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("style", ["gpt", "llama"])
+def test_tp_plan_splits_attention_and_dense_mlps_but_not_routed_experts(style):
+    model = build(style, model_overrides={"num_layers": 4}, expert_interval=2, mlp_type="residual",
+                  num_shared_experts=1)
+    plan = model.tp_plan()
+    fused = 2 if style == "llama" else 1
+    for i in range(4):
+        assert plan[f"blocks.{i}.attn.qkv"] == ("column", 3) and plan[f"blocks.{i}.attn.proj"] == ("row", 1)
+    assert plan["blocks.0.ffn.fc1"] == ("column", fused) and plan["blocks.0.ffn.fc2"] == ("row", 1)  # dense layer
+    for mlp in ("blocks.1.ffn.mlp", "blocks.1.ffn.shared_experts"):  # PR-MoE residual MLP, shared experts
+        assert plan[f"{mlp}.fc1"] == ("column", fused) and plan[f"{mlp}.fc2"] == ("row", 1)
+    assert not any(".experts" in name for name in plan)
+    assert all(isinstance(model.get_submodule(name), nn.Linear) for name in plan)
+
+
+def test_tied_parameters_name_the_shared_tensor():
+    tied, untied = build("gpt"), build("gpt", model_overrides={"tie_embeddings": False})
+    assert tied.tied_parameters() == {"lm_head.weight": "tok_emb.weight"}
+    params = dict(tied.named_parameters(remove_duplicate=False))
+    assert all(params[a] is params[b] for a, b in tied.tied_parameters().items())
+    assert untied.tied_parameters() == {}
+
+
+@pytest.mark.parametrize("style", ["gpt", "llama"])
+def test_pipeline_stages_are_gpts_over_layer_ranges_and_chain_to_the_whole_forward(style):
+    model = build(style, model_overrides={"num_layers": 4}, expert_interval=2, drop_tokens=False,
+                  use_rts=False).eval()  # deterministic routing
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        whole = model(ids)
+        stages = [model.pipeline_stage(range(0, 1)), model.pipeline_stage(range(1, 3)),
+                  model.pipeline_stage(range(3, 4))]
+        x, aux, z = ids, 0.0, 0.0
+        for stage in stages:
+            assert isinstance(stage, GPT)
+            x, stage_aux, stage_z = stage.forward_stage(x)
+            aux, z = aux + stage_aux, z + stage_z
+    torch.testing.assert_close(x, whole.logits)
+    torch.testing.assert_close(aux, whole.aux_loss)
+    torch.testing.assert_close(z, whole.z_loss)
+    assert [[i for i, _ in s.moe_layers()] for s in stages] == [[], [1], [3]]
+    assert stages[1].tok_emb is None and stages[1].lm_head is None and stages[0].lm_head is None
+    with pytest.raises(ValueError, match="not a run of the 4 layers"):
+        model.pipeline_stage(range(2, 6))
