@@ -22,6 +22,7 @@ from torch import nn
 
 from moetrain.config import Config, ConfigError
 from moetrain.data import Tokenizer, load_training_data
+from moetrain.data.loader import TokenBatches
 from moetrain.loss import LossFunction
 from moetrain.model import GPT
 from moetrain.parallel.data_parallel import GradSpec
@@ -63,19 +64,19 @@ class Run:
     parallel: ParallelState
     quiet: bool  # this process prints nothing (asked for, or not rank 0)
     tokenizer: Tokenizer
-    train_data: object
-    valid_data: object | None
+    train_data: TokenBatches
+    valid_data: TokenBatches | None
     model: GPT  # this rank's share: a pipeline stage, tensor and expert shards
     param_counts: dict[str, int]  # of the whole model
     distiller: Distiller | None
     loss_function: LossFunction
     grad_specs: dict[nn.Parameter, GradSpec]
-    optimizer: object  # AdamW, or the ZeroOptimizer around it
+    optimizer: torch.optim.Optimizer | ZeroOptimizer  # AdamW, or the ZeroOptimizer around it
     grad_sync: GradientSync
     schedule: LRSchedule
     scaler: LossScaler | None
     accumulation: int
-    executor: LocalExecutor
+    executor: LocalExecutor  # or PipelineExecutor
 
 
 @contextlib.contextmanager

@@ -39,7 +39,7 @@ class Trainer:
     """Owns the model, optimizer and data of one run; `fit()` trains to `train_iters`."""
 
     def __init__(self, cfg: Config, *, quiet: bool = False) -> None:
-        self.run = run = build_run(cfg, quiet=quiet)
+        run = build_run(cfg, quiet=quiet)
         self.cfg, self.device, self.parallel, self.quiet = run.cfg, run.device, run.parallel, run.quiet
         self.tokenizer, self.train_data, self.valid_data = run.tokenizer, run.train_data, run.valid_data
         self.model, self.distiller, self.param_counts = run.model, run.distiller, run.param_counts
