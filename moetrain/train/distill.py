@@ -146,7 +146,12 @@ class Distiller:
         return not self.stopped
 
     def stop(self) -> None:
-        self.stopped, self.teacher = True, None
+        self.stopped = True
+        self.release_teacher()
+
+    def release_teacher(self) -> None:
+        """Free the teacher's memory (a stopped distillation, or a pipeline stage that never runs it)."""
+        self.teacher = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

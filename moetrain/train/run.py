@@ -118,7 +118,9 @@ def build_run(cfg: Config, *, quiet: bool = False) -> Run:
         if heads % state.tp:
             raise ConfigError(f"the teacher's {heads} attention heads do not split over --tensor-parallel-size "
                               f"{state.tp}; use a size that divides both models' head counts")
-        parallelize(distiller.teacher, state)  # the teacher is sharded as the student is (whole on every stage)
+        parallelize(distiller.teacher, state)  # the teacher is sharded as the student is, whole-depth
+        if not state.is_last_stage:
+            distiller.release_teacher()  # only the last pipeline stage, which holds the logits, runs it
         loss_function = DistillationLoss(cfg.moe.aux_loss_coeff, cfg.moe.z_loss_coeff, distiller)
     if state.pp > 1:
         model = split_for_pipeline(model, state.pp, state.pp_rank)
