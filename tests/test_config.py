@@ -19,6 +19,7 @@ from moetrain.config import (
     build_train_parser,
     config_summary,
     parse_train_args,
+    resolve,
 )
 
 
@@ -371,6 +372,7 @@ def test_missing_batch_value_is_derived_as_deepspeed_does(tmp_path: Path, batch:
                                                           micro: int, steps: int) -> None:
     cfg = parse_train_args(["--deepspeed_config", write_json(tmp_path, batch)])
     cfg.validate(world_size)
+    cfg = resolve(cfg, world_size)
     assert (cfg.training.micro_batch_size, cfg.accumulation_steps(world_size)) == (micro, steps)
     assert cfg.global_batch(world_size) == micro * steps * world_size
 

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from moetrain.config import Config, ConfigError
+from moetrain.config import Config, ConfigError, resolve
 from moetrain.data import load_training_data
 from moetrain.model import GPT
 from moetrain.parallel.checkpoint import (
@@ -92,7 +92,8 @@ class Trainer:
     """Owns the model, optimizer and data of one run; `fit()` trains to `train_iters`."""
 
     def __init__(self, cfg: Config, *, quiet: bool = False) -> None:
-        cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))  # before joining: bad flags fail at once
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        cfg.validate(world_size)  # before joining: bad flags fail at once
         tc = cfg.training
         self.device = resolve_device(tc.device)
         if self.device.type == "cpu":
@@ -106,7 +107,8 @@ class Trainer:
                 merge_file=cfg.data.merge_file, vocab_size=cfg.data.vocab_size,
                 seq_length=cfg.model.seq_length, split=cfg.data.split, seed=tc.seed,
                 cache_dir=cfg.data.cache_dir)
-        cfg.model.vocab_size = self.tokenizer.vocab_size
+        cfg = self.cfg = resolve(cfg, world_size, self.tokenizer.vocab_size)  # derived micro-batch, vocabulary
+        tc = cfg.training
         model = GPT(cfg.model, cfg.moe)  # whole, from the same seed on every rank; then sharded
         self.param_counts = model.parameter_counts()
         self.distiller = Distiller(cfg, self.tokenizer, self.device, log=self._print) if cfg.distill.enabled else None
