@@ -1,11 +1,8 @@
-"""`moetrain generate`: sample text from a checkpoint."""
+"""load_model: a checkpoint back as the model it was trained with, its weights and its tokenizer."""
 
 from __future__ import annotations
 
-import argparse
 import os
-
-import torch
 
 from moetrain.config import Config
 from moetrain.data import Tokenizer
@@ -27,26 +24,3 @@ def load_model(load_dir: str, device: str = "cpu") -> tuple[GPT, Tokenizer, Conf
     model = GPT(cfg.model, cfg.moe)
     model.load_state_dict(ckpt.model_state)
     return model.to(device).eval(), tokenizer, cfg
-
-
-def generate_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moetrain generate", description=__doc__)
-    parser.add_argument("--load", required=True, help="checkpoint directory (a --save directory)")
-    parser.add_argument("--prompt", default="", help="text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=100)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=50)
-    parser.add_argument("--num-samples", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
-    model, tokenizer, _ = load_model(args.load, args.device)
-    torch.manual_seed(args.seed)
-    prompt_ids = tokenizer.encode(args.prompt) or [tokenizer.eos_id]
-    for i in range(args.num_samples):
-        ids = torch.tensor([prompt_ids], device=args.device)
-        out = model.generate(ids, args.max_new_tokens, args.temperature, args.top_k, tokenizer.eos_id)
-        if args.num_samples > 1:
-            print(f"--- sample {i + 1}")
-        print(args.prompt + tokenizer.decode(out[0, len(prompt_ids):].tolist()))
-    return 0

@@ -10,6 +10,7 @@
 
 from moetrain.config.option import ConfigError
 from moetrain.config.parser import (
+    TRAIN_DESCRIPTION,
     add_config_args,
     add_model_args,
     add_moe_args,
@@ -46,6 +47,7 @@ from moetrain.config.sections import (
 from moetrain.config.validation import resolve
 
 __all__ = [
+    "TRAIN_DESCRIPTION",
     "DEVICES", "DISTRIBUTED_BACKENDS", "DROP_POLICIES", "LR_DECAY_STYLES", "MLP_TYPES", "MODEL_STYLES",
     "NOISY_GATE_POLICIES", "PIPELINE_SCHEDULES", "PRECISIONS", "SCORE_FUNCS", "TOKENIZER_TYPES", "ZERO_STAGES",
     "Config", "ConfigError", "DataConfig", "DistillConfig", "ModelConfig", "MoEConfig", "ParallelConfig",

@@ -1,0 +1,36 @@
+"""`moetrain generate`: sample text from a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+SUMMARY = "sample text from a checkpoint"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__
+    parser.add_argument("--load", required=True, help="checkpoint directory (a --save directory)")
+    parser.add_argument("--prompt", default="", help="text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--num-samples", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--device", default="cpu")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from moetrain.generate import load_model
+
+    model, tokenizer, _ = load_model(args.load, args.device)
+    torch.manual_seed(args.seed)
+    prompt_ids = tokenizer.encode(args.prompt) or [tokenizer.eos_id]
+    for i in range(args.num_samples):
+        ids = torch.tensor([prompt_ids], device=args.device)
+        out = model.generate(ids, args.max_new_tokens, args.temperature, args.top_k, tokenizer.eos_id)
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        print(args.prompt + tokenizer.decode(out[0, len(prompt_ids):].tolist()))
+    return 0
