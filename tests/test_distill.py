@@ -14,7 +14,7 @@ from moetrain.generate import load_model
 from moetrain.train.checkpoint import load_checkpoint
 from moetrain.train.distill import Distiller, kd_loss, teacher_layer_map
 from moetrain.train.trainer import Trainer
-from tests.test_trainer import read_records, tiny_config
+from tests.conftest import read_records, tiny_config
 
 
 def test_kd_loss_matches_a_hand_computation():

@@ -113,7 +113,8 @@ class MoEConfig:
     eval_capacity_factor: float = option(1.0, "--moe-eval-capacity-factor", help="capacity factor in evaluation")
     min_capacity: int = option(4, "--moe-min-capacity", help="lower bound on expert capacity")
     drop_tokens: bool = option(True, switches=(switch(
-        "--disable-moe-token-dropping", False, help="raise capacity to the busiest expert's load so no token is dropped"),))
+        "--disable-moe-token-dropping", False,
+        help="raise capacity to the busiest expert's load so no token is dropped"),))
     use_rts: bool = option(True, switches=(switch(
         "--disable-moe-rts", False, help="keep the first tokens over capacity instead of a random selection"),))
     noisy_gate_policy: str | None = option(None, "--noisy-gate-policy", type=_none_or_str, choices=NOISY_GATE_POLICIES,

@@ -121,7 +121,8 @@ def _local_entries(model: nn.Module, optimizer) -> Iterator[tuple[str, Tensor, P
         global_name, piece = by_param[names[id(param)]]
         for key, value in state.items():
             value = value.detach()
-            yield f"optim/{global_name}/{key}", value, piece if value.shape == param.shape else Piece(tuple(value.shape))
+            value_piece = piece if value.shape == param.shape else Piece(tuple(value.shape))
+            yield f"optim/{global_name}/{key}", value, value_piece
 
 
 def save_sharded(save_dir: str, iteration: int, model: nn.Module, optimizer, extra: dict, rng: dict,
@@ -263,7 +264,7 @@ def load_into(reader: CheckpointReader, model: nn.Module, optimizer) -> None:
     keys = set(reader.keys())
     tied_fallback = "model/tok_emb.weight"
     entries = model_pieces(model)
-    for name, (global_name, tensor, piece) in entries.items():
+    for global_name, tensor, piece in entries.values():
         key = f"model/{global_name}"
         if key not in keys and global_name == "lm_head.weight" and tied_fallback in keys:
             key = tied_fallback  # saved tied, loaded as a pipeline stage's own copy
