@@ -33,6 +33,7 @@ from moetrain.config.sections import (
     PIPELINE_SCHEDULES,
     PRECISIONS,
     SCORE_FUNCS,
+    SECTIONS,
     TOKENIZER_TYPES,
     ZERO_STAGES,
     Config,
@@ -47,11 +48,10 @@ from moetrain.config.sections import (
 from moetrain.config.validation import resolve
 
 __all__ = [
-    "TRAIN_DESCRIPTION",
     "DEVICES", "DISTRIBUTED_BACKENDS", "DROP_POLICIES", "LR_DECAY_STYLES", "MLP_TYPES", "MODEL_STYLES",
-    "NOISY_GATE_POLICIES", "PIPELINE_SCHEDULES", "PRECISIONS", "SCORE_FUNCS", "TOKENIZER_TYPES", "ZERO_STAGES",
-    "Config", "ConfigError", "DataConfig", "DistillConfig", "ModelConfig", "MoEConfig", "ParallelConfig",
-    "TrainingConfig", "add_config_args", "add_model_args", "add_moe_args", "add_train_args", "build_train_parser",
-    "config_from_namespace", "config_summary", "field_flags", "given_fields", "parse_train_args", "resolve",
-    "to_flags",
+    "NOISY_GATE_POLICIES", "PIPELINE_SCHEDULES", "PRECISIONS", "SCORE_FUNCS", "SECTIONS", "TOKENIZER_TYPES",
+    "TRAIN_DESCRIPTION", "ZERO_STAGES", "Config", "ConfigError", "DataConfig", "DistillConfig", "ModelConfig",
+    "MoEConfig", "ParallelConfig", "TrainingConfig", "add_config_args", "add_model_args", "add_moe_args",
+    "add_train_args", "build_train_parser", "config_from_namespace", "config_summary", "field_flags",
+    "given_fields", "parse_train_args", "resolve", "to_flags",
 ]

@@ -72,6 +72,10 @@ class _To:
     dest: str
     convert: Callable[[Any], Any]
 
+    @property
+    def dests(self) -> tuple[str, ...]:
+        return (self.dest,)
+
     def __call__(self, raw: Any) -> dict[str, Any]:
         return {self.dest: self.convert(raw)}
 
@@ -80,8 +84,22 @@ def _to(dest: str, convert: Callable[[Any], Any]) -> _Mapper:
     return _To(dest, convert)
 
 
+@dataclass(frozen=True)
+class _WhenTrue:
+    """Set one Config field to `value` when the key is true (``fp16.enabled``)."""
+    dest: str
+    value: Any
+
+    @property
+    def dests(self) -> tuple[str, ...]:
+        return (self.dest,)
+
+    def __call__(self, raw: Any) -> dict[str, Any]:
+        return {self.dest: self.value} if _json_bool(raw) else {}
+
+
 def _when_true(dest: str, value: Any) -> _Mapper:
-    return lambda raw: {dest: value} if _json_bool(raw) else {}
+    return _WhenTrue(dest, value)
 
 
 def _zero_only(reason: str) -> _Mapper:
@@ -92,12 +110,21 @@ def _zero_only(reason: str) -> _Mapper:
     return mapper
 
 
+def _sets(*dests: str) -> Callable[[_Mapper], _Mapper]:
+    """Declare the Config fields a hand-written mapper sets, for the flag reference."""
+    def declare(mapper: _Mapper) -> _Mapper:
+        mapper.dests = dests
+        return mapper
+    return declare
+
+
 def _optimizer_type(raw: Any) -> dict[str, Any]:
     if not isinstance(raw, str) or raw.lower() not in ("adam", "adamw"):
         raise ValueError("must be Adam or AdamW (moetrain trains with AdamW)")
     return {}
 
 
+@_sets("training.adam_beta1", "training.adam_beta2")
 def _betas(raw: Any) -> dict[str, Any]:
     if not isinstance(raw, list) or len(raw) != 2:
         raise ValueError("must be a list of two numbers")
@@ -107,6 +134,7 @@ def _betas(raw: Any) -> dict[str, Any]:
 _SCHEDULER_STYLES = {"WarmupLR": "constant", "WarmupDecayLR": "linear", "WarmupCosineLR": "cosine"}
 
 
+@_sets("training.lr_decay_style")
 def _scheduler_type(raw: Any) -> dict[str, Any]:
     if raw not in _SCHEDULER_STYLES:
         raise ValueError(f"must be one of {', '.join(_SCHEDULER_STYLES)}")
@@ -121,12 +149,14 @@ def _warmup_type(raw: Any) -> dict[str, Any]:
     return {}
 
 
+@_sets("parallel.offload_optimizer")
 def _offload_device(raw: Any) -> dict[str, Any]:
     if raw not in ("cpu", "none"):
         raise ValueError("must be 'cpu' or 'none' (moetrain cannot offload to NVMe)")
     return {"parallel.offload_optimizer": raw == "cpu"}
 
 
+@_sets("moe.num_experts")
 def _moe_enabled(raw: Any) -> dict[str, Any]:
     return {} if _json_bool(raw) else {"moe.num_experts": [1]}
 
@@ -274,4 +304,4 @@ def json_keys(dest: str) -> list[str]:
     mappers = [*_DEEPSPEED_KEYS.items()]
     mappers += [(f"scheduler.params.{name}", mapper) for params in _SCHEDULER_PARAMS.values()
                 for name, mapper in params.items()]
-    return list(dict.fromkeys(key for key, mapper in mappers if isinstance(mapper, _To) and mapper.dest == dest))
+    return list(dict.fromkeys(key for key, mapper in mappers if dest in getattr(mapper, "dests", ())))

@@ -109,12 +109,15 @@ def _add_field(group: argparse._ArgumentGroup, flags: FieldFlags) -> None:
                            nargs=0, const=switch.value, help=switch.help)
 
 
-def _add_deepspeed_args(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", metavar="PATH",
-                       help="DeepSpeed JSON config; its settings apply unless a flag above overrides them")
-    group.add_argument("--deepspeed", action="store_true", dest="deepspeed_flag",
-                       help="accepted so Megatron-DeepSpeed launch scripts run unchanged; moetrain always "
-                            "uses its own engine")
+# the "deepspeed" group's flags, which set no config field: (flag names, add_argument keywords)
+DEEPSPEED_ARGS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
+    (("--deepspeed_config", "--deepspeed-config"),
+     {"dest": "deepspeed_config", "metavar": "PATH",
+      "help": "DeepSpeed JSON config; its settings apply unless a flag above overrides them"}),
+    (("--deepspeed",),
+     {"action": "store_true", "dest": "deepspeed_flag",
+      "help": "accepted so Megatron-DeepSpeed launch scripts run unchanged; moetrain always uses its own engine"}),
+)
 
 
 def add_config_args(parser: argparse.ArgumentParser, sections: tuple[str, ...] = tuple(SECTIONS),
@@ -129,7 +132,8 @@ def add_config_args(parser: argparse.ArgumentParser, sections: tuple[str, ...] =
             for flags in members:
                 _add_field(group, flags)
             if name == "deepspeed":
-                _add_deepspeed_args(group)
+                for names, kwargs in DEEPSPEED_ARGS:
+                    group.add_argument(*names, **kwargs)
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
