@@ -194,14 +194,16 @@ def config_from_namespace(namespace: argparse.Namespace) -> Config:
 
 
 def to_flags(cfg: Config, sections: tuple[str, ...] = tuple(SECTIONS)) -> list[str]:
-    """The flags that set every field of the given sections whose value differs from its default."""
+    """The flags that set every field of the given sections whose value differs from its default: a switch
+    that sets the value, else the field's value flag with the value written out."""
     flags: list[str] = []
     for dest, _, field, spec in field_flags(sections):
         value = getattr(getattr(cfg, dest.split(".")[0]), field.name)
         if value == field_default(field):
             continue
-        if spec.names:
+        switches = [switch.name for switch in spec.switches if switch.value == value]
+        if switches:
+            flags.append(switches[0])
+        elif spec.names:
             flags += [spec.names[0], *map(str, value)] if isinstance(value, list) else [spec.names[0], str(value)]
-        else:
-            flags += [switch.name for switch in spec.switches if switch.value == value][:1]
     return flags
