@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 _OPTION = "moetrain_option"
-_NO_FLAG_TYPES = {"str", "str | None", "bool", "list[str] | None"}  # argparse keeps these as given
+_NO_FLAG_TYPES = {"str", "str | None", "list[str] | None"}  # argparse keeps these as given
 _FLAG_TYPES = {"int": int, "int | None": int, "float": float, "float | None": float}
 
 

@@ -34,8 +34,9 @@ def check_positive(flag: str, value: float) -> None:
 
 
 def resolve(cfg: Config, world_size: int = 1, vocab_size: int | None = None) -> Config:
-    """A copy of cfg with the sizes a run derives: the micro-batch size DeepSpeed's rule gives when only the
-    global batch was set, and the tokenizer's vocabulary size when given. cfg itself is left as it is."""
+    """A new Config with the sizes a run derives: the micro-batch size DeepSpeed's rule gives when only the
+    global batch was set, and the tokenizer's vocabulary size when given. cfg itself is left as it is; the
+    sections resolve does not change are shared with it."""
     training = cfg.training
     if training.micro_batch_size is None:
         training = dataclasses.replace(training, micro_batch_size=_derived_micro_batch(cfg, world_size))
