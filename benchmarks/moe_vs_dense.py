@@ -1,7 +1,7 @@
 """Does an MoE reach a dense model's validation loss in fewer steps? And PR-MoE vs standard MoE.
 
-The models (default: dense, moe32, prmoe with pyramid [16, 32]) train with moetrain's own `Trainer` (its `train_step()` and
-`evaluate()`, the code `moetrain train` runs) on the built-in default corpus, with the same seed, the
+The models (default: dense, moe32, prmoe with pyramid [16, 32]) train with moetrain's own `Trainer` (its
+`train_step()` and `evaluate()`, the code `moetrain train` runs) on the built-in default corpus, with the same seed, the
 same batches in the same order, the same tokens per step and the same LR schedule.
 
 Default model: byte tokens (vocabulary 256 + eos, 6.46M training tokens), 4 layers, hidden 32, FFN 128,
@@ -225,10 +225,11 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.jobs} jobs, {threads}, load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} CPUs")
     vocab = f"BPE vocabulary {args.vocab}" if args.tokenizer == "bpe" else "byte tokens"
-    print(f"{vocab}, {args.layers} layers, hidden {args.hidden}, ffn {args.ffn or 4 * args.hidden}, {args.heads} heads, "
-          f"seq {args.seq}, batch {args.batch} "
+    print(f"{vocab}, {args.layers} layers, hidden {args.hidden}, ffn {args.ffn or 4 * args.hidden}, "
+          f"{args.heads} heads, seq {args.seq}, batch {args.batch} "
           f"({args.batch * args.seq} tokens/step, {args.batch * args.seq * args.iters:,} tokens), {args.iters} "
-          f"steps, lr {args.lr} {args.lr_decay_style} (min {args.lr / 10}) after {max(1, args.iters // 20)} warm-up steps, "
+          f"steps, lr {args.lr} {args.lr_decay_style} (min {args.lr / 10}) after {max(1, args.iters // 20)} "
+          f"warm-up steps, "
           f"eval every {args.eval_interval} steps on {args.eval_batches} x {args.batch} held-out windows, "
           f"{'dropless' if args.capacity_factor is None else f'capacity factor {args.capacity_factor}'}")
     started = time.perf_counter()

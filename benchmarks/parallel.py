@@ -31,9 +31,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from moetrain.checkpoint.layout import optimizer_states
 from moetrain.config import Config
 from moetrain.moe import dispatcher as dispatcher_module
-from moetrain.checkpoint.layout import optimizer_states
 from moetrain.train.trainer import Trainer
 
 LAYOUTS = [  # (name, world size, parallel config)

@@ -26,8 +26,8 @@ import time
 
 import torch
 
-from moetrain.config import Config, MoEConfig
 from moetrain.checkpoint import load_model
+from moetrain.config import Config, MoEConfig
 from moetrain.interop import save_model_checkpoint
 from moetrain.interop.upcycle import upcycle
 from moetrain.train.trainer import Trainer

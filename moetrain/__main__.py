@@ -1,3 +1,5 @@
+"""`python -m moetrain`: the moetrain command line (moetrain.cli)."""
+
 from moetrain.cli import main
 
 if __name__ == "__main__":

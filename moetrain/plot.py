@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure  # Figure renders with Agg by itself: no pyplot, no display, no global state
 
-from moetrain.train.metrics import METRICS_FILE, read_metrics
+from moetrain.train.metrics import read_metrics
 
 
 def _latest_per_step(records: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -103,18 +101,3 @@ def plot_metrics(metrics_path: str, out_dir: str) -> list[str]:
         _plot_expert_load(loads, load_path)
         written.append(load_path)
     return written
-
-
-def plot_main(argv: list[str] | None = None) -> int:
-    """``moetrain plot --save DIR``: read DIR/metrics.jsonl, write the PNGs into DIR, print their paths."""
-    parser = argparse.ArgumentParser(prog="moetrain plot", description=plot_main.__doc__)
-    parser.add_argument("--save", required=True, help="save directory of a training run (holds metrics.jsonl)")
-    args = parser.parse_args(argv)
-    try:
-        paths = plot_metrics(os.path.join(args.save, METRICS_FILE), args.save)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    for path in paths:
-        print(path)
-    return 0

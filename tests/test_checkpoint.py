@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from moetrain.checkpoint import storage as ckpt
 from moetrain.checkpoint import (
     CheckpointError,
     capture_rng_state,
@@ -17,6 +16,7 @@ from moetrain.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from moetrain.checkpoint import storage as ckpt
 from moetrain.train.optimizer import build_optimizer
 
 

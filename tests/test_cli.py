@@ -11,13 +11,13 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from moetrain.cli import main
-from moetrain.checkpoint import load_model
-from moetrain.checkpoint import load_checkpoint
+from moetrain.checkpoint import load_checkpoint, load_model
+from moetrain.cli import COMMANDS, command_module, main, reference
 from tests.conftest import TEXT, write_corpus
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
@@ -208,3 +208,31 @@ def test_resume_with_mismatched_model_flags_is_one_line(tmp_path, capsys):
 def test_bad_flag_value_is_an_argparse_error(capsys):
     code, _, err = run_main(capsys, "train", "--num-experts", "eight")
     assert code == 2 and "Traceback" not in err and "--num-experts" in err
+
+
+def test_top_level_help_lists_every_command_without_loading_torch():
+    code = ("import sys\nfrom moetrain.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch loaded' if 'torch' in sys.modules else 'no torch')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip().endswith("no torch")
+    listed = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")]
+    assert listed == list(COMMANDS)
+
+
+def test_every_command_parser_builds_and_helps(capsys):
+    for name in COMMANDS:
+        if not hasattr(command_module(name), "configure"):
+            continue  # parses its own arguments (lm-eval, prepare-data)
+        code, out, _ = run_main(capsys, name, "--help")
+        assert code == 0 and out.startswith(f"usage: moetrain {name} "), (name, out[:80])
+
+
+def test_flags_reference_is_current(tmp_path):
+    """docs/flags.md is what `python -m moetrain.cli.reference` writes; regenerate it after changing a flag."""
+    committed = (Path(__file__).resolve().parents[1] / "docs" / "flags.md").read_text(encoding="utf-8")
+    assert reference.main([str(tmp_path / "flags.md")]) == 0
+    assert (tmp_path / "flags.md").read_text(encoding="utf-8") == committed, \
+        "docs/flags.md is stale: run python -m moetrain.cli.reference"
+    for flag in ("--num-experts", "--moe-layer-interval", "--deepspeed_config", "--kd-temp", "--router-init"):
+        assert f"`{flag}`" in committed

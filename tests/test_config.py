@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import warnings
@@ -10,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from moetrain import config
 from moetrain.config import (
     Config,
     ConfigError,
@@ -18,7 +20,9 @@ from moetrain.config import (
     ParallelConfig,
     build_train_parser,
     config_summary,
+    field_flags,
     parse_train_args,
+    resolve,
 )
 
 
@@ -371,6 +375,7 @@ def test_missing_batch_value_is_derived_as_deepspeed_does(tmp_path: Path, batch:
                                                           micro: int, steps: int) -> None:
     cfg = parse_train_args(["--deepspeed_config", write_json(tmp_path, batch)])
     cfg.validate(world_size)
+    cfg = resolve(cfg, world_size)
     assert (cfg.training.micro_batch_size, cfg.accumulation_steps(world_size)) == (micro, steps)
     assert cfg.global_batch(world_size) == micro * steps * world_size
 
@@ -514,3 +519,73 @@ def test_config_summary_lists_every_section_and_the_layer_layout() -> None:
     for section in ("model:", "moe:", "data:", "training:", "parallel:"):
         assert section in summary
     assert "experts_per_layer=[0, 8, 0, 8]" in summary and "ffn_size=1024" in summary
+
+
+def test_validate_changes_nothing_and_resolve_returns_a_new_config(tmp_path: Path) -> None:
+    cfg = parse_train_args(["--deepspeed_config", write_json(tmp_path, {"train_batch_size": 12})])
+    before = copy.deepcopy(cfg)
+    cfg.validate(world_size=2)
+    assert cfg == before and cfg.training.micro_batch_size is None
+    resolved = resolve(cfg, world_size=2, vocab_size=300)
+    assert cfg == before  # resolve leaves its input alone
+    assert (resolved.training.micro_batch_size, resolved.model.vocab_size) == (6, 300)
+    assert resolved.moe == cfg.moe and resolved.moe is cfg.moe  # untouched sections are shared, not copied
+    explicit = Config()
+    assert resolve(explicit) == explicit  # nothing to derive: the same values
+
+
+def test_choice_lists_come_from_the_modules_that_implement_them() -> None:
+    from moetrain import precision
+    from moetrain.data import tokenizer
+    from moetrain.moe import router
+    from moetrain.train import lr_schedule
+
+    assert config.SCORE_FUNCS is router.SCORE_FUNCS and config.NOISY_GATE_POLICIES is router.NOISY_GATE_POLICIES
+    assert config.DROP_POLICIES is router.DROP_POLICIES and config.PRECISIONS is precision.PRECISIONS
+    assert config.LR_DECAY_STYLES is lr_schedule.STYLES and config.TOKENIZER_TYPES is tokenizer.TOKENIZER_KINDS
+
+
+def test_each_flag_is_declared_once_and_every_default_is_a_valid_choice() -> None:
+    names = [name for flags in field_flags() for name in flags.option.flag_names()]
+    assert len(names) == len(set(names))
+    parser_flags = {flag for action in build_train_parser()._actions for flag in action.option_strings}
+    assert parser_flags == {*names, "-h", "--help", "--deepspeed_config", "--deepspeed-config", "--deepspeed"}
+    for flags in field_flags():
+        if flags.option.choices is not None:
+            default = getattr(getattr(Config(), flags.dest.split(".")[0]), flags.field.name)
+            assert default in flags.option.choices, flags.dest
+
+
+def test_to_flags_round_trips_through_the_parser() -> None:
+    cfg = with_changes(model__style="llama", model__num_layers=6, model__ffn_hidden_size=700,
+                       model__tie_embeddings=False, model__norm_eps=1e-6, moe__num_experts=[4, 8, 16],
+                       moe__topk=2, moe__drop_tokens=False, moe__noisy_gate_policy="RSample",
+                       moe__drop_policy="probs", moe__expert_bias=True, data__data_path=["a.txt", "b.txt"],
+                       data__tokenizer_type="byte", training__precision="bf16", training__save=None,
+                       training__lr=3e-4, training__progress_bar=False, parallel__zero_stage=2,
+                       parallel__distributed_backend="gloo", distill__enabled=True, distill__load_teacher="t",
+                       distill__num_experts_teacher=[2, 2])
+    flags = config.to_flags(cfg)
+    assert "--no-save" in flags and "--bf16" in flags and "--untie-embeddings-and-output-weights" in flags
+    assert parse_train_args(flags) == cfg
+    assert config.to_flags(Config()) == []
+    assert config.to_flags(cfg, ("moe",))[:4] == ["--num-experts", "4", "8", "16"]
+
+
+def test_json_mappers_set_only_the_fields_the_reference_lists(tmp_path: Path) -> None:
+    """A DeepSpeed key sets exactly the fields json_keys() attributes to it in docs/flags.md."""
+    from moetrain.config.deepspeed import json_keys
+
+    ds = {"optimizer": {"type": "AdamW", "params": {"betas": [0.8, 0.9]}}, "scheduler": {"type": "WarmupLR"},
+          "zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}, "moe": {"enabled": False},
+          "bf16": {"enabled": True}, "fp16": {"consecutive_hysteresis": True}}
+    cfg = parse_train_args(["--deepspeed_config", write_json(tmp_path, ds)])
+    changed = {f"{section}.{name}" for section, values in cfg.to_dict().items()
+               for name, value in values.items() if value != Config().to_dict()[section][name]}
+    assert changed == {"training.adam_beta1", "training.adam_beta2", "training.lr_decay_style",
+                       "parallel.zero_stage", "parallel.offload_optimizer", "moe.num_experts",
+                       "training.precision", "training.consecutive_hysteresis"}
+    for dest in changed:
+        assert json_keys(dest), dest
+    assert json_keys("training.adam_beta2") == ["optimizer.params.betas"]
+    assert json_keys("moe.num_experts") == ["moe.num_experts", "moe.enabled"]

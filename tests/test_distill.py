@@ -8,13 +8,12 @@ import math
 import pytest
 import torch
 
+from moetrain.checkpoint import load_checkpoint, load_model
 from moetrain.cli import main
 from moetrain.config import Config, ConfigError, parse_train_args
-from moetrain.checkpoint import load_model
-from moetrain.checkpoint import load_checkpoint
 from moetrain.train.distill import Distiller, kd_loss, teacher_layer_map
 from moetrain.train.trainer import Trainer
-from tests.test_trainer import read_records, tiny_config
+from tests.conftest import read_records, tiny_config
 
 
 def test_kd_loss_matches_a_hand_computation():

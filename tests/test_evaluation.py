@@ -19,7 +19,7 @@ from moetrain.data import build_tokenizer
 from moetrain.evaluation import LMScorer, TaskError, evaluate_task, normalize_answer, read_task
 from moetrain.model import GPT, ModelOutput
 from moetrain.train.trainer import Trainer
-from tests.test_trainer import tiny_config
+from tests.conftest import tiny_config
 
 DATA = Path(__file__).parent / "data"
 SAMPLE_TASKS = {"lambada": "completion", "piqa": "choice", "boolq": "choice", "race_h": "choice",

@@ -5,7 +5,6 @@ single-process layer on the same tokens, and expert gradients the sum over both 
 """
 
 import os
-import socket
 
 import pytest
 import torch
@@ -13,15 +12,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moetrain.moe import MoE
+from tests.conftest import free_port
 
 WORLD = 2
 HIDDEN, FFN, EXPERTS = 8, 16, 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _layer(drop_tokens: bool, k: int, ep_size: int = 1, group=None) -> MoE:
@@ -61,7 +55,7 @@ def _worker(rank: int, port: int, drop_tokens: bool, k: int, results) -> None:
 def test_expert_parallel_matches_single_process(drop_tokens: bool, k: int) -> None:
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_worker, args=(_free_port(), drop_tokens, k, results), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), drop_tokens, k, results), nprocs=WORLD, join=True)
 
     full = _layer(drop_tokens, k)
     w1_grad = torch.zeros_like(full.experts.w1)

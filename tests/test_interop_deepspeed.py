@@ -23,13 +23,12 @@ pytest.importorskip("deepspeed")
 from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from deepspeed.runtime.engine import DeepSpeedEngine
 
+from moetrain.checkpoint import CheckpointError, load_model
 from moetrain.cli import main
 from moetrain.config import Config
 from moetrain.data import Tokenizer, build_tokenizer
-from moetrain.checkpoint import load_model
 from moetrain.interop.deepspeed import import_deepspeed
 from moetrain.model import GPT
-from moetrain.checkpoint import CheckpointError
 
 TAG = "global_step7"
 

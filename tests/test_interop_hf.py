@@ -14,10 +14,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from moetrain.checkpoint import load_model
 from moetrain.cli import main
 from moetrain.config import Config, parse_train_args
 from moetrain.data import Tokenizer, build_tokenizer
-from moetrain.checkpoint import load_model
 from moetrain.interop import export_hf, import_hf, save_model_checkpoint, train_command
 from moetrain.model import GPT
 from moetrain.train.trainer import Trainer
@@ -30,7 +30,7 @@ VOCAB = 257  # the byte tokenizer: 256 bytes + <|endoftext|>
 SEQ = 64
 
 
-def tiny_config(*, layers: int = 3, **moe) -> Config:
+def tiny_llama_config(*, layers: int = 3, **moe) -> Config:
     cfg = Config()
     m = cfg.model
     m.style, m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length = "llama", layers, 32, 4, SEQ
@@ -83,7 +83,7 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_export_loads_natively_with_equal_logits_and_round_trips(tmp_path, layout):
     options, architecture = LAYOUTS[layout]
-    cfg = tiny_config(**options)
+    cfg = tiny_llama_config(**options)
     cfg.model.tie_embeddings = layout != "mixtral-top3-untied"
     ckpt = make_checkpoint(tmp_path / "ckpt", cfg)
     out = str(tmp_path / "hf")
@@ -109,7 +109,7 @@ def test_export_loads_natively_with_equal_logits_and_round_trips(tmp_path, layou
 
 
 def test_tokenizer_travels_both_ways(tmp_path):
-    ckpt = make_checkpoint(tmp_path / "ckpt", tiny_config())
+    ckpt = make_checkpoint(tmp_path / "ckpt", tiny_llama_config())
     out = str(tmp_path / "hf")
     export_hf(ckpt, out)
     text = "def f(x):\n    return x + 1  # héllo <|endoftext|>"
@@ -179,7 +179,7 @@ REFUSED = {
 @pytest.mark.parametrize("case", REFUSED)
 def test_export_refuses_what_no_hugging_face_class_computes(tmp_path, case):
     options, message = REFUSED[case]
-    cfg = tiny_config(**{k: v for k, v in options.items() if k != "style"})
+    cfg = tiny_llama_config(**{k: v for k, v in options.items() if k != "style"})
     cfg.model.style = options.get("style", "llama")
     ckpt = make_checkpoint(tmp_path / "ckpt", cfg)
     with pytest.raises(ValueError, match=message) as error:
@@ -189,7 +189,7 @@ def test_export_refuses_what_no_hugging_face_class_computes(tmp_path, case):
 
 
 def test_dropless_exports_a_capacity_model_as_plain_top_k(tmp_path):
-    ckpt = make_checkpoint(tmp_path / "ckpt", tiny_config(drop_tokens=True, top2_2nd_expert_sampling=True))
+    ckpt = make_checkpoint(tmp_path / "ckpt", tiny_llama_config(drop_tokens=True, top2_2nd_expert_sampling=True))
     out = str(tmp_path / "hf")
     assert export_hf(ckpt, out, dropless=True) == "MixtralForCausalLM"
     model, _, _ = load_model(ckpt)
@@ -218,7 +218,7 @@ def test_import_refusals_and_missing_files(tmp_path):
 
 
 def test_cli_export_import_generate_eval_and_one_line_errors(tmp_path, capsys):
-    ckpt = make_checkpoint(tmp_path / "ckpt", tiny_config())
+    ckpt = make_checkpoint(tmp_path / "ckpt", tiny_llama_config())
     out = str(tmp_path / "hf")
     for argv in (["export", "--load", ckpt, "--format", "hf", "--out", out],
                  ["import", "--from-hf", out, "--out", str(tmp_path / "back")],

@@ -10,7 +10,8 @@ import types
 import pytest
 import torch
 
-from moetrain.plot import plot_main, plot_metrics
+from moetrain.cli import run as run_command
+from moetrain.plot import plot_metrics
 from moetrain.train.metrics import MetricsLogger, format_eval_line, format_train_line, read_metrics, routing_summary
 
 
@@ -128,7 +129,7 @@ def _write_pyramid_run(save_dir):
 
 def test_plot_main_writes_loss_and_pyramid_expert_load_pngs(tmp_path, capsys):
     _write_pyramid_run(tmp_path)
-    assert plot_main(["--save", str(tmp_path)]) == 0
+    assert run_command("plot", ["--save", str(tmp_path)]) == 0
     printed = capsys.readouterr().out.split()
     assert printed == [str(tmp_path / "loss.png"), str(tmp_path / "expert_load.png")]
     for path in printed:
@@ -147,5 +148,5 @@ def test_dense_run_only_plots_loss(tmp_path):
 
 
 def test_plot_main_reports_missing_metrics(tmp_path, capsys):
-    assert plot_main(["--save", str(tmp_path)]) == 1
+    assert run_command("plot", ["--save", str(tmp_path)]) == 1
     assert "metrics.jsonl" in capsys.readouterr().err

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from moetrain.precision import autocast
 from moetrain.train.lr_schedule import LRSchedule
 from moetrain.train.optimizer import build_optimizer
-from moetrain.precision import autocast
 from moetrain.train.precision import LossScaler
 
 

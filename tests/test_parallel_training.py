@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -18,16 +17,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moetrain.config import Config
 from moetrain.checkpoint import model_pieces
+from moetrain.config import Config
 from moetrain.train.trainer import Trainer
-from tests.test_trainer import tiny_config
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import free_port, tiny_config
 
 
 def parallel_config(tmp_path, *, style="llama", drop_tokens=False, **parallel) -> Config:
@@ -60,7 +53,7 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, results) -> None:
 
 def run_parallel(cfg: Config, world: int) -> dict:
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(world, _free_port(), cfg.to_dict(), results), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), cfg.to_dict(), results), nprocs=world, join=True)
     return dict(results)
 
 
@@ -165,7 +158,7 @@ def test_console_script_under_torchrun(tmp_path):
             "--no-progress-bar", "--lr-warmup-iters", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--no-python",
-                           f"--master_port={_free_port()}", script, "train", *args],
+                           f"--master_port={free_port()}", script, "train", *args],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith("Step ") and "| Loss:" in line]

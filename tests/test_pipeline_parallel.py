@@ -6,7 +6,6 @@ the tied embedding's two copies, after their all-reduce, the gradient of the sha
 """
 
 import os
-import socket
 
 import torch
 import torch.multiprocessing as mp
@@ -22,18 +21,13 @@ from moetrain.parallel.pipeline import (
     stage_layers,
     tied_embedding_params,
 )
+from tests.conftest import free_port
 
 WORLD = 2
 MICRO, BATCH, SEQ, VOCAB = 4, 2, 16, 64
 AUX, Z = 0.1, 0.01  # larger than the defaults, so a lost aux or z gradient shows
 RUNS = (("1f1b", 1.0), ("gpipe", 1.0), ("gpipe", 4.0))  # (schedule, fp16-style loss scale)
 STYLES = ("gpt", "llama")  # tied embeddings and learned positions; untied, RoPE
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model(style: str, num_layers: int = 4) -> GPT:
@@ -108,7 +102,7 @@ def _reference(style: str) -> dict:
 
 def test_pipeline_matches_single_process() -> None:
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(_free_port(), results), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), results), nprocs=WORLD, join=True)
     first, last = results[0], results[1]
     close = {"atol": 1e-5, "rtol": 1e-5}
     for style in STYLES:

@@ -3,7 +3,6 @@ gradient accumulation, metrics.jsonl schema and plots, loss composition, config/
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -11,35 +10,11 @@ import shutil
 import pytest
 import torch
 
-from moetrain.config import Config, ConfigError
+from moetrain.config import ConfigError
 from moetrain.data import DataError
 from moetrain.train import trainer as trainer_module
 from moetrain.train.trainer import Trainer
-from tests.conftest import write_corpus
-
-
-def tiny_config(tmp_path, *, save="run", **training) -> Config:
-    cfg = Config()
-    m = cfg.model
-    m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length = 2, 32, 4, 16
-    cfg.moe.num_experts, cfg.moe.expert_interval, cfg.moe.topk = [4], 1, 1
-    cfg.data.data_path = [write_corpus(tmp_path)]
-    cfg.data.tokenizer_type = "byte"
-    cfg.data.cache_dir = str(tmp_path / "cache")
-    cfg.data.split = "80,20,0"
-    t = cfg.training
-    t.micro_batch_size, t.train_iters, t.lr, t.lr_warmup_iters = 4, 6, 3e-3, 0
-    t.eval_interval, t.eval_iters, t.log_interval = 0, 2, 1
-    t.save = str(tmp_path / save) if save else None
-    t.device, t.progress_bar = "cpu", False
-    for key, value in training.items():
-        setattr(t, key, value)
-    return cfg
-
-
-def read_records(save_dir):
-    with open(os.path.join(save_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+from tests.conftest import read_records, tiny_config
 
 
 def test_training_step_loss_falls_on_repetitive_text(tmp_path):

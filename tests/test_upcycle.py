@@ -10,10 +10,10 @@ import shlex
 import pytest
 import torch
 
+from moetrain.checkpoint import load_model
 from moetrain.cli import main
 from moetrain.config import Config, MoEConfig, parse_train_args
 from moetrain.data import build_tokenizer
-from moetrain.checkpoint import load_model
 from moetrain.interop import save_model_checkpoint
 from moetrain.interop.upcycle import upcycle
 from moetrain.model import GPT

@@ -5,7 +5,7 @@ layout (pieces and global names of a sharded model), sharded (the multi-process 
 (any format, any selection), api (what the rest of moetrain calls).
 """
 
-from moetrain.checkpoint.api import Restored, consolidate, consolidate_main, load_model, restore, save
+from moetrain.checkpoint.api import Restored, consolidate, load_model, restore, save
 from moetrain.checkpoint.layout import Piece, model_pieces
 from moetrain.checkpoint.reader import Checkpoint, CheckpointReader, load_checkpoint
 from moetrain.checkpoint.rng import capture_rng_state, restore_rng_state
@@ -25,7 +25,6 @@ __all__ = [
     "Restored",
     "capture_rng_state",
     "consolidate",
-    "consolidate_main",
     "iter_dir_name",
     "list_checkpoints",
     "load_checkpoint",

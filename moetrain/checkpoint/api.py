@@ -119,14 +119,3 @@ def consolidate(load_dir: str, out_dir: str) -> str:
     return save_checkpoint(out_dir, int(reader.state["iteration"]), model_state=model.state_dict(),
                            optimizer_state=optimizer.state_dict(), extra=extra, files=files)
 
-
-def consolidate_main(argv: list[str] | None = None) -> int:
-    """`moetrain consolidate` (moves to the cli package)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="moetrain consolidate", description=consolidate.__doc__)
-    parser.add_argument("--load", required=True, help="checkpoint directory (a --save directory or an iter_* one)")
-    parser.add_argument("--out", required=True, help="directory for the single-process checkpoint")
-    args = parser.parse_args(argv)
-    print(f"consolidated into {consolidate(args.load, args.out)}")
-    return 0

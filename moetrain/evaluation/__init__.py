@@ -3,9 +3,9 @@
 `harness` (imported on demand, needs the `lm-eval` extra) registers moetrain with lm-evaluation-harness.
 """
 
-from moetrain.evaluation.run import eval_main, evaluate_model, format_table, perplexity
+from moetrain.evaluation.run import evaluate_model, format_table, perplexity
 from moetrain.evaluation.scorer import LMScorer, Score
 from moetrain.evaluation.tasks import Task, TaskError, evaluate_task, normalize_answer, read_task
 
-__all__ = ["LMScorer", "Score", "Task", "TaskError", "eval_main", "evaluate_model", "evaluate_task",
+__all__ = ["LMScorer", "Score", "Task", "TaskError", "evaluate_model", "evaluate_task",
            "format_table", "normalize_answer", "perplexity", "read_task"]

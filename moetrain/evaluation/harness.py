@@ -28,8 +28,8 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(f"the lm-evaluation-harness adapter needs lm-eval ({error}); "
                       "pip install 'moetrain[lm-eval]'") from None
 
-from moetrain.evaluation.scorer import LMScorer
 from moetrain.checkpoint import load_model
+from moetrain.evaluation.scorer import LMScorer
 
 DEFAULT_BATCH_SIZE = 8
 

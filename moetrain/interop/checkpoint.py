@@ -13,10 +13,10 @@ import shlex
 import torch
 from torch import Tensor
 
-from moetrain.config import Config, ModelConfig, MoEConfig, build_train_parser
+from moetrain.checkpoint.storage import iter_dir_name, list_checkpoints, save_checkpoint
+from moetrain.config import Config, to_flags
 from moetrain.data import Tokenizer
 from moetrain.model import GPT
-from moetrain.checkpoint.storage import iter_dir_name, list_checkpoints, save_checkpoint
 
 
 def check_new_checkpoint_dir(out_dir: str) -> None:
@@ -50,23 +50,7 @@ def save_model_checkpoint(out_dir: str, cfg: Config, model_state: dict[str, Tens
 
 def train_flags(cfg: Config) -> list[str]:
     """The `moetrain train` flags that rebuild cfg's model and MoE layers: those whose value is not the default."""
-    defaults = {"model": ModelConfig(), "moe": MoEConfig()}
-    flags: list[str] = []
-    for action in build_train_parser()._actions:
-        section, _, name = action.dest.partition(".")
-        if section not in defaults:
-            continue
-        value = getattr(getattr(cfg, section), name)
-        if value == getattr(defaults[section], name):
-            continue
-        flag = action.option_strings[0]
-        if action.nargs == 0:  # a switch: differing from the default means it was set
-            flags.append(flag)
-        elif isinstance(value, list):
-            flags += [flag, *map(str, value)]
-        else:
-            flags += [flag, str(value)]
-    return flags
+    return to_flags(cfg, ("model", "moe"))
 
 
 def train_command(out_dir: str, cfg: Config) -> str:

@@ -43,11 +43,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from moetrain.checkpoint.storage import CheckpointError
 from moetrain.config import Config
 from moetrain.data import Tokenizer
 from moetrain.interop.checkpoint import check_new_checkpoint_dir, save_model_checkpoint
 from moetrain.moe import from_deepspeed_state_dict
-from moetrain.checkpoint.storage import CheckpointError
 
 MAIN_FILE = "mp_rank_00_model_states.pt"
 EXPERT_FILE_RE = re.compile(r"^(layer_(\d+)_)?expert_(\d+)_mp_rank_00_model_states\.pt$")

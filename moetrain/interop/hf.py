@@ -38,9 +38,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from moetrain.checkpoint import load_model
 from moetrain.config import Config
 from moetrain.data import DataError, Tokenizer
-from moetrain.checkpoint import load_model
 from moetrain.interop.checkpoint import check_new_checkpoint_dir, save_model_checkpoint
 
 IMPORTABLE = ("llama", "mistral", "mixtral", "qwen2_moe", "ernie4_5_moe")

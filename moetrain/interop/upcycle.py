@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moetrain.config import Config, MoEConfig
 from moetrain.checkpoint import load_model
+from moetrain.config import Config, MoEConfig
 from moetrain.interop.checkpoint import check_new_checkpoint_dir, save_model_checkpoint
 from moetrain.model import GPT
 

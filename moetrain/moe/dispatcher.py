@@ -19,8 +19,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
-from moetrain.moe.router import RoutingDecision
 from moetrain.comm import copy_to_group, reduce_from_group
+from moetrain.moe.router import RoutingDecision
 
 
 @dataclass

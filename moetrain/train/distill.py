@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moetrain.checkpoint import load_model
 from moetrain.config import Config, ConfigError, MoEConfig
 from moetrain.data import Tokenizer
 from moetrain.loss import LossFunction
-from moetrain.checkpoint import load_model
 from moetrain.model import GPT
 
 

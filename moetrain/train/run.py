@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moetrain.config import Config, ConfigError
+from moetrain.config import Config, ConfigError, resolve
 from moetrain.data import Tokenizer, load_training_data
 from moetrain.data.loader import TokenBatches
 from moetrain.loss import LossFunction
@@ -91,7 +91,8 @@ def rank_zero_first(state: ParallelState):
 
 def build_run(cfg: Config, *, quiet: bool = False) -> Run:
     """Join the job, load the data, build and shard the model (and a distillation teacher), make the optimizer."""
-    cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))  # before joining: bad flags fail at once
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg.validate(world_size)  # before joining: bad flags fail at once
     tc = cfg.training
     device = resolve_device(tc.device)
     if device.type == "cpu":
@@ -106,7 +107,8 @@ def build_run(cfg: Config, *, quiet: bool = False) -> Run:
             merge_file=cfg.data.merge_file, vocab_size=cfg.data.vocab_size,
             seq_length=cfg.model.seq_length, split=cfg.data.split, seed=tc.seed,
             cache_dir=cfg.data.cache_dir)
-    cfg.model.vocab_size = tokenizer.vocab_size
+    cfg = resolve(cfg, world_size, tokenizer.vocab_size)  # derived micro-batch, vocabulary
+    tc = cfg.training
     model = GPT(cfg.model, cfg.moe)  # whole, from the same seed on every rank; then sharded
     param_counts = model.parameter_counts()
     loss_function = LossFunction(cfg.moe.aux_loss_coeff, cfg.moe.z_loss_coeff)

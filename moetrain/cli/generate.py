@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-from moetrain.checkpoint import load_model
+SUMMARY = "sample text from a checkpoint"
 
 
-def generate_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moetrain generate", description=__doc__)
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__
     parser.add_argument("--load", required=True, help="checkpoint directory (a --save directory)")
     parser.add_argument("--prompt", default="", help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=100)
@@ -19,7 +17,13 @@ def generate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from moetrain.checkpoint import load_model
+
     model, tokenizer, _ = load_model(args.load, args.device)
     torch.manual_seed(args.seed)
     prompt_ids = tokenizer.encode(args.prompt) or [tokenizer.eos_id]

@@ -1,0 +1,81 @@
+"""`moetrain` command line: one module per subcommand, each on an argparse subparser.
+
+A command module has ``SUMMARY`` (its line in ``moetrain --help``) and either ``configure(parser)`` to add
+its arguments plus ``run(args) -> int``, or ``main(argv) -> int`` for a command that parses its own
+arguments (lm-eval's command line, prepare-data). Modules import their dependencies inside these
+functions, so ``moetrain --help`` loads no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from types import ModuleType
+
+# command -> module in moetrain.cli, in the order `moetrain --help` lists them
+COMMANDS = {
+    "train": "train",
+    "prepare-data": "prepare_data",
+    "generate": "generate",
+    "plot": "plot",
+    "eval": "eval",
+    "lm-eval": "lm_eval",
+    "export": "export",
+    "import": "import_",
+    "upcycle": "upcycle",
+    "consolidate": "consolidate",
+}
+
+
+def command_module(command: str) -> ModuleType:
+    return importlib.import_module(f"moetrain.cli.{COMMANDS[command]}")
+
+
+def _command_list() -> str:
+    width = max(map(len, COMMANDS)) + 3
+    lines = [f"  {name.ljust(width)}{command_module(name).SUMMARY}" for name in COMMANDS]
+    return "commands:\n" + "\n".join(lines)
+
+
+def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """`moetrain`'s parser and its subparsers; only `command`'s subparser gets its arguments (adding the others
+    would import what their commands need). The parser's help lists every command with its SUMMARY."""
+    parser = argparse.ArgumentParser(prog="moetrain", usage="%(prog)s COMMAND [options]", add_help=False,
+                                     description=_command_list(), formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="`moetrain COMMAND --help` lists a command's options.")
+    subparsers = parser.add_subparsers(help=argparse.SUPPRESS)
+    for name in COMMANDS:
+        module = command_module(name)
+        subparser = subparsers.add_parser(name, prog=f"moetrain {name}", add_help=hasattr(module, "configure"))
+        if name == command and hasattr(module, "configure"):
+            module.configure(subparser)
+    return parser, subparsers.choices
+
+
+def run(command: str, argv: list[str]) -> int:
+    """Parse `argv` for one command and run it; bad input raises (ValueError, ...) for main() to report."""
+    module = command_module(command)
+    if not hasattr(module, "configure"):
+        return module.main(argv)
+    _, subparsers = build_parser(command)
+    return module.run(subparsers[command].parse_args(argv))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        build_parser()[0].print_help()
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nmoetrain: unknown command {argv[0]!r}", file=sys.stderr)
+            sys.exit(2)
+        sys.exit(0)
+    from moetrain.checkpoint import CheckpointError
+
+    try:
+        code = run(argv[0], argv[1:])
+    except (ValueError, FileNotFoundError, CheckpointError) as error:
+        # Bad input: one clear line, not a traceback (ConfigError, DataError, CheckpointError ...).
+        print(f"moetrain {argv[0]}: error: {error}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code)

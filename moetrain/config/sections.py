@@ -1,0 +1,385 @@
+"""Every option of `moetrain train` as typed dataclasses, one per section; each field declares its flags here.
+
+Choice lists come from the modules that implement them, so a new router score function or LR schedule is
+one edit. Validation is pure (config/validation.py); sizes known only at run time (the micro-batch left to
+DeepSpeed's rule, the vocabulary) are filled by ``resolve``, which returns a new Config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from moetrain.config import validation
+from moetrain.config.option import check, option, switch
+from moetrain.data.tokenizer import TOKENIZER_KINDS
+from moetrain.moe.router import DROP_POLICIES, NOISY_GATE_POLICIES, SCORE_FUNCS
+from moetrain.precision import PRECISIONS
+from moetrain.train.lr_schedule import STYLES as LR_DECAY_STYLES
+
+MODEL_STYLES = ("gpt", "llama")
+MLP_TYPES = ("standard", "residual")
+TOKENIZER_TYPES = TOKENIZER_KINDS
+DEVICES = ("auto", "cpu", "cuda")
+DISTRIBUTED_BACKENDS = (None, "nccl", "gloo")
+PIPELINE_SCHEDULES = ("1f1b", "gpipe")
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+def _none_or_str(text: str) -> str | None:
+    return None if text in ("None", "none") else text
+
+
+def _expert_counts_token(text: str) -> list[int]:
+    """One command-line token of --num-experts: "8", "[8,", "16]" or a whole "[8, 8, 16, 16]"."""
+    pieces = text.replace("[", " ").replace("]", " ").replace(",", " ").split()
+    try:
+        return [int(piece) for piece in pieces]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expects integers like '8', '8 8 16 16' or '[8, 8, 16, 16]', got {text!r}") from None
+
+
+def _flatten_expert_counts(token_counts: list[list[int]]) -> list[int]:
+    counts = [count for token in token_counts for count in token]
+    if not counts:
+        raise ValueError("expects at least one expert count")
+    return counts
+
+
+def _keep_count(text: str) -> int | None:
+    """--keep-last-checkpoints: 0 keeps every checkpoint."""
+    count = int(text)
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (keep all) or positive, got {count}")
+    return count or None
+
+
+def _tokenizer_type(text: str) -> str:
+    """Accept Megatron's tokenizer class name so its launch scripts run unchanged."""
+    return "gpt2" if text == "GPT2BPETokenizer" else text
+
+
+_EXPERT_COUNTS = {"nargs": "+", "type": _expert_counts_token, "convert": _flatten_expert_counts, "metavar": "N"}
+_TEACHER = "checked against the teacher checkpoint"
+
+
+@dataclass
+class ModelConfig:
+    style: str = option("gpt", "--model-style", choices=MODEL_STYLES,
+                        help="gpt: learned positions, LayerNorm, GELU, biases; llama: RoPE, RMSNorm, SwiGLU, no biases")
+    num_layers: int = option(4, "--num-layers", help="transformer layers")
+    hidden_size: int = option(256, "--hidden-size", help="model width")
+    num_attention_heads: int = option(8, "--num-attention-heads", help="attention heads")
+    ffn_hidden_size: int | None = option(
+        None, "--ffn-hidden-size", help="dense FFN width; unset: 4*hidden (gpt) or 8/3*hidden rounded up to 64 (llama)")
+    seq_length: int = option(256, "--seq-length", "--max-position-embeddings",
+                             help="tokens per sequence, also the position-embedding table size")
+    vocab_size: int = 0  # the tokenizer's, set by resolve() once the run has built it
+    hidden_dropout: float = option(0.0, "--hidden-dropout", help="dropout after attention and FFN")
+    attention_dropout: float = option(0.0, "--attention-dropout", help="dropout on attention probabilities")
+    init_method_std: float = option(0.02, "--init-method-std", help="std of the normal weight init")
+    rope_theta: float = option(10000.0, "--rope-theta", help="RoPE base (llama style)")
+    norm_eps: float = option(1e-5, "--norm-epsilon", "--layernorm-epsilon", help="LayerNorm / RMSNorm epsilon")
+    tie_embeddings: bool = option(True, switches=(switch(
+        "--untie-embeddings-and-output-weights", False,
+        help="give the output layer its own weights instead of the input embedding's"),))
+
+    def ffn_size(self) -> int:
+        """Dense FFN width: 4h for GPT; for llama 8h/3 (SwiGLU's 3 matrices then hold as many parameters as
+        GELU's 2 at 4h), rounded up to a multiple of 64."""
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        if self.style == "llama":
+            return (8 * self.hidden_size // 3 + 63) // 64 * 64
+        return 4 * self.hidden_size
+
+
+@dataclass
+class MoEConfig:
+    num_experts: list[int] = option([8], "--num-experts", **_EXPERT_COUNTS,
+                                    help="experts per MoE layer: one count, or one per MoE layer ('8 8 16 16' or "
+                                         "'[8, 8, 16, 16]'); 0 or 1 means a dense layer")
+    expert_interval: int = option(2, "--expert-interval", "--moe-layer-interval",
+                                  help="MoE in every N-th layer (0-based layers N-1, 2N-1, ...)")
+    topk: int = option(1, "--topk", "--num-experts-per-token", "--moe-top-k", help="experts each token is routed to")
+    mlp_type: str = option("standard", "--mlp-type", choices=MLP_TYPES,
+                           help="residual: PR-MoE, a dense MLP mixed with the MoE output by a learned coefficient")
+    train_capacity_factor: float = option(1.0, "--moe-train-capacity-factor",
+                                          help="expert capacity = ceil(tokens / experts * factor) in training")
+    eval_capacity_factor: float = option(1.0, "--moe-eval-capacity-factor", help="capacity factor in evaluation")
+    min_capacity: int = option(4, "--moe-min-capacity", help="lower bound on expert capacity")
+    drop_tokens: bool = option(True, switches=(switch(
+        "--disable-moe-token-dropping", False,
+        help="raise capacity to the busiest expert's load so no token is dropped"),))
+    use_rts: bool = option(True, switches=(switch(
+        "--disable-moe-rts", False, help="keep the first tokens over capacity instead of a random selection"),))
+    noisy_gate_policy: str | None = option(None, "--noisy-gate-policy", type=_none_or_str, choices=NOISY_GATE_POLICIES,
+                                           help="gate noise in training")
+    top2_2nd_expert_sampling: bool = option(True, switches=(switch(
+        "--disable-moe-top2-2nd-expert-sampling", False,
+        help="pick top-2's second expert by argmax instead of sampling with Gumbel noise"),))
+    aux_loss_coeff: float = option(0.01, "--moe-loss-coeff", "--router-aux-loss-coef",
+                                   help="weight of the load-balancing loss")
+    z_loss_coeff: float = option(0.0, "--router-z-loss-coef", "--moe-z-loss-coeff", help="weight of the router z-loss")
+    score_func: str = option("softmax", "--moe-score-func", choices=SCORE_FUNCS,
+                             help="router scores from the gate logits")
+    drop_policy: str | None = option(None, "--moe-drop-policy", type=_none_or_str, choices=(None, *DROP_POLICIES),
+                                     help="which tokens an expert over capacity keeps; None: DeepSpeed's choice for "
+                                          "the top-k")
+    expert_bias: bool = option(False, switches=(switch(
+        "--moe-expert-bias", True,
+        help="aux-loss-free balancing: a per-expert selection bias nudged towards even load"),))
+    expert_bias_update_rate: float = option(1e-3, "--moe-expert-bias-update-rate",
+                                            help="step size of the expert-bias update")
+    num_shared_experts: int = option(0, "--num-shared-experts", help="always-active experts beside the routed ones")
+    expert_ffn_hidden_size: int | None = option(None, "--moe-ffn-hidden-size",
+                                                help="expert FFN width; unset: the model's FFN width")
+
+    @property
+    def is_moe(self) -> bool:
+        """Megatron-DeepSpeed treats a layer with 0 or 1 experts as a dense MLP."""
+        return any(count > 1 for count in self.num_experts)
+
+    def experts_per_layer(self, num_layers: int) -> list[int]:
+        """Expert count of every layer, 0 for dense ones.
+
+        MoE layers are the 0-based layers interval-1, 2*interval-1, ... as in Megatron-DeepSpeed; one
+        count applies to all of them, a list (pyramid) gives one count per MoE layer in order.
+        """
+        validation.check_at_least("--expert-interval", self.expert_interval, 1)
+        moe_layers = range(self.expert_interval - 1, num_layers, self.expert_interval)
+        counts = self.num_experts * len(moe_layers) if len(self.num_experts) == 1 else self.num_experts
+        check(len(counts) == len(moe_layers),
+              f"--num-experts lists {len(self.num_experts)} counts but --num-layers {num_layers} with "
+              f"--expert-interval {self.expert_interval} has {len(moe_layers)} MoE layers; "
+              f"give 1 count or {len(moe_layers)}")
+        per_layer = [0] * num_layers
+        for layer, count in zip(moe_layers, counts, strict=True):
+            per_layer[layer] = count if count > 1 else 0
+        return per_layer
+
+    def num_moe_layers(self, num_layers: int) -> int:
+        """Layers that hold experts (a pyramid entry of 0 or 1 leaves its layer dense)."""
+        return sum(1 for count in self.experts_per_layer(num_layers) if count)
+
+    def expert_ffn_size(self, model: ModelConfig) -> int:
+        return self.expert_ffn_hidden_size if self.expert_ffn_hidden_size is not None else model.ffn_size()
+
+
+@dataclass
+class DataConfig:
+    data_path: list[str] | None = option(None, "--data-path", nargs="+",
+                                         help="prepared datasets or text files; unset: the built-in corpus")
+    tokenizer_type: str = option("bpe", "--tokenizer-type", type=_tokenizer_type, choices=TOKENIZER_TYPES,
+                                 help="bpe: trained on the corpus; gpt2: --vocab-file/--merge-file; byte: raw bytes; "
+                                      "json: a tokenizers JSON file as --vocab-file (e.g. a checkpoint's "
+                                      "tokenizer.json)")
+    vocab_file: str | None = option(None, "--vocab-file", help="GPT-2 vocab.json, or the tokenizers JSON")
+    merge_file: str | None = option(None, "--merge-file", help="GPT-2 merges.txt")
+    vocab_size: int = option(4096, "--vocab-size", help="vocabulary size of a BPE trained on the corpus")
+    split: str = option("98,2,0", "--split", help="train,valid,test weights")
+    cache_dir: str | None = option(None, "--data-cache-dir", help="where tokenized data is cached")
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int | None = option(  # None: derived from the global batch (DeepSpeed train_batch_size alone)
+        8, "--micro-batch-size", help="sequences per forward pass on each data-parallel rank")
+    global_batch_size: int | None = option(
+        None, "--global-batch-size", help="sequences per optimizer step over all ranks; a multiple of micro-batch x "
+                                          "data-parallel size, the quotient being gradient accumulation steps; "
+                                          "unset: no accumulation")
+    train_iters: int = option(400, "--train-iters", "--max-steps", help="optimizer steps")
+    lr: float = option(1e-3, "--lr", help="peak learning rate")
+    min_lr: float = option(1e-4, "--min-lr", help="learning rate at the end of decay")
+    lr_decay_style: str = option("cosine", "--lr-decay-style", choices=LR_DECAY_STYLES,
+                                 help="shape of the decay after warmup")
+    lr_warmup_iters: int = option(50, "--lr-warmup-iters", help="linear warmup steps from 0")
+    lr_decay_iters: int | None = option(None, "--lr-decay-iters",
+                                        help="step at which the decay reaches --min-lr; unset: --train-iters")
+    weight_decay: float = option(0.1, "--weight-decay", help="AdamW weight decay")
+    adam_beta1: float = option(0.9, "--adam-beta1", help="AdamW beta1")
+    adam_beta2: float = option(0.95, "--adam-beta2", help="AdamW beta2")
+    adam_eps: float = option(1e-8, "--adam-eps", help="AdamW epsilon")
+    clip_grad: float = option(1.0, "--clip-grad", help="gradient-norm clipping threshold; 0 disables")
+    seed: int = option(1234, "--seed", help="random seed")
+    precision: str = option("fp32", switches=(switch("--fp16", "fp16", help="fp16 autocast with loss scaling"),
+                                              switch("--bf16", "bf16", help="bf16 autocast")),
+                            choices=PRECISIONS, group="precision", label="precision")
+    loss_scale: float = option(0.0, "--loss-scale", group="precision", help="static fp16 loss scale; 0: dynamic")
+    initial_scale_power: int = option(16, "--initial-scale-power", group="precision",
+                                      help="dynamic loss scale starts at 2**power")
+    loss_scale_window: int = option(1000, "--loss-scale-window", group="precision",
+                                    help="overflow-free steps before the scale doubles")
+    hysteresis: int = option(2, "--hysteresis", group="precision", help="overflows tolerated before the scale halves")
+    consecutive_hysteresis: bool = False  # DeepSpeed JSON fp16.consecutive_hysteresis only
+    min_loss_scale: float = option(1.0, "--min-loss-scale", group="precision", help="floor of the dynamic loss scale")
+    eval_interval: int = option(100, "--eval-interval", group="logging",
+                                help="steps between evaluations; 0: only at the end")
+    eval_iters: int = option(10, "--eval-iters", group="logging", help="batches per evaluation")
+    log_interval: int = option(10, "--log-interval", group="logging", help="steps between metrics records")
+    save: str | None = option("runs/default", "--save", group="logging", help="checkpoint and metrics directory",
+                              switches=(switch("--no-save", None, help="write no checkpoints"),))
+    load: str | None = option(None, "--load", group="logging", help="checkpoint directory to resume from")
+    save_interval: int = option(0, "--save-interval", group="logging",
+                                help="steps between checkpoints; 0: only at the end")
+    keep_last_checkpoints: int | None = option(3, "--keep-last-checkpoints", type=_keep_count, group="logging",
+                                               help="checkpoints kept on disk; 0 keeps all")
+    tensorboard_dir: str | None = option(None, "--tensorboard-dir", group="logging",
+                                         help="also write TensorBoard events here")
+    device: str = option("auto", "--device", choices=DEVICES, help="auto: cuda when available, else cpu")
+    progress_bar: bool = option(True, group="logging", switches=(switch(
+        "--no-progress-bar", False, help="plain log lines instead of a progress bar"),))
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = option(1, "--tensor-parallel-size", "--tensor-model-parallel-size",
+                                       help="tensor-parallel ranks")
+    pipeline_parallel_size: int = option(1, "--pipeline-parallel-size", "--pipeline-model-parallel-size",
+                                         help="pipeline stages")
+    expert_parallel_size: int | None = option(
+        None, "--expert-parallel-size", "--moe-expert-parallel-size",
+        help="ranks the experts of a layer are spread over, a divisor of the data-parallel size; "
+             "unset: the tensor-parallel size")
+    num_microbatches: int | None = option(
+        None, "--num-microbatches", help="micro-batches per optimizer step and rank (DeepSpeed "
+                                         "gradient_accumulation_steps); unset: from --global-batch-size")
+    zero_stage: int = option(0, "--zero-stage", choices=ZERO_STAGES,
+                             help="ZeRO sharding: 1 optimizer state, 2 also gradients (3 is not implemented)")
+    pipeline_schedule: str = option("1f1b", "--pipeline-schedule", choices=PIPELINE_SCHEDULES,
+                                    help="pipeline-parallel schedule over the micro-batches")
+    offload_optimizer: bool = False  # DeepSpeed JSON zero_optimization.offload_optimizer.device only
+    distributed_backend: str | None = option(None, "--distributed-backend", type=_none_or_str,
+                                             choices=DISTRIBUTED_BACKENDS,
+                                             help="torch.distributed backend; None: nccl on cuda, else gloo")
+
+    def parallel_sizes(self, world_size: int) -> dict[str, int]:
+        """Split world_size into data/tensor/pipeline parallel sizes, and expert parallelism.
+
+        Experts spread over the data-parallel ranks as in DeepSpeed, so an explicit EP size must divide
+        dp; without one, experts are sharded over the tensor-parallel group (ep = tp).
+        """
+        tp, pp = self.tensor_parallel_size, self.pipeline_parallel_size
+        validation.check_at_least("--tensor-parallel-size", tp, 1)
+        validation.check_at_least("--pipeline-parallel-size", pp, 1)
+        check(world_size % (tp * pp) == 0,
+              f"world size {world_size} is not divisible by tensor-parallel-size {tp} x pipeline-parallel-size "
+              f"{pp}; launch a multiple of {tp * pp} processes or lower the parallel sizes")
+        dp = world_size // (tp * pp)
+        if self.expert_parallel_size is None:
+            return {"dp": dp, "tp": tp, "pp": pp, "ep": tp}
+        ep = self.expert_parallel_size
+        validation.check_at_least("--expert-parallel-size", ep, 1)
+        check(dp % ep == 0, f"--expert-parallel-size {ep} does not divide the data-parallel size {dp} "
+                            f"(world {world_size} / (tp {tp} x pp {pp})); use a divisor of {dp}")
+        return {"dp": dp, "tp": tp, "pp": pp, "ep": ep}
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation (Megatron-DeepSpeed's Mixture-of-Students flags).
+
+    The teacher's architecture comes from its checkpoint; the *_teacher fields, when given, are only checked
+    against it. Loss = alpha_ce * LM loss + beta_ce * T^2 KL(teacher || student) + MoE losses.
+    """
+    enabled: bool = option(False, switches=tuple(
+        switch(flag, True, help="distil from the --load-teacher model: add the KD loss to the student's losses")
+        for flag in ("--mos", "--kd")))
+    load_teacher: str | None = option(None, "--load-teacher",
+                                      help="teacher checkpoint directory; its architecture is read from it")
+    num_layers_teacher: int | None = option(None, "--num-layers-teacher", help=_TEACHER)
+    hidden_size_teacher: int | None = option(None, "--hidden-size-teacher", help=_TEACHER)
+    num_attention_heads_teacher: int | None = option(None, "--num-attention-heads-teacher", help=_TEACHER)
+    num_experts_teacher: list[int] | None = option(None, "--num-experts-teacher", **_EXPERT_COUNTS,
+                                                   help=f"{_TEACHER} (one count or one per MoE layer)")
+    temperature: float = option(1.0, "--kd-temp", help="softmax temperature T")
+    alpha_ce: float = option(1.0, "--kd-alpha-ce", help="weight of the LM loss")
+    beta_ce: float = option(1.0, "--kd-beta-ce", help="weight of the distillation loss T^2 KL(teacher || student)")
+    stop_iter: int | None = option(None, "--kd-stop-iter", help="staged KD: after this many iterations train on the "
+                                                                "plain LM + MoE loss and free the teacher")
+    student_init_from_teacher: bool = option(False, switches=(switch(
+        "--student-init-from-teacher", True,
+        help="start the student from evenly spaced teacher layers (first and last kept); tensors whose shapes "
+             "differ keep their random init"),))
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "moe": MoEConfig,
+    "data": DataConfig,
+    "training": TrainingConfig,
+    "parallel": ParallelConfig,
+    "distill": DistillConfig,
+}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+    def experts_per_layer(self) -> list[int]:
+        return self.moe.experts_per_layer(self.model.num_layers)
+
+    def accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each data-parallel rank (pipeline schedules run exactly these).
+
+        Given by the global batch, or directly by --num-microbatches (DeepSpeed gradient_accumulation_steps);
+        with neither, 1.
+        """
+        dp = self.parallel.parallel_sizes(world_size)["dp"]
+        micro = self.training.micro_batch_size
+        global_batch = self.training.global_batch_size
+        requested = self.parallel.num_microbatches
+        if global_batch is None:
+            return requested or 1
+        check(global_batch % (micro * dp) == 0,
+              f"--global-batch-size {global_batch} is not divisible by micro-batch-size {micro} x data-parallel "
+              f"size {dp}; use a multiple of {micro * dp}")
+        steps = global_batch // (micro * dp)
+        check(requested is None or requested == steps,
+              f"--global-batch-size {global_batch} != micro-batch-size {micro} x --num-microbatches "
+              f"(gradient_accumulation_steps) {requested} x data-parallel size {dp}; "
+              f"drop one of them or make them agree")
+        return steps
+
+    def global_batch(self, world_size: int) -> int:
+        """Sequences per optimizer step over all data-parallel ranks."""
+        dp = self.parallel.parallel_sizes(world_size)["dp"]
+        return self.training.micro_batch_size * dp * self.accumulation_steps(world_size)
+
+    def validate(self, world_size: int = 1) -> None:
+        """Raise ConfigError for the first inconsistent option, before any work is done; changes nothing."""
+        validation.validate(self, world_size)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, dict[str, Any]]) -> Config:
+        """Inverse of to_dict; missing keys take defaults, unknown ones are an error rather than dropped."""
+        known = {name: {f.name for f in dataclasses.fields(section)} for name, section in SECTIONS.items()}
+        unknown = [name for name in data if name not in known]
+        unknown += [f"{name}.{key}" for name, values in data.items() if name in known
+                    for key in values if key not in known[name]]
+        check(not unknown, f"unknown config keys {', '.join(unknown)}; was this saved by a newer moetrain?")
+        data = copy.deepcopy(data)
+        return cls(**{name: section(**data.get(name, {})) for name, section in SECTIONS.items()})
+
+
+def config_summary(cfg: Config) -> str:
+    """Every option of a validated config, one line per section, for the start of a run's log."""
+    lines = [f"{name}: " + ", ".join(f"{key}={value}" for key, value in values.items())
+             for name, values in cfg.to_dict().items()]
+    lines.append(f"derived: ffn_size={cfg.model.ffn_size()}, expert_ffn_size={cfg.moe.expert_ffn_size(cfg.model)}, "
+                 f"experts_per_layer={cfg.experts_per_layer()}")
+    return "\n".join(lines)

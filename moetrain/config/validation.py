@@ -1,0 +1,211 @@
+"""Pure validation of a Config, and `resolve`: the sizes only a run knows, filled into a new Config.
+
+Nothing here changes the config it is given: ``validate`` checks a resolved view of it, so a micro-batch
+size left to DeepSpeed's rule is checked as it will be derived.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+from moetrain.config.option import ConfigError, check, check_choice
+from moetrain.data import DataError
+from moetrain.data.loader import parse_split
+from moetrain.data.tokenizer import check_tokenizer_files
+
+if TYPE_CHECKING:
+    from moetrain.config.sections import (
+        Config,
+        DataConfig,
+        DistillConfig,
+        ModelConfig,
+        MoEConfig,
+        TrainingConfig,
+    )
+
+
+def check_at_least(flag: str, value: float, minimum: float) -> None:
+    check(value >= minimum, f"{flag} must be at least {minimum}, got {value}")
+
+
+def check_positive(flag: str, value: float) -> None:
+    check(value > 0, f"{flag} must be positive, got {value}")
+
+
+def resolve(cfg: Config, world_size: int = 1, vocab_size: int | None = None) -> Config:
+    """A new Config with the sizes a run derives: the micro-batch size DeepSpeed's rule gives when only the
+    global batch was set, and the tokenizer's vocabulary size when given. cfg itself is left as it is; the
+    sections resolve does not change are shared with it."""
+    training = cfg.training
+    if training.micro_batch_size is None:
+        training = dataclasses.replace(training, micro_batch_size=_derived_micro_batch(cfg, world_size))
+    model = cfg.model if vocab_size is None else dataclasses.replace(cfg.model, vocab_size=vocab_size)
+    return dataclasses.replace(cfg, model=model, training=training)
+
+
+def _derived_micro_batch(cfg: Config, world_size: int) -> int:
+    """DeepSpeed's rule for train_batch_size without train_micro_batch_size_per_gpu: the global batch split
+    over the data-parallel ranks and gradient_accumulation_steps (1 if unset)."""
+    total = cfg.training.global_batch_size
+    check(total is not None, "--micro-batch-size is unset; give it, or DeepSpeed's train_batch_size")
+    dp, steps = cfg.parallel.parallel_sizes(world_size)["dp"], cfg.parallel.num_microbatches or 1
+    check(steps >= 1 and total % (steps * dp) == 0,
+          f"train_batch_size {total} is not divisible by gradient_accumulation_steps {steps} x data-parallel "
+          f"size {dp}; set train_micro_batch_size_per_gpu or a train_batch_size that divides")
+    return total // (steps * dp)
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Raise ConfigError for the first inconsistent option, before any work is done; cfg is not changed."""
+    _validate_model(cfg.model)
+    _validate_moe(cfg.moe, cfg.model)
+    _validate_data(cfg.data)
+    cfg = resolve(cfg, world_size)
+    _validate_training(cfg.training)
+    _validate_parallel(cfg, world_size)
+    _validate_distill(cfg.distill)
+
+
+def _validate_model(model: ModelConfig) -> None:
+    check_choice(model, "style")
+    for flag, value in (("--num-layers", model.num_layers), ("--hidden-size", model.hidden_size),
+                        ("--num-attention-heads", model.num_attention_heads), ("--seq-length", model.seq_length)):
+        check_at_least(flag, value, 1)
+    if model.ffn_hidden_size is not None:
+        check_at_least("--ffn-hidden-size", model.ffn_hidden_size, 1)
+    check(model.hidden_size % model.num_attention_heads == 0,
+          f"--hidden-size {model.hidden_size} is not divisible by --num-attention-heads "
+          f"{model.num_attention_heads}; pick a head count that divides it")
+    head_dim = model.hidden_size // model.num_attention_heads
+    check(model.style != "llama" or head_dim % 2 == 0,
+          f"llama style needs an even head dimension for RoPE, got {head_dim}; change --hidden-size or heads")
+    for flag, value in (("--hidden-dropout", model.hidden_dropout),
+                        ("--attention-dropout", model.attention_dropout)):
+        check(0.0 <= value < 1.0, f"{flag} must be in [0, 1), got {value}")
+    for flag, value in (("--init-method-std", model.init_method_std), ("--rope-theta", model.rope_theta),
+                        ("--norm-epsilon", model.norm_eps)):
+        check_positive(flag, value)
+
+
+def _validate_moe(moe: MoEConfig, model: ModelConfig) -> None:
+    check(len(moe.num_experts) >= 1 and min(moe.num_experts) >= 0,
+          f"--num-experts needs one or more non-negative counts, got {moe.num_experts}")
+    experts_per_layer = moe.experts_per_layer(model.num_layers)
+    check(not moe.is_moe or any(experts_per_layer),
+          f"--expert-interval {moe.expert_interval} with --num-layers {model.num_layers} places no MoE layer; "
+          f"use an interval of at most {model.num_layers}, or --num-experts 1 for a dense model")
+    check_at_least("--topk", moe.topk, 1)
+    for layer, count in enumerate(experts_per_layer):
+        check(count == 0 or moe.topk <= count,
+              f"--topk {moe.topk} exceeds the {count} experts of layer {layer}; lower --topk or add experts")
+    for name in ("mlp_type", "score_func", "drop_policy", "noisy_gate_policy"):
+        check_choice(moe, name)
+    check_positive("--moe-train-capacity-factor", moe.train_capacity_factor)
+    check_positive("--moe-eval-capacity-factor", moe.eval_capacity_factor)
+    for flag, value in (("--moe-min-capacity", moe.min_capacity), ("--moe-loss-coeff", moe.aux_loss_coeff),
+                        ("--router-z-loss-coef", moe.z_loss_coeff),
+                        ("--moe-expert-bias-update-rate", moe.expert_bias_update_rate),
+                        ("--num-shared-experts", moe.num_shared_experts)):
+        check_at_least(flag, value, 0)
+    if moe.expert_ffn_hidden_size is not None:
+        check_at_least("--moe-ffn-hidden-size", moe.expert_ffn_hidden_size, 1)
+
+
+def _validate_data(data: DataConfig) -> None:
+    check_choice(data, "tokenizer_type")
+    check_at_least("--vocab-size", data.vocab_size, 1)
+    try:
+        parse_split(data.split)  # the loader's own reading, so validation and loading never disagree
+        check_tokenizer_files(data.tokenizer_type, data.vocab_file, data.merge_file)
+    except DataError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _validate_training(training: TrainingConfig) -> None:
+    check_at_least("--micro-batch-size", training.micro_batch_size, 1)
+    if training.global_batch_size is not None:
+        check_at_least("--global-batch-size", training.global_batch_size, 1)
+    check_at_least("--train-iters", training.train_iters, 1)
+    check_positive("--lr", training.lr)
+    check_at_least("--min-lr", training.min_lr, 0)
+    check_choice(training, "lr_decay_style")
+    check_at_least("--lr-warmup-iters", training.lr_warmup_iters, 0)
+    check(training.lr_warmup_iters <= training.train_iters,
+          f"--lr-warmup-iters {training.lr_warmup_iters} exceeds --train-iters {training.train_iters}; "
+          f"shorten the warmup or train longer")
+    if training.lr_decay_style != "constant":
+        check(training.min_lr <= training.lr,
+              f"--min-lr {training.min_lr} exceeds --lr {training.lr}; lower --min-lr")
+        decay_iters = training.lr_decay_iters or training.train_iters
+        check(decay_iters > training.lr_warmup_iters,
+              f"LR decay ends at iteration {decay_iters}, not after the {training.lr_warmup_iters} warmup "
+              f"iterations; raise --lr-decay-iters / --train-iters or use --lr-decay-style constant")
+    check_at_least("--weight-decay", training.weight_decay, 0)
+    for flag, beta in (("--adam-beta1", training.adam_beta1), ("--adam-beta2", training.adam_beta2)):
+        check(0.0 <= beta < 1.0, f"{flag} must be in [0, 1), got {beta}")
+    check_positive("--adam-eps", training.adam_eps)
+    check_at_least("--clip-grad", training.clip_grad, 0)
+    check_choice(training, "precision")
+    check_at_least("--loss-scale", training.loss_scale, 0)
+    check_at_least("--initial-scale-power", training.initial_scale_power, 0)
+    check_at_least("--loss-scale-window", training.loss_scale_window, 1)
+    check_at_least("--hysteresis", training.hysteresis, 1)
+    check_positive("--min-loss-scale", training.min_loss_scale)
+    for flag, value in (("--eval-interval", training.eval_interval), ("--eval-iters", training.eval_iters),
+                        ("--save-interval", training.save_interval)):
+        check_at_least(flag, value, 0)
+    check_at_least("--log-interval", training.log_interval, 1)
+    if training.keep_last_checkpoints is not None:
+        check_at_least("--keep-last-checkpoints", training.keep_last_checkpoints, 1)
+    check_choice(training, "device")
+
+
+def _validate_parallel(cfg: Config, world_size: int) -> None:
+    parallel = cfg.parallel
+    check_choice(parallel, "zero_stage")
+    check(not parallel.offload_optimizer or parallel.zero_stage >= 1,
+          "optimizer offload needs ZeRO stage 1 or higher; set --zero-stage or drop offload_optimizer")
+    check_choice(parallel, "distributed_backend")
+    check(parallel.zero_stage < 3, "ZeRO stage 3 (sharded parameters) is not implemented; use --zero-stage 1 "
+                                   "or 2 (optimizer state, and gradients, sharded)")
+    check_choice(parallel, "pipeline_schedule")
+    if parallel.num_microbatches is not None:
+        check_at_least("--num-microbatches", parallel.num_microbatches, 1)
+    sizes = parallel.parallel_sizes(world_size)
+    check(cfg.model.num_attention_heads % sizes["tp"] == 0,
+          f"--num-attention-heads {cfg.model.num_attention_heads} is not divisible by "
+          f"--tensor-parallel-size {sizes['tp']}; use a head count that is a multiple of it")
+    check(sizes["pp"] <= cfg.model.num_layers,
+          f"--pipeline-parallel-size {sizes['pp']} exceeds --num-layers {cfg.model.num_layers}; "
+          f"use at most one stage per layer")
+    if sizes["pp"] > 1:
+        steps = cfg.accumulation_steps(world_size)
+        check(parallel.pipeline_schedule != "1f1b" or steps >= sizes["pp"],
+              f"the 1F1B pipeline schedule needs at least as many micro-batches ({steps}) as stages "
+              f"({sizes['pp']}); raise --num-microbatches / --global-batch-size or use --pipeline-schedule gpipe")
+    # a layer whose expert count the EP size does not divide runs on gcd(count, ep) ranks (Pyramid-MoE)
+    cfg.accumulation_steps(world_size)
+
+
+def _validate_distill(distill: DistillConfig) -> None:
+    if not distill.enabled:
+        for flag, value in (("--load-teacher", distill.load_teacher), ("--kd-stop-iter", distill.stop_iter),
+                            ("--student-init-from-teacher", distill.student_init_from_teacher or None)):
+            check(value is None, f"{flag} is given without --mos or --kd; add one of them or drop {flag}")
+        return
+    check(distill.load_teacher is not None, "--mos/--kd needs --load-teacher DIR, the teacher's checkpoint")
+    check_positive("--kd-temp", distill.temperature)
+    check_at_least("--kd-alpha-ce", distill.alpha_ce, 0)
+    check_at_least("--kd-beta-ce", distill.beta_ce, 0)
+    if distill.stop_iter is not None:
+        check_at_least("--kd-stop-iter", distill.stop_iter, 0)
+    for flag, value in (("--num-layers-teacher", distill.num_layers_teacher),
+                        ("--hidden-size-teacher", distill.hidden_size_teacher),
+                        ("--num-attention-heads-teacher", distill.num_attention_heads_teacher)):
+        if value is not None:
+            check_at_least(flag, value, 1)
+    if distill.num_experts_teacher is not None:
+        check(len(distill.num_experts_teacher) >= 1 and min(distill.num_experts_teacher) >= 0,
+              f"--num-experts-teacher needs one or more non-negative counts, got {distill.num_experts_teacher}")
+
