@@ -19,14 +19,14 @@ from typing import Any, NamedTuple
 
 from moetrain.data import DataError
 from moetrain.data.loader import parse_split
-from moetrain.data.tokenizer import check_tokenizer_files
+from moetrain.data.tokenizer import TOKENIZER_KINDS, check_tokenizer_files, resolve_tokenizer_kind, tokenizer_kind
 
 MODEL_STYLES = ("gpt", "llama")
 MLP_TYPES = ("standard", "residual")
 SCORE_FUNCS = ("softmax", "sigmoid")
 DROP_POLICIES = (None, "position", "probs", "random", "unordered")
 NOISY_GATE_POLICIES = (None, "Jitter", "RSample")
-TOKENIZER_TYPES = ("bpe", "gpt2", "byte", "json")
+TOKENIZER_TYPES = TOKENIZER_KINDS
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -138,12 +138,16 @@ class MoEConfig:
 @dataclass
 class DataConfig:
     data_path: list[str] | None = None
-    tokenizer_type: str = "bpe"
+    tokenizer_type: str | None = None  # None: gpt2 with --vocab-file and --merge-file, else bpe (as Megatron)
     vocab_file: str | None = None
     merge_file: str | None = None
     vocab_size: int = 4096
     split: str = "98,2,0"
     cache_dir: str | None = None
+    tokenizer_model: str | None = None
+    train_data_path: list[str] | None = None
+    valid_data_path: list[str] | None = None
+    json_keys: str = "text"
 
 
 @dataclass
@@ -400,11 +404,12 @@ def _validate_moe(moe: MoEConfig, model: ModelConfig) -> None:
 
 
 def _validate_data(data: DataConfig) -> None:
-    _check_choice("--tokenizer-type", data.tokenizer_type, TOKENIZER_TYPES)
+    _check_choice("--tokenizer-type", data.tokenizer_type, (None, *TOKENIZER_TYPES))
     _check_at_least("--vocab-size", data.vocab_size, 1)
     try:
         parse_split(data.split)  # the loader's own reading, so validation and loading never disagree
-        check_tokenizer_files(data.tokenizer_type, data.vocab_file, data.merge_file)
+        check_tokenizer_files(resolve_tokenizer_kind(data.tokenizer_type, data.vocab_file, data.merge_file),
+                              data.vocab_file, data.merge_file, data.tokenizer_model)
     except DataError as error:
         raise ConfigError(str(error)) from None
 
@@ -563,8 +568,15 @@ def _keep_count(text: str) -> int | None:
 
 
 def _tokenizer_type(text: str) -> str:
-    """Accept Megatron's tokenizer class name so its launch scripts run unchanged."""
-    return "gpt2" if text == "GPT2BPETokenizer" else text
+    """Accept Megatron's tokenizer class names so its launch scripts run unchanged."""
+    return tokenizer_kind(text)
+
+
+def _data_impl(text: str) -> str:
+    """Megatron's --data-impl: moetrain always memory-maps, which is what mmap and infer give there."""
+    if text not in ("mmap", "infer"):
+        raise argparse.ArgumentTypeError(f"moetrain reads memory-mapped data only; use mmap, not {text!r}")
+    return text
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -639,11 +651,25 @@ def add_moe_args(parser: argparse.ArgumentParser) -> None:
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     _add_field_flag(group, "--data-path", dest="data.data_path", nargs="+",
-                    help="prepared datasets or text files; unset: the built-in corpus")
+                    help="prepared prefixes (moetrain's or Megatron's), text/JSONL/Parquet/Arrow files or saved "
+                         "datasets, or a blend 'W1 PREFIX1 W2 PREFIX2 ...'; unset: the built-in corpus")
+    _add_field_flag(group, "--train-data-path", dest="data.train_data_path", nargs="+",
+                    help="training data used whole (paths or a weighted blend), instead of --data-path and --split")
+    _add_field_flag(group, "--valid-data-path", dest="data.valid_data_path", nargs="+",
+                    help="validation data used whole, with --train-data-path")
+    _add_field_flag(group, "--json-keys", dest="data.json_keys",
+                    help="the JSONL field or Parquet/Arrow column holding the text of raw inputs")
+    group.add_argument("--data-impl", type=_data_impl, dest="data_impl", metavar="mmap",
+                       help="accepted for Megatron launch scripts; data is always memory-mapped")
     _add_field_flag(group, "--tokenizer-type", dest="data.tokenizer_type", type=_tokenizer_type,
                     choices=TOKENIZER_TYPES,
-                    help="bpe: trained on the corpus; gpt2: --vocab-file/--merge-file; byte: raw bytes; "
-                         "json: a tokenizers JSON file as --vocab-file (e.g. a checkpoint's tokenizer.json)")
+                    help="bpe: trained on the corpus; gpt2 (GPT2BPETokenizer): --vocab-file/--merge-file; byte: raw "
+                         "bytes; json: a tokenizers JSON file as --vocab-file (e.g. a checkpoint's tokenizer.json); "
+                         "hf (HuggingFaceTokenizer) or sentencepiece (SentencePieceTokenizer): --tokenizer-model. "
+                         "Unset: gpt2 when --vocab-file and --merge-file are given, else bpe")
+    _add_field_flag(group, "--tokenizer-model", dest="data.tokenizer_model",
+                    help="a directory with tokenizer.json (HuggingFaceTokenizer) or a .model file "
+                         "(SentencePieceTokenizer)")
     _add_field_flag(group, "--vocab-file", dest="data.vocab_file", help="GPT-2 vocab.json, or the tokenizers JSON")
     _add_field_flag(group, "--merge-file", dest="data.merge_file", help="GPT-2 merges.txt")
     _add_field_flag(group, "--vocab-size", dest="data.vocab_size", type=int,

@@ -103,9 +103,10 @@ class Trainer:
         with self._rank_zero_first():  # one rank builds the tokenizer and token caches
             self.tokenizer, self.train_data, self.valid_data = load_training_data(
                 cfg.data.data_path, tokenizer_type=cfg.data.tokenizer_type, vocab_file=cfg.data.vocab_file,
-                merge_file=cfg.data.merge_file, vocab_size=cfg.data.vocab_size,
-                seq_length=cfg.model.seq_length, split=cfg.data.split, seed=tc.seed,
-                cache_dir=cfg.data.cache_dir)
+                merge_file=cfg.data.merge_file, tokenizer_model=cfg.data.tokenizer_model,
+                vocab_size=cfg.data.vocab_size, seq_length=cfg.model.seq_length, split=cfg.data.split, seed=tc.seed,
+                cache_dir=cfg.data.cache_dir, text_key=cfg.data.json_keys, train_data_path=cfg.data.train_data_path,
+                valid_data_path=cfg.data.valid_data_path)
         cfg.model.vocab_size = self.tokenizer.vocab_size
         model = GPT(cfg.model, cfg.moe)  # whole, from the same seed on every rank; then sharded
         self.param_counts = model.parameter_counts()
@@ -367,7 +368,8 @@ class Trainer:
                 **({"kd_loss": step.get("kd_loss")} if self.distiller is not None else {}),
                 "grad_norm": step["grad_norm"], "tokens_per_s": tokens_per_s,
                 "loss_scale": self.scaler.loss_scale if self.scaler else None,
-                "skipped_steps": self.scaler.skipped_steps if self.scaler else 0, "moe_layers": layers}
+                "skipped_steps": self.scaler.skipped_steps if self.scaler else 0,
+                "data_drawn": self.train_data.drawn(), "moe_layers": layers}
 
     def _layer_summaries(self, training: bool) -> list[dict]:
         """Routing statistics of every MoE layer since the last call, over all ranks and stages."""
@@ -402,6 +404,11 @@ class Trainer:
         self._print(f"parameters: {counts['total'] / 1e6:.2f}M total, {counts['active'] / 1e6:.2f}M active "
                     f"per token | vocab {self.tokenizer.vocab_size} | train tokens "
                     f"{self.train_data.num_tokens:,} | device {self.device} | {self.cfg.training.precision}")
+        blend = self.train_data.drawn()
+        if len(blend) > 1:
+            weights = ", ".join(f"{w:.3f} {name}" for w, name in zip(self.train_data.weights, blend))
+            drawn = ", ".join(f"{count:,} {name}" for name, count in blend.items())
+            self._print(f"data blend: weights {weights} | sequences drawn so far {drawn}")
         state = self.parallel
         if state.distributed:
             self._print(f"parallel: {state.world_size} processes = DP {state.dp} (EP {state.ep}) x TP {state.tp} x "
