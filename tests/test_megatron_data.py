@@ -283,6 +283,10 @@ def test_train_and_valid_data_paths(tmp_path):
     options = {"tokenizer_type": "byte", "seq_length": 8, "cache_dir": str(tmp_path / "c")}
     _, train, validation = load_training_data(None, train_data_path=[a], valid_data_path=["1", b], **options)
     assert train.num_tokens == 40 * 25 and validation.num_tokens == 40 * 26  # each used whole
+    _, unweighted, _ = load_training_data([a, b], split="100,0,0", **options)  # Megatron-LM: in proportion to size
+    assert unweighted.weights == [25 / 51, 26 / 51]
+    with pytest.raises(DataError, match="cannot resume train batches: the checkpoint's data was a blend of 2"):
+        load_training_data([a], split="100,0,0", **options)[1].load_state_dict(unweighted.state_dict())
     with pytest.raises(DataError, match="not both"):
         load_training_data([a], train_data_path=[a], **options)
     with pytest.raises(DataError, match="--valid-data-path goes with --train-data-path"):

@@ -48,13 +48,14 @@ def parse_blend(paths: Sequence[str]) -> tuple[list[str], list[float] | None]:
 
 def blend_assignment(weights: Sequence[float], drawn: Sequence[int], count: int) -> tuple[np.ndarray, np.ndarray]:
     """Sources of the next `count` samples after `drawn` per source, and the counts after them."""
-    weights, drawn = np.asarray(weights, dtype=np.float64), np.array(drawn, dtype=np.int64)
-    sources = np.empty(count, dtype=np.int64)
-    for i in range(count):
-        lag = weights * max(int(drawn.sum()), 1) - drawn
-        sources[i] = int(np.argmax(lag))
-        drawn[sources[i]] += 1
-    return sources, drawn
+    drawn, samples = [int(n) for n in drawn], int(sum(drawn))
+    sources = []
+    for sample in range(samples, samples + count):  # plain floats: a few sources, so faster than numpy here
+        lags = [weight * max(sample, 1) - n for weight, n in zip(weights, drawn)]
+        source = lags.index(max(lags))
+        drawn[source] += 1
+        sources.append(source)
+    return np.asarray(sources, dtype=np.int64), np.asarray(drawn, dtype=np.int64)
 
 
 class BlendedBatches:

@@ -6,6 +6,7 @@ PREFIX.idx  header `<8sIIQQ` (magic, version, dtype code, vocab size, number of 
 PREFIX.tokenizer.json  the tokenizer that produced the ids.
 """
 
+import contextlib
 import multiprocessing
 import os
 import struct
@@ -71,8 +72,22 @@ _worker_tokenizer: Tokenizer | None = None
 
 def _start_worker(tokenizer_json: str) -> None:
     global _worker_tokenizer
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process: the processes are the parallelism
     _worker_tokenizer = Tokenizer.from_json(tokenizer_json)
+
+
+@contextlib.contextmanager
+def _single_threaded_tokenizers() -> Iterator[None]:
+    """TOKENIZERS_PARALLELISM=false while worker processes fork: each worker is one thread by design, and the
+    tokenizers library then needs no fork warning."""
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
 
 
 def _encode_chunk(chunk: list[str], dtype: np.dtype, append_eos: bool,
@@ -97,7 +112,8 @@ def encode_documents(documents: Iterable[str], tokenizer: Tokenizer, dtype: np.d
             yield _encode_chunk(chunk, dtype, append_eos, tokenizer)
         return
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    with context.Pool(workers, initializer=_start_worker, initargs=(tokenizer.to_json(),)) as pool:
+    with _single_threaded_tokenizers(), \
+            context.Pool(workers, initializer=_start_worker, initargs=(tokenizer.to_json(),)) as pool:
         pending: deque = deque()
         for chunk in chunks:
             pending.append(pool.apply_async(_encode_chunk, (chunk, dtype, append_eos)))

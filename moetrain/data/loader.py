@@ -113,6 +113,9 @@ class TokenBatches:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Restores the position (and the seed it was drawn with) from `state_dict()` of the same data."""
+        if "blend" in state:
+            raise DataError(f"cannot resume {self.name} batches: the checkpoint's data was a blend of "
+                            f"{len(state['blend'])} prefixes, this run has one; resume with the same --data-path")
         if (state["seq_length"], state["num_windows"]) != (self.seq_length, self.num_windows):
             raise DataError(f"cannot resume {self.name} batches: the checkpoint saw {state['num_windows']} windows of "
                             f"{state['seq_length']} tokens, this data has {self.num_windows} of {self.seq_length}; "
