@@ -332,7 +332,7 @@ def test_data_impl_other_than_mmap_is_refused(capsys):
 
 def test_prepare_data_writes_megatron_format_with_megatrons_flags(tmp_path, capsys):
     vocab, merges = gpt2_files(tmp_path)
-    source = tmp_path / "in.jsonl"
+    source = tmp_path / "my-corpus.json"  # Megatron's loose JSON: one object per line
     source.write_text("".join(json.dumps({"content": text, "text": "x"}) + "\n"
                               for text in ["ab ab", "a", "abab b"]))
     argv = ["--input", str(source), "--json-keys", "content", "--output-prefix", str(tmp_path / "my-gpt2"),

@@ -10,6 +10,9 @@ from pathlib import Path
 from moetrain.data import DataError
 
 DOCUMENT_SUFFIXES = (".txt", ".jsonl", ".parquet", ".arrow")
+# Megatron's preprocess_data.py reads "loose JSON", one object per line, often named .json: read as JSONL when
+# named explicitly (never picked up from a directory, where .json files are usually metadata).
+LOOSE_JSON_SUFFIX = ".json"
 _TABLE_BATCH_ROWS = 1024
 
 # Pure-Python standard-library modules and packages present from Python 3.10 on; a name a future
@@ -105,7 +108,7 @@ def _expand(paths: DataPaths) -> list[tuple[Path, list[Path]]]:
                 stem = path.with_suffix("")
                 raise DataError(f"'{path}' is not a complete prepared dataset: one needs {stem}.bin, {stem}.idx and "
                                 f"{stem}.tokenizer.json together, as moetrain prepare-data writes them; re-run it")
-            if path.suffix.lower() not in DOCUMENT_SUFFIXES:
+            if path.suffix.lower() not in (*DOCUMENT_SUFFIXES, LOOSE_JSON_SUFFIX):
                 raise DataError(f"data file '{path}' is not .txt, .jsonl, .parquet or .arrow; convert it (one "
                                 'document per .txt file, or one {"text": ...} object per .jsonl line)')
             files = [path]
@@ -164,8 +167,8 @@ def _read_table(file: Path, text_key: str) -> Iterator[str]:
 
 
 def _read_file(file: Path, text_key: str = "text") -> Iterator[str]:
-    """Non-blank documents of one file: the whole .txt file, each .jsonl line's `text_key`, or each row's
-    `text_key` column of a .parquet/.arrow table."""
+    """Non-blank documents of one file: the whole .txt file, each .jsonl (or loose .json) line's `text_key`, or
+    each row's `text_key` column of a .parquet/.arrow table."""
     if file.suffix.lower() in (".parquet", ".arrow"):
         yield from _read_table(file, text_key)
         return
