@@ -470,7 +470,7 @@ def with_changes(**changes: Any) -> Config:
     ({"training__global_batch_size": 32, "parallel__num_microbatches": 2}, 1,
      "--global-batch-size 32 != micro-batch-size 8 x --num-microbatches"),
     ({"data__split": "90;10"}, 1, "--split '90;10' must be up to three"),
-    ({"data__vocab_file": "vocab.json", "data__merge_file": "merges.txt"}, 1,
+    ({"data__tokenizer_type": "bpe", "data__vocab_file": "vocab.json", "data__merge_file": "merges.txt"}, 1,
      "--vocab-file/--merge-file are not read by --tokenizer-type bpe; add --tokenizer-type gpt2"),
     ({"data__tokenizer_type": "json", "data__vocab_file": "t.json", "data__merge_file": "merges.txt"}, 1,
      "--merge-file is not read by --tokenizer-type json"),

@@ -154,10 +154,10 @@ def test_read_documents_path_errors(tmp_path):
     with pytest.raises(DataError, match="file .*empty.txt' has no usable documents"):
         list(read_documents([tmp_path / "empty.txt"]))
     (tmp_path / "table.csv").write_text("a,b")
-    with pytest.raises(DataError, match="neither .txt nor .jsonl"):
+    with pytest.raises(DataError, match="is not .txt, .jsonl, .parquet or .arrow"):
         read_documents([tmp_path / "table.csv"])
     (tmp_path / "nothing").mkdir()
-    with pytest.raises(DataError, match="has no .txt or .jsonl files"):
+    with pytest.raises(DataError, match="has no .txt, .jsonl, .parquet or .arrow files"):
         read_documents([tmp_path / "nothing"])
     (tmp_path / "blank").mkdir()
     (tmp_path / "blank" / "a.txt").write_text("")
@@ -412,8 +412,12 @@ def test_load_training_data_uses_a_prepared_prefix_and_its_tokenizer(tmp_path):
     assert tokenizer.vocab_size == 257 and validation is None
     assert train.tokens.tolist() == byte_stream(numbered_documents(20))
     assert not (tmp_path / "unused").exists()
-    with pytest.raises(DataError, match="either one prepared prefix or raw"):
-        load_training_data([prefix, str(tmp_path / "docs.jsonl")], seq_length=4)
+    # Next to a prepared prefix, a raw input is tokenized with the prefix's tokenizer and the two are blended
+    # in proportion to their sizes (Megatron's unweighted --data-path list).
+    _, blend, _ = load_training_data([prefix, str(tmp_path / "docs.jsonl")], seq_length=4, split="1/0",
+                                     cache_dir=str(tmp_path / "cache"))
+    assert [source.tokens.tolist() for source in blend.sources] == [byte_stream(numbered_documents(20))] * 2
+    assert blend.weights == [0.5, 0.5]
 
 
 @pytest.mark.parametrize("split", ["98,2,0,1", "a,b", "0,1", "-1,2"])

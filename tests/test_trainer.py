@@ -159,7 +159,7 @@ def test_fp16_skipped_step_logs_nan_loss_in_fit(tmp_path, monkeypatch):
 
 
 TRAIN_KEYS = {"type", "step", "loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_s",
-              "loss_scale", "skipped_steps", "moe_layers"}
+              "loss_scale", "skipped_steps", "data_drawn", "moe_layers"}
 LAYER_KEYS = {"layer", "tokens_per_expert", "drop_fraction", "max_over_min", "max_over_mean", "experts_used"}
 EVAL_KEYS = {"type", "step", "eval_loss", "eval_ppl", "eval_drop_fraction"}
 
@@ -182,6 +182,7 @@ def test_metrics_jsonl_schema_and_plots(tmp_path):
         assert record["lr"] == 2e-3  # constant schedule, no warmup
         assert record["tokens_per_s"] > 0 and record["grad_norm"] > 0
         assert record["loss_scale"] is None and record["skipped_steps"] == 0  # fp32
+        assert list(record["data_drawn"].values()) == [4 * record["step"]]  # sequences drawn from the one source
         assert [layer["layer"] for layer in record["moe_layers"]] == [0, 1]
         for layer in record["moe_layers"]:
             assert set(layer) == LAYER_KEYS

@@ -15,7 +15,7 @@ from typing import Any
 
 from moetrain.config import validation
 from moetrain.config.option import check, option, switch
-from moetrain.data.tokenizer import TOKENIZER_KINDS
+from moetrain.data.tokenizer import TOKENIZER_KINDS, tokenizer_kind
 from moetrain.moe.router import DROP_POLICIES, NOISY_GATE_POLICIES, SCORE_FUNCS
 from moetrain.precision import PRECISIONS
 from moetrain.train.lr_schedule import STYLES as LR_DECAY_STYLES
@@ -59,8 +59,15 @@ def _keep_count(text: str) -> int | None:
 
 
 def _tokenizer_type(text: str) -> str:
-    """Accept Megatron's tokenizer class name so its launch scripts run unchanged."""
-    return "gpt2" if text == "GPT2BPETokenizer" else text
+    """Accept Megatron's tokenizer class names so its launch scripts run unchanged."""
+    return tokenizer_kind(text)
+
+
+def _data_impl(text: str) -> str:
+    """Megatron's --data-impl: moetrain always memory-maps, which is what mmap and infer give there."""
+    if text not in ("mmap", "infer"):
+        raise argparse.ArgumentTypeError(f"moetrain reads memory-mapped data only; use mmap, not {text!r}")
+    return text
 
 
 _EXPERT_COUNTS = {"nargs": "+", "type": _expert_counts_token, "convert": _flatten_expert_counts, "metavar": "N"}
@@ -172,12 +179,28 @@ class MoEConfig:
 
 @dataclass
 class DataConfig:
-    data_path: list[str] | None = option(None, "--data-path", nargs="+",
-                                         help="prepared datasets or text files; unset: the built-in corpus")
-    tokenizer_type: str = option("bpe", "--tokenizer-type", type=_tokenizer_type, choices=TOKENIZER_TYPES,
-                                 help="bpe: trained on the corpus; gpt2: --vocab-file/--merge-file; byte: raw bytes; "
-                                      "json: a tokenizers JSON file as --vocab-file (e.g. a checkpoint's "
-                                      "tokenizer.json)")
+    data_path: list[str] | None = option(
+        None, "--data-path", nargs="+",
+        help="prepared prefixes (moetrain's or Megatron's), text/JSONL/Parquet/Arrow files or saved datasets, or a "
+             "blend 'W1 PREFIX1 W2 PREFIX2 ...'; unset: the built-in corpus")
+    train_data_path: list[str] | None = option(
+        None, "--train-data-path", nargs="+",
+        help="training data used whole (paths or a weighted blend), instead of --data-path and --split")
+    valid_data_path: list[str] | None = option(None, "--valid-data-path", nargs="+",
+                                               help="validation data used whole, with --train-data-path")
+    json_keys: str = option("text", "--json-keys",
+                            help="the JSONL field or Parquet/Arrow column holding the text of raw inputs")
+    data_impl: str = option("mmap", "--data-impl", type=_data_impl,
+                            help="Megatron's dataset implementation: mmap or infer; moetrain always memory-maps")
+    tokenizer_type: str | None = option(
+        None, "--tokenizer-type", type=_tokenizer_type, choices=(None, *TOKENIZER_TYPES),
+        help="bpe: trained on the corpus; gpt2 (GPT2BPETokenizer): --vocab-file/--merge-file; byte: raw bytes; "
+             "json: a tokenizers JSON file as --vocab-file (e.g. a checkpoint's tokenizer.json); hf "
+             "(HuggingFaceTokenizer) or sentencepiece (SentencePieceTokenizer): --tokenizer-model. Unset: gpt2 when "
+             "--vocab-file and --merge-file are given, else bpe")
+    tokenizer_model: str | None = option(
+        None, "--tokenizer-model",
+        help="a directory with tokenizer.json (HuggingFaceTokenizer) or a .model file (SentencePieceTokenizer)")
     vocab_file: str | None = option(None, "--vocab-file", help="GPT-2 vocab.json, or the tokenizers JSON")
     merge_file: str | None = option(None, "--merge-file", help="GPT-2 merges.txt")
     vocab_size: int = option(4096, "--vocab-size", help="vocabulary size of a BPE trained on the corpus")

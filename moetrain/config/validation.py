@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from moetrain.config.option import ConfigError, check, check_choice
 from moetrain.data import DataError
 from moetrain.data.loader import parse_split
-from moetrain.data.tokenizer import check_tokenizer_files
+from moetrain.data.tokenizer import check_tokenizer_files, resolve_tokenizer_kind
 
 if TYPE_CHECKING:
     from moetrain.config.sections import (
@@ -117,7 +117,8 @@ def _validate_data(data: DataConfig) -> None:
     check_at_least("--vocab-size", data.vocab_size, 1)
     try:
         parse_split(data.split)  # the loader's own reading, so validation and loading never disagree
-        check_tokenizer_files(data.tokenizer_type, data.vocab_file, data.merge_file)
+        check_tokenizer_files(resolve_tokenizer_kind(data.tokenizer_type, data.vocab_file, data.merge_file),
+                              data.vocab_file, data.merge_file, data.tokenizer_model)
     except DataError as error:
         raise ConfigError(str(error)) from None
 

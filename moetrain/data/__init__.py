@@ -1,4 +1,5 @@
-"""Data for pre-training: tokenizers, the offline default corpus, the prepared .bin/.idx format, batches."""
+"""Data for pre-training: tokenizers, the offline default corpus, the prepared .bin/.idx formats (moetrain's and
+Megatron's), blends, batches."""
 
 
 class DataError(ValueError):
@@ -6,10 +7,14 @@ class DataError(ValueError):
 
 
 # Imported after DataError, which every submodule raises.
+from moetrain.data.blend import BlendedBatches
 from moetrain.data.corpus import default_corpus, read_documents
-from moetrain.data.indexed import IndexedDataset, prepare_data, prepare_data_main
+from moetrain.data.indexed import IndexedDataset, open_prefix, prepare_data, write_megatron, write_prepared
 from moetrain.data.loader import TokenBatches, load_training_data
+from moetrain.data.megatron import MegatronDataset
+from moetrain.data.prepare import prepare_data_main
 from moetrain.data.tokenizer import Tokenizer, build_tokenizer
 
-__all__ = ["DataError", "IndexedDataset", "TokenBatches", "Tokenizer", "build_tokenizer", "default_corpus",
-           "load_training_data", "prepare_data", "prepare_data_main", "read_documents"]
+__all__ = ["BlendedBatches", "DataError", "IndexedDataset", "MegatronDataset", "TokenBatches", "Tokenizer",
+           "build_tokenizer", "default_corpus", "load_training_data", "open_prefix", "prepare_data",
+           "prepare_data_main", "read_documents", "write_megatron", "write_prepared"]

@@ -1,4 +1,5 @@
-"""Where documents come from: the user's .txt/.jsonl files, or a default corpus every Python install carries."""
+"""Where documents come from: the user's .txt/.jsonl files, Hugging Face datasets saved locally (a save_to_disk
+directory, .parquet or .arrow files), or a default corpus every Python install carries."""
 
 import json
 import os
@@ -8,7 +9,11 @@ from pathlib import Path
 
 from moetrain.data import DataError
 
-DOCUMENT_SUFFIXES = (".txt", ".jsonl")
+DOCUMENT_SUFFIXES = (".txt", ".jsonl", ".parquet", ".arrow")
+# Megatron's preprocess_data.py reads "loose JSON", one object per line, often named .json: read as JSONL when
+# named explicitly (never picked up from a directory, where .json files are usually metadata).
+LOOSE_JSON_SUFFIX = ".json"
+_TABLE_BATCH_ROWS = 1024
 
 # Pure-Python standard-library modules and packages present from Python 3.10 on; a name a future
 # Python drops is skipped. Sorted so the corpus order never depends on the filesystem.
@@ -61,28 +66,52 @@ def default_corpus() -> list[str]:
 DataPaths = str | os.PathLike | Sequence[str | os.PathLike]
 
 
+def _saved_dataset_files(directory: Path) -> list[Path]:
+    """The Arrow files of a `datasets.Dataset.save_to_disk` directory, in row order (as its state.json lists them)."""
+    if (directory / "dataset_dict.json").is_file():
+        splits = json.loads((directory / "dataset_dict.json").read_text())["splits"]
+        if "train" not in splits:
+            raise DataError(f"saved dataset dictionary '{directory}' has no 'train' split (it has "
+                            f"{', '.join(splits)}); pass the split's directory, e.g. {directory / splits[0]}")
+        directory = directory / "train"
+    state = json.loads((directory / "state.json").read_text())
+    files = [directory / entry["filename"] for entry in state["_data_files"]]
+    missing = [file for file in files if not file.is_file()]
+    if missing:
+        raise DataError(f"saved dataset '{directory}' lacks {missing[0].name}; save it again with save_to_disk")
+    return files
+
+
+def is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
+
+
 def _expand(paths: DataPaths) -> list[tuple[Path, list[Path]]]:
-    """Each given path with the files it stands for; a directory stands for its .txt/.jsonl files, sorted."""
+    """Each given path with the files it stands for; a directory stands for its document files, sorted, and a
+    `save_to_disk` directory for its Arrow files in row order."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     if not paths:
         raise DataError("no data paths given; pass .txt/.jsonl files or directories")
     groups = []
     for path in map(Path, paths):
-        if path.is_dir():
+        if is_saved_dataset(path):
+            files = _saved_dataset_files(path)
+        elif path.is_dir():
             files = sorted(file for file in path.rglob("*") if file.is_file()
                            and file.suffix.lower() in DOCUMENT_SUFFIXES
                            and not any(part.startswith(".") for part in file.relative_to(path).parts))
             if not files:
-                raise DataError(f"data directory '{path}' has no .txt or .jsonl files; add some or point elsewhere")
+                raise DataError(f"data directory '{path}' has no .txt, .jsonl, .parquet or .arrow files; add some "
+                                "or point elsewhere")
         elif path.is_file():
             if path.suffix.lower() in (".bin", ".idx"):
                 stem = path.with_suffix("")
                 raise DataError(f"'{path}' is not a complete prepared dataset: one needs {stem}.bin, {stem}.idx and "
                                 f"{stem}.tokenizer.json together, as moetrain prepare-data writes them; re-run it")
-            if path.suffix.lower() not in DOCUMENT_SUFFIXES:
-                raise DataError(f"data file '{path}' is neither .txt nor .jsonl; convert it (one document per .txt "
-                                'file, or one {"text": ...} object per .jsonl line)')
+            if path.suffix.lower() not in (*DOCUMENT_SUFFIXES, LOOSE_JSON_SUFFIX):
+                raise DataError(f"data file '{path}' is not .txt, .jsonl, .parquet or .arrow; convert it (one "
+                                'document per .txt file, or one {"text": ...} object per .jsonl line)')
             files = [path]
         else:
             raise DataError(f"data path '{path}' does not exist; pass .txt/.jsonl files, directories, "
@@ -96,8 +125,54 @@ def input_files(paths: DataPaths) -> list[Path]:
     return [file for _, files in _expand(paths) for file in files]
 
 
-def _read_file(file: Path) -> Iterator[str]:
-    """Non-blank documents of one file: the whole .txt file, or each .jsonl line's "text"."""
+def _table_batches(file: Path, text_key: str) -> Iterator:
+    """Record batches of one column of a Parquet or Arrow file (Arrow IPC stream, as datasets writes, or file)."""
+    try:
+        import pyarrow.ipc
+        import pyarrow.parquet
+    except ImportError:
+        raise DataError(f"reading '{file}' needs pyarrow; pip install 'moetrain[datasets]'") from None
+    try:
+        if file.suffix.lower() == ".parquet":
+            table = pyarrow.parquet.ParquetFile(file)
+            if text_key not in table.schema_arrow.names:
+                raise KeyError(table.schema_arrow.names)
+            yield from table.iter_batches(batch_size=_TABLE_BATCH_ROWS, columns=[text_key])
+            return
+        with open(file, "rb") as source:
+            try:
+                reader = pyarrow.ipc.open_stream(source)
+                batches = iter(reader)
+            except pyarrow.ArrowInvalid:
+                source.seek(0)
+                reader = pyarrow.ipc.open_file(source)
+                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+            if text_key not in reader.schema.names:
+                raise KeyError(reader.schema.names)
+            for batch in batches:
+                yield batch.select([text_key])
+    except KeyError as error:
+        raise DataError(f"data file '{file}' has no column '{text_key}' (it has {', '.join(error.args[0])}); "
+                        "name the text column with --json-keys") from None
+    except pyarrow.ArrowException as error:
+        raise DataError(f"data file '{file}' is not a readable {file.suffix} table ({error}); write it again") from None
+
+
+def _read_table(file: Path, text_key: str) -> Iterator[str]:
+    for batch in _table_batches(file, text_key):
+        for text in batch.column(0).to_pylist():
+            if text is not None and not isinstance(text, str):
+                raise DataError(f"data file '{file}' column '{text_key}' holds {type(text).__name__}, not text; "
+                                "name the text column with --json-keys")
+            yield text or ""
+
+
+def _read_file(file: Path, text_key: str = "text") -> Iterator[str]:
+    """Non-blank documents of one file: the whole .txt file, each .jsonl (or loose .json) line's `text_key`, or
+    each row's `text_key` column of a .parquet/.arrow table."""
+    if file.suffix.lower() in (".parquet", ".arrow"):
+        yield from _read_table(file, text_key)
+        return
     try:
         if file.suffix.lower() == ".txt":
             yield file.read_text(encoding="utf-8-sig")
@@ -111,17 +186,18 @@ def _read_file(file: Path) -> Iterator[str]:
                 except json.JSONDecodeError as error:
                     raise DataError(f"data file '{file}' line {line_number} is not valid JSON ({error.msg}); "
                                     'each JSONL line needs a JSON object like {"text": "..."}') from None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise DataError(f"data file '{file}' line {line_number} has no 'text' field; "
-                                    'each JSONL line needs a "text" string')
-                yield record["text"]
+                if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+                    raise DataError(f"data file '{file}' line {line_number} has no '{text_key}' field; "
+                                    f'each JSONL line needs a "{text_key}" string (or name the field with --json-keys)')
+                yield record[text_key]
     except UnicodeDecodeError as error:
         raise DataError(f"data file '{file}' is not UTF-8 text ({error.reason} at byte {error.start}); "
                         "re-encode it as UTF-8") from None
 
 
-def read_documents(paths: DataPaths) -> Iterator[str]:
-    """Streams the documents of .txt files, .jsonl files and directories (recursively, sorted by path).
+def read_documents(paths: DataPaths, text_key: str = "text") -> Iterator[str]:
+    """Streams the documents of .txt, .jsonl, .parquet and .arrow files, directories (recursively, sorted by
+    path) and `save_to_disk` dataset directories; `text_key` names the JSONL field or table column.
 
     Paths are checked at once; contents are read lazily, so corpora larger than memory stream through.
     A given file or directory that yields no non-blank document is an error (blank ones are skipped).
@@ -132,7 +208,7 @@ def read_documents(paths: DataPaths) -> Iterator[str]:
         for given, files in groups:
             found = 0
             for file in files:
-                for document in _read_file(file):
+                for document in _read_file(file, text_key):
                     if document.strip():
                         found += 1
                         yield document

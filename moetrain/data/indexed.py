@@ -6,19 +6,22 @@ PREFIX.idx  header `<8sIIQQ` (magic, version, dtype code, vocab size, number of 
 PREFIX.tokenizer.json  the tokenizer that produced the ids.
 """
 
-import argparse
+import contextlib
+import multiprocessing
 import os
 import struct
 import sys
+from collections import deque
 from collections.abc import Iterable, Iterator
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 
 import numpy as np
 
 from moetrain.data import DataError
 from moetrain.data.corpus import DataPaths, read_documents
-from moetrain.data.tokenizer import TOKENIZER_KINDS, Tokenizer, build_tokenizer
+from moetrain.data.megatron import MegatronDataset, is_megatron_index, megatron_dtype, write_megatron_index
+from moetrain.data.tokenizer import Tokenizer
 
 MAGIC = b"MOETIDX\x00"
 FORMAT_VERSION = 1
@@ -64,31 +67,111 @@ def _chunks(documents: Iterable[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def write_prepared(documents: Iterable[str], output_prefix: str | os.PathLike, tokenizer: Tokenizer) -> None:
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _start_worker(tokenizer_json: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer.from_json(tokenizer_json)
+
+
+@contextlib.contextmanager
+def _single_threaded_tokenizers() -> Iterator[None]:
+    """TOKENIZERS_PARALLELISM=false while worker processes fork: each worker is one thread by design, and the
+    tokenizers library then needs no fork warning."""
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
+
+
+def _encode_chunk(chunk: list[str], dtype: np.dtype, append_eos: bool,
+                  tokenizer: Tokenizer | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One chunk's ids back to back in `dtype` and each document's length (its eos included)."""
+    tokenizer = tokenizer or _worker_tokenizer
+    encoded = [ids + [tokenizer.eos_id] if append_eos else ids for ids in tokenizer.encode_batch(chunk)]
+    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+    return np.fromiter(chain.from_iterable(encoded), dtype=dtype, count=int(lengths.sum())), lengths
+
+
+def encode_documents(documents: Iterable[str], tokenizer: Tokenizer, dtype: np.dtype, *, append_eos: bool = True,
+                     workers: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(ids, document lengths) per chunk of documents, in input order whatever the number of worker processes.
+
+    One worker encodes in this process (the tokenizers library still uses threads); more start that many
+    processes, each encoding whole chunks, with a bounded number of chunks in flight so memory stays flat.
+    """
+    chunks = _chunks(documents, _ENCODE_CHUNK_DOCUMENTS)
+    if workers == 1:
+        for chunk in chunks:
+            yield _encode_chunk(chunk, dtype, append_eos, tokenizer)
+        return
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    with _single_threaded_tokenizers(), \
+            context.Pool(workers, initializer=_start_worker, initargs=(tokenizer.to_json(),)) as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(_encode_chunk, (chunk, dtype, append_eos)))
+            if len(pending) >= 4 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def write_prepared(documents: Iterable[str], output_prefix: str | os.PathLike, tokenizer: Tokenizer, *,
+                   workers: int = 1) -> None:
     """Tokenizes `documents` once into PREFIX.bin/.idx/.tokenizer.json; the .idx is written last, so its
     presence means the dataset is complete."""
     prefix = str(output_prefix)
     bin_file, idx_file, tokenizer_file = _files(prefix)
     bin_file.parent.mkdir(parents=True, exist_ok=True)
     dtype_code = _dtype_code(tokenizer.vocab_size)
-    offsets = [0]
+    lengths = []
 
     def write_tokens(out) -> None:
-        for chunk in _chunks(documents, _ENCODE_CHUNK_DOCUMENTS):
-            encoded = [ids + [tokenizer.eos_id] for ids in tokenizer.encode_batch(chunk)]
-            for ids in encoded:
-                offsets.append(offsets[-1] + len(ids))
-            out.write(np.concatenate([np.asarray(ids, dtype=_DTYPES[dtype_code]) for ids in encoded]).tobytes())
-        if len(offsets) == 1:
+        for ids, chunk_lengths in encode_documents(documents, tokenizer, _DTYPES[dtype_code], workers=workers):
+            lengths.append(chunk_lengths)
+            out.write(ids.tobytes())
+        if not lengths:
             raise DataError(f"no documents to write to '{prefix}'; give non-empty inputs")
 
     def write_index(out) -> None:
+        offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths))])
         out.write(_HEADER.pack(MAGIC, FORMAT_VERSION, dtype_code, tokenizer.vocab_size, len(offsets) - 1))
-        out.write(np.asarray(offsets, dtype=_OFFSET_DTYPE).tobytes())
+        out.write(offsets.astype(_OFFSET_DTYPE).tobytes())
 
     _write_atomically(bin_file, write_tokens)
     _write_atomically(tokenizer_file, lambda out: out.write(tokenizer.to_json().encode("utf-8")))
     _write_atomically(idx_file, write_index)
+
+
+def write_megatron(documents: Iterable[str], output_prefix: str | os.PathLike, tokenizer: Tokenizer, *,
+                   append_eod: bool = False, workers: int = 1) -> None:
+    """Tokenizes `documents` into Megatron's PREFIX.bin/.idx (one sequence per document, uint16 or int32 ids as
+    Megatron picks them), loadable by Megatron-LM and Megatron-DeepSpeed; PREFIX.tokenizer.json rides along
+    for moetrain. The .idx is written last, so its presence means the dataset is complete."""
+    prefix = str(output_prefix)
+    bin_file, idx_file, tokenizer_file = _files(prefix)
+    bin_file.parent.mkdir(parents=True, exist_ok=True)
+    dtype = megatron_dtype(tokenizer.vocab_size)
+    lengths = []
+
+    def write_tokens(out) -> None:
+        for ids, chunk_lengths in encode_documents(documents, tokenizer, dtype, append_eos=append_eod,
+                                                   workers=workers):
+            lengths.append(chunk_lengths)
+            out.write(ids.tobytes())
+        if not lengths or not any(chunk.sum() for chunk in lengths):
+            raise DataError(f"no tokens to write to '{prefix}'; give non-empty inputs")
+
+    _write_atomically(bin_file, write_tokens)
+    _write_atomically(tokenizer_file, lambda out: out.write(tokenizer.to_json().encode("utf-8")))
+    _write_atomically(idx_file, lambda out: write_megatron_index(out, dtype, np.concatenate(lengths)))
 
 
 def prepare_data(inputs: DataPaths, output_prefix: str | os.PathLike, tokenizer: Tokenizer) -> None:
@@ -153,6 +236,10 @@ class IndexedDataset:
     def num_documents(self) -> int:
         return len(self.offsets) - 1
 
+    def document_starts(self, documents: Iterable[int]) -> np.ndarray:
+        """Token offset where each document begins; `num_documents` gives the end of the token stream."""
+        return np.asarray(self.offsets[np.asarray(list(documents), dtype=np.int64)])
+
     def document(self, index: int) -> np.ndarray:
         """Token ids of document `index`, ending with its eos."""
         if not 0 <= index < self.num_documents:
@@ -160,31 +247,7 @@ class IndexedDataset:
         return self.tokens[self.offsets[index]:self.offsets[index + 1]]
 
 
-def prepare_data_main(argv: list[str]) -> int:
-    """`moetrain prepare-data`: tokenize inputs once so training memory-maps ids instead of re-tokenizing."""
-    parser = argparse.ArgumentParser(
-        prog="moetrain prepare-data",
-        description="Tokenize .txt/.jsonl files or directories into PREFIX.bin, PREFIX.idx and PREFIX.tokenizer.json.")
-    parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                        help=".txt files (one document each), .jsonl files (a \"text\" per line) or directories")
-    parser.add_argument("--output-prefix", required=True, metavar="PREFIX", help="where to write PREFIX.bin/.idx")
-    parser.add_argument("--tokenizer-type", choices=TOKENIZER_KINDS, default="bpe",
-                        help="bpe: byte-level BPE trained on the inputs; gpt2: from --vocab-file/--merge-file; "
-                             "byte: raw UTF-8 bytes; json: load the tokenizers JSON given as --vocab-file")
-    parser.add_argument("--vocab-file", help="GPT-2 vocab.json (gpt2), or a tokenizers JSON file (json)")
-    parser.add_argument("--merge-file", help="GPT-2 merges.txt (gpt2 tokenizer)")
-    parser.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size of the trained bpe tokenizer")
-    args = parser.parse_args(argv)
-    try:
-        tokenizer = build_tokenizer(args.tokenizer_type, vocab_file=args.vocab_file, merge_file=args.merge_file,
-                                    texts=read_documents(args.input) if args.tokenizer_type == "bpe" else None,
-                                    vocab_size=args.vocab_size)
-        prepare_data(args.input, args.output_prefix, tokenizer)
-        dataset = IndexedDataset(args.output_prefix)
-    except DataError as error:
-        print(f"moetrain prepare-data: error: {error}", file=sys.stderr)
-        return 1
-    print(f"wrote {dataset.prefix}.bin ({len(dataset.tokens):,} tokens, {dataset.tokens.dtype.name}), "
-          f"{dataset.prefix}.idx ({dataset.num_documents:,} documents), "
-          f"{dataset.prefix}.tokenizer.json ({args.tokenizer_type}, vocab {dataset.vocab_size:,})")
-    return 0
+def open_prefix(prefix: str | os.PathLike) -> "IndexedDataset | MegatronDataset":
+    """A prepared prefix of either format, told apart by the magic at the start of its .idx file."""
+    idx_file = Path(str(prefix) + ".idx")
+    return MegatronDataset(prefix) if idx_file.is_file() and is_megatron_index(idx_file) else IndexedDataset(prefix)

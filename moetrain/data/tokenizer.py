@@ -1,5 +1,8 @@
-"""One tokenizer wrapper over the `tokenizers` library, so every kind saves and loads as one JSON file."""
+"""One tokenizer wrapper over the `tokenizers` library (or SentencePiece), so every kind saves and loads as one
+JSON file."""
 
+import base64
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -12,7 +15,24 @@ EOS_TOKEN = "<|endoftext|>"
 # End-of-document tokens tried in order: moetrain's and GPT-2's, then those of imported tokenizers
 # (Llama/Mistral/Mixtral "</s>", Llama 3 "<|end_of_text|>", Gemma "<eos>").
 EOS_TOKENS = (EOS_TOKEN, "</s>", "<|end_of_text|>", "<eos>")
-TOKENIZER_KINDS = ("bpe", "gpt2", "byte", "json")
+TOKENIZER_KINDS = ("bpe", "gpt2", "byte", "json", "hf", "sentencepiece")
+# Megatron's --tokenizer-type names, so its launch scripts and preprocess_data.py flags work unchanged.
+MEGATRON_TOKENIZER_TYPES = {"GPT2BPETokenizer": "gpt2", "HuggingFaceTokenizer": "hf",
+                            "SentencePieceTokenizer": "sentencepiece", "GPTSentencePieceTokenizer": "sentencepiece"}
+_SENTENCEPIECE_KEY = "moetrain_sentencepiece_model"
+
+
+def tokenizer_kind(name: str) -> str:
+    """moetrain's kind for a --tokenizer-type value, Megatron's class names included."""
+    return MEGATRON_TOKENIZER_TYPES.get(name, name)
+
+
+def resolve_tokenizer_kind(kind: str | None, vocab_file: str | None, merge_file: str | None) -> str:
+    """No --tokenizer-type: GPT-2 BPE when both --vocab-file and --merge-file are given (Megatron's default), else
+    a BPE trained on the corpus."""
+    if kind is not None:
+        return tokenizer_kind(kind)
+    return "gpt2" if vocab_file and merge_file else "bpe"
 
 
 class Tokenizer:
@@ -32,7 +52,8 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encodes many documents at once, in parallel threads (the fast path for preparing data)."""
-        return [encoding.ids for encoding in self._backend.encode_batch(texts, add_special_tokens=False)]
+        encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)  # fast: no offsets
+        return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Decodes ids; the eos token is kept in the text so document boundaries stay visible."""
@@ -40,6 +61,17 @@ class Tokenizer:
 
     def to_json(self) -> str:
         return self._backend.to_str()
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "tokenizer JSON") -> "Tokenizer":
+        """The inverse of `to_json`; `source` names the origin in errors."""
+        if _SENTENCEPIECE_KEY in text[:200]:
+            return cls(_SentencePieceBackend.from_json(text))
+        try:
+            backend = tokenizers.Tokenizer.from_str(text)
+        except Exception as error:  # the Rust side raises a bare Exception for any malformed file
+            raise DataError(f"{source} is not a tokenizers JSON file ({error}); re-create it") from None
+        return cls(backend)
 
     def save(self, path: str | Path) -> None:
         """Writes the tokenizers JSON to `path`, or to `path/tokenizer.json` when `path` is a directory."""
@@ -53,11 +85,7 @@ class Tokenizer:
         file = _json_path(path)
         if not file.is_file():
             raise DataError(f"tokenizer file '{file}' not found; save one with Tokenizer.save or moetrain prepare-data")
-        try:
-            backend = tokenizers.Tokenizer.from_file(str(file))
-        except Exception as error:  # the Rust side raises a bare Exception for any malformed file
-            raise DataError(f"tokenizer file '{file}' is not a tokenizers JSON file ({error}); re-create it") from None
-        return cls(backend)
+        return cls.from_json(file.read_text(encoding="utf-8"), f"tokenizer file '{file}'")
 
 
 def _json_path(path: str | Path) -> Path:
@@ -128,7 +156,80 @@ def _trained_bpe(texts: Iterable[str] | None, vocab_size: int) -> Tokenizer:
     return Tokenizer(backend)
 
 
-def check_tokenizer_files(kind: str, vocab_file: str | None, merge_file: str | None) -> None:
+class _Encoding:
+    def __init__(self, ids: list[int]):
+        self.ids = ids
+
+
+class _SentencePieceBackend:
+    """A SentencePiece model behind the slice of the `tokenizers` API that Tokenizer uses; it saves as JSON
+    holding the model's bytes, so checkpoints carry it like any other tokenizer."""
+
+    def __init__(self, model: bytes):
+        try:
+            import sentencepiece
+        except ImportError:
+            raise DataError("--tokenizer-type SentencePieceTokenizer needs the sentencepiece package; "
+                            "pip install 'moetrain[sentencepiece]'") from None
+        self._model = model
+        self._processor = sentencepiece.SentencePieceProcessor(model_proto=model)
+
+    @classmethod
+    def from_json(cls, text: str) -> "_SentencePieceBackend":
+        return cls(base64.b64decode(json.loads(text)[_SENTENCEPIECE_KEY]))
+
+    def token_to_id(self, piece: str) -> int | None:
+        token = self._processor.piece_to_id(piece)
+        return token if self._processor.id_to_piece(token) == piece else None  # unknown pieces map to <unk>
+
+    def get_vocab_size(self, with_added_tokens: bool = True) -> int:
+        return self._processor.get_piece_size()
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> _Encoding:
+        return _Encoding(self._processor.encode(text))
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[_Encoding]:
+        return [_Encoding(ids) for ids in self._processor.encode(texts)]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self._processor.decode(ids)
+
+    def to_str(self) -> str:
+        return json.dumps({_SENTENCEPIECE_KEY: base64.b64encode(self._model).decode("ascii")})
+
+    def save(self, path: str) -> None:
+        Path(path).write_text(self.to_str(), encoding="utf-8")
+
+
+def _sentencepiece_tokenizer(model_file: str) -> Tokenizer:
+    if not Path(model_file).is_file():
+        raise DataError(f"--tokenizer-model '{model_file}' not found; pass the SentencePiece .model file")
+    try:
+        return Tokenizer(_SentencePieceBackend(Path(model_file).read_bytes()))
+    except (RuntimeError, OSError) as error:
+        raise DataError(f"--tokenizer-model '{model_file}' is not a SentencePiece model ({error})") from None
+
+
+def _hugging_face_tokenizer(name_or_dir: str) -> Tokenizer:
+    """A local directory holding tokenizer.json (or the file itself), else a hub name found in the local cache."""
+    path = Path(name_or_dir)
+    if path.exists():
+        if not _json_path(path).is_file():
+            raise DataError(f"--tokenizer-model '{path}' has no tokenizer.json; save the tokenizer with "
+                            "tokenizer.save_pretrained(DIR) (a fast tokenizer) and pass DIR")
+        return Tokenizer.load(path)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        file = hf_hub_download(name_or_dir, "tokenizer.json", local_files_only=True)  # never downloads
+    except Exception as error:  # not cached, unknown repository, no tokenizer.json: all mean the same fix
+        raise DataError(f"--tokenizer-model '{name_or_dir}' is no local directory and not in the local Hugging Face "
+                        f"cache ({type(error).__name__}); pass a directory with tokenizer.json") from None
+    return Tokenizer.load(file)
+
+
+def check_tokenizer_files(kind: str, vocab_file: str | None, merge_file: str | None,
+                          tokenizer_model: str | None = None) -> None:
     """Tokenizer files given to a kind that does not read them are a mistake, not something to ignore."""
     if kind in ("bpe", "byte") and (vocab_file or merge_file):
         raise DataError(f"--vocab-file/--merge-file are not read by --tokenizer-type {kind}; add --tokenizer-type "
@@ -136,13 +237,28 @@ def check_tokenizer_files(kind: str, vocab_file: str | None, merge_file: str | N
     if kind == "json" and merge_file:
         raise DataError("--merge-file is not read by --tokenizer-type json (one tokenizers JSON file as "
                         "--vocab-file); drop it, or use --tokenizer-type gpt2 for vocab.json + merges.txt")
+    if kind in ("hf", "sentencepiece"):
+        if tokenizer_model is None:
+            name = "HuggingFaceTokenizer" if kind == "hf" else "SentencePieceTokenizer"
+            raise DataError(f"--tokenizer-type {name} needs --tokenizer-model "
+                            f"({'a directory with tokenizer.json' if kind == 'hf' else 'the .model file'})")
+        if vocab_file or merge_file:
+            raise DataError(f"--vocab-file/--merge-file are not read by --tokenizer-type {kind}; drop them "
+                            "(--tokenizer-model names the tokenizer)")
+    elif tokenizer_model is not None:
+        raise DataError(f"--tokenizer-model is read by --tokenizer-type HuggingFaceTokenizer or "
+                        f"SentencePieceTokenizer, not {kind}; add one of those or drop it")
 
 
 def build_tokenizer(kind: str, *, vocab_file: str | None = None, merge_file: str | None = None,
-                    texts: Iterable[str] | None = None, vocab_size: int = 4096) -> Tokenizer:
+                    tokenizer_model: str | None = None, texts: Iterable[str] | None = None,
+                    vocab_size: int = 4096) -> Tokenizer:
     """Builds a "gpt2" (from vocab/merge files), "bpe" (trained on `texts`), "byte" tokenizer, or loads a
-    "json" one (a `tokenizers` JSON file given as `vocab_file`, e.g. a checkpoint's tokenizer.json)."""
-    check_tokenizer_files(kind, vocab_file, merge_file)
+    "json" one (a `tokenizers` JSON file given as `vocab_file`, e.g. a checkpoint's tokenizer.json), an "hf"
+    one (`tokenizer_model`: a directory with tokenizer.json) or a "sentencepiece" one (`tokenizer_model`: a
+    .model file). Megatron's type names (GPT2BPETokenizer, ...) are accepted for `kind`."""
+    kind = tokenizer_kind(kind)
+    check_tokenizer_files(kind, vocab_file, merge_file, tokenizer_model)
     if kind == "byte":
         return _byte_tokenizer()
     if kind == "json":
@@ -154,4 +270,9 @@ def build_tokenizer(kind: str, *, vocab_file: str | None = None, merge_file: str
         return _gpt2_tokenizer(vocab_file, merge_file)
     if kind == "bpe":
         return _trained_bpe(texts, vocab_size)
-    raise DataError(f"unknown tokenizer type '{kind}'; choose one of {', '.join(TOKENIZER_KINDS)}")
+    if kind == "hf":
+        return _hugging_face_tokenizer(tokenizer_model)
+    if kind == "sentencepiece":
+        return _sentencepiece_tokenizer(tokenizer_model)
+    raise DataError(f"unknown tokenizer type '{kind}'; choose one of {', '.join(TOKENIZER_KINDS)} or Megatron's "
+                    f"{', '.join(MEGATRON_TOKENIZER_TYPES)}")

@@ -104,9 +104,10 @@ def build_run(cfg: Config, *, quiet: bool = False) -> Run:
     with rank_zero_first(state):  # one rank builds the tokenizer and token caches
         tokenizer, train_data, valid_data = load_training_data(
             cfg.data.data_path, tokenizer_type=cfg.data.tokenizer_type, vocab_file=cfg.data.vocab_file,
-            merge_file=cfg.data.merge_file, vocab_size=cfg.data.vocab_size,
-            seq_length=cfg.model.seq_length, split=cfg.data.split, seed=tc.seed,
-            cache_dir=cfg.data.cache_dir)
+            merge_file=cfg.data.merge_file, tokenizer_model=cfg.data.tokenizer_model,
+            vocab_size=cfg.data.vocab_size, seq_length=cfg.model.seq_length, split=cfg.data.split, seed=tc.seed,
+            cache_dir=cfg.data.cache_dir, text_key=cfg.data.json_keys, train_data_path=cfg.data.train_data_path,
+            valid_data_path=cfg.data.valid_data_path)
     cfg = resolve(cfg, world_size, tokenizer.vocab_size)  # derived micro-batch, vocabulary
     tc = cfg.training
     model = GPT(cfg.model, cfg.moe)  # whole, from the same seed on every rank; then sharded

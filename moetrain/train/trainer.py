@@ -177,7 +177,8 @@ class Trainer:
                 **({"kd_loss": step.get("kd_loss")} if self.distiller is not None else {}),
                 "grad_norm": step["grad_norm"], "tokens_per_s": tokens_per_s,
                 "loss_scale": self.scaler.loss_scale if self.scaler else None,
-                "skipped_steps": self.scaler.skipped_steps if self.scaler else 0, "moe_layers": layers}
+                "skipped_steps": self.scaler.skipped_steps if self.scaler else 0,
+                "data_drawn": self.train_data.drawn(), "moe_layers": layers}
 
     def _log_eval(self, bar) -> dict | None:
         record = self.evaluate()
@@ -201,6 +202,11 @@ class Trainer:
         self._print(f"parameters: {counts['total'] / 1e6:.2f}M total, {counts['active'] / 1e6:.2f}M active "
                     f"per token | vocab {self.tokenizer.vocab_size} | train tokens "
                     f"{self.train_data.num_tokens:,} | device {self.device} | {self.cfg.training.precision}")
+        blend = self.train_data.drawn()
+        if len(blend) > 1:
+            weights = ", ".join(f"{w:.3f} {name}" for w, name in zip(self.train_data.weights, blend))
+            drawn = ", ".join(f"{count:,} {name}" for name, count in blend.items())
+            self._print(f"data blend: weights {weights} | sequences drawn so far {drawn}")
         state = self.parallel
         if state.distributed:
             self._print(f"parallel: {state.world_size} processes = DP {state.dp} (EP {state.ep}) x TP {state.tp} x "
