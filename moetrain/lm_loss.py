@@ -1,0 +1,101 @@
+"""The language-model loss: cross entropy of the LM head, computed a chunk of rows at a time.
+
+`F.cross_entropy(lm_head(h).float(), targets)` holds the [B*T, V] logits in the compute dtype, their
+fp32 copy, the fp32 log-softmax it saves for backward and, in backward, an fp32 gradient of the same
+size: with a 50k vocabulary and 32k tokens a step, over 6 GB per copy. `linear_cross_entropy`
+projects, normalises and differentiates one chunk of rows at a time, writing the gradients of the
+hidden states and of the head's weight during the forward (as Liger's fused linear cross entropy
+does), so at most one fp32 [chunk, V] block exists at once and nothing [B*T, V] is kept for backward.
+The gradient is exact, not an approximation: equal to the plain loss's within fp32 rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE_INDEX = -100  # targets equal to this are not predicted (F.cross_entropy's default)
+CHUNK_BYTES = 256 * 2**20  # fp32 logits of one chunk; small next to the model, large enough for fast GEMMs
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *,
+                         chunk_bytes: int = CHUNK_BYTES) -> Tensor:
+    """Mean cross entropy of `hidden @ weight.T` ([N, d] @ [d, V]) against `targets` [N].
+
+    The projection runs in the autocast dtype when autocast is on (as nn.Linear would), the softmax
+    in fp32. Targets equal to IGNORE_INDEX are left out of the mean.
+    """
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    compute_dtype = (torch.get_autocast_dtype(hidden.device.type)
+                     if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype)
+    chunk_rows = max(1, chunk_bytes // (4 * weight.shape[0]))
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, compute_dtype, chunk_rows)
+    with torch.autocast(hidden.device.type, enabled=False):
+        loss_sum = sum(_chunk_losses(h, weight.to(compute_dtype), t)[0].sum()
+                       for h, t in zip(hidden.to(compute_dtype).split(chunk_rows), targets.split(chunk_rows)))
+    return loss_sum / _count(targets)
+
+
+def _count(targets: Tensor) -> Tensor:
+    """Predicted tokens as a float tensor (no host sync); at least 1 so an all-ignored batch gives 0."""
+    return (targets != IGNORE_INDEX).sum().clamp(min=1).float()
+
+
+def _chunk_losses(hidden: Tensor, weight: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row losses of one chunk (0 where ignored), its fp32 logits and per-row log-sum-exp."""
+    logits = torch.mm(hidden, weight.t()).float()
+    lse = torch.logsumexp(logits, dim=1)
+    target_logit = logits.gather(1, _safe(targets).unsqueeze(1)).squeeze(1)
+    return (lse - target_logit) * (targets != IGNORE_INDEX), logits, lse
+
+
+def _safe(targets: Tensor) -> Tensor:
+    """Targets with ignored ones pointed at class 0, so they can index (their rows are masked)."""
+    return targets.where(targets != IGNORE_INDEX, 0)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Forward computes the loss and both gradients chunk by chunk; backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, compute_dtype: torch.dtype,
+                chunk_rows: int) -> Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):
+            h_all, w = hidden.to(compute_dtype), weight.to(compute_dtype)
+            count = _count(targets)
+            grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            loss_sum = hidden.new_zeros((), dtype=torch.float32)
+            for h, t, g_h in zip(h_all.split(chunk_rows), targets.split(chunk_rows), grad_hidden.split(chunk_rows)):
+                losses, logits, lse = _chunk_losses(h, w, t)
+                loss_sum += losses.sum()
+                # d loss_sum / d logits = softmax - one_hot(target), zero rows where ignored; in place
+                grad_logits = logits.sub_(lse.unsqueeze(1)).exp_()
+                target = _safe(t).unsqueeze(1)
+                grad_logits.scatter_(1, target, grad_logits.gather(1, target) - 1)
+                grad_logits.mul_((t != IGNORE_INDEX).unsqueeze(1))
+                grad_logits = grad_logits.to(compute_dtype)
+                g_h.copy_(grad_logits @ w)
+                if compute_dtype == torch.float32:
+                    grad_weight.addmm_(grad_logits.t(), h)
+                else:  # a 16-bit GEMM (fp32 accumulation inside), summed over chunks in fp32
+                    grad_weight.add_(grad_logits.t() @ h)
+        ctx.save_for_backward(grad_hidden, grad_weight, count)
+        ctx.dtypes = hidden.dtype, weight.dtype
+        return loss_sum / count
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        grad_hidden, grad_weight, count = ctx.saved_tensors
+        scale = grad_loss / count
+        hidden_dtype, weight_dtype = ctx.dtypes
+        return (grad_hidden.mul_(scale).to(hidden_dtype), grad_weight.mul_(scale).to(weight_dtype),
+                None, None, None)
+
+
+def plain_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """The reference: fp32 cross entropy of whole logits (what linear_cross_entropy must equal)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
