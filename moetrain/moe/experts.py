@@ -97,14 +97,31 @@ def grouped_gemm_backend(device: torch.device, dtype: torch.dtype) -> str:
     return "loop"
 
 
-def _aligned(*operands: Tensor) -> bool:
-    """torch._grouped_mm needs 16-byte aligned starts and strides (shapes only: no data pointer,
-    which a compiled graph does not have; allocations themselves are aligned)."""
-    for t in operands:
-        size = t.element_size()
-        if t.storage_offset() * size % 16 or any(s * size % 16 for s in t.stride() if s != 1):
-            return False
-    return True
+def _aligned(inner: int, outer: int, dtype: torch.dtype) -> bool:
+    """torch._grouped_mm needs 16-byte aligned strides. Judged from the widths alone (the operands
+    are contiguous tensors or their transposes; a compiled graph has no data pointers)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return inner * size % 16 == 0 and outer * size % 16 == 0
+
+
+@torch.library.custom_op("moetrain::grouped_mm", mutates_args=())
+def _opaque_grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    """torch._grouped_mm behind an op that torch.compile does not look into: its shape function
+    accepts bf16 only, so a compiled float32 graph (CPU) calls this instead."""
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+@_opaque_grouped_mm.register_fake
+def _(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    if b.dim() == 3:  # [N, a] x [E, a, b] -> [N, b]
+        return a.new_empty(a.shape[0], b.shape[2])
+    return a.new_empty(offs.shape[0], a.shape[0], b.shape[1])  # [a, N] x [N, b] -> [E, a, b]
+
+
+def _torch_grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    if torch.compiler.is_compiling() and a.dtype != torch.bfloat16:
+        return _opaque_grouped_mm(a, b, offs)
+    return torch._grouped_mm(a, b, offs=offs)
 
 
 def _as_blocks(blocks: ExpertBlocks | list[int], device: torch.device) -> ExpertBlocks:
@@ -121,8 +138,8 @@ def grouped_mm(rows: Tensor, weights: Tensor, blocks: ExpertBlocks | list[int],
     """
     blocks = _as_blocks(blocks, rows.device)
     backend = backend or grouped_gemm_backend(rows.device, rows.dtype)
-    if out is None and backend == "grouped_mm" and _aligned(rows, weights):
-        return torch._grouped_mm(rows, weights, offs=blocks.ends)
+    if out is None and backend == "grouped_mm" and _aligned(rows.shape[1], weights.shape[2], rows.dtype):
+        return _torch_grouped_mm(rows, weights, blocks.ends)
     counts = blocks.host_counts()
     used = sum(counts)
     if out is None:
@@ -138,8 +155,8 @@ def grouped_weight_grad(rows: Tensor, grad: Tensor, blocks: ExpertBlocks | list[
     expert do not count)."""
     blocks = _as_blocks(blocks, rows.device)
     backend = backend or grouped_gemm_backend(rows.device, rows.dtype)
-    if out is None and backend == "grouped_mm" and _aligned(rows.t(), grad):
-        return torch._grouped_mm(rows.t(), grad, offs=blocks.ends)
+    if out is None and backend == "grouped_mm" and _aligned(rows.shape[1], grad.shape[1], rows.dtype):
+        return _torch_grouped_mm(rows.t(), grad, blocks.ends)
     counts = blocks.host_counts()
     used = sum(counts)
     if out is None:
@@ -175,7 +192,9 @@ def _activation_with_grad(h: Tensor, activation: str):
     silu_gate = F.silu(gate)
 
     def swiglu_grad(grad_act: Tensor) -> Tensor:
-        grad_h = torch.empty_like(h)
+        if torch.compiler.is_compiling():  # no out= into views there; the compiler fuses anyway
+            return torch.cat([torch.ops.aten.silu_backward(grad_act * up, gate), grad_act * silu_gate], -1)
+        grad_h = torch.empty_like(h)  # eager: write both halves in place, no concatenation copy
         grad_gate, grad_up = grad_h.chunk(2, dim=-1)
         torch.mul(grad_act, silu_gate, out=grad_up)
         torch.ops.aten.silu_backward.grad_input(grad_act * up, gate, grad_input=grad_gate)
@@ -343,7 +362,7 @@ class GroupedExperts(nn.Module):
         else:
             backend = grouped_gemm_backend(rows.device, dtype)
         w1, b1, w2, b2 = (None if p is None else p.to(dtype) for p in (self.w1, self.b1, self.w2, self.b2))
-        return _GroupedMLP.apply(rows.to(dtype), w1, b1, w2, b2, route_weight, blocks.ends,
+        return _GroupedMLP.apply(rows.to(dtype).contiguous(), w1, b1, w2, b2, route_weight, blocks.ends,
                                  blocks.expert_of_row, blocks.counts, blocks.all_rows_used,
                                  self.activation, backend)
 

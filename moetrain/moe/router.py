@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -49,15 +48,19 @@ class RoutingDecision:
 
 
 def _f32(value: float) -> float:
-    """The float32 nearest to `value`, as a Python float."""
-    return float(np.float32(value))
+    """The float32 nearest to `value` (ties to even), as a Python float: float32 arithmetic on the
+    host in plain Python, which torch.compile folds into constants."""
+    if value == 0 or not math.isfinite(value):
+        return value
+    mantissa, exponent = math.frexp(value)
+    return math.ldexp(round(mantissa * 2 ** 24), exponent - 24)
 
 
 def _uniform(shape: torch.Size, low: float, high: float, device: torch.device) -> Tensor:
     """U[low, high) drawn as DeepSpeed draws it (torch.distributions.Uniform: one torch.rand,
     then low + rand * (high - low) in float32), so seeded runs match it; the bounds stay Python
     numbers, so nothing is copied to the device."""
-    scale = float(np.float32(_f32(high)) - np.float32(_f32(low)))
+    scale = _f32(_f32(high) - _f32(low))
     return torch.rand(shape, device=device).mul_(scale).add_(_f32(low))
 
 
@@ -75,7 +78,7 @@ def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float, k
     Computed in float32 like DeepSpeed's `_capacity`, so the two agree at every rounding edge
     (on the host: shapes only, no tensor).
     """
-    scaled = np.float32(capacity_factor * k) * np.float32(num_tokens / num_experts)
+    scaled = _f32(_f32(capacity_factor * k) * _f32(num_tokens / num_experts))  # exact, then rounded
     return max(math.ceil(scaled), min_capacity)
 
 
