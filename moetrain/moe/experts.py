@@ -100,7 +100,7 @@ def grouped_gemm_backend(device: torch.device, dtype: torch.dtype) -> str:
 def _aligned(inner: int, outer: int, dtype: torch.dtype) -> bool:
     """torch._grouped_mm needs 16-byte aligned strides. Judged from the widths alone (the operands
     are contiguous tensors or their transposes; a compiled graph has no data pointers)."""
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     return inner * size % 16 == 0 and outer * size % 16 == 0
 
 
