@@ -74,7 +74,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: Tensor) -> Tensor:
-        return _RMSNormFunction.apply(x, self.weight, self.eps)
+        # The function picks its own precision; autocast would lower its statistics to 16 bits.
+        with torch.autocast(x.device.type, enabled=False):
+            return _RMSNormFunction.apply(x, self.weight, self.eps)
 
 
 def _at_least_fp32(t: Tensor) -> Tensor:
@@ -156,12 +158,13 @@ class Block(nn.Module):
             self.ffn = MLP(cfg.hidden_size, cfg.ffn_size(), activation, bias=bias)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor | None]:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(x, l_aux, z_loss); the two router losses are None for a dense FFN."""
         x = x + self.dropout(self.attn(self.norm1(x), rope))
         if isinstance(self.ffn, MoE):
-            out, l_aux, _ = self.ffn(self.norm2(x))
-            return x + self.dropout(out), l_aux
-        return x + self.dropout(self.ffn(self.norm2(x))), None
+            moe = self.ffn(self.norm2(x), with_z_loss=True)
+            return x + self.dropout(moe.output), moe.l_aux, moe.z_loss
+        return x + self.dropout(self.ffn(self.norm2(x))), None, None
 
 
 class LayerStack(nn.Module):
@@ -306,10 +309,10 @@ class GPT(nn.Module):
         rope = (self.rope_cos, self.rope_sin) if self.cfg.style == "llama" else None
         aux_terms, z_terms = [], []
         for block in self.blocks:
-            x, l_aux = block(x, rope)
+            x, l_aux, z_loss = block(x, rope)
             if l_aux is not None:
                 aux_terms.append(l_aux)
-                z_terms.append(block.ffn.last_z_loss)
+                z_terms.append(z_loss)
         zero = x.new_zeros((), dtype=torch.float32)
         aux = torch.stack(aux_terms).sum() if aux_terms else zero
         z = torch.stack(z_terms).sum() if z_terms else zero

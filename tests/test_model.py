@@ -60,7 +60,7 @@ def test_moe_transformer_block_shapes_laux_and_prenorm_wiring():
     block = Block(model_cfg("gpt"), moe_cfg(drop_tokens=False), num_experts=4)
     assert isinstance(block.ffn, MoE) and block.ffn.num_experts == 4
     x = torch.randn(2, SEQ, HIDDEN)
-    out, l_aux = block(x, None)
+    out, l_aux, _ = block(x, None)
     assert out.shape == x.shape
     assert l_aux is not None and l_aux.dim() == 0 and torch.isfinite(l_aux) and l_aux > 0
     # pre-norm residual block: h = x + attn(norm1 x); y = h + moe(norm2 h), with attention written out here
@@ -75,7 +75,7 @@ def test_moe_transformer_block_gradient_reaches_router_and_experts():
     block = Block(model_cfg("llama"), moe_cfg(), num_experts=4)
     cos, sin = rope_tables(SEQ, HIDDEN // HEADS, 10000.0)
     x = torch.randn(2, SEQ, HIDDEN, requires_grad=True)
-    out, l_aux = block(x, (cos, sin))
+    out, l_aux, _ = block(x, (cos, sin))
     (out.square().mean() + l_aux).backward()
     moe = block.ffn
     for name, param in [("router", moe.router.wg.weight), ("w1", moe.experts.w1), ("w2", moe.experts.w2),
@@ -94,8 +94,8 @@ def test_moe_transformer_block_dense_when_one_expert():
     torch.manual_seed(0)
     block = Block(model_cfg("gpt"), moe_cfg(), num_experts=1)
     assert isinstance(block.ffn, MLP)
-    out, l_aux = block(torch.randn(1, 4, HIDDEN), None)
-    assert out.shape == (1, 4, HIDDEN) and l_aux is None
+    out, l_aux, z_loss = block(torch.randn(1, 4, HIDDEN), None)
+    assert out.shape == (1, 4, HIDDEN) and l_aux is None and z_loss is None
 
 
 # ---------------------------------------------------------------------------------------------
