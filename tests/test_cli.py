@@ -223,7 +223,7 @@ def test_top_level_help_lists_every_command_without_loading_torch():
 def test_every_command_parser_builds_and_helps(capsys):
     for name in COMMANDS:
         if not hasattr(command_module(name), "configure"):
-            continue  # parses its own arguments (lm-eval, prepare-data)
+            continue  # parses its own arguments (lm-eval)
         code, out, _ = run_main(capsys, name, "--help")
         assert code == 0 and out.startswith(f"usage: moetrain {name} "), (name, out[:80])
 

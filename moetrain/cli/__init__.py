@@ -2,7 +2,7 @@
 
 A command module has ``SUMMARY`` (its line in ``moetrain --help``) and either ``configure(parser)`` to add
 its arguments plus ``run(args) -> int``, or ``main(argv) -> int`` for a command that parses its own
-arguments (lm-eval's command line, prepare-data). Modules import their dependencies inside these
+arguments (lm-eval's command line). Modules import their dependencies inside these
 functions, so ``moetrain --help`` loads no torch.
 """
 
