@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from moetrain.moe import MoE, grouped_gemm_backend
+from tests.test_moe_host_sync import MODES  # every single-device routing mode, counted on the CPU there
 
 pytestmark = [
     pytest.mark.cuda,
@@ -18,27 +19,15 @@ pytestmark = [
 ]
 
 HIDDEN, FFN, EXPERTS, TOKENS = 256, 512, 8, 2048
-MODES = {
-    "dropless": dict(k=2, drop_tokens=False),
-    "capacity-position": dict(k=2, drop_policy="position"),
-    "capacity-probs": dict(k=2, drop_policy="probs"),
-    "capacity-random": dict(k=2, drop_policy="random"),
-    "k4": dict(k=4),
-    "rts": dict(k=1, use_rts=True),
-    "jitter": dict(k=1, noisy_gate_policy="Jitter"),
-    "rsample": dict(k=1, noisy_gate_policy="RSample"),
-    "second-expert-sampling": dict(k=2, top2_2nd_expert_sampling=True),
-    "expert-bias": dict(k=2, expert_bias=True),
-    "shared-experts": dict(k=2, num_shared_experts=1),
-}
 
 
 def _layer(**kwargs) -> MoE:
     torch.manual_seed(0)
     kwargs.setdefault("use_rts", False)
     kwargs.setdefault("top2_2nd_expert_sampling", False)
-    return MoE(HIDDEN, num_experts=EXPERTS, ffn_hidden_size=FFN, activation="swiglu",
-               capacity_factor=1.0, init_std=0.05, **kwargs).cuda()
+    kwargs.setdefault("activation", "swiglu")
+    return MoE(HIDDEN, num_experts=EXPERTS, ffn_hidden_size=FFN, capacity_factor=1.0, init_std=0.05,
+               **kwargs).cuda()
 
 
 def _step(layer: MoE, x: torch.Tensor, bf16: bool):
