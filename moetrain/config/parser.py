@@ -117,6 +117,9 @@ DEEPSPEED_ARGS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
     (("--deepspeed",),
      {"action": "store_true", "dest": "deepspeed_flag",
       "help": "accepted so Megatron-DeepSpeed launch scripts run unchanged; moetrain always uses its own engine"}),
+    (("--local_rank", "--local-rank"),
+     {"type": int, "dest": "local_rank", "metavar": "N",
+      "help": "passed by the deepspeed launcher and accepted; the LOCAL_RANK it also sets picks the device"}),
 )
 
 
