@@ -65,8 +65,16 @@ def run(command: str, argv: list[str]) -> int:
     return module.run(subparsers[command].parse_args(argv))
 
 
+def _without_launcher_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher runs ``moetrain --local_rank=N train ...``: drop that leading flag (the LOCAL_RANK it
+    also sets picks the device)."""
+    if argv and argv[0].startswith(("--local_rank=", "--local-rank=")):
+        return argv[1:]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = _without_launcher_rank(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         build_parser()[0].print_help()
         if argv and argv[0] not in ("-h", "--help"):
