@@ -278,8 +278,8 @@ class GPT(nn.Module):
 
     def forward(self, input_ids: Tensor, targets: Tensor | None = None) -> ModelOutput:
         if input_ids.shape[1] > self.cfg.positions():
-            raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds the model's {self.cfg.positions()} "
-                             f"positions (max_position_embeddings)")
+            raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds seq_length {self.cfg.seq_length} and "
+                             f"max_position_embeddings {self.cfg.positions()}")
         logits, aux, z = self.forward_stage(input_ids)
         lm_loss = None
         if targets is not None:
