@@ -630,3 +630,11 @@ def test_teacher_flags_of_the_mos_recipe() -> None:
 def test_deepspeed_launcher_local_rank_is_accepted() -> None:
     for flag in ("--local_rank=3", "--local-rank=3"):
         assert parse_train_args([flag, "--num-layers", "2"]).model.num_layers == 2
+
+
+def test_a_five_step_deepspeed_json_run_needs_no_warmup_flag(tmp_path) -> None:
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": 8, "gradient_accumulation_steps": 1}))
+    cfg = parse_train_args(["--deepspeed_config", str(path), "--train-iters", "5"])
+    cfg.validate()
+    assert cfg.training.warmup_iters() == 0
