@@ -59,8 +59,8 @@ class _GivenFlag(NamedTuple):
 class _FieldAction(argparse.Action):
     """Store a flag's value at its "section.field" dest and remember which flag set it.
 
-    Two different spellings of one field with different values (``--seq-length 1024
-    --max-position-embeddings 2048``, ``--fp16 --bf16``) are an error instead of last-one-wins.
+    Two different spellings of one field with different values (``--max-steps 10 --train-iters 20``,
+    ``--fp16 --bf16``) are an error instead of last-one-wins; a repeated flag: the last one wins.
     """
 
     def __init__(self, option_strings: list[str], dest: str,
