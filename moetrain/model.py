@@ -202,7 +202,7 @@ class GPT(nn.Module):
             raise ValueError("ModelConfig.vocab_size is unset; set it from the tokenizer")
         self.cfg, self.moe_cfg = cfg, moe_cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.pos_emb = nn.Embedding(cfg.seq_length, cfg.hidden_size) if cfg.style == "gpt" else None
+        self.pos_emb = nn.Embedding(cfg.positions(), cfg.hidden_size) if cfg.style == "gpt" else None
         self.drop = nn.Dropout(cfg.hidden_dropout)
         experts = moe_cfg.experts_per_layer(cfg.num_layers)
         self.blocks = LayerStack({i: Block(cfg, moe_cfg, e) for i, e in enumerate(experts)})
@@ -211,7 +211,7 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         if cfg.style == "llama":
-            cos, sin = rope_tables(cfg.seq_length, cfg.hidden_size // cfg.num_attention_heads,
+            cos, sin = rope_tables(cfg.positions(), cfg.hidden_size // cfg.num_attention_heads,
                                    cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
@@ -280,8 +280,9 @@ class GPT(nn.Module):
         return [(i, b.ffn) for i, b in self.blocks.items() if isinstance(b.ffn, MoE)]
 
     def forward(self, input_ids: Tensor, targets: Tensor | None = None) -> ModelOutput:
-        if input_ids.shape[1] > self.cfg.seq_length:
-            raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds seq_length {self.cfg.seq_length}")
+        if input_ids.shape[1] > self.cfg.positions():
+            raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds seq_length {self.cfg.seq_length} and "
+                             f"max_position_embeddings {self.cfg.positions()}")
         logits, aux, z = self.forward_stage(input_ids)
         lm_loss = None
         if targets is not None:

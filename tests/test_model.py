@@ -418,3 +418,20 @@ def test_pipeline_stages_are_gpts_over_layer_ranges_and_chain_to_the_whole_forwa
     assert stages[1].tok_emb is None and stages[1].lm_head is None and stages[0].lm_head is None
     with pytest.raises(ValueError, match="not a run of the 4 layers"):
         model.pipeline_stage(range(2, 6))
+
+
+@pytest.mark.parametrize("style", ["gpt", "llama"])
+def test_position_tables_may_be_longer_than_the_training_length(style):
+    """Megatron's --max-position-embeddings above --seq-length: longer tables, the same first positions."""
+    torch.manual_seed(0)
+    short = GPT(model_cfg(style), moe_cfg())
+    torch.manual_seed(0)
+    long = GPT(model_cfg(style, max_position_embeddings=2 * SEQ), moe_cfg())
+    tables = [long.pos_emb.weight] if style == "gpt" else [long.rope_cos, long.rope_sin]
+    assert all(table.shape[0] == 2 * SEQ for table in tables)
+    if style == "llama":  # RoPE tables are a function of the position: the short model's are a prefix
+        assert torch.equal(long.rope_cos[:SEQ], short.rope_cos) and torch.equal(long.rope_sin[:SEQ], short.rope_sin)
+    tokens = torch.randint(0, VOCAB, (2, 2 * SEQ + 1))
+    assert long(tokens[:, :2 * SEQ]).logits.shape == (2, 2 * SEQ, VOCAB)
+    with pytest.raises(ValueError, match=f"exceeds seq_length {SEQ} and max_position_embeddings {2 * SEQ}"):
+        long(tokens)
