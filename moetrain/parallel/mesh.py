@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -97,7 +98,8 @@ def init_parallel(pc: ParallelConfig, device_type: str) -> ParallelState:
         backend = pc.distributed_backend or ("nccl" if device_type == "cuda" else "gloo")
         if device_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        # a rank that died leaves the others' collectives waiting: fail them after the timeout (torchrun restarts)
+        dist.init_process_group(backend, timeout=timedelta(minutes=pc.distributed_timeout_minutes))
     world, rank = dist.get_world_size(), dist.get_rank()
     sizes = pc.parallel_sizes(world)
     pp, dp, tp, ep = sizes["pp"], sizes["dp"], sizes["tp"], sizes["ep"]
