@@ -193,14 +193,17 @@ class Trainer:
                 losses.append(float("nan") if step["skipped"] else step["loss"])
                 window_steps += 1
                 bar.update(1)
-                if self.non_finite_in_a_row >= tc.max_skipped_steps and tc.check_for_nan_in_loss_and_grad:
-                    self._on_divergence(step, bar)
-                    continue
                 if self.iteration % tc.log_interval == 0 or self.iteration == tc.train_iters:
                     record = self._train_record(step, window_steps * tokens_per_step / window_seconds)
                     self.metrics.log(record)
                     self._print(format_train_line(record), bar)
                     window_seconds, window_steps = 0.0, 0
+                if self.non_finite_in_a_row:
+                    self._print(f"step {self.iteration}: loss {step['loss']:.4g}, grad norm {step['grad_norm']:.4g} "
+                                f"not finite; step skipped ({self.non_finite_in_a_row} in a row)", bar)
+                if self.non_finite_in_a_row >= tc.max_skipped_steps and tc.check_for_nan_in_loss_and_grad:
+                    self._on_divergence(step, bar)
+                    continue
                 if tc.eval_interval and self.iteration % tc.eval_interval == 0 \
                         and self.iteration < tc.train_iters:
                     last_eval = self._log_eval(bar)
