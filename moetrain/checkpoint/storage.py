@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from moetrain.checkpoint.integrity import CheckpointError, CheckpointWriteError, write_manifest
+from moetrain.checkpoint.integrity import CheckpointError, CheckpointWriteError, earlier_hint, write_manifest
 
 MODEL_FILE = "model.safetensors"
 SHARD_INDEX_FILE = "index.json"  # a sharded checkpoint: see moetrain.checkpoint.sharded
@@ -295,7 +295,8 @@ def load_model_state(path: str) -> dict[str, torch.Tensor]:
         with safe_open(model_path, framework="pt") as f:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError) as error:
-        raise CheckpointError(f"{model_path} is corrupt or truncated ({error}); load an earlier iteration") from error
+        raise CheckpointError(f"{model_path} is corrupt or truncated ({_first_line(error)}); "
+                              f"{earlier_hint(path)}") from error
     aliases = json.loads(metadata.get(ALIASES_KEY, "{}"))
     for alias, stored in aliases.items():
         tensors[alias] = tensors[stored]
@@ -313,7 +314,12 @@ def load_state(path: str) -> dict:
         raise CheckpointError(f"{state_path} contains pickled objects other than tensors and plain data; "
                               f"refusing to unpickle it (weights_only). Re-save it with plain types") from error
     except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"{state_path} is corrupt or truncated ({error}); load an earlier iteration") from error
+        raise CheckpointError(f"{state_path} is corrupt or truncated ({_first_line(error)}); "
+                              f"{earlier_hint(path)}") from error
     if not isinstance(state, dict) or not {"iteration", "optimizer", "extra"} <= state.keys():
         raise CheckpointError(f"{state_path} is not a moetrain checkpoint state (missing iteration/optimizer/extra)")
     return state
+
+
+def _first_line(error: Exception) -> str:
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)

@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from moetrain.checkpoint import iter_dir_name, list_checkpoints, restore, restore_rng_state, save
+from moetrain.checkpoint import CheckpointError, iter_dir_name, list_checkpoints, restore, restore_rng_state, save
+from moetrain.checkpoint.lock import SaveDirLock
 from moetrain.config import Config
 from moetrain.parallel.data_parallel import clip_gradients, global_grad_norm
 from moetrain.parallel.parallelize import sync_expert_load
@@ -55,12 +56,31 @@ class Trainer:
         self.non_finite_skipped = 0
         self.rewinds = 0
         tc = cfg.training
+        self.save_lock = self._lock_save_dir(tc.save)
         if tc.load:
             self._resume(tc.load)
         rank_zero = self.parallel.rank == 0
         self.metrics = MetricsLogger(tc.save if rank_zero else None, tc.tensorboard_dir if rank_zero else None)
 
     # -- checkpoints ------------------------------------------------------------------------
+    def _lock_save_dir(self, save_dir: str | None) -> SaveDirLock | None:
+        """Rank 0 locks --save against a second run; every rank learns whether it could."""
+        if not save_dir:
+            return None
+        lock, refusal = None, None
+        if self.parallel.rank == 0:
+            try:
+                lock = SaveDirLock(save_dir)
+            except CheckpointError as error:
+                refusal = str(error)
+        if self.parallel.distributed:
+            shared = [refusal]
+            dist.broadcast_object_list(shared, src=0)
+            refusal = shared[0]
+        if refusal is not None:
+            raise CheckpointError(refusal)
+        return lock
+
     def _resume(self, load_dir: str) -> None:
         restored = restore(load_dir, self.model, self.optimizer, self.parallel)
         if restored.fresh_start:
@@ -185,7 +205,7 @@ class Trainer:
         bar = tqdm(total=tc.train_iters, initial=self.iteration, disable=self.quiet or not tc.progress_bar,
                    desc="train", unit="step", dynamic_ncols=True)
         last_eval = None
-        with contextlib.closing(bar), contextlib.closing(self.metrics):
+        with contextlib.closing(bar), contextlib.closing(self.metrics), self._holding_save_lock():
             while self.iteration < tc.train_iters:
                 step_start = time.perf_counter()
                 step = self.train_step()
@@ -214,6 +234,15 @@ class Trainer:
             path = self.save()
         self._print_finish(path)
         return TrainResult(self.iteration, last_eval["eval_loss"] if last_eval else None, tc.save, losses)
+
+    @contextlib.contextmanager
+    def _holding_save_lock(self):
+        """Release the --save lock when fit ends, however it ends (a killed process leaves a stale one)."""
+        try:
+            yield
+        finally:
+            if self.save_lock is not None:
+                self.save_lock.release()
 
     def _train_record(self, step: dict, tokens_per_s: float) -> dict:
         layers = self.executor.routing_summaries(training=True)
