@@ -57,7 +57,7 @@ class Trainer:
         self.rewinds = 0
         tc = cfg.training
         self.save_lock = self._lock_save_dir(tc.save)
-        if tc.load:
+        if tc.load and not self._first_start_of_restartable_job(tc.load, tc.save):
             self._resume(tc.load)
         rank_zero = self.parallel.rank == 0
         self.metrics = MetricsLogger(tc.save if rank_zero else None, tc.tensorboard_dir if rank_zero else None)
@@ -80,6 +80,15 @@ class Trainer:
         if refusal is not None:
             raise CheckpointError(refusal)
         return lock
+
+    def _first_start_of_restartable_job(self, load_dir: str, save_dir: str | None) -> bool:
+        """--load equal to --save with no checkpoint there yet: the first start of a job that torchrun
+        --max-restarts may restart, resuming from what it saved (a different empty --load stays an error)."""
+        same = save_dir is not None and os.path.realpath(load_dir) == os.path.realpath(save_dir)
+        if not same or list_checkpoints(load_dir) or os.path.exists(os.path.join(load_dir, "latest")):
+            return False
+        self._print(f"no checkpoint in {load_dir} yet: starting from scratch")
+        return True
 
     def _resume(self, load_dir: str) -> None:
         restored = restore(load_dir, self.model, self.optimizer, self.parallel)
