@@ -65,3 +65,28 @@ def test_a_killed_worker_restarts_from_the_checkpoint_and_matches_an_uninterrupt
     uninterrupted = torchrun_job(tmp_path, "whole", kill_at=0)
     assert sorted(killed) == sorted(uninterrupted) == list(range(1, 7))
     assert killed == pytest.approx(uninterrupted, rel=1e-6)
+
+
+def test_the_survivor_of_a_dead_rank_exits_instead_of_hanging(tmp_path):
+    """Without torchrun's agent to stop it, rank 0 must fail its next collective, well within the timeout."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    args = ["--data-path", write_corpus(tmp_path), "--tokenizer-type", "byte", "--split", "80,20,0",
+            "--num-layers", "1", "--hidden-size", "16", "--num-attention-heads", "2", "--seq-length", "8",
+            "--num-experts", "2", "--micro-batch-size", "1", "--train-iters", "50", "--device", "cpu",
+            "--no-save", "--data-cache-dir", str(tmp_path / "cache"), "--no-progress-bar",
+            "--distributed-timeout-minutes", "1"]
+    port = str(free_port())
+    ranks = [subprocess.Popen([sys.executable, str(worker), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+                                              "KILL_AT": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                                              "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+             for rank in (0, 1)]
+    try:
+        _, err = ranks[0].communicate(timeout=240)  # startup on a busy machine + at most the 1-minute timeout
+    finally:
+        for process in ranks:
+            process.kill()
+            process.communicate()
+    assert ranks[1].returncode == -9
+    assert ranks[0].returncode != 0 and "Step 50" not in err
