@@ -37,7 +37,8 @@ def kill_loop(kills: int, seed: int) -> tuple[str, str, bool]:
                 return f"kill -9 during save x{kills}", f"resume failed: {str(error)[:60]}", True
             lost |= resumed != previous
             previous = latest
-            landed_mid_save += any(n.startswith(storage.TMP_PREFIX + "iter_") for n in os.listdir(save_dir))
+            landed_mid_save += os.path.isdir(save_dir) and any(
+                n.startswith(storage.TMP_PREFIX + "iter_") for n in os.listdir(save_dir))
     outcome = (f"{kills}/{kills} restarts resumed from the newest complete checkpoint (iteration {previous}); "
                f"{landed_mid_save} kills left a half-written hidden dir")
     return f"kill -9 during save x{kills}", outcome, lost
