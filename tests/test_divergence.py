@@ -114,3 +114,21 @@ def test_a_run_still_diverging_after_max_rewinds_stops(tmp_path):
     with pytest.raises(TrainingDiverged, match="step 9: .*not finite for 3 steps"):
         trainer.fit()
     assert trainer.rewinds == 1
+
+
+@pytest.mark.parametrize("scale_power,min_scale,counts", [(8, 1.0, False), (0, 1.0, True)],
+                         ids=["scaler-can-back-off", "scaler-at-its-floor"])
+def test_fp16_overflow_counts_as_divergence_only_at_the_scalers_floor(tmp_path, monkeypatch, scale_power,
+                                                                       min_scale, counts):
+    cfg = tiny_config(tmp_path, save=None, precision="fp16", initial_scale_power=scale_power, hysteresis=1,
+                      min_loss_scale=min_scale, train_iters=4)
+    trainer = Trainer(cfg, quiet=True)
+    monkeypatch.setattr(trainer.scaler, "unscale_", lambda params: True)  # every step overflows
+    for _ in range(3):
+        step = trainer.train_step()
+        assert step["skipped"]
+    assert trainer.scaler.skipped_steps == 3 and trainer.non_finite_skipped == 0  # the scaler's skips
+    assert trainer.non_finite_in_a_row == (3 if counts else 0)
+    if counts:
+        with pytest.raises(TrainingDiverged, match="not finite for 4 steps in a row"):
+            trainer.fit()

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moetrain.checkpoint.integrity import read_manifest, verify_file
 from moetrain.checkpoint.layout import OPTIMIZER_PARAM_NAMES, optimizer_param_names
 from moetrain.checkpoint.reader import CheckpointReader, load_checkpoint, load_into
 from moetrain.checkpoint.rng import capture_rng_state, rank_rng_state
@@ -97,15 +98,21 @@ def restore(load_dir: str, model: nn.Module, optimizer, state: ParallelState) ->
 
 def load_model(load_dir: str, device: str = "cpu") -> tuple[GPT, Tokenizer, Config]:
     """Rebuild the model a checkpoint (of any layout) was trained with, its weights, and its tokenizer."""
-    ckpt = load_checkpoint(load_dir)
+    ckpt = load_checkpoint(load_dir, verify_extra_files=False)
     cfg = Config.from_dict(ckpt.extra["config"])
     tokenizer_path = os.path.join(ckpt.path, TOKENIZER_FILE)
     if not os.path.exists(tokenizer_path):
         raise FileNotFoundError(f"{ckpt.path} has no {TOKENIZER_FILE}; was it written by `moetrain train`?")
-    tokenizer = Tokenizer.load(tokenizer_path)
+    manifest = read_manifest(ckpt.path)
+    try:
+        tokenizer = Tokenizer.load(tokenizer_path)
+    except Exception:
+        verify_file(ckpt.path, TOKENIZER_FILE, manifest)  # a damaged file: say so in one line
+        raise
     if tokenizer.vocab_size > cfg.model.vocab_size:  # fewer is fine: a padded (e.g. Megatron) vocabulary
         raise ValueError(f"{tokenizer_path} has {tokenizer.vocab_size} tokens, more than the model's "
                          f"{cfg.model.vocab_size}; put back the {TOKENIZER_FILE} this checkpoint was saved with")
+    verify_file(ckpt.path, TOKENIZER_FILE, manifest)
     model = GPT(cfg.model, cfg.moe)
     model.load_state_dict(ckpt.model_state)
     return model.to(device).eval(), tokenizer, cfg

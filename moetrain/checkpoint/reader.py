@@ -19,8 +19,10 @@ from moetrain.checkpoint.layout import (
     set_optimizer_state,
 )
 from moetrain.checkpoint.storage import (
+    MODEL_FILE,
     SHARD_INDEX_FILE,
     SHARD_PREFIX,
+    STATE_FILE,
     CheckpointError,
     load_model_state,
     load_state,
@@ -42,13 +44,15 @@ class Checkpoint:
 class CheckpointReader:
     """Reads global tensors, or any piece of them, from a sharded or a single-process checkpoint."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, verify_extra_files: bool = True) -> None:
+        """`verify_extra_files` False leaves the caller's own files (tokenizer.json) to the caller to verify."""
         self.path = path
         self.state = load_state(path)  # weights_only first: pickled code is refused whatever the manifest says
         # every file but the shards is checked against the manifest now, each shard when first opened
         self.manifest = read_manifest(path)
         for name in self.manifest or {}:
-            if not name.startswith(SHARD_PREFIX):
+            if not name.startswith(SHARD_PREFIX) and (verify_extra_files or name in (STATE_FILE, MODEL_FILE,
+                                                                                      SHARD_INDEX_FILE)):
                 verify_file(path, name, self.manifest)
         self.sharded = os.path.isfile(os.path.join(path, SHARD_INDEX_FILE))
         self._files: dict[str, object] = {}
@@ -194,11 +198,11 @@ def load_into(reader: CheckpointReader, model: nn.Module, optimizer) -> None:
         set_optimizer_state(optimizer, param, state)
 
 
-def load_checkpoint(load_dir: str, iteration: int | None = None) -> Checkpoint:
+def load_checkpoint(load_dir: str, iteration: int | None = None, verify_extra_files: bool = True) -> Checkpoint:
     """Load the checkpoint named by ``load_dir/latest``, a given iteration, or ``load_dir`` itself
     when it is an ``iter_*`` directory, in either format. Tensors come back on CPU; nothing but plain
     data is unpickled."""
-    reader = CheckpointReader(resolve_checkpoint_dir(load_dir, iteration))
+    reader = CheckpointReader(resolve_checkpoint_dir(load_dir, iteration), verify_extra_files)
     return Checkpoint(
         iteration=int(reader.state["iteration"]),
         model_state=reader.model_state(),
