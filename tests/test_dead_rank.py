@@ -72,7 +72,8 @@ def test_the_survivor_of_a_dead_rank_exits_instead_of_hanging(tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     args = ["--data-path", write_corpus(tmp_path), "--tokenizer-type", "byte", "--split", "80,20,0",
-            "--num-layers", "1", "--hidden-size", "16", "--num-attention-heads", "2", "--seq-length", "8",
+            "--num-layers", "2", "--expert-interval", "1", "--hidden-size", "16", "--num-attention-heads", "2",
+            "--seq-length", "8",
             "--num-experts", "2", "--micro-batch-size", "1", "--train-iters", "50", "--device", "cpu",
             "--no-save", "--data-cache-dir", str(tmp_path / "cache"), "--no-progress-bar",
             "--distributed-timeout-minutes", "1"]
@@ -87,6 +88,6 @@ def test_the_survivor_of_a_dead_rank_exits_instead_of_hanging(tmp_path):
     finally:
         for process in ranks:
             process.kill()
-            process.communicate()
-    assert ranks[1].returncode == -9
+        _, err_1 = ranks[1].communicate()
+    assert ranks[1].returncode == -9, err_1[-2000:]
     assert ranks[0].returncode != 0 and "Step 50" not in err
