@@ -73,7 +73,7 @@ def test_the_survivor_of_a_dead_rank_exits_instead_of_hanging(tmp_path):
     worker.write_text(WORKER)
     args = ["--data-path", write_corpus(tmp_path), "--tokenizer-type", "byte", "--split", "80,20,0",
             "--num-layers", "2", "--expert-interval", "1", "--hidden-size", "16", "--num-attention-heads", "2",
-            "--seq-length", "8",
+            "--seq-length", "8", "--lr-warmup-iters", "0",
             "--num-experts", "2", "--micro-batch-size", "1", "--train-iters", "50", "--device", "cpu",
             "--no-save", "--data-cache-dir", str(tmp_path / "cache"), "--no-progress-bar",
             "--distributed-timeout-minutes", "1"]
