@@ -61,7 +61,7 @@ def test_model_and_optimizer_round_trip_bitwise_and_training_continues_identical
     model, optimizer = _trained()
     path = _save(tmp_path, 7, model, optimizer, extra={"data_position": 123, "config": {"lr": 1e-2}})
     assert path == os.path.join(tmp_path, "iter_0000007")
-    assert sorted(os.listdir(path)) == ["model.safetensors", "state.pt"]
+    assert sorted(os.listdir(path)) == ["manifest.json", "model.safetensors", "state.pt"]
     assert (tmp_path / "latest").read_text().strip() == "iter_0000007"
 
     loaded = load_checkpoint(str(tmp_path))

@@ -10,13 +10,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import torch
+import torch.distributed as dist
 from torch import nn
 
+from moetrain.checkpoint.integrity import read_manifest, verify_file
 from moetrain.checkpoint.layout import OPTIMIZER_PARAM_NAMES, optimizer_param_names
 from moetrain.checkpoint.reader import CheckpointReader, load_checkpoint, load_into
 from moetrain.checkpoint.rng import capture_rng_state, rank_rng_state
 from moetrain.checkpoint.sharded import save_sharded
-from moetrain.checkpoint.storage import resolve_checkpoint_dir, save_checkpoint
+from moetrain.checkpoint.storage import CheckpointError, resolve_checkpoint_dir, save_checkpoint
 from moetrain.config import Config, ConfigError, ParallelConfig
 from moetrain.data import Tokenizer
 from moetrain.model import GPT
@@ -37,14 +40,26 @@ def save(save_dir: str, iteration: int, model: nn.Module, optimizer, state: Para
     """Atomically write this run's checkpoint for `iteration` (every rank calls it); return its path.
 
     `extra` (data position, config, loss scaler, ...) is the same on every rank; each rank's RNG
-    state is added here.
+    state is added here. Non-finite weights are never written: a diverged run keeps its last good checkpoint.
     """
+    if not _weights_finite(model, state):
+        raise CheckpointError(f"refusing to save iteration {iteration} to {save_dir}: the weights hold NaN or inf; "
+                              f"the last good checkpoint stays `latest`")
     if _sharded(state, optimizer):
         return save_sharded(save_dir, iteration, model, optimizer, extra, capture_rng_state(), state,
                             keep_last, files)
     extra = {**extra, "rng": capture_rng_state(), OPTIMIZER_PARAM_NAMES: optimizer_param_names(model, optimizer)}
     return save_checkpoint(save_dir, iteration, model_state=model.state_dict(),
                            optimizer_state=optimizer.state_dict(), extra=extra, keep_last=keep_last, files=files)
+
+
+def _weights_finite(model: nn.Module, state: ParallelState) -> bool:
+    """Whether every rank's parameters are finite (one collective, at save time only)."""
+    flags = [p.detach().isfinite().all() for p in model.parameters()]
+    finite = torch.stack(flags).all().float() if flags else torch.ones(())
+    if state.distributed:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
 
 
 @dataclass
@@ -83,15 +98,21 @@ def restore(load_dir: str, model: nn.Module, optimizer, state: ParallelState) ->
 
 def load_model(load_dir: str, device: str = "cpu") -> tuple[GPT, Tokenizer, Config]:
     """Rebuild the model a checkpoint (of any layout) was trained with, its weights, and its tokenizer."""
-    ckpt = load_checkpoint(load_dir)
+    ckpt = load_checkpoint(load_dir, verify_extra_files=False)
     cfg = Config.from_dict(ckpt.extra["config"])
     tokenizer_path = os.path.join(ckpt.path, TOKENIZER_FILE)
     if not os.path.exists(tokenizer_path):
         raise FileNotFoundError(f"{ckpt.path} has no {TOKENIZER_FILE}; was it written by `moetrain train`?")
-    tokenizer = Tokenizer.load(tokenizer_path)
+    manifest = read_manifest(ckpt.path)
+    try:
+        tokenizer = Tokenizer.load(tokenizer_path)
+    except Exception:
+        verify_file(ckpt.path, TOKENIZER_FILE, manifest)  # a damaged file: say so in one line
+        raise
     if tokenizer.vocab_size > cfg.model.vocab_size:  # fewer is fine: a padded (e.g. Megatron) vocabulary
         raise ValueError(f"{tokenizer_path} has {tokenizer.vocab_size} tokens, more than the model's "
                          f"{cfg.model.vocab_size}; put back the {TOKENIZER_FILE} this checkpoint was saved with")
+    verify_file(ckpt.path, TOKENIZER_FILE, manifest)
     model = GPT(cfg.model, cfg.moe)
     model.load_state_dict(ckpt.model_state)
     return model.to(device).eval(), tokenizer, cfg

@@ -7,9 +7,10 @@ import os
 from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
+from moetrain.checkpoint.integrity import check_inside, earlier_hint, read_manifest, verify_file
 from moetrain.checkpoint.layout import (
     OPTIMIZER_PARAM_NAMES,
     Piece,
@@ -18,7 +19,10 @@ from moetrain.checkpoint.layout import (
     set_optimizer_state,
 )
 from moetrain.checkpoint.storage import (
+    MODEL_FILE,
     SHARD_INDEX_FILE,
+    SHARD_PREFIX,
+    STATE_FILE,
     CheckpointError,
     load_model_state,
     load_state,
@@ -40,20 +44,39 @@ class Checkpoint:
 class CheckpointReader:
     """Reads global tensors, or any piece of them, from a sharded or a single-process checkpoint."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, verify_extra_files: bool = True) -> None:
+        """`verify_extra_files` False leaves the caller's own files (tokenizer.json) to the caller to verify."""
         self.path = path
-        self.state = load_state(path)
+        self.state = load_state(path)  # weights_only first: pickled code is refused whatever the manifest says
+        # every file but the shards is checked against the manifest now, each shard when first opened
+        self.manifest = read_manifest(path)
+        for name in self.manifest or {}:
+            if not name.startswith(SHARD_PREFIX) and (verify_extra_files or name in (STATE_FILE, MODEL_FILE,
+                                                                                      SHARD_INDEX_FILE)):
+                verify_file(path, name, self.manifest)
         self.sharded = os.path.isfile(os.path.join(path, SHARD_INDEX_FILE))
         self._files: dict[str, object] = {}
         self.aliases: dict[str, str] = {}  # tied key -> the key it is stored under (sharded checkpoints)
         if self.sharded:
-            with open(os.path.join(path, SHARD_INDEX_FILE)) as f:
-                index = json.load(f)
-            self.index = index["tensors"]
-            self.aliases = index["aliases"] if "aliases" in index else self._ties_from_config()
+            self.index, self.aliases = self._read_index()
         else:
             self._full = {f"model/{k}": v for k, v in load_model_state(path).items()}
             self._full.update(self._named_optimizer_state())
+
+    def _read_index(self) -> tuple[dict[str, list[dict]], dict[str, str]]:
+        """index.json's tensors and aliases; refused if it names a file outside the checkpoint."""
+        index_path = os.path.join(self.path, SHARD_INDEX_FILE)
+        try:
+            with open(index_path) as f:
+                index = json.load(f)
+            tensors = index["tensors"]
+            files = {entry["file"] for entries in tensors.values() for entry in entries}
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise CheckpointError(f"{index_path} is corrupt ({type(error).__name__}: {error}); "
+                                  f"{earlier_hint(self.path)}") from None
+        for file in files:
+            check_inside(self.path, file, index_path)
+        return tensors, index["aliases"] if "aliases" in index else self._ties_from_config()
 
     def _ties_from_config(self) -> dict[str, str]:
         """Tied keys of an index written before indexes recorded them: the saved model config's ties."""
@@ -135,7 +158,12 @@ class CheckpointReader:
 
     def _open(self, file: str):
         if file not in self._files:
-            self._files[file] = safe_open(os.path.join(self.path, file), framework="pt")
+            verify_file(self.path, file, self.manifest)
+            try:
+                self._files[file] = safe_open(os.path.join(self.path, file), framework="pt")
+            except (SafetensorError, OSError) as error:
+                raise CheckpointError(f"{os.path.join(self.path, file)} is corrupt, truncated or missing ({error}); "
+                                      f"{earlier_hint(self.path)}") from None
         return self._files[file]
 
 
@@ -170,11 +198,11 @@ def load_into(reader: CheckpointReader, model: nn.Module, optimizer) -> None:
         set_optimizer_state(optimizer, param, state)
 
 
-def load_checkpoint(load_dir: str, iteration: int | None = None) -> Checkpoint:
+def load_checkpoint(load_dir: str, iteration: int | None = None, verify_extra_files: bool = True) -> Checkpoint:
     """Load the checkpoint named by ``load_dir/latest``, a given iteration, or ``load_dir`` itself
     when it is an ``iter_*`` directory, in either format. Tensors come back on CPU; nothing but plain
     data is unpickled."""
-    reader = CheckpointReader(resolve_checkpoint_dir(load_dir, iteration))
+    reader = CheckpointReader(resolve_checkpoint_dir(load_dir, iteration), verify_extra_files)
     return Checkpoint(
         iteration=int(reader.state["iteration"]),
         model_state=reader.model_state(),

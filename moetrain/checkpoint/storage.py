@@ -8,11 +8,13 @@ model.safetensors, see moetrain.checkpoint.sharded)::
         model.safetensors  model weights (tied tensors stored once, see split_shared)
         state.pt           {"iteration", "optimizer", "extra"}; only tensors, numbers, strings, containers
         tokenizer.json ... extra text files given by the caller
+        manifest.json      sha256 of every file above, written last (see moetrain.checkpoint.integrity)
 
 A checkpoint is written into a hidden sibling directory, fsynced, then renamed into place with
 ``os.replace``; only after that is ``latest`` replaced (temp file + ``os.replace``). A crash at any
 point therefore leaves the previous checkpoint and ``latest`` intact, and a half-written directory
-never carries an ``iter_*`` name. One process writes to a given ``save_dir`` at a time.
+never carries an ``iter_*`` name. A failed write (disk full) removes the hidden directory and raises a
+one-line CheckpointError. One process writes to a given ``save_dir`` at a time (moetrain.checkpoint.lock).
 """
 
 from __future__ import annotations
@@ -29,8 +31,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from moetrain.checkpoint.integrity import CheckpointError, CheckpointWriteError, earlier_hint, write_manifest
+
 MODEL_FILE = "model.safetensors"
 SHARD_INDEX_FILE = "index.json"  # a sharded checkpoint: see moetrain.checkpoint.sharded
+SHARD_PREFIX = "shard-"
 STATE_FILE = "state.pt"
 LATEST_FILE = "latest"
 TMP_PREFIX = ".tmp-"
@@ -40,10 +45,6 @@ ITER_DIR_RE = re.compile(r"^iter_(\d{7,})$")
 # Exactly the types torch.load(weights_only=True) rebuilds; numpy scalars (float subclasses) are not among them.
 SAFE_LEAF_TYPES = (bool, int, float, complex, str, bytes, bytearray, type(None), torch.dtype, torch.device)
 SAFE_CONTAINER_TYPES = (list, tuple, set, dict, OrderedDict, torch.Size)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint exists but cannot be read safely (corrupt, truncated, or contains pickled code)."""
 
 
 def iter_dir_name(iteration: int) -> str:
@@ -119,7 +120,7 @@ def check_weights_only_safe(value: Any, where: str) -> None:
             check_weights_only_safe(item, f"{where}[{index}]")
 
 
-def _fsync_path(path: str) -> None:
+def fsync_path(path: str) -> None:
     """Flush a file or directory entry to disk (directories only where the OS allows opening them)."""
     if os.path.isdir(path) and os.name != "posix":
         return
@@ -137,7 +138,7 @@ def _write_latest(save_dir: str, name: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp_path, os.path.join(save_dir, LATEST_FILE))
-    _fsync_path(save_dir)
+    fsync_path(save_dir)
 
 
 def _remove_older(save_dir: str, iteration: int, keep_last: int) -> None:
@@ -182,12 +183,28 @@ def save_checkpoint(
     check_weights_only_safe(state, "checkpoint state")
     tensors, aliases = split_shared(model_state)
 
-    tmp_dir = prepare_tmp_dir(save_dir, iteration)
-    model_path = os.path.join(tmp_dir, MODEL_FILE)
-    save_file(tensors, model_path, metadata={"format": "pt", ALIASES_KEY: json.dumps(aliases)})
-    _fsync_path(model_path)
-    write_state(tmp_dir, state, files)
-    return publish(save_dir, iteration, keep_last)
+    try:
+        tmp_dir = prepare_tmp_dir(save_dir, iteration)
+        model_path = os.path.join(tmp_dir, MODEL_FILE)
+        save_file(tensors, model_path, metadata={"format": "pt", ALIASES_KEY: json.dumps(aliases)})
+        fsync_path(model_path)
+        write_state(tmp_dir, state, files)
+        return publish(save_dir, iteration, keep_last)
+    except (OSError, SafetensorError) as error:
+        raise write_failed(save_dir, iteration, error) from error
+
+
+def write_failed(save_dir: str, iteration: int, error: Exception) -> CheckpointWriteError:
+    """Remove the half-written hidden directory; say what is still intact and what to do."""
+    shutil.rmtree(os.path.join(save_dir, TMP_PREFIX + iter_dir_name(iteration)), ignore_errors=True)
+    latest = os.path.join(save_dir, LATEST_FILE)
+    kept = "no earlier checkpoint exists"
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            kept = f"`latest` still names the complete {f.read().strip()}"
+    return CheckpointWriteError(f"could not write checkpoint {iter_dir_name(iteration)} in {save_dir} "
+                           f"({getattr(error, 'strerror', None) or error}); {kept}. Free disk space (or lower "
+                           f"--keep-last-checkpoints) and resume with --load {save_dir}")
 
 
 def prepare_tmp_dir(save_dir: str, iteration: int) -> str:
@@ -214,18 +231,20 @@ def write_state(tmp_dir: str, state: dict, files: dict[str, str]) -> None:
             os.fsync(f.fileno())
 
 
-def publish(save_dir: str, iteration: int, keep_last: int | None) -> str:
-    """Rename the finished hidden directory into place, then point ``latest`` at it."""
+def publish(save_dir: str, iteration: int, keep_last: int | None, digests: dict[str, str] | None = None) -> str:
+    """Write the manifest (`digests`: ones already computed), rename the finished hidden directory into place,
+    then point ``latest`` at it."""
     name = iter_dir_name(iteration)
     tmp_dir = os.path.join(save_dir, TMP_PREFIX + name)
-    _fsync_path(tmp_dir)
+    write_manifest(tmp_dir, digests)
+    fsync_path(tmp_dir)
     final_dir = os.path.join(save_dir, name)
     replaced_dir = os.path.join(save_dir, REPLACED_PREFIX + name)
     if os.path.isdir(final_dir):  # re-saving an iteration: directories cannot be swapped in one rename
         shutil.rmtree(replaced_dir, ignore_errors=True)
         os.replace(final_dir, replaced_dir)
     os.replace(tmp_dir, final_dir)
-    _fsync_path(save_dir)
+    fsync_path(save_dir)
     shutil.rmtree(replaced_dir, ignore_errors=True)
     _write_latest(save_dir, name)
     if keep_last is not None:
@@ -276,7 +295,8 @@ def load_model_state(path: str) -> dict[str, torch.Tensor]:
         with safe_open(model_path, framework="pt") as f:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError) as error:
-        raise CheckpointError(f"{model_path} is corrupt or truncated ({error}); load an earlier iteration") from error
+        raise CheckpointError(f"{model_path} is corrupt or truncated ({_first_line(error)}); "
+                              f"{earlier_hint(path)}") from error
     aliases = json.loads(metadata.get(ALIASES_KEY, "{}"))
     for alias, stored in aliases.items():
         tensors[alias] = tensors[stored]
@@ -294,7 +314,12 @@ def load_state(path: str) -> dict:
         raise CheckpointError(f"{state_path} contains pickled objects other than tensors and plain data; "
                               f"refusing to unpickle it (weights_only). Re-save it with plain types") from error
     except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"{state_path} is corrupt or truncated ({error}); load an earlier iteration") from error
+        raise CheckpointError(f"{state_path} is corrupt or truncated ({_first_line(error)}); "
+                              f"{earlier_hint(path)}") from error
     if not isinstance(state, dict) or not {"iteration", "optimizer", "extra"} <= state.keys():
         raise CheckpointError(f"{state_path} is not a moetrain checkpoint state (missing iteration/optimizer/extra)")
     return state
+
+
+def _first_line(error: Exception) -> str:
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)

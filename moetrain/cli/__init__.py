@@ -82,10 +82,11 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)
         sys.exit(0)
     from moetrain.checkpoint import CheckpointError
+    from moetrain.train.trainer import TrainingDiverged
 
     try:
         code = run(argv[0], argv[1:])
-    except (ValueError, FileNotFoundError, CheckpointError) as error:
+    except (ValueError, FileNotFoundError, CheckpointError, TrainingDiverged) as error:
         # Bad input: one clear line, not a traceback (ConfigError, DataError, CheckpointError ...).
         sys.exit(report_error(f"moetrain {argv[0]}: error: {error}"))
     sys.exit(code)

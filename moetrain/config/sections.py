@@ -264,6 +264,18 @@ class TrainingConfig:
                                 help="steps between checkpoints; 0: only at the end")
     keep_last_checkpoints: int | None = option(3, "--keep-last-checkpoints", type=_keep_count, group="logging",
                                                help="checkpoints kept on disk; 0 keeps all")
+    check_for_nan_in_loss_and_grad: bool = option(True, label="--check-for-nan-in-loss-and-grad",
+                                                  switches=(
+        switch("--check-for-nan-in-loss-and-grad", True, help="skip a step whose loss or gradient norm is not "
+                                                              "finite (default)"),
+        switch("--no-check-for-nan-in-loss-and-grad", False, help="apply every step, even with NaN gradients")))
+    max_skipped_steps: int = option(3, "--max-skipped-steps",
+                                    help="consecutive non-finite steps after which the run stops (or rewinds)")
+    rewind_on_divergence: int = option(0, "--rewind-on-divergence",
+                                       help="on a stop, reload the last good checkpoint and skip the next K batches; "
+                                            "0: stop")
+    max_rewinds: int = option(3, "--max-rewinds",
+                              help="rewinds (--rewind-on-divergence) allowed per run before it stops")
     tensorboard_dir: str | None = option(None, "--tensorboard-dir", group="logging",
                                          help="also write TensorBoard events here")
     device: str = option("auto", "--device", choices=DEVICES, help="auto: cuda when available, else cpu")
@@ -303,6 +315,9 @@ class ParallelConfig:
     distributed_backend: str | None = option(None, "--distributed-backend", type=_none_or_str,
                                              choices=DISTRIBUTED_BACKENDS,
                                              help="torch.distributed backend; None: nccl on cuda, else gloo")
+    distributed_timeout_minutes: int = option(10, "--distributed-timeout-minutes",
+                                              help="a collective waiting this long (a rank died) fails the job, "
+                                                   "so torchrun --max-restarts can restart it")
 
     def parallel_sizes(self, world_size: int) -> dict[str, int]:
         """Split world_size into data/tensor/pipeline parallel sizes, and expert parallelism.

@@ -161,6 +161,9 @@ def _validate_training(training: TrainingConfig) -> None:
                         ("--save-interval", training.save_interval)):
         check_at_least(flag, value, 0)
     check_at_least("--log-interval", training.log_interval, 1)
+    check_at_least("--max-skipped-steps", training.max_skipped_steps, 1)
+    check_at_least("--rewind-on-divergence", training.rewind_on_divergence, 0)
+    check_at_least("--max-rewinds", training.max_rewinds, 0)
     if training.keep_last_checkpoints is not None:
         check_at_least("--keep-last-checkpoints", training.keep_last_checkpoints, 1)
     check_choice(training, "device")
@@ -169,6 +172,7 @@ def _validate_training(training: TrainingConfig) -> None:
 def _validate_parallel(cfg: Config, world_size: int) -> None:
     parallel = cfg.parallel
     check_choice(parallel, "zero_stage")
+    check_at_least("--distributed-timeout-minutes", parallel.distributed_timeout_minutes, 1)
     check(not parallel.offload_optimizer or parallel.zero_stage >= 1,
           "optimizer offload needs ZeRO stage 1 or higher; set --zero-stage or drop offload_optimizer")
     check_choice(parallel, "distributed_backend")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -97,7 +98,14 @@ def init_parallel(pc: ParallelConfig, device_type: str) -> ParallelState:
         backend = pc.distributed_backend or ("nccl" if device_type == "cuda" else "gloo")
         if device_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        # a rank that died leaves the others' collectives waiting: fail them after the timeout (torchrun restarts)
+        timeout = timedelta(minutes=pc.distributed_timeout_minutes)
+        store = _attempt_store(timeout)
+        if store is None:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=world,
+                                    timeout=timeout)
     world, rank = dist.get_world_size(), dist.get_rank()
     sizes = pc.parallel_sizes(world)
     pp, dp, tp, ep = sizes["pp"], sizes["dp"], sizes["tp"], sizes["ep"]
@@ -115,6 +123,19 @@ def init_parallel(pc: ParallelConfig, device_type: str) -> ParallelState:
     for size in (d for d in range(1, ep + 1) if ep % d == 0):
         state.expert_groups[size] = _expert_groups(state, layout, size)
     return state
+
+
+def _attempt_store(timeout: timedelta) -> dist.Store | None:
+    """Under torchrun, the job's store with keys of this attempt only: a job restarted by --max-restarts
+    must not connect to the addresses its dead first attempt left in the agent's store. None: plain env://."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return None
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                          is_master=not agent_hosts_it and os.environ["RANK"] == "0", timeout=timeout,
+                          multi_tenant=not agent_hosts_it)
+    return dist.PrefixStore(f"moetrain/attempt_{attempt}", store)
 
 
 def _expert_groups(state: ParallelState, layout: torch.Tensor, size: int) -> ExpertGroups:

@@ -10,7 +10,7 @@ import warnings
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
-RECORD_TYPES = ("train", "eval")
+RECORD_TYPES = ("train", "eval", "rewind")
 LAYER_SCALARS = ("drop_fraction", "max_over_min", "experts_used")
 
 

@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from moetrain.checkpoint import restore, restore_rng_state, save
+from moetrain.checkpoint import CheckpointError, iter_dir_name, list_checkpoints, restore, restore_rng_state, save
+from moetrain.checkpoint.lock import SaveDirLock
 from moetrain.config import Config
 from moetrain.parallel.data_parallel import clip_gradients, global_grad_norm
 from moetrain.parallel.parallelize import sync_expert_load
@@ -35,6 +36,10 @@ class TrainResult:
     losses: list[float]  # total loss of every optimizer step this run took (skipped steps: nan)
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm stayed non-finite for --max-skipped-steps steps in a row (and no rewind was left)."""
+
+
 class Trainer:
     """Owns the model, optimizer and data of one run; `fit()` trains to `train_iters`."""
 
@@ -47,13 +52,44 @@ class Trainer:
         self.executor, self.grad_sync, self.schedule = run.executor, run.grad_sync, run.schedule
         self.accumulation = run.accumulation
         self.iteration = 0
+        self.non_finite_in_a_row = 0  # consecutive steps skipped by the non-finite guard
+        self.non_finite_skipped = 0
+        self.rewinds = 0
         tc = cfg.training
-        if tc.load:
+        self.save_lock = self._lock_save_dir(tc.save)
+        if tc.load and not self._first_start_of_restartable_job(tc.load, tc.save):
             self._resume(tc.load)
         rank_zero = self.parallel.rank == 0
         self.metrics = MetricsLogger(tc.save if rank_zero else None, tc.tensorboard_dir if rank_zero else None)
 
     # -- checkpoints ------------------------------------------------------------------------
+    def _lock_save_dir(self, save_dir: str | None) -> SaveDirLock | None:
+        """Rank 0 locks --save against a second run; every rank learns whether it could."""
+        if not save_dir:
+            return None
+        lock, refusal = None, None
+        if self.parallel.rank == 0:
+            try:
+                lock = SaveDirLock(save_dir)
+            except CheckpointError as error:
+                refusal = str(error)
+        if self.parallel.distributed:
+            shared = [refusal]
+            dist.broadcast_object_list(shared, src=0)
+            refusal = shared[0]
+        if refusal is not None:
+            raise CheckpointError(refusal)
+        return lock
+
+    def _first_start_of_restartable_job(self, load_dir: str, save_dir: str | None) -> bool:
+        """--load equal to --save with no checkpoint there yet: the first start of a job that torchrun
+        --max-restarts may restart, resuming from what it saved (a different empty --load stays an error)."""
+        same = save_dir is not None and os.path.realpath(load_dir) == os.path.realpath(save_dir)
+        if not same or list_checkpoints(load_dir) or os.path.exists(os.path.join(load_dir, "latest")):
+            return False
+        self._print(f"no checkpoint in {load_dir} yet: starting from scratch")
+        return True
+
     def _resume(self, load_dir: str) -> None:
         restored = restore(load_dir, self.model, self.optimizer, self.parallel)
         if restored.fresh_start:
@@ -97,19 +133,51 @@ class Trainer:
         self.grad_sync.reduce()
         held = self.grad_sync.held()
         overflow = self.scaler.unscale_([p for p, _ in held]) if self.scaler else False
-        grad_norm = float("nan")
+        grad_norm, applied = float("nan"), False
         if not overflow:
             norm = global_grad_norm(((p.grad, copies) for p, copies in held), world=self.parallel.distributed)
-            clip_gradients([p.grad for p, _ in held], tc.clip_grad if tc.clip_grad > 0 else math.inf, norm)
-            grad_norm = float(norm)
-            self.optimizer.step()
-            sync_expert_load(self.model, self.parallel)
-            self.model.update_expert_biases()
+            grad_norm = float(norm)  # the step's host sync; the norm (NaN from any rank) and loss are global
+            if not tc.check_for_nan_in_loss_and_grad or (math.isfinite(grad_norm) and math.isfinite(sums["loss"])):
+                clip_gradients([p.grad for p, _ in held], tc.clip_grad if tc.clip_grad > 0 else math.inf, norm)
+                self.optimizer.step()
+                sync_expert_load(self.model, self.parallel)
+                self.model.update_expert_biases()
+                applied = True
+        # fp16 overflow is the scaler's to skip while it can still lower the scale; at its floor it is divergence
+        scaler_exhausted = overflow and (not self.scaler.dynamic or self.scaler.loss_scale <= self.scaler.min_scale)
         if self.scaler:
             self.scaler.update(overflow)
+        guard_skip = not applied and not overflow
+        self.non_finite_skipped += guard_skip
+        self.non_finite_in_a_row = self.non_finite_in_a_row + 1 if guard_skip or scaler_exhausted else 0
         self.optimizer.zero_grad(set_to_none=True)
         self.iteration += 1
-        return {**sums, "lr": lr, "grad_norm": grad_norm, "skipped": overflow}
+        return {**sums, "lr": lr, "grad_norm": grad_norm, "skipped": not applied}
+
+    def _on_divergence(self, step: dict, bar) -> None:
+        """After --max-skipped-steps non-finite steps in a row: rewind to the last good checkpoint, or stop."""
+        tc = self.cfg.training
+        save_dir = tc.save
+        good = list_checkpoints(save_dir) if save_dir else []
+        where = (f"step {self.iteration}: loss {step['loss']:.4g}, grad norm {step['grad_norm']:.4g}, not finite "
+                 f"for {self.non_finite_in_a_row} steps in a row (--max-skipped-steps {tc.max_skipped_steps})")
+        if tc.rewind_on_divergence and self.rewinds < tc.max_rewinds and good:
+            self.rewinds += 1
+            diverged_at = self.iteration
+            self._resume(save_dir)
+            for _ in range(tc.rewind_on_divergence * self.accumulation):
+                self.train_data.next_batch(tc.micro_batch_size * self.parallel.dp)
+            self.non_finite_in_a_row = 0
+            bar.n = self.iteration
+            bar.refresh()
+            self.metrics.log({"type": "rewind", "step": self.iteration, "diverged_at": diverged_at,
+                              "skipped_batches": tc.rewind_on_divergence, "rewind": self.rewinds})
+            self._print(f"{where}; rewound to iteration {self.iteration} and skipped the next "
+                        f"{tc.rewind_on_divergence} batches (rewind {self.rewinds} of {tc.max_rewinds})", bar)
+            return
+        kept = f"`latest` still names {iter_dir_name(good[-1])}" if good else "no checkpoint was written"
+        raise TrainingDiverged(f"{where}; stopped without saving, {kept}. Lower --lr, set --clip-grad, use --bf16 "
+                               f"instead of --fp16, or pass --rewind-on-divergence K")
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This data-parallel rank's rows of the next global micro-batch (every rank draws the same)."""
@@ -146,7 +214,7 @@ class Trainer:
         bar = tqdm(total=tc.train_iters, initial=self.iteration, disable=self.quiet or not tc.progress_bar,
                    desc="train", unit="step", dynamic_ncols=True)
         last_eval = None
-        with contextlib.closing(bar), contextlib.closing(self.metrics):
+        with contextlib.closing(bar), contextlib.closing(self.metrics), self._holding_save_lock():
             while self.iteration < tc.train_iters:
                 step_start = time.perf_counter()
                 step = self.train_step()
@@ -159,6 +227,12 @@ class Trainer:
                     self.metrics.log(record)
                     self._print(format_train_line(record), bar)
                     window_seconds, window_steps = 0.0, 0
+                if self.non_finite_in_a_row:
+                    self._print(f"step {self.iteration}: loss {step['loss']:.4g}, grad norm {step['grad_norm']:.4g} "
+                                f"not finite; step skipped ({self.non_finite_in_a_row} in a row)", bar)
+                if self.non_finite_in_a_row >= tc.max_skipped_steps and tc.check_for_nan_in_loss_and_grad:
+                    self._on_divergence(step, bar)
+                    continue
                 if tc.eval_interval and self.iteration % tc.eval_interval == 0 \
                         and self.iteration < tc.train_iters:
                     last_eval = self._log_eval(bar)
@@ -170,6 +244,15 @@ class Trainer:
         self._print_finish(path)
         return TrainResult(self.iteration, last_eval["eval_loss"] if last_eval else None, tc.save, losses)
 
+    @contextlib.contextmanager
+    def _holding_save_lock(self):
+        """Release the --save lock when fit ends, however it ends (a killed process leaves a stale one)."""
+        try:
+            yield
+        finally:
+            if self.save_lock is not None:
+                self.save_lock.release()
+
     def _train_record(self, step: dict, tokens_per_s: float) -> dict:
         layers = self.executor.routing_summaries(training=True)
         return {"type": "train", "step": self.iteration, "loss": step["loss"], "lm_loss": step["lm_loss"],
@@ -177,7 +260,7 @@ class Trainer:
                 **({"kd_loss": step.get("kd_loss")} if self.distiller is not None else {}),
                 "grad_norm": step["grad_norm"], "tokens_per_s": tokens_per_s,
                 "loss_scale": self.scaler.loss_scale if self.scaler else None,
-                "skipped_steps": self.scaler.skipped_steps if self.scaler else 0,
+                "skipped_steps": (self.scaler.skipped_steps if self.scaler else 0) + self.non_finite_skipped,
                 "data_drawn": self.train_data.drawn(), "moe_layers": layers}
 
     def _log_eval(self, bar) -> dict | None:
