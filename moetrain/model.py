@@ -153,7 +153,13 @@ class Block(nn.Module):
                 activation=activation, ffn_bias=bias, score_func=moe_cfg.score_func,
                 drop_policy=moe_cfg.drop_policy, expert_bias=moe_cfg.expert_bias,
                 expert_bias_update_rate=moe_cfg.expert_bias_update_rate,
-                num_shared_experts=moe_cfg.num_shared_experts, init_std=cfg.init_method_std)
+                num_shared_experts=moe_cfg.num_shared_experts, init_std=cfg.init_method_std,
+                load_balancing_type=moe_cfg.load_balancing_type,
+                load_balancing_coeffs=moe_cfg.load_balancing_coeffs, num_groups=moe_cfg.num_groups,
+                group_topk=moe_cfg.group_topk, pre_softmax=moe_cfg.pre_softmax,
+                topk_scaling_factor=moe_cfg.topk_scaling_factor, input_jitter_eps=moe_cfg.input_jitter_eps,
+                router_dtype=moe_cfg.router_dtype, shared_expert_ffn_size=moe_cfg.shared_expert_ffn_size,
+                shared_expert_gate=moe_cfg.shared_expert_gate)
         else:
             self.ffn = MLP(cfg.hidden_size, cfg.ffn_size(), activation, bias=bias)
         self.dropout = nn.Dropout(cfg.hidden_dropout)

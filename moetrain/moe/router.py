@@ -141,8 +141,8 @@ class Router(nn.Module):
             raise ValueError(
                 f"k={k} must be between 1 and num_experts={num_experts}; lower k or add experts"
             )
-        self.balance_types, self.balance_coeffs = _balance_spec(load_balancing_type, load_balancing_coeffs)
-        _check_routing(num_experts, k, score_func, expert_bias, self.balance_types, num_groups, group_topk,
+        self.balance_types, self.balance_coeffs = balance_spec(load_balancing_type, load_balancing_coeffs)
+        check_routing_options(num_experts, k, score_func, expert_bias, self.balance_types, num_groups, group_topk,
                        pre_softmax, topk_scaling_factor, input_jitter_eps, router_dtype)
         self.num_groups, self.group_topk = num_groups, group_topk
         self.pre_softmax = pre_softmax
@@ -349,7 +349,7 @@ class Router(nn.Module):
         load.zero_()
 
 
-def _balance_spec(types: str | list[str] | None, coeffs: list[float] | None) -> tuple[list[str], list[float]]:
+def balance_spec(types: str | list[str] | None, coeffs: list[float] | None) -> tuple[list[str], list[float]]:
     """(types, relative coefficients); no type given means DeepSpeed's l_aux ('deepspeed')."""
     if types is None:
         types = ["deepspeed"]
@@ -367,7 +367,7 @@ def _balance_spec(types: str | list[str] | None, coeffs: list[float] | None) -> 
     return list(types), coeffs
 
 
-def _check_routing(num_experts: int, k: int, score_func: str, expert_bias: bool, balance_types: list[str],
+def check_routing_options(num_experts: int, k: int, score_func: str, expert_bias: bool, balance_types: list[str],
                    num_groups: int | None, group_topk: int | None, pre_softmax: bool,
                    topk_scaling_factor: float | None, input_jitter_eps: float | None, router_dtype: str) -> None:
     """One-line errors for routing options that cannot work together (those Megatron-Core refuses too)."""
