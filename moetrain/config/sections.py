@@ -113,7 +113,8 @@ class MoEConfig:
                                          "'[8, 8, 16, 16]'); 0 or 1 means a dense layer")
     expert_interval: int = option(2, "--expert-interval", "--moe-layer-interval",
                                   help="MoE in every N-th layer (0-based layers N-1, 2N-1, ...)")
-    topk: int = option(1, "--topk", "--num-experts-per-token", "--moe-top-k", "--moe-router-topk", help="experts each token is routed to")
+    topk: int = option(1, "--topk", "--num-experts-per-token", "--moe-top-k", "--moe-router-topk",
+                      help="experts each token is routed to")
     mlp_type: str = option("standard", "--mlp-type", choices=MLP_TYPES,
                            help="residual: PR-MoE, a dense MLP mixed with the MoE output by a learned coefficient")
     train_capacity_factor: float = option(1.0, "--moe-train-capacity-factor", "--moe-expert-capacity-factor",
@@ -135,7 +136,8 @@ class MoEConfig:
     z_loss_coeff: float = option(0.0, "--router-z-loss-coef", "--moe-z-loss-coeff", help="weight of the router z-loss")
     score_func: str = option("softmax", "--moe-score-func", "--moe-router-score-function", choices=SCORE_FUNCS,
                              help="router scores from the gate logits")
-    drop_policy: str | None = option(None, "--moe-drop-policy", "--moe-token-drop-policy", type=_none_or_str, choices=(None, *DROP_POLICIES),
+    drop_policy: str | None = option(None, "--moe-drop-policy", "--moe-token-drop-policy", type=_none_or_str,
+                                     choices=(None, *DROP_POLICIES),
                                      help="which tokens an expert over capacity keeps; None: DeepSpeed's choice for "
                                           "the top-k")
     expert_bias: bool = option(False, switches=tuple(
