@@ -170,7 +170,9 @@ class MoE(nn.Module):
                 f"for {self.hidden_size}; build MoE(hidden_size={hidden_states.shape[-1]}, ...)"
             )
         x = hidden_states.reshape(-1, self.hidden_size)
-        batch_shape = tuple(hidden_states.shape[:2]) if hidden_states.dim() == 3 else None
+        # sequences run along the second-to-last dimension ([B, T, d]; [S, d] is one sequence)
+        seq = hidden_states.shape[-2] if hidden_states.dim() > 1 else 1
+        batch_shape = (x.shape[0] // max(seq, 1), seq)
         decision = self.router(x, batch_shape)
         rows, plan = self.dispatcher.dispatch(x, decision)
         expert_rows = self.experts(rows, plan.blocks, plan.weights)
