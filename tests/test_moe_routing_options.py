@@ -310,3 +310,40 @@ def test_megatron_flags_map_to_the_same_options_and_are_validated():
                          ).validate()
     with pytest.raises(ConfigError, match="--moe-shared-expert-gate needs a shared expert"):
         parse_train_args(["--moe-shared-expert-gate"]).validate()
+
+
+PADDING_CASES = {
+    "capacity-position-top2": dict(k=2, drop_policy="position"),
+    "capacity-probs-top2": dict(k=2, drop_policy="probs"),
+    "capacity-deepspeed-top4": dict(k=4),
+    "dropless-sigmoid-bias-megatron-losses": dict(k=2, drop_tokens=False, score_func="sigmoid", expert_bias=True,
+                                                  load_balancing_type=["aux_loss", "seq_aux_loss", "global_aux_loss"]),
+    "sinkhorn": dict(k=1, drop_tokens=False, load_balancing_type="sinkhorn"),
+}
+
+
+@pytest.mark.parametrize("case", list(PADDING_CASES))
+def test_masking_all_padding_equals_running_without_the_padded_rows(case):
+    def layer():
+        torch.manual_seed(8)
+        return MoE(HIDDEN, num_experts=EXPERTS, ffn_hidden_size=8, capacity_factor=1.0, min_capacity=1,
+                   use_rts=False, top2_2nd_expert_sampling=False, **PADDING_CASES[case])
+
+    torch.manual_seed(9)
+    real = torch.randn(2, 10, HIDDEN)
+    padded = torch.cat([real, torch.randn(2, 3, HIDDEN) * 5], dim=1)  # 3 padding rows after each sequence
+    mask = torch.arange(13) < 10
+    plain, masked = layer(), layer()
+    want = plain(real, with_z_loss=True)
+    got = masked(padded, with_z_loss=True, token_mask=mask.expand(2, 13))
+    torch.testing.assert_close(got.output[:, :10], want.output)
+    assert bool((got.output[:, 10:] == 0).all())  # padding reaches no expert
+    for name in ("l_aux", "z_loss"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name))
+    assert torch.equal(got.exp_counts, want.exp_counts)
+    assert masked.routing_stats.summary() == plain.routing_stats.summary()
+    if masked.router.expert_bias is not None:
+        assert torch.equal(masked.router.pending_load, plain.router.pending_load)
+    if case.startswith("capacity"):
+        decision = plain.router(real.reshape(-1, HIDDEN), (2, 10))
+        assert not bool(decision.kept.all())  # the capacity limit does drop: padding must not take slots

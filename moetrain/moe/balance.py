@@ -77,11 +77,14 @@ def global_loss(probs: Tensor, indices: Tensor, group: dist.ProcessGroup | None,
     return (mean_prob * fraction).sum() * num_experts / indices.shape[1]
 
 
-def sinkhorn(logits: Tensor, iterations: int = SINKHORN_ITERATIONS) -> Tensor:
+def sinkhorn(logits: Tensor, mask: Tensor | None = None, iterations: int = SINKHORN_ITERATIONS) -> Tensor:
     """Doubly normalised exp(logits) (Sinkhorn-Knopp, Megatron-Core's sinkhorn routing): rows and
-    columns scaled alternately so every expert receives the same total mass. No gradient."""
+    columns scaled alternately so every expert receives the same total mass. Rows of padding
+    (mask False) hold no mass. No gradient."""
     with torch.no_grad():
         cost = torch.exp(logits - logits.max())
+        if mask is not None:
+            cost = cost * mask.unsqueeze(1)
         num_tokens, num_experts = cost.shape
         row = cost.new_ones(num_tokens)
         col = cost.new_ones(num_experts)

@@ -160,10 +160,12 @@ class MoE(nn.Module):
         self.routing_stats = RoutingStats(num_experts)  # training forwards
         self.eval_routing_stats = RoutingStats(num_experts)  # eval-mode forwards
 
-    def forward(self, hidden_states: Tensor, *,
-                with_z_loss: bool = False) -> tuple[Tensor, Tensor, Tensor] | MoEOutput:
+    def forward(self, hidden_states: Tensor, *, with_z_loss: bool = False,
+                token_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor] | MoEOutput:
         """DeepSpeed's (output, l_aux, exp_counts); with `with_z_loss` an `MoEOutput` that adds
-        the router z-loss."""
+        the router z-loss. `token_mask` (hidden_states.shape[:-1], False for padding) keeps
+        padding out of routing: its rows get no routed experts, and statistics, losses and
+        capacity are those of the other rows alone."""
         if hidden_states.shape[-1] != self.hidden_size:
             raise ValueError(
                 f"MoE input has hidden size {hidden_states.shape[-1]} but the layer was built "
@@ -173,7 +175,8 @@ class MoE(nn.Module):
         # sequences run along the second-to-last dimension ([B, T, d]; [S, d] is one sequence)
         seq = hidden_states.shape[-2] if hidden_states.dim() > 1 else 1
         batch_shape = (x.shape[0] // max(seq, 1), seq)
-        decision = self.router(x, batch_shape)
+        mask = None if token_mask is None else token_mask.reshape(-1).to(device=x.device, dtype=torch.bool)
+        decision = self.router(x, batch_shape, mask)
         rows, plan = self.dispatcher.dispatch(x, decision)
         expert_rows = self.experts(rows, plan.blocks, plan.weights)
         output = self.dispatcher.combine(expert_rows, plan, x.shape[0]).to(x.dtype)
@@ -192,20 +195,21 @@ class MoE(nn.Module):
         kept_counts = torch.zeros_like(decision.exp_counts).index_add_(
             0, decision.expert_indices.flatten(), decision.kept.flatten().long())
         stats = self.routing_stats if self.training else self.eval_routing_stats
-        stats.record(decision.exp_counts, kept_counts, self._ranks_visited(decision.expert_indices))
+        stats.record(decision.exp_counts, kept_counts, self._ranks_visited(decision.expert_indices, mask))
         self.balance_losses = {name: loss.detach() for name, loss in (decision.balance_losses or {}).items()}
         if with_z_loss:
             return MoEOutput(output, decision.l_aux, decision.z_loss, decision.exp_counts)
         return output, decision.l_aux, decision.exp_counts
 
-    def _ranks_visited(self, indices: Tensor) -> Tensor | None:
-        """[S] expert-parallel ranks each token's choices go to (None on one rank): the number
-        group-limited routing bounds when its groups align with the ranks."""
+    def _ranks_visited(self, indices: Tensor, mask: Tensor | None) -> Tensor | None:
+        """[S] expert-parallel ranks each token's choices go to (None on one rank; 0 for padding):
+        the number group-limited routing bounds when its groups align with the ranks."""
         if self.ep_size == 1:
             return None
         owner = torch.div(indices, self.num_local_experts, rounding_mode="floor")
         visits = torch.zeros(indices.shape[0], self.ep_size, dtype=torch.bool, device=indices.device)
-        return visits.scatter_(1, owner, True).sum(1)
+        visits = visits.scatter_(1, owner, True).sum(1)
+        return visits if mask is None else visits * mask
 
     def shard_experts(self, ep_rank: int, ep_group: dist.ProcessGroup | None,
                       split_tokens: bool = False) -> None:

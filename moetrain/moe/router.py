@@ -176,6 +176,7 @@ class Router(nn.Module):
             self.register_buffer("pending_load", torch.zeros(num_experts), persistent=False)
         else:
             self.expert_bias = None
+        self._token_mask: Tensor | None = None  # set for the duration of a masked forward
 
     # -- the three overridable steps -------------------------------------------------------
     def compute_logits(self, x: Tensor) -> Tensor:
@@ -196,7 +197,8 @@ class Router(nn.Module):
     def select_experts(self, logits: Tensor, scores: Tensor) -> Tensor:
         """[S, k] expert choices, best first (within the best groups under group-limited routing)."""
         if "sinkhorn" in self.balance_types and self.training:
-            return torch.topk(balance.sinkhorn(logits.detach()), self.k, dim=1).indices
+            balanced = balance.sinkhorn(logits.detach(), self._token_mask)
+            return torch.topk(balanced, self.k, dim=1).indices
         selection = self._selection_scores(scores)
         if self.num_groups:
             selection = self._outside_groups_masked(selection)
@@ -229,34 +231,51 @@ class Router(nn.Module):
             return self.drop_policy
         return "probs" if self.k > 2 else "position"
 
-    def forward(self, x: Tensor, batch_shape: tuple[int, int] | None = None) -> RoutingDecision:
+    def forward(self, x: Tensor, batch_shape: tuple[int, int] | None = None,
+                token_mask: Tensor | None = None) -> RoutingDecision:
         """Route the [S, d] tokens `x`; `batch_shape` (B, T) with B * T = S gives the sequence
-        boundaries seq_aux_loss needs."""
+        boundaries seq_aux_loss needs. `token_mask` ([S] bool, False for padding) keeps padding
+        out of the statistics, losses, capacity and expert-bias counts: its assignments are
+        dropped, and the rest is routed as if the padded rows were not there."""
         # Autocast would recast the gate GEMM (and logsumexp, softmax) to 16 bits: routing stays
         # in float32 (or float64), as in DeepSpeed and Megatron-Core.
         with torch.autocast(x.device.type, enabled=False):
-            return self._route(x, batch_shape)
+            return self._route(x, batch_shape, token_mask)
 
-    def _route(self, x: Tensor, batch_shape: tuple[int, int] | None = None) -> RoutingDecision:
-        logits = self.compute_logits(x)
-        scores = self.compute_scores(logits)
-        z_loss = torch.logsumexp(logits, dim=1).square().mean()
-        indices = self.select_experts(logits, scores)
+    def _route(self, x: Tensor, batch_shape: tuple[int, int] | None = None,
+               token_mask: Tensor | None = None) -> RoutingDecision:
+        self._token_mask = token_mask  # read by the capacity and Sinkhorn steps of this forward
+        try:
+            logits = self.compute_logits(x)
+            scores = self.compute_scores(logits)
+            indices = self.select_experts(logits, scores)
+            kept = self._apply_capacity(indices, scores)
+        finally:
+            self._token_mask = None
         num_experts = scores.shape[1]
-        kept = self._apply_capacity(indices, scores)
+        log_partition = torch.logsumexp(logits, dim=1).square()
+        if token_mask is None:
+            z_loss = log_partition.mean()
+            exp_counts = count_per_expert(indices, num_experts)
+        else:
+            z_loss = (log_partition * token_mask).sum() / token_mask.sum().clamp(min=1)
+            kept = kept & token_mask.unsqueeze(1)
+            exp_counts = torch.zeros(num_experts, dtype=torch.long, device=indices.device).index_add_(
+                0, indices.flatten(), token_mask.unsqueeze(1).expand_as(indices).flatten().long())
         gate = scores.gather(1, indices) * kept
         if self.k > 1 and not self.pre_softmax:  # DeepSpeed renormalises over the kept choices
             gate = gate / gate.sum(dim=1, keepdim=True).clamp(min=torch.finfo(gate.dtype).eps)
         if self.topk_scaling_factor is not None:
             gate = gate * self.topk_scaling_factor
-        exp_counts = count_per_expert(indices, num_experts)
-        losses = self._balance_losses(scores, indices, batch_shape)
+        losses = self._balance_losses(scores, indices, batch_shape, token_mask)
         l_aux = sum((coeff * losses[name] for name, coeff in zip(self.balance_types, self.balance_coeffs)),
                     start=scores.new_zeros(()))
         if self.expert_bias is not None and self.training:
             self.pending_load += exp_counts.to(self.pending_load.dtype)
-        return RoutingDecision(indices, gate, kept, l_aux.float(), z_loss.float(), exp_counts,
-                               dropless=not self.drop_tokens, balance_losses=losses)
+        if self.router_dtype == torch.float64:  # the losses join the float32 loss as the default's do
+            l_aux, z_loss = l_aux.float(), z_loss.float()
+        return RoutingDecision(indices, gate, kept, l_aux, z_loss, exp_counts,
+                               dropless=not self.drop_tokens and token_mask is None, balance_losses=losses)
 
     def _balance_probs(self, scores: Tensor) -> Tensor:
         """Probabilities over all experts for the balance losses (sigmoid scores normalised)."""
@@ -264,27 +283,27 @@ class Router(nn.Module):
             return scores / (scores.sum(dim=1, keepdim=True) + 1e-20)
         return scores
 
-    def _balance_losses(self, scores: Tensor, indices: Tensor,
-                        batch_shape: tuple[int, int] | None) -> dict[str, Tensor]:
+    def _balance_losses(self, scores: Tensor, indices: Tensor, batch_shape: tuple[int, int] | None,
+                        mask: Tensor | None = None) -> dict[str, Tensor]:
         """Each configured load-balancing type's unweighted loss ('deepspeed' for the default)."""
         losses = {}
         for name in self.balance_types:
             if name == "deepspeed":
-                losses[name] = self._deepspeed_balance_loss(scores, indices)
+                losses[name] = self._deepspeed_balance_loss(scores, indices, mask)
             elif name == "aux_loss":
-                losses[name] = balance.switch_loss(self._balance_probs(scores), indices)
+                losses[name] = balance.switch_loss(self._balance_probs(scores), indices, mask)
             elif name == "seq_aux_loss":
                 if batch_shape is None:
                     raise ValueError("seq_aux_loss needs the sequence boundaries: call the router with "
                                      "batch_shape=(B, T), as MoE does for [B, T, d] input")
-                losses[name] = balance.sequence_loss(self._balance_probs(scores), indices, batch_shape)
+                losses[name] = balance.sequence_loss(self._balance_probs(scores), indices, batch_shape, mask)
             elif name == "global_aux_loss":
-                losses[name] = balance.global_loss(self._balance_probs(scores), indices, self.balance_group)
+                losses[name] = balance.global_loss(self._balance_probs(scores), indices, self.balance_group, mask)
             else:  # sinkhorn balances by its selection, none not at all
                 losses[name] = scores.new_zeros(())
         return losses
 
-    def _deepspeed_balance_loss(self, scores: Tensor, indices: Tensor) -> Tensor:
+    def _deepspeed_balance_loss(self, scores: Tensor, indices: Tensor, mask: Tensor | None = None) -> Tensor:
         """E * sum_e(mean gate prob * fraction routed), DeepSpeed's l_aux for each k.
 
         For k <= 2 only first choices count; for k > 2 all k, divided by k.
@@ -292,33 +311,49 @@ class Router(nn.Module):
         num_experts = scores.shape[1]
         if self.score_func == "sigmoid":
             scores = scores / scores.sum(dim=1, keepdim=True)
-        me = scores.mean(dim=0)
         counted = indices[:, :1] if self.k <= 2 else indices
-        ce = count_per_expert(counted, num_experts).float() / scores.shape[0]
-        loss = torch.mean(me * ce) * num_experts * num_experts
+        if mask is None:
+            me = scores.mean(dim=0)
+            ce = count_per_expert(counted, num_experts).float() / scores.shape[0]
+            loss = torch.mean(me * ce) * num_experts * num_experts
+        else:  # the same sums over the tokens that count: Megatron's form with DeepSpeed's counting
+            loss = balance.switch_loss(scores, counted, mask) * counted.shape[1]
         return loss / self.k if self.k > 2 else loss
 
     def _apply_capacity(self, indices: Tensor, scores: Tensor) -> Tensor:
-        """[S, k] bool: which assignments fit in their expert's capacity."""
+        """[S, k] bool: which assignments fit in their expert's capacity.
+
+        With a token mask, padding takes no slot and the capacity is that of the real tokens,
+        computed on the device (a tensor, so no host sync)."""
         num_tokens, num_experts = scores.shape
         if not self.drop_tokens:
             return torch.ones_like(indices, dtype=torch.bool)
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         capacity = expert_capacity(num_tokens, num_experts, factor, self.k, self.min_capacity)
+        mask = self._token_mask
+        real_capacity = None
+        if mask is not None:
+            real_tokens = mask.sum().float()
+            real_capacity = torch.ceil((real_tokens / num_experts) * _f32(factor * self.k)).clamp(
+                min=self.min_capacity)
         policy = self.resolved_drop_policy()
         if policy == "position":
-            return self._keep_by_position(indices, num_experts, capacity)
-        return self._keep_by_score(indices, scores, capacity, policy)
+            if mask is None:
+                return self._keep_by_position(indices, num_experts, capacity)
+            padded = indices.masked_fill(~mask.unsqueeze(1), num_experts)  # padding queues apart
+            return self._keep_by_position(padded, num_experts + 1, real_capacity) & mask.unsqueeze(1)
+        return self._keep_by_score(indices, scores, capacity, policy, real_capacity)
 
     @staticmethod
-    def _keep_by_position(indices: Tensor, num_experts: int, capacity: int) -> Tensor:
+    def _keep_by_position(indices: Tensor, num_experts: int, capacity: int | Tensor) -> Tensor:
         """First choices win: an assignment's slot counts the expert's assignments of earlier
         ranks (all tokens) and of earlier tokens in its own rank, i.e. its position in the
         rank-major order."""
         slot = positions_within_expert(indices.t().flatten(), num_experts)
         return (slot < capacity).view(indices.shape[1], -1).t()
 
-    def _keep_by_score(self, indices: Tensor, scores: Tensor, capacity: int, policy: str) -> Tensor:
+    def _keep_by_score(self, indices: Tensor, scores: Tensor, capacity: int, policy: str,
+                       real_capacity: Tensor | None = None) -> Tensor:
         """Each expert keeps its `capacity` best-scoring assignments (torch.topk over tokens).
 
         'probs' ranks by gate probability, 'random' by uniform noise (random token selection),
@@ -331,9 +366,17 @@ class Router(nn.Module):
         else:
             mask = torch.zeros_like(scores).scatter(1, indices, 1.0)
             ranking = mask * _uniform(mask.shape, 0.0, 1.0, mask.device) if policy == "random" else mask
+        mask = self._token_mask
+        if mask is None:
+            chosen = torch.topk(ranking, k=min(capacity, num_tokens), dim=0).indices
+            fits = torch.zeros_like(scores, dtype=torch.bool).scatter_(0, chosen, True)
+            return fits.gather(1, indices)
+        # padding ranks below every real assignment; each expert keeps its best real_capacity
+        ranking = ranking.masked_fill(~mask.unsqueeze(1), -1.0)
         chosen = torch.topk(ranking, k=min(capacity, num_tokens), dim=0).indices
-        fits = torch.zeros_like(scores, dtype=torch.bool).scatter_(0, chosen, True)
-        return fits.gather(1, indices)
+        place = torch.arange(chosen.shape[0], device=chosen.device).unsqueeze(1).expand_as(chosen)
+        fits = torch.zeros_like(scores, dtype=torch.bool).scatter_(0, chosen, place < real_capacity)
+        return fits.gather(1, indices) & mask.unsqueeze(1)
 
     @torch.no_grad()
     def update_expert_bias(self) -> None:

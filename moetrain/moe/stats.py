@@ -29,7 +29,7 @@ class RoutingStats:
         self.routed += exp_counts
         self.kept += kept_counts
         if ranks_visited is not None:
-            self.rank_visits[0] += ranks_visited.numel()
+            self.rank_visits[0] += (ranks_visited > 0).sum()  # padding visits none and does not count
             self.rank_visits[1] += ranks_visited.sum()
             torch.maximum(self.most_rank_visits, ranks_visited.max(), out=self.most_rank_visits)
 
