@@ -164,11 +164,13 @@ class Block(nn.Module):
             self.ffn = MLP(cfg.hidden_size, cfg.ffn_size(), activation, bias=bias)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """(x, l_aux, z_loss); the two router losses are None for a dense FFN."""
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None,
+                token_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(x, l_aux, z_loss); the two router losses are None for a dense FFN. `token_mask` [B, T]
+        (False for padding) keeps padding out of the MoE layer's routing."""
         x = x + self.dropout(self.attn(self.norm1(x), rope))
         if isinstance(self.ffn, MoE):
-            moe = self.ffn(self.norm2(x), with_z_loss=True)
+            moe = self.ffn(self.norm2(x), with_z_loss=True, token_mask=token_mask)
             return x + self.dropout(moe.output), moe.l_aux, moe.z_loss
         return x + self.dropout(self.ffn(self.norm2(x))), None, None
 
@@ -285,21 +287,23 @@ class GPT(nn.Module):
         """(index in the whole model, layer) of each MoE layer this model (or stage) holds."""
         return [(i, b.ffn) for i, b in self.blocks.items() if isinstance(b.ffn, MoE)]
 
-    def forward(self, input_ids: Tensor, targets: Tensor | None = None) -> ModelOutput:
+    def forward(self, input_ids: Tensor, targets: Tensor | None = None,
+                token_mask: Tensor | None = None) -> ModelOutput:
+        """`token_mask` [B, T] (False for padding) keeps padded positions out of MoE routing."""
         if input_ids.shape[1] > self.cfg.seq_length:
             raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds seq_length {self.cfg.seq_length}")
-        logits, aux, z = self.forward_stage(input_ids)
+        logits, aux, z = self.forward_stage(input_ids, token_mask)
         lm_loss = None
         if targets is not None:
             lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))
         return ModelOutput(logits, lm_loss, aux, z)
 
-    def forward_stage(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward_stage(self, x: Tensor, token_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Token ids (or a later stage's hidden states) -> logits (or hidden states for the next stage),
         with the summed (unscaled) aux and z losses of this model's MoE layers."""
         if self.tok_emb is not None:
             x = self.embed(x)
-        x, aux, z = self.run_blocks(x)
+        x, aux, z = self.run_blocks(x, token_mask)
         if self.lm_head is not None:
             x = self.lm_head(self.norm(x))
         return x, aux, z
@@ -310,12 +314,12 @@ class GPT(nn.Module):
             x = x + self.pos_emb(torch.arange(input_ids.shape[1], device=input_ids.device))
         return self.drop(x)
 
-    def run_blocks(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def run_blocks(self, x: Tensor, token_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """x through the blocks, with the summed (unscaled) aux and z losses of their MoE layers."""
         rope = (self.rope_cos, self.rope_sin) if self.cfg.style == "llama" else None
         aux_terms, z_terms = [], []
         for block in self.blocks:
-            x, l_aux, z_loss = block(x, rope)
+            x, l_aux, z_loss = block(x, rope, token_mask)
             if l_aux is not None:
                 aux_terms.append(l_aux)
                 z_terms.append(z_loss)

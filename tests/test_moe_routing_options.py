@@ -347,3 +347,21 @@ def test_masking_all_padding_equals_running_without_the_padded_rows(case):
     if case.startswith("capacity"):
         decision = plain.router(real.reshape(-1, HIDDEN), (2, 10))
         assert not bool(decision.kept.all())  # the capacity limit does drop: padding must not take slots
+
+
+def test_gpt_token_mask_makes_right_padding_invisible_to_routing():
+    from moetrain.config import ModelConfig, MoEConfig
+    from moetrain.model import GPT
+
+    torch.manual_seed(10)
+    model = GPT(ModelConfig(num_layers=2, hidden_size=16, num_attention_heads=2, seq_length=16, vocab_size=50),
+                MoEConfig(num_experts=[4], expert_interval=1, topk=2, min_capacity=1, top2_2nd_expert_sampling=False,
+                          load_balancing_type=["aux_loss", "seq_aux_loss"])).eval()
+    ids = torch.randint(0, 50, (3, 10))
+    padded = torch.cat([ids, torch.randint(0, 50, (3, 6))], dim=1)
+    want = model(ids)
+    got = model(padded, token_mask=(torch.arange(16) < 10).expand(3, 16))
+    torch.testing.assert_close(got.logits[:, :10], want.logits)
+    torch.testing.assert_close(got.aux_loss, want.aux_loss)
+    unmasked = model(padded)  # without the mask the padding takes capacity and changes the real tokens' outputs
+    assert not torch.allclose(unmasked.logits[:, :10], want.logits)
