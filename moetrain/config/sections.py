@@ -149,7 +149,7 @@ class MoEConfig:
     expert_ffn_hidden_size: int | None = option(None, "--moe-ffn-hidden-size",
                                                 help="expert FFN width; unset: the model's FFN width")
     load_balancing_type: list[str] | None = option(
-        None, "--moe-router-load-balancing-type", nargs="+", choices=BALANCE_TYPES, metavar="TYPE",
+        None, "--moe-router-load-balancing-type", nargs="+", choices=(None, *BALANCE_TYPES), metavar="TYPE",
         help="balance losses, one or several: aux_loss (all k choices counted, / k), seq_aux_loss (per sequence), "
              "global_aux_loss (over the data-parallel batch), sinkhorn (top-1), none; unset: DeepSpeed's l_aux")
     load_balancing_coeffs: list[float] | None = option(
