@@ -153,16 +153,24 @@ class Block(nn.Module):
                 activation=activation, ffn_bias=bias, score_func=moe_cfg.score_func,
                 drop_policy=moe_cfg.drop_policy, expert_bias=moe_cfg.expert_bias,
                 expert_bias_update_rate=moe_cfg.expert_bias_update_rate,
-                num_shared_experts=moe_cfg.num_shared_experts, init_std=cfg.init_method_std)
+                num_shared_experts=moe_cfg.num_shared_experts, init_std=cfg.init_method_std,
+                load_balancing_type=moe_cfg.load_balancing_type,
+                load_balancing_coeffs=moe_cfg.load_balancing_coeffs, num_groups=moe_cfg.num_groups,
+                group_topk=moe_cfg.group_topk, pre_softmax=moe_cfg.pre_softmax,
+                topk_scaling_factor=moe_cfg.topk_scaling_factor, input_jitter_eps=moe_cfg.input_jitter_eps,
+                router_dtype=moe_cfg.router_dtype, shared_expert_ffn_size=moe_cfg.shared_expert_ffn_size,
+                shared_expert_gate=moe_cfg.shared_expert_gate)
         else:
             self.ffn = MLP(cfg.hidden_size, cfg.ffn_size(), activation, bias=bias)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """(x, l_aux, z_loss); the two router losses are None for a dense FFN."""
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None,
+                token_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(x, l_aux, z_loss); the two router losses are None for a dense FFN. `token_mask` [B, T]
+        (False for padding) keeps padding out of the MoE layer's routing."""
         x = x + self.dropout(self.attn(self.norm1(x), rope))
         if isinstance(self.ffn, MoE):
-            moe = self.ffn(self.norm2(x), with_z_loss=True)
+            moe = self.ffn(self.norm2(x), with_z_loss=True, token_mask=token_mask)
             return x + self.dropout(moe.output), moe.l_aux, moe.z_loss
         return x + self.dropout(self.ffn(self.norm2(x))), None, None
 
@@ -279,22 +287,24 @@ class GPT(nn.Module):
         """(index in the whole model, layer) of each MoE layer this model (or stage) holds."""
         return [(i, b.ffn) for i, b in self.blocks.items() if isinstance(b.ffn, MoE)]
 
-    def forward(self, input_ids: Tensor, targets: Tensor | None = None) -> ModelOutput:
+    def forward(self, input_ids: Tensor, targets: Tensor | None = None,
+                token_mask: Tensor | None = None) -> ModelOutput:
+        """`token_mask` [B, T] (False for padding) keeps padded positions out of MoE routing."""
         if input_ids.shape[1] > self.cfg.positions():
             raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds seq_length {self.cfg.seq_length} and "
                              f"max_position_embeddings {self.cfg.positions()}")
-        logits, aux, z = self.forward_stage(input_ids)
+        logits, aux, z = self.forward_stage(input_ids, token_mask)
         lm_loss = None
         if targets is not None:
             lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))
         return ModelOutput(logits, lm_loss, aux, z)
 
-    def forward_stage(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward_stage(self, x: Tensor, token_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Token ids (or a later stage's hidden states) -> logits (or hidden states for the next stage),
         with the summed (unscaled) aux and z losses of this model's MoE layers."""
         if self.tok_emb is not None:
             x = self.embed(x)
-        x, aux, z = self.run_blocks(x)
+        x, aux, z = self.run_blocks(x, token_mask)
         if self.lm_head is not None:
             x = self.lm_head(self.norm(x))
         return x, aux, z
@@ -305,12 +315,12 @@ class GPT(nn.Module):
             x = x + self.pos_emb(torch.arange(input_ids.shape[1], device=input_ids.device))
         return self.drop(x)
 
-    def run_blocks(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def run_blocks(self, x: Tensor, token_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """x through the blocks, with the summed (unscaled) aux and z losses of their MoE layers."""
         rope = (self.rope_cos, self.rope_sin) if self.cfg.style == "llama" else None
         aux_terms, z_terms = [], []
         for block in self.blocks:
-            x, l_aux, z_loss = block(x, rope)
+            x, l_aux, z_loss = block(x, rope, token_mask)
             if l_aux is not None:
                 aux_terms.append(l_aux)
                 z_terms.append(z_loss)

@@ -74,6 +74,8 @@ LAYOUTS = {
     "qwen2-moe-top1": ({"topk": 1}, "Qwen2MoeForCausalLM"),
     "qwen2-moe-interleaved": ({"expert_interval": 2, "layers": 4}, "Qwen2MoeForCausalLM"),
     "qwen2-moe-dense-slot": ({"num_experts": [4, 0, 4]}, "Qwen2MoeForCausalLM"),
+    "qwen2-moe-gated-shared": ({"shared_expert_ffn_size": 24, "shared_expert_gate": True}, "Qwen2MoeForCausalLM"),
+    "qwen2-moe-pre-softmax": ({"topk": 3, "pre_softmax": True}, "Qwen2MoeForCausalLM"),
     "ernie-shared": ({"num_shared_experts": 1, "expert_interval": 2, "layers": 4}, "Ernie4_5_MoeForCausalLM"),
     "ernie-expert-bias": ({"expert_bias": True}, "Ernie4_5_MoeForCausalLM"),
     "llama-dense": ({"num_experts": [1]}, "LlamaForCausalLM"),
@@ -100,7 +102,8 @@ def test_export_loads_natively_with_equal_logits_and_round_trips(tmp_path, layou
     assert all(torch.equal(back.state_dict()[name], tensor) for name, tensor in original.items())
     # the same layer layout and routing, not just the same tensors
     fields = {"model": ("num_layers", "tie_embeddings", "rope_theta", "norm_eps"),
-              "moe": ("topk", "num_shared_experts", "expert_bias", "drop_tokens") if cfg.moe.is_moe else ()}
+              "moe": ("topk", "num_shared_experts", "expert_bias", "drop_tokens", "pre_softmax", "shared_expert_gate")
+              if cfg.moe.is_moe else ()}
     for section, names in fields.items():
         for name in names:
             assert getattr(getattr(saved_cfg, section), name) == getattr(getattr(cfg, section), name)
@@ -173,6 +176,10 @@ REFUSED = {
     "dropping": ({"drop_tokens": True}, "capacity dropping.*--dropless"),
     "sampling": ({"top2_2nd_expert_sampling": True}, "second-expert sampling.*--dropless"),
     "top-1 shared": ({"topk": 1, "num_shared_experts": 1}, "top-1 routing with shared experts"),
+    "group-limited": ({"num_groups": 2, "group_topk": 1}, "group-limited routing"),
+    "scaling factor": ({"topk_scaling_factor": 2.5}, "top-k scaling factor"),
+    "gated shared with bias": ({"shared_expert_ffn_size": 8, "shared_expert_gate": True, "expert_bias": True},
+                               "no selection bias"),
 }
 
 
@@ -210,8 +217,10 @@ def test_import_refusals_and_missing_files(tmp_path):
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=1,
         num_attention_heads=4, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
         shared_expert_intermediate_size=16, qkv_bias=False))
-    with pytest.raises(ValueError, match="sigmoid-gated shared expert"):
-        import_hf(gated, str(tmp_path / "out"))
+    cfg, _ = import_hf(gated, str(tmp_path / "gated-ckpt"))  # Qwen2-MoE's gated shared expert imports
+    assert cfg.moe.shared_expert_gate and cfg.moe.shared_expert_ffn_size == 16
+    hf_gated = transformers.AutoModelForCausalLM.from_pretrained(gated).eval()
+    compare(load_model(str(tmp_path / "gated-ckpt"))[0], hf_gated, lengths=(5,))
     os.remove(os.path.join(top1, "tokenizer.json"))
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         import_hf(top1, str(tmp_path / "out"))

@@ -106,6 +106,13 @@ MODES = {
     "shared-experts": dict(k=2, num_shared_experts=1),
     "residual": dict(k=1, use_residual=True),
     "bias-gelu": dict(k=2, ffn_bias=True, activation="gelu"),
+    "megatron-aux-losses": dict(k=2, load_balancing_type=["aux_loss", "seq_aux_loss", "global_aux_loss"]),
+    "sinkhorn": dict(k=1, load_balancing_type="sinkhorn"),
+    "group-limited-sigmoid-bias": dict(k=2, score_func="sigmoid", num_groups=4, group_topk=2, expert_bias=True,
+                                       topk_scaling_factor=2.5),
+    "pre-softmax-jitter": dict(k=2, pre_softmax=True, input_jitter_eps=0.01),
+    "router-fp64": dict(k=2, router_dtype="fp64"),
+    "gated-shared-expert": dict(k=2, shared_expert_ffn_size=24, shared_expert_gate=True),
 }
 
 

@@ -16,7 +16,8 @@ from typing import Any
 from moetrain.config import validation
 from moetrain.config.option import check, option, switch
 from moetrain.data.tokenizer import TOKENIZER_KINDS, tokenizer_kind
-from moetrain.moe.router import DROP_POLICIES, NOISY_GATE_POLICIES, SCORE_FUNCS
+from moetrain.moe.balance import BALANCE_TYPES
+from moetrain.moe.router import DROP_POLICIES, NOISY_GATE_POLICIES, ROUTER_DTYPES, SCORE_FUNCS
 from moetrain.precision import PRECISIONS
 from moetrain.train.lr_schedule import STYLES as LR_DECAY_STYLES
 
@@ -120,10 +121,11 @@ class MoEConfig:
                                          "'[8, 8, 16, 16]'); 0 or 1 means a dense layer")
     expert_interval: int = option(2, "--expert-interval", "--moe-layer-interval",
                                   help="MoE in every N-th layer (0-based layers N-1, 2N-1, ...)")
-    topk: int = option(1, "--topk", "--num-experts-per-token", "--moe-top-k", help="experts each token is routed to")
+    topk: int = option(1, "--topk", "--num-experts-per-token", "--moe-top-k", "--moe-router-topk",
+                      help="experts each token is routed to")
     mlp_type: str = option("standard", "--mlp-type", choices=MLP_TYPES,
                            help="residual: PR-MoE, a dense MLP mixed with the MoE output by a learned coefficient")
-    train_capacity_factor: float = option(1.0, "--moe-train-capacity-factor",
+    train_capacity_factor: float = option(1.0, "--moe-train-capacity-factor", "--moe-expert-capacity-factor",
                                           help="expert capacity = ceil(tokens / experts * factor) in training")
     eval_capacity_factor: float = option(1.0, "--moe-eval-capacity-factor", help="capacity factor in evaluation")
     min_capacity: int = option(4, "--moe-min-capacity", help="lower bound on expert capacity")
@@ -137,22 +139,50 @@ class MoEConfig:
     top2_2nd_expert_sampling: bool = option(True, switches=(switch(
         "--disable-moe-top2-2nd-expert-sampling", False,
         help="pick top-2's second expert by argmax instead of sampling with Gumbel noise"),))
-    aux_loss_coeff: float = option(0.01, "--moe-loss-coeff", "--router-aux-loss-coef",
+    aux_loss_coeff: float = option(0.01, "--moe-loss-coeff", "--router-aux-loss-coef", "--moe-aux-loss-coeff",
                                    help="weight of the load-balancing loss")
     z_loss_coeff: float = option(0.0, "--router-z-loss-coef", "--moe-z-loss-coeff", help="weight of the router z-loss")
-    score_func: str = option("softmax", "--moe-score-func", choices=SCORE_FUNCS,
+    score_func: str = option("softmax", "--moe-score-func", "--moe-router-score-function", choices=SCORE_FUNCS,
                              help="router scores from the gate logits")
-    drop_policy: str | None = option(None, "--moe-drop-policy", type=_none_or_str, choices=(None, *DROP_POLICIES),
+    drop_policy: str | None = option(None, "--moe-drop-policy", "--moe-token-drop-policy", type=_none_or_str,
+                                     choices=(None, *DROP_POLICIES),
                                      help="which tokens an expert over capacity keeps; None: DeepSpeed's choice for "
                                           "the top-k")
-    expert_bias: bool = option(False, switches=(switch(
-        "--moe-expert-bias", True,
-        help="aux-loss-free balancing: a per-expert selection bias nudged towards even load"),))
-    expert_bias_update_rate: float = option(1e-3, "--moe-expert-bias-update-rate",
+    expert_bias: bool = option(False, switches=tuple(
+        switch(flag, True, help="aux-loss-free balancing: a per-expert selection bias nudged towards even load")
+        for flag in ("--moe-expert-bias", "--moe-router-enable-expert-bias")))
+    expert_bias_update_rate: float = option(1e-3, "--moe-expert-bias-update-rate", "--moe-router-bias-update-rate",
                                             help="step size of the expert-bias update")
     num_shared_experts: int = option(0, "--num-shared-experts", help="always-active experts beside the routed ones")
     expert_ffn_hidden_size: int | None = option(None, "--moe-ffn-hidden-size",
                                                 help="expert FFN width; unset: the model's FFN width")
+    load_balancing_type: list[str] | None = option(
+        None, "--moe-router-load-balancing-type", nargs="+", choices=(None, *BALANCE_TYPES), metavar="TYPE",
+        help="balance losses, one or several: aux_loss (all k choices counted, / k), seq_aux_loss (per sequence), "
+             "global_aux_loss (over the data-parallel batch), sinkhorn (top-1), none; unset: DeepSpeed's l_aux")
+    load_balancing_coeffs: list[float] | None = option(
+        None, "--moe-router-load-balancing-coeffs", nargs="+", type=float, metavar="C",
+        help="one weight per --moe-router-load-balancing-type, multiplied by --moe-aux-loss-coeff; unset: all 1")
+    num_groups: int | None = option(None, "--moe-router-num-groups",
+                                    help="group-limited routing: experts split into this many groups (align them "
+                                         "with expert-parallel ranks to bound the ranks a token visits)")
+    group_topk: int | None = option(None, "--moe-router-group-topk",
+                                    help="group-limited routing: groups each token may choose experts from")
+    pre_softmax: bool = option(False, switches=(switch(
+        "--moe-router-pre-softmax", True,
+        help="routing weights are the softmax over all experts, not renormalised over the top-k"),))
+    topk_scaling_factor: float | None = option(None, "--moe-router-topk-scaling-factor",
+                                               help="multiply the routing weights (DeepSeek-V3: 2.5)")
+    input_jitter_eps: float | None = option(None, "--moe-input-jitter-eps",
+                                            help="in training, scale the router input by U[1-eps, 1+eps]")
+    router_dtype: str = option("fp32", "--moe-router-dtype", choices=tuple(ROUTER_DTYPES),
+                               help="precision of the router's GEMM, scores and losses")
+    shared_expert_ffn_size: int | None = option(
+        None, "--moe-shared-expert-intermediate-size",
+        help="width of the shared expert; unset: --num-shared-experts x the expert FFN width")
+    shared_expert_gate: bool = option(False, switches=(switch(
+        "--moe-shared-expert-gate", True, help="scale the shared expert's output by a learned sigmoid gate "
+                                               "per token (Qwen2-MoE)"),))
 
     @property
     def is_moe(self) -> bool:

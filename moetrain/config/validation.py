@@ -13,6 +13,7 @@ from moetrain.config.option import ConfigError, check, check_choice
 from moetrain.data import DataError
 from moetrain.data.loader import parse_split
 from moetrain.data.tokenizer import check_tokenizer_files, resolve_tokenizer_kind
+from moetrain.moe.router import balance_spec, check_routing_options
 
 if TYPE_CHECKING:
     from moetrain.config.sections import (
@@ -113,6 +114,25 @@ def _validate_moe(moe: MoEConfig, model: ModelConfig) -> None:
         check_at_least(flag, value, 0)
     if moe.expert_ffn_hidden_size is not None:
         check_at_least("--moe-ffn-hidden-size", moe.expert_ffn_hidden_size, 1)
+    _validate_routing(moe, experts_per_layer)
+
+
+def _validate_routing(moe: MoEConfig, experts_per_layer: list[int]) -> None:
+    """Megatron-Core's routing options: the router's own checks, per MoE layer, as ConfigErrors."""
+    check_choice(moe, "router_dtype")
+    if moe.shared_expert_ffn_size is not None:
+        check_at_least("--moe-shared-expert-intermediate-size", moe.shared_expert_ffn_size, 1)
+    check(not moe.shared_expert_gate or moe.num_shared_experts or moe.shared_expert_ffn_size,
+          "--moe-shared-expert-gate needs a shared expert; add --num-shared-experts 1 or "
+          "--moe-shared-expert-intermediate-size")
+    try:
+        types, _ = balance_spec(moe.load_balancing_type, moe.load_balancing_coeffs)
+        for count in sorted(set(experts_per_layer) - {0}):
+            check_routing_options(count, moe.topk, moe.score_func, moe.expert_bias, types, moe.num_groups,
+                                  moe.group_topk, moe.pre_softmax, moe.topk_scaling_factor, moe.input_jitter_eps,
+                                  moe.router_dtype)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _validate_data(data: DataConfig) -> None:

@@ -83,12 +83,17 @@ class LMScorer:
         return [scores[index] for index in range(len(pairs))]
 
     def _score_batch(self, pairs: list[tuple[list[int], list[int]]]) -> list[Score]:
-        """One forward over right-padded windows (causal attention: padding never reaches earlier positions)."""
+        """One forward over right-padded windows (causal attention: padding never reaches earlier positions;
+        the token mask keeps it out of MoE routing)."""
         windows = [(context + continuation)[:-1][-self.max_length:] for context, continuation in pairs]
         ids = torch.full((len(pairs), max(map(len, windows))), self.tokenizer.eos_id, dtype=torch.long)
         for row, window in enumerate(windows):
             ids[row, :len(window)] = torch.tensor(window)
-        logprobs = F.log_softmax(self.model(ids.to(self.device)).logits.float(), dim=-1)
+        # the padding stays out of MoE routing (capacity, statistics), so a window scores alike in any batch
+        real = torch.arange(ids.shape[1]) < torch.tensor([len(window) for window in windows]).unsqueeze(1)
+        masked = {"token_mask": real.to(self.device)} if getattr(self.model, "moe_layers", list)() else {}
+        logits = self.model(ids.to(self.device), **masked).logits
+        logprobs = F.log_softmax(logits.float(), dim=-1)
         scores = []
         for row, (window, (_, continuation)) in enumerate(zip(windows, pairs, strict=True)):
             predicted = logprobs[row, len(window) - len(continuation):len(window)]

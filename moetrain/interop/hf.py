@@ -7,15 +7,17 @@ no biases) have Hugging Face counterparts; the class is chosen by the MoE layout
 
 - dense -> LlamaForCausalLM
 - MoE in every layer, top-k >= 2, no shared experts, no expert bias -> MixtralForCausalLM
-- top-1 (the expert output weighted by its gate probability, DeepSpeed's top-1), or MoE every N-th layer,
-  without shared experts or expert bias -> Qwen2MoeForCausalLM (norm_topk_prob = k > 1, and an empty
-  shared expert, since Qwen2-MoE always adds one behind a sigmoid gate)
+- top-1 (the expert output weighted by its gate probability, DeepSpeed's top-1), MoE every N-th layer,
+  pre-softmax weights (--moe-router-pre-softmax: norm_topk_prob = false) or a sigmoid-gated shared expert
+  (--moe-shared-expert-gate), without expert bias -> Qwen2MoeForCausalLM (norm_topk_prob = k > 1 unless
+  pre-softmax; without a gated shared expert an empty one, since Qwen2-MoE always adds one)
 - shared experts (added ungated, DeepSeek-style) or an aux-loss-free expert bias, top-k >= 2
   -> Ernie4_5_MoeForCausalLM (its e_score_correction_bias is the same selection-only bias; its
   interleaved RoPE layout is matched by permuting the query/key rows)
 
 Refused: GPT style (learned positions, LayerNorm, GELU, biases), residual MoE (PR-MoE), pyramid expert
-counts, sigmoid router scores, and top-1 with shared experts or expert bias. Capacity dropping and top-2
+counts, sigmoid router scores, group-limited routing, a top-k scaling factor, Sinkhorn routing, and top-1
+with shared experts or expert bias. Capacity dropping and top-2
 second-expert sampling (stochastic, eval included) have no Hugging Face equivalent either; export refuses
 them unless `dropless=True` (`--dropless`) asks for the model with plain dropless top-k routing, whose
 outputs then differ from moetrain's wherever moetrain would drop a token or sample a second expert.
@@ -92,6 +94,12 @@ def hf_target(cfg: Config) -> _Target:
     if moe.score_func != "softmax":
         raise ValueError(f"--moe-score-func {moe.score_func} has no Hugging Face counterpart among the supported "
                          "classes (Mixtral, Qwen2-MoE and ERNIE-4.5 route on softmax scores)")
+    for name, value, flag in (("group-limited routing", moe.num_groups, "--moe-router-num-groups"),
+                              ("a top-k scaling factor", moe.topk_scaling_factor, "--moe-router-topk-scaling-factor"),
+                              ("Sinkhorn routing", "sinkhorn" in (moe.load_balancing_type or []),
+                               "--moe-router-load-balancing-type sinkhorn")):
+        if value:
+            raise ValueError(f"{name} ({flag}) has no Hugging Face counterpart among the supported classes")
     sampled = moe.topk == 2 and moe.top2_2nd_expert_sampling and not moe.expert_bias
     if moe.drop_tokens or sampled:
         what = "capacity dropping (--disable-moe-token-dropping is off)" if moe.drop_tokens else \
@@ -99,7 +107,12 @@ def hf_target(cfg: Config) -> _Target:
         raise ValueError(f"the model uses {what}, which Hugging Face MoE classes do not have; fine-tune without it, "
                          "or pass --dropless to export it with plain dropless top-k routing (its outputs then "
                          "differ from moetrain's where moetrain drops tokens or samples experts)")
-    if moe.num_shared_experts or moe.expert_bias:
+    if moe.shared_expert_gate or (moe.pre_softmax and moe.topk > 1):
+        if moe.expert_bias:
+            raise ValueError("a gated shared expert or pre-softmax weights with an expert bias have no Hugging Face "
+                             "counterpart (Qwen2-MoE has no selection bias)")
+        return QWEN2_MOE
+    if moe.num_shared_experts or moe.shared_expert_ffn_size or moe.expert_bias:
         if moe.topk == 1:
             raise ValueError("top-1 routing with shared experts or an expert bias has no Hugging Face counterpart "
                              "(ERNIE-4.5, which has both, renormalises the top-1 weight to 1); use --topk 2 or more")
@@ -145,21 +158,34 @@ def _hf_config(cfg: Config, target: _Target, eos_id: int) -> Any:
         elif target is QWEN2_MOE:
             slots = range(moe.expert_interval - 1, model.num_layers, moe.expert_interval)
             specific = dict(intermediate_size=model.ffn_size(), moe_intermediate_size=expert_ffn,
-                            shared_expert_intermediate_size=0, num_experts=num_experts,
-                            norm_topk_prob=moe.topk > 1, decoder_sparse_step=moe.expert_interval,
+                            shared_expert_intermediate_size=_shared_width(cfg) if moe.shared_expert_gate else 0,
+                            num_experts=num_experts, norm_topk_prob=moe.topk > 1 and not moe.pre_softmax,
+                            decoder_sparse_step=moe.expert_interval,
                             mlp_only_layers=[i for i in slots if not experts_per_layer[i]], qkv_bias=False,
                             use_sliding_window=False, **routing)
         else:
             specific = dict(intermediate_size=model.ffn_size(), moe_intermediate_size=expert_ffn,
                             moe_num_experts=num_experts, moe_k=moe.topk,
-                            moe_num_shared_experts=moe.num_shared_experts, moe_layer_interval=moe.expert_interval,
+                            moe_num_shared_experts=_shared_width(cfg) // expert_ffn,
+                            moe_layer_interval=moe.expert_interval,
                             moe_layer_start_index=moe_layers[0], moe_layer_end_index=moe_layers[-1],
                             use_bias=False, router_aux_loss_coef=moe.aux_loss_coeff)
+    if target is ERNIE and _shared_width(cfg) % moe.expert_ffn_size(model):
+        raise ValueError(f"a shared expert of width {_shared_width(cfg)} is not a whole number of ERNIE-4.5 experts "
+                         f"of width {moe.expert_ffn_size(model)}; use a multiple of it")
     config_class = getattr(_transformers(), target.architecture.replace("ForCausalLM", "Config"))
     hf_config = config_class(**common, **specific)
     if _moe_layers(target, hf_config) != [bool(count) for count in experts_per_layer]:
         raise ValueError(f"MoE layers {moe_layers} of {model.num_layers} cannot be expressed in {target.architecture}")
     return hf_config
+
+
+def _shared_width(cfg: Config) -> int:
+    """The shared expert's FFN width (0 without one), as MoE builds it."""
+    moe = cfg.moe
+    if moe.shared_expert_ffn_size is not None:
+        return moe.shared_expert_ffn_size
+    return moe.num_shared_experts * moe.expert_ffn_size(cfg.model)
 
 
 # --------------------------------------------------------------------------------------- weight mapping
@@ -199,8 +225,11 @@ def _to_hf_state(cfg: Config, state: dict[str, Tensor], target: _Target) -> dict
         if target is ERNIE:
             bias = state.get(src + "ffn.router.expert_bias", torch.zeros(experts))
             out[dst + "mlp.gate.moe_statics.e_score_correction_bias"] = bias.view(1, experts)
-            if cfg.moe.num_shared_experts:
+            if _shared_width(cfg):
                 out |= _mlp_to_hf(state, src + "ffn.shared_experts.", dst + "mlp.shared_experts.")
+        elif target is QWEN2_MOE and cfg.moe.shared_expert_gate:
+            out |= _mlp_to_hf(state, src + "ffn.shared_experts.", dst + "mlp.shared_expert.")
+            out[dst + "mlp.shared_expert_gate.weight"] = state[src + "ffn.shared_expert_gate.weight"]
         elif target is QWEN2_MOE:  # the empty shared expert: zero width, so it adds exactly 0
             out |= {dst + "mlp.shared_expert.gate_proj.weight": torch.zeros(0, hidden),
                     dst + "mlp.shared_expert.up_proj.weight": torch.zeros(0, hidden),
@@ -247,7 +276,10 @@ def _from_hf_state(cfg: Config, hf_config: Any, state: dict[str, Tensor], target
                 dst + "ffn.experts.w2": state[src + "mlp.experts.down_proj"].transpose(1, 2)}
         if target is ERNIE:  # import_hf keeps it only where it is not all zero
             out[dst + "ffn.router.expert_bias"] = state[src + "mlp.gate.moe_statics.e_score_correction_bias"].view(-1)
-        if cfg.moe.num_shared_experts:  # only ERNIE's: Qwen2-MoE's gated one is refused
+        if target is QWEN2_MOE and cfg.moe.shared_expert_gate:  # Qwen2-MoE's, behind its sigmoid gate
+            out |= _mlp_from_hf(state, src + "mlp.shared_expert.", dst + "ffn.shared_experts.")
+            out[dst + "ffn.shared_expert_gate.weight"] = state[src + "mlp.shared_expert_gate.weight"]
+        elif cfg.moe.num_shared_experts:  # ERNIE's, ungated
             out |= _mlp_from_hf(state, src + "mlp.shared_experts.", dst + "ffn.shared_experts.")
     return {name: tensor.contiguous() for name, tensor in out.items()}
 
@@ -311,11 +343,10 @@ def _check_importable(hf_config: Any, target: _Target, where: str) -> None:
     for flag in ("attention_bias", "mlp_bias", "qkv_bias", "use_bias"):
         if getattr(hf_config, flag, False):
             refuse(f"{flag} = true (moetrain's llama style has no biases)")
-    if target is QWEN2_MOE and hf_config.shared_expert_intermediate_size:
-        refuse("a sigmoid-gated shared expert")
     k = getattr(hf_config, "num_experts_per_tok", 0)
     renormalised = {MIXTRAL: True, ERNIE: True, QWEN2_MOE: getattr(hf_config, "norm_topk_prob", False)}.get(target)
-    if renormalised is not None and renormalised != (k > 1):
+    pre_softmax = target is QWEN2_MOE and not renormalised and k > 1  # --moe-router-pre-softmax
+    if renormalised is not None and renormalised != (k > 1) and not pre_softmax:
         refuse(f"top-{k} routing {'with' if renormalised else 'without'} renormalised weights (moetrain renormalises "
                "exactly when k > 1)")
 
@@ -353,6 +384,10 @@ def _moetrain_config(hf_config: Any, target: _Target) -> Config:
         moe.expert_ffn_hidden_size = hf_config.moe_intermediate_size
     if target is ERNIE:
         moe.num_shared_experts = hf_config.moe_num_shared_experts
+    if target is QWEN2_MOE:
+        moe.pre_softmax = moe.topk > 1 and not hf_config.norm_topk_prob
+        if hf_config.shared_expert_intermediate_size:
+            moe.shared_expert_ffn_size, moe.shared_expert_gate = hf_config.shared_expert_intermediate_size, True
     return cfg
 
 

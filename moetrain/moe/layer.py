@@ -39,7 +39,10 @@ class MoE(nn.Module):
     | 'random' | 'unordered'; None keeps DeepSpeed's choice for k), `expert_bias` (aux-loss-free
     balancing; call `update_expert_bias()` after each optimizer step), `num_shared_experts`
     (dense experts every token goes through), `router` (a `Router` subclass or instance),
-    `ep_group` (expert-parallel process group). `forward(x, with_z_loss=True)` returns an
+    `ep_group` (expert-parallel process group), and Megatron-Core's routing options
+    (moetrain.moe.router.Router: load-balancing types, group-limited routing, pre-softmax, top-k
+    scaling, input jitter, router dtype; `dp_group` for global_aux_loss), `shared_expert_ffn_size`
+    and `shared_expert_gate` (Qwen2-MoE's sigmoid-gated shared expert). `forward(x, with_z_loss=True)` returns an
     `MoEOutput` that carries the router z-loss too; routing statistics accumulate in
     `routing_stats` (training) and `eval_routing_stats` (eval mode).
 
@@ -75,6 +78,17 @@ class MoE(nn.Module):
         router: Router | type[Router] | None = None,
         ep_group: dist.ProcessGroup | None = None,
         init_std: float = 0.02,
+        load_balancing_type: str | list[str] | None = None,
+        load_balancing_coeffs: list[float] | None = None,
+        num_groups: int | None = None,
+        group_topk: int | None = None,
+        pre_softmax: bool = False,
+        topk_scaling_factor: float | None = None,
+        input_jitter_eps: float | None = None,
+        router_dtype: str = "fp32",
+        shared_expert_ffn_size: int | None = None,
+        shared_expert_gate: bool = False,
+        dp_group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         if num_experts < 1:
@@ -110,7 +124,11 @@ class MoE(nn.Module):
                 capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
                 min_capacity=min_capacity, drop_tokens=drop_tokens, drop_policy=drop_policy,
                 score_func=score_func, expert_bias=expert_bias,
-                expert_bias_update_rate=expert_bias_update_rate)
+                expert_bias_update_rate=expert_bias_update_rate,
+                load_balancing_type=load_balancing_type, load_balancing_coeffs=load_balancing_coeffs,
+                num_groups=num_groups, group_topk=group_topk, pre_softmax=pre_softmax,
+                topk_scaling_factor=topk_scaling_factor, input_jitter_eps=input_jitter_eps,
+                router_dtype=router_dtype)
             if issubclass(router_cls, TopKRouter):
                 router_kwargs.update(noisy_gate_policy=noisy_gate_policy, use_rts=use_rts,
                                      top2_2nd_expert_sampling=top2_2nd_expert_sampling)
@@ -121,10 +139,18 @@ class MoE(nn.Module):
                                           activation, bias=ffn_bias, init_std=init_std)
         else:
             self.experts = ModuleExperts(expert, self.num_local_experts)
+        self.router.balance_group = dp_group
+        if shared_expert_ffn_size is None and num_shared_experts:
+            shared_expert_ffn_size = num_shared_experts * ffn_hidden_size
         self.shared_experts = (
-            MLP(hidden_size, num_shared_experts * ffn_hidden_size, activation, bias=ffn_bias)
-            if num_shared_experts else None
+            MLP(hidden_size, shared_expert_ffn_size, activation, bias=ffn_bias) if shared_expert_ffn_size else None
         )
+        if shared_expert_gate and self.shared_experts is None:
+            raise ValueError("shared_expert_gate needs a shared expert; set num_shared_experts or "
+                             "shared_expert_ffn_size")
+        # Qwen2-MoE: the shared expert's output scaled by sigmoid(x . w), one gate value per token
+        self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if shared_expert_gate else None
+        self.balance_losses: dict[str, Tensor] = {}  # the last forward's, per load-balancing type
         self.use_residual = use_residual
         if use_residual:
             # PR-MoE: a dense MLP beside the experts, mixed in by a learned two-way coefficient.
@@ -134,22 +160,31 @@ class MoE(nn.Module):
         self.routing_stats = RoutingStats(num_experts)  # training forwards
         self.eval_routing_stats = RoutingStats(num_experts)  # eval-mode forwards
 
-    def forward(self, hidden_states: Tensor, *,
-                with_z_loss: bool = False) -> tuple[Tensor, Tensor, Tensor] | MoEOutput:
+    def forward(self, hidden_states: Tensor, *, with_z_loss: bool = False,
+                token_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor] | MoEOutput:
         """DeepSpeed's (output, l_aux, exp_counts); with `with_z_loss` an `MoEOutput` that adds
-        the router z-loss."""
+        the router z-loss. `token_mask` (hidden_states.shape[:-1], False for padding) keeps
+        padding out of routing: its rows get no routed experts, and statistics, losses and
+        capacity are those of the other rows alone."""
         if hidden_states.shape[-1] != self.hidden_size:
             raise ValueError(
                 f"MoE input has hidden size {hidden_states.shape[-1]} but the layer was built "
                 f"for {self.hidden_size}; build MoE(hidden_size={hidden_states.shape[-1]}, ...)"
             )
         x = hidden_states.reshape(-1, self.hidden_size)
-        decision = self.router(x)
+        # sequences run along the second-to-last dimension ([B, T, d]; [S, d] is one sequence)
+        seq = hidden_states.shape[-2] if hidden_states.dim() > 1 else 1
+        batch_shape = (x.shape[0] // max(seq, 1), seq)
+        mask = None if token_mask is None else token_mask.reshape(-1).to(device=x.device, dtype=torch.bool)
+        decision = self.router(x, batch_shape, mask)
         rows, plan = self.dispatcher.dispatch(x, decision)
         expert_rows = self.experts(rows, plan.blocks, plan.weights)
         output = self.dispatcher.combine(expert_rows, plan, x.shape[0]).to(x.dtype)
         if self.shared_experts is not None:
-            output = output + self.shared_experts(x)
+            shared = self.shared_experts(x)
+            if self.shared_expert_gate is not None:
+                shared = shared * torch.sigmoid(self.shared_expert_gate(x))
+            output = output + shared
         output = output.reshape(hidden_states.shape)
         if self.use_residual:
             residual = self.mlp(hidden_states)
@@ -160,10 +195,21 @@ class MoE(nn.Module):
         kept_counts = torch.zeros_like(decision.exp_counts).index_add_(
             0, decision.expert_indices.flatten(), decision.kept.flatten().long())
         stats = self.routing_stats if self.training else self.eval_routing_stats
-        stats.record(decision.exp_counts, kept_counts)
+        stats.record(decision.exp_counts, kept_counts, self._ranks_visited(decision.expert_indices, mask))
+        self.balance_losses = {name: loss.detach() for name, loss in (decision.balance_losses or {}).items()}
         if with_z_loss:
             return MoEOutput(output, decision.l_aux, decision.z_loss, decision.exp_counts)
         return output, decision.l_aux, decision.exp_counts
+
+    def _ranks_visited(self, indices: Tensor, mask: Tensor | None) -> Tensor | None:
+        """[S] expert-parallel ranks each token's choices go to (None on one rank; 0 for padding):
+        the number group-limited routing bounds when its groups align with the ranks."""
+        if self.ep_size == 1:
+            return None
+        owner = torch.div(indices, self.num_local_experts, rounding_mode="floor")
+        visits = torch.zeros(indices.shape[0], self.ep_size, dtype=torch.bool, device=indices.device)
+        visits = visits.scatter_(1, owner, True).sum(1)
+        return visits if mask is None else visits * mask
 
     def shard_experts(self, ep_rank: int, ep_group: dist.ProcessGroup | None,
                       split_tokens: bool = False) -> None:

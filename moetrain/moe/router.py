@@ -24,9 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moetrain.moe import balance
+from moetrain.moe.balance import BALANCE_TYPES
+
 NOISY_GATE_POLICIES = (None, "Jitter", "RSample")
 SCORE_FUNCS = ("softmax", "sigmoid")
 DROP_POLICIES = ("position", "probs", "random", "unordered")
+ROUTER_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 
 
 @dataclass
@@ -45,6 +49,7 @@ class RoutingDecision:
     z_loss: Tensor  # scalar float32: router z-loss (ST-MoE), unscaled
     exp_counts: Tensor  # [E] int64
     dropless: bool = False  # known without looking: every assignment is kept
+    balance_losses: dict[str, Tensor] | None = None  # each load-balancing type's unweighted loss
 
 
 def _f32(value: float) -> float:
@@ -121,12 +126,30 @@ class Router(nn.Module):
         score_func: str = "softmax",
         expert_bias: bool = False,
         expert_bias_update_rate: float = 1e-3,
+        *,
+        load_balancing_type: str | list[str] | None = None,
+        load_balancing_coeffs: list[float] | None = None,
+        num_groups: int | None = None,
+        group_topk: int | None = None,
+        pre_softmax: bool = False,
+        topk_scaling_factor: float | None = None,
+        input_jitter_eps: float | None = None,
+        router_dtype: str = "fp32",
     ) -> None:
         super().__init__()
         if not 1 <= k <= num_experts:
             raise ValueError(
                 f"k={k} must be between 1 and num_experts={num_experts}; lower k or add experts"
             )
+        self.balance_types, self.balance_coeffs = balance_spec(load_balancing_type, load_balancing_coeffs)
+        check_routing_options(num_experts, k, score_func, expert_bias, self.balance_types, num_groups, group_topk,
+                       pre_softmax, topk_scaling_factor, input_jitter_eps, router_dtype)
+        self.num_groups, self.group_topk = num_groups, group_topk
+        self.pre_softmax = pre_softmax
+        self.topk_scaling_factor = topk_scaling_factor
+        self.input_jitter_eps = input_jitter_eps
+        self.router_dtype = ROUTER_DTYPES[router_dtype]
+        self.balance_group: torch.distributed.ProcessGroup | None = None  # data parallel, for global_aux_loss
         for name, value in (("capacity_factor", capacity_factor),
                             ("eval_capacity_factor", eval_capacity_factor)):
             if not value > 0:
@@ -153,21 +176,33 @@ class Router(nn.Module):
             self.register_buffer("pending_load", torch.zeros(num_experts), persistent=False)
         else:
             self.expert_bias = None
+        self._token_mask: Tensor | None = None  # set for the duration of a masked forward
 
     # -- the three overridable steps -------------------------------------------------------
     def compute_logits(self, x: Tensor) -> Tensor:
-        """[S, d] -> [S, E] float32 logits."""
-        return F.linear(x.float(), self.wg.weight.float())
+        """[S, d] -> [S, E] logits in the router dtype (float32 unless fp64 is asked for); in
+        training the input is first scaled by U[1 - eps, 1 + eps] with --moe-input-jitter-eps."""
+        x = x.to(self.router_dtype)
+        if self.input_jitter_eps and self.training:
+            x = x * _uniform(x.shape, 1.0 - self.input_jitter_eps, 1.0 + self.input_jitter_eps,
+                             x.device).to(x.dtype)
+        return F.linear(x, self.wg.weight.to(self.router_dtype))
 
     def compute_scores(self, logits: Tensor) -> Tensor:
         """Gate probabilities used for weights and the balance loss."""
-        if self.score_func == "sigmoid":
-            return torch.sigmoid(logits)
+        if self.score_func == "sigmoid" or "sinkhorn" in self.balance_types:
+            return torch.sigmoid(logits)  # Megatron weighs sinkhorn's top-1 choice by sigmoid(logit)
         return F.softmax(logits, dim=1)
 
     def select_experts(self, logits: Tensor, scores: Tensor) -> Tensor:
-        """[S, k] expert choices, best first."""
-        return torch.topk(self._selection_scores(scores), self.k, dim=1).indices
+        """[S, k] expert choices, best first (within the best groups under group-limited routing)."""
+        if "sinkhorn" in self.balance_types and self.training:
+            balanced = balance.sinkhorn(logits.detach(), self._token_mask)
+            return torch.topk(balanced, self.k, dim=1).indices
+        selection = self._selection_scores(scores)
+        if self.num_groups:
+            selection = self._outside_groups_masked(selection)
+        return torch.topk(selection, self.k, dim=1).indices
 
     # -- shared machinery -----------------------------------------------------------------
     def _selection_scores(self, scores: Tensor) -> Tensor:
@@ -175,36 +210,100 @@ class Router(nn.Module):
             return scores
         return scores + self.expert_bias
 
+    def _outside_groups_masked(self, selection: Tensor) -> Tensor:
+        """Group-limited routing (DeepSeek-V3): experts outside each token's `group_topk` best
+        groups get -inf. A group scores the sum of its top-2 for sigmoid scores (DeepSeek-V3),
+        its best score for softmax (DeepSeek-V2)."""
+        num_tokens, num_experts = selection.shape
+        grouped = selection.view(num_tokens, self.num_groups, -1)
+        if self.score_func == "sigmoid":
+            group_scores = grouped.topk(min(2, grouped.shape[2]), dim=2).values.sum(2)
+        else:
+            group_scores = grouped.amax(2)
+        best = group_scores.topk(self.group_topk, dim=1).indices
+        chosen = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+        return selection.masked_fill(~chosen.unsqueeze(2).expand_as(grouped).reshape(num_tokens, num_experts),
+                                     -math.inf)
+
     def resolved_drop_policy(self) -> str:
         """DeepSpeed's choice when none is given: first come for k <= 2, probability for k > 2."""
         if self.drop_policy is not None:
             return self.drop_policy
         return "probs" if self.k > 2 else "position"
 
-    def forward(self, x: Tensor) -> RoutingDecision:
+    def forward(self, x: Tensor, batch_shape: tuple[int, int] | None = None,
+                token_mask: Tensor | None = None) -> RoutingDecision:
+        """Route the [S, d] tokens `x`; `batch_shape` (B, T) with B * T = S gives the sequence
+        boundaries seq_aux_loss needs. `token_mask` ([S] bool, False for padding) keeps padding
+        out of the statistics, losses, capacity and expert-bias counts: its assignments are
+        dropped, and the rest is routed as if the padded rows were not there."""
         # Autocast would recast the gate GEMM (and logsumexp, softmax) to 16 bits: routing stays
-        # in float32, as in DeepSpeed and Megatron-Core.
+        # in float32 (or float64), as in DeepSpeed and Megatron-Core.
         with torch.autocast(x.device.type, enabled=False):
-            return self._route(x)
+            return self._route(x, batch_shape, token_mask)
 
-    def _route(self, x: Tensor) -> RoutingDecision:
-        logits = self.compute_logits(x)
-        scores = self.compute_scores(logits)
-        z_loss = torch.logsumexp(logits, dim=1).square().mean()
-        indices = self.select_experts(logits, scores)
+    def _route(self, x: Tensor, batch_shape: tuple[int, int] | None = None,
+               token_mask: Tensor | None = None) -> RoutingDecision:
+        self._token_mask = token_mask  # read by the capacity and Sinkhorn steps of this forward
+        try:
+            logits = self.compute_logits(x)
+            scores = self.compute_scores(logits)
+            indices = self.select_experts(logits, scores)
+            kept = self._apply_capacity(indices, scores)
+        finally:
+            self._token_mask = None
         num_experts = scores.shape[1]
-        kept = self._apply_capacity(indices, scores)
+        log_partition = torch.logsumexp(logits, dim=1).square()
+        if token_mask is None:
+            z_loss = log_partition.mean()
+            exp_counts = count_per_expert(indices, num_experts)
+        else:
+            z_loss = (log_partition * token_mask).sum() / token_mask.sum().clamp(min=1)
+            kept = kept & token_mask.unsqueeze(1)
+            exp_counts = torch.zeros(num_experts, dtype=torch.long, device=indices.device).index_add_(
+                0, indices.flatten(), token_mask.unsqueeze(1).expand_as(indices).flatten().long())
         gate = scores.gather(1, indices) * kept
-        if self.k > 1:  # DeepSpeed renormalises over the kept choices for k >= 2 only
+        if self.k > 1 and not self.pre_softmax:  # DeepSpeed renormalises over the kept choices
             gate = gate / gate.sum(dim=1, keepdim=True).clamp(min=torch.finfo(gate.dtype).eps)
-        exp_counts = count_per_expert(indices, num_experts)
-        l_aux = self._balance_loss(scores, indices)
+        if self.topk_scaling_factor is not None:
+            gate = gate * self.topk_scaling_factor
+        losses = self._balance_losses(scores, indices, batch_shape, token_mask)
+        l_aux = sum((coeff * losses[name] for name, coeff in zip(self.balance_types, self.balance_coeffs)),
+                    start=scores.new_zeros(()))
         if self.expert_bias is not None and self.training:
             self.pending_load += exp_counts.to(self.pending_load.dtype)
+        if self.router_dtype == torch.float64:  # the losses join the float32 loss as the default's do
+            l_aux, z_loss = l_aux.float(), z_loss.float()
         return RoutingDecision(indices, gate, kept, l_aux, z_loss, exp_counts,
-                               dropless=not self.drop_tokens)
+                               dropless=not self.drop_tokens and token_mask is None, balance_losses=losses)
 
-    def _balance_loss(self, scores: Tensor, indices: Tensor) -> Tensor:
+    def _balance_probs(self, scores: Tensor) -> Tensor:
+        """Probabilities over all experts for the balance losses (sigmoid scores normalised)."""
+        if self.score_func == "sigmoid":
+            return scores / (scores.sum(dim=1, keepdim=True) + 1e-20)
+        return scores
+
+    def _balance_losses(self, scores: Tensor, indices: Tensor, batch_shape: tuple[int, int] | None,
+                        mask: Tensor | None = None) -> dict[str, Tensor]:
+        """Each configured load-balancing type's unweighted loss ('deepspeed' for the default)."""
+        losses = {}
+        for name in self.balance_types:
+            if name == "deepspeed":
+                losses[name] = self._deepspeed_balance_loss(scores, indices, mask)
+            elif name == "aux_loss":
+                losses[name] = balance.switch_loss(self._balance_probs(scores), indices, mask)
+            elif name == "seq_aux_loss":
+                if batch_shape is None:
+                    raise ValueError("seq_aux_loss needs the sequence boundaries: call the router with "
+                                     "batch_shape=(B, T), as MoE does for [B, T, d] input")
+                losses[name] = balance.sequence_loss(self._balance_probs(scores), indices, batch_shape, mask)
+            elif name == "global_aux_loss":
+                losses[name] = balance.global_loss(self._balance_probs(scores), indices, self.balance_group, mask)
+            else:  # sinkhorn balances by its selection, none not at all
+                losses[name] = scores.new_zeros(())
+        return losses
+
+    def _deepspeed_balance_loss(self, scores: Tensor, indices: Tensor, mask: Tensor | None = None) -> Tensor:
         """E * sum_e(mean gate prob * fraction routed), DeepSpeed's l_aux for each k.
 
         For k <= 2 only first choices count; for k > 2 all k, divided by k.
@@ -212,33 +311,49 @@ class Router(nn.Module):
         num_experts = scores.shape[1]
         if self.score_func == "sigmoid":
             scores = scores / scores.sum(dim=1, keepdim=True)
-        me = scores.mean(dim=0)
         counted = indices[:, :1] if self.k <= 2 else indices
-        ce = count_per_expert(counted, num_experts).float() / scores.shape[0]
-        loss = torch.mean(me * ce) * num_experts * num_experts
+        if mask is None:
+            me = scores.mean(dim=0)
+            ce = count_per_expert(counted, num_experts).float() / scores.shape[0]
+            loss = torch.mean(me * ce) * num_experts * num_experts
+        else:  # the same sums over the tokens that count: Megatron's form with DeepSpeed's counting
+            loss = balance.switch_loss(scores, counted, mask) * counted.shape[1]
         return loss / self.k if self.k > 2 else loss
 
     def _apply_capacity(self, indices: Tensor, scores: Tensor) -> Tensor:
-        """[S, k] bool: which assignments fit in their expert's capacity."""
+        """[S, k] bool: which assignments fit in their expert's capacity.
+
+        With a token mask, padding takes no slot and the capacity is that of the real tokens,
+        computed on the device (a tensor, so no host sync)."""
         num_tokens, num_experts = scores.shape
         if not self.drop_tokens:
             return torch.ones_like(indices, dtype=torch.bool)
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         capacity = expert_capacity(num_tokens, num_experts, factor, self.k, self.min_capacity)
+        mask = self._token_mask
+        real_capacity = None
+        if mask is not None:
+            real_tokens = mask.sum().float()
+            real_capacity = torch.ceil((real_tokens / num_experts) * _f32(factor * self.k)).clamp(
+                min=self.min_capacity)
         policy = self.resolved_drop_policy()
         if policy == "position":
-            return self._keep_by_position(indices, num_experts, capacity)
-        return self._keep_by_score(indices, scores, capacity, policy)
+            if mask is None:
+                return self._keep_by_position(indices, num_experts, capacity)
+            padded = indices.masked_fill(~mask.unsqueeze(1), num_experts)  # padding queues apart
+            return self._keep_by_position(padded, num_experts + 1, real_capacity) & mask.unsqueeze(1)
+        return self._keep_by_score(indices, scores, capacity, policy, real_capacity)
 
     @staticmethod
-    def _keep_by_position(indices: Tensor, num_experts: int, capacity: int) -> Tensor:
+    def _keep_by_position(indices: Tensor, num_experts: int, capacity: int | Tensor) -> Tensor:
         """First choices win: an assignment's slot counts the expert's assignments of earlier
         ranks (all tokens) and of earlier tokens in its own rank, i.e. its position in the
         rank-major order."""
         slot = positions_within_expert(indices.t().flatten(), num_experts)
         return (slot < capacity).view(indices.shape[1], -1).t()
 
-    def _keep_by_score(self, indices: Tensor, scores: Tensor, capacity: int, policy: str) -> Tensor:
+    def _keep_by_score(self, indices: Tensor, scores: Tensor, capacity: int, policy: str,
+                       real_capacity: Tensor | None = None) -> Tensor:
         """Each expert keeps its `capacity` best-scoring assignments (torch.topk over tokens).
 
         'probs' ranks by gate probability, 'random' by uniform noise (random token selection),
@@ -251,9 +366,17 @@ class Router(nn.Module):
         else:
             mask = torch.zeros_like(scores).scatter(1, indices, 1.0)
             ranking = mask * _uniform(mask.shape, 0.0, 1.0, mask.device) if policy == "random" else mask
+        mask = self._token_mask
+        if mask is None:
+            chosen = torch.topk(ranking, k=min(capacity, num_tokens), dim=0).indices
+            fits = torch.zeros_like(scores, dtype=torch.bool).scatter_(0, chosen, True)
+            return fits.gather(1, indices)
+        # padding ranks below every real assignment; each expert keeps its best real_capacity
+        ranking = ranking.masked_fill(~mask.unsqueeze(1), -1.0)
         chosen = torch.topk(ranking, k=min(capacity, num_tokens), dim=0).indices
-        fits = torch.zeros_like(scores, dtype=torch.bool).scatter_(0, chosen, True)
-        return fits.gather(1, indices)
+        place = torch.arange(chosen.shape[0], device=chosen.device).unsqueeze(1).expand_as(chosen)
+        fits = torch.zeros_like(scores, dtype=torch.bool).scatter_(0, chosen, place < real_capacity)
+        return fits.gather(1, indices) & mask.unsqueeze(1)
 
     @torch.no_grad()
     def update_expert_bias(self) -> None:
@@ -267,6 +390,61 @@ class Router(nn.Module):
         load = self.pending_load
         self.expert_bias += self.expert_bias_update_rate * torch.sign(load.mean() - load)
         load.zero_()
+
+
+def balance_spec(types: str | list[str] | None, coeffs: list[float] | None) -> tuple[list[str], list[float]]:
+    """(types, relative coefficients); no type given means DeepSpeed's l_aux ('deepspeed')."""
+    if types is None:
+        types = ["deepspeed"]
+    elif isinstance(types, str):
+        types = [types]
+    for name in types:
+        if name not in (*BALANCE_TYPES, "deepspeed"):
+            raise ValueError(f"unknown load-balancing type {name!r}; choose from {', '.join(BALANCE_TYPES)}")
+    if len(set(types)) != len(types):
+        raise ValueError(f"load-balancing types {types} repeat one; give each type once")
+    coeffs = [1.0] * len(types) if coeffs is None else list(coeffs)
+    if len(coeffs) != len(types):
+        raise ValueError(f"{len(coeffs)} load-balancing coefficients for {len(types)} types {types}; "
+                         "give one coefficient per type")
+    return list(types), coeffs
+
+
+def check_routing_options(num_experts: int, k: int, score_func: str, expert_bias: bool, balance_types: list[str],
+                   num_groups: int | None, group_topk: int | None, pre_softmax: bool,
+                   topk_scaling_factor: float | None, input_jitter_eps: float | None, router_dtype: str) -> None:
+    """One-line errors for routing options that cannot work together (those Megatron-Core refuses too)."""
+    if (num_groups is None) != (group_topk is None):
+        raise ValueError("group-limited routing needs both --moe-router-num-groups and --moe-router-group-topk")
+    if num_groups is not None:
+        if num_groups < 1 or num_experts % num_groups:
+            raise ValueError(f"--moe-router-num-groups {num_groups} does not divide the {num_experts} experts; "
+                             "use a divisor of the expert count")
+        if not 1 <= group_topk <= num_groups:
+            raise ValueError(f"--moe-router-group-topk {group_topk} must be between 1 and the {num_groups} groups; "
+                             "lower it or add groups")
+        reachable = group_topk * (num_experts // num_groups)
+        if k > reachable:
+            raise ValueError(f"top-{k} exceeds the {reachable} experts of the {group_topk} chosen groups; raise "
+                             "--moe-router-group-topk or lower the top-k")
+        if "sinkhorn" in balance_types:
+            raise ValueError("sinkhorn routing ignores groups; drop --moe-router-num-groups or use another "
+                             "load-balancing type")
+    if "sinkhorn" in balance_types and k != 1:
+        raise ValueError(f"sinkhorn routing is top-1 only (got top-{k}); use --moe-router-topk 1 or aux_loss")
+    if "sinkhorn" in balance_types and expert_bias:
+        raise ValueError("sinkhorn routing does not use the expert bias; drop --moe-router-enable-expert-bias")
+    if pre_softmax and score_func != "softmax":
+        raise ValueError("--moe-router-pre-softmax applies to softmax scores; drop it or use softmax")
+    if pre_softmax and k == 1 and expert_bias:
+        raise ValueError("--moe-router-pre-softmax with top-1 and the expert bias weighs a choice the bias "
+                         "made by its unbiased probability; drop the pre-softmax or the expert bias")
+    if topk_scaling_factor is not None and not topk_scaling_factor > 0:
+        raise ValueError(f"--moe-router-topk-scaling-factor must be positive, got {topk_scaling_factor}")
+    if input_jitter_eps is not None and not 0 <= input_jitter_eps < 1:
+        raise ValueError(f"--moe-input-jitter-eps must be in [0, 1), got {input_jitter_eps}")
+    if router_dtype not in ROUTER_DTYPES:
+        raise ValueError(f"unknown router dtype {router_dtype!r}; choose one of {', '.join(ROUTER_DTYPES)}")
 
 
 class TopKRouter(Router):
@@ -289,6 +467,8 @@ class TopKRouter(Router):
             raise ValueError(
                 f"unknown noisy_gate_policy {noisy_gate_policy!r}; use None, 'Jitter' or 'RSample'"
             )
+        if noisy_gate_policy == "Jitter":  # DeepSpeed's multiplicative jitter, eps 1e-2
+            kwargs["input_jitter_eps"] = kwargs.get("input_jitter_eps") or 1e-2
         super().__init__(hidden_size, num_experts, k, **kwargs)
         self.noisy_gate_policy = noisy_gate_policy
         self.use_rts = use_rts
@@ -306,14 +486,9 @@ class TopKRouter(Router):
             _uniform(scores.shape, 0.0, 1.0, scores.device)
         return super()._apply_capacity(indices, scores)
 
-    def compute_logits(self, x: Tensor) -> Tensor:
-        x = x.float()
-        if self.noisy_gate_policy == "Jitter" and self.training:
-            x = x * _uniform(x.shape, 1.0 - 1e-2, 1.0 + 1e-2, x.device)
-        return F.linear(x, self.wg.weight.float())
-
     def select_experts(self, logits: Tensor, scores: Tensor) -> Tensor:
-        if self.expert_bias is not None or self.score_func != "softmax" or self.k > 2:
+        if (self.expert_bias is not None or self.score_func != "softmax" or self.k > 2 or self.num_groups
+                or "sinkhorn" in self.balance_types):
             return super().select_experts(logits, scores)
         if self.k == 1:
             if self.noisy_gate_policy == "RSample" and self.training:

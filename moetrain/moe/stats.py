@@ -16,14 +16,22 @@ class RoutingStats:
     def __init__(self, num_experts: int) -> None:
         self.routed = torch.zeros(num_experts, dtype=torch.long)
         self.kept = torch.zeros(num_experts, dtype=torch.long)
+        self.rank_visits = torch.zeros(2, dtype=torch.long)  # tokens, and the EP ranks they visited
+        self.most_rank_visits = torch.zeros(1, dtype=torch.long)  # the most ranks one token visited
 
     @torch.no_grad()
-    def record(self, exp_counts: Tensor, kept_counts: Tensor) -> None:
+    def record(self, exp_counts: Tensor, kept_counts: Tensor, ranks_visited: Tensor | None = None) -> None:
         if self.routed.device != exp_counts.device:
             self.routed = self.routed.to(exp_counts.device)
             self.kept = self.kept.to(exp_counts.device)
+            self.rank_visits = self.rank_visits.to(exp_counts.device)
+            self.most_rank_visits = self.most_rank_visits.to(exp_counts.device)
         self.routed += exp_counts
         self.kept += kept_counts
+        if ranks_visited is not None:
+            self.rank_visits[0] += (ranks_visited > 0).sum()  # padding visits none and does not count
+            self.rank_visits[1] += ranks_visited.sum()
+            torch.maximum(self.most_rank_visits, ranks_visited.max(), out=self.most_rank_visits)
 
     def summary(self, reset: bool = True) -> dict:
         """tokens_per_expert (routed, before dropping), drop fraction, imbalance, experts used."""
@@ -39,7 +47,13 @@ class RoutingStats:
             "max_over_mean": largest / mean if mean else 0.0,
             "experts_used": float((routed > 0).float().mean()) if len(routed) else 0.0,
         }
+        tokens, visits = self.rank_visits.tolist()
+        if tokens:  # expert parallel: ranks each token's experts live on
+            result["ep_ranks_per_token"] = visits / tokens
+            result["ep_ranks_per_token_max"] = int(self.most_rank_visits)
         if reset:
             self.routed.zero_()
             self.kept.zero_()
+            self.rank_visits.zero_()
+            self.most_rank_visits.zero_()
         return result

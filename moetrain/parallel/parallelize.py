@@ -27,6 +27,7 @@ def parallelize(model: GPT, state: ParallelState) -> dict[nn.Parameter, GradSpec
     if state.tp > 1:
         apply_tensor_parallel(model, state.tp_group)
     for _, moe in model.moe_layers():
+        moe.router.balance_group = state.dp_group if state.dp > 1 else None  # for global_aux_loss
         groups = state.experts(moe.num_experts)
         if groups.size > 1:
             moe.shard_experts(groups.rank, groups.ep_group, groups.split_tokens)
@@ -76,5 +77,6 @@ def sync_routing_stats(model: GPT, state: ParallelState, training: bool = True) 
         return
     for _, moe in model.moe_layers():
         stats = moe.routing_stats if training else moe.eval_routing_stats
-        for tensor in (stats.routed, stats.kept):
+        for tensor in (stats.routed, stats.kept, stats.rank_visits):
             dist.all_reduce(tensor, group=state.dp_group)
+        dist.all_reduce(stats.most_rank_visits, op=dist.ReduceOp.MAX, group=state.dp_group)

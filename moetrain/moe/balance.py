@@ -1,0 +1,94 @@
+"""Load-balancing losses and Sinkhorn routing, Megatron-Core's `--moe-router-load-balancing-type`.
+
+All losses take `probs` [S, E] (the gate probabilities over all experts; sigmoid scores normalised
+per token) and the chosen `indices` [S, k], and count every one of the k choices:
+
+- aux_loss (Switch / GShard as Megatron forms it): E / k * sum_e P_e * f_e, P_e the mean probability
+  of expert e over the tokens, f_e the fraction of the S tokens' assignments that went to e times k;
+- seq_aux_loss (DeepSeek-V2/V3): the same within each sequence, averaged over the sequences;
+- global_aux_loss: f_e counted over the whole data-parallel batch (an all-reduce of the counts,
+  no host sync), P_e local, so the data-parallel mean of the loss is the whole batch's aux_loss.
+
+A token `mask` ([S] bool, False for padding) keeps tokens out of both P and f.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+BALANCE_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none")
+SINKHORN_ITERATIONS = 20  # fixed, so no convergence test reads the device
+
+
+def _weights(num_tokens: int, mask: Tensor | None, like: Tensor) -> Tensor:
+    """[S] 1.0 for tokens that count, 0.0 for padding."""
+    if mask is None:
+        return like.new_ones(num_tokens)
+    return mask.to(like.dtype)
+
+
+def _assignment_counts(indices: Tensor, token_weight: Tensor, num_experts: int, rows: int = 1) -> Tensor:
+    """[rows, E] counted assignments (indices viewed as rows of equal length), padding excluded."""
+    per_choice = token_weight.unsqueeze(1).expand_as(indices).reshape(rows, -1)
+    return per_choice.new_zeros(rows, num_experts).scatter_add_(1, indices.reshape(rows, -1), per_choice)
+
+
+def switch_loss(probs: Tensor, indices: Tensor, mask: Tensor | None = None) -> Tensor:
+    """E / k * sum_e mean_prob_e * (assignments_e / tokens), over the tokens that count."""
+    num_tokens, num_experts = probs.shape
+    weight = _weights(num_tokens, mask, probs)
+    tokens = weight.sum().clamp(min=1)
+    mean_prob = (probs * weight.unsqueeze(1)).sum(0) / tokens
+    fraction = _assignment_counts(indices, weight, num_experts)[0] / tokens
+    return (mean_prob * fraction).sum() * num_experts / indices.shape[1]
+
+
+def sequence_loss(probs: Tensor, indices: Tensor, batch_shape: tuple[int, int],
+                  mask: Tensor | None = None) -> Tensor:
+    """DeepSeek-V2's sequence-wise balance loss: `switch_loss` per sequence, averaged over sequences."""
+    batch, seq = batch_shape
+    num_experts, k = probs.shape[1], indices.shape[1]
+    weight = _weights(probs.shape[0], mask, probs)
+    tokens = weight.view(batch, seq).sum(1).clamp(min=1)  # [B]
+    mean_prob = (probs * weight.unsqueeze(1)).view(batch, seq, num_experts).sum(1) / tokens.unsqueeze(1)
+    fraction = _assignment_counts(indices, weight, num_experts, rows=batch) / tokens.unsqueeze(1)
+    return (mean_prob * fraction).sum(1).mean() * num_experts / k
+
+
+def global_loss(probs: Tensor, indices: Tensor, group: dist.ProcessGroup | None,
+                mask: Tensor | None = None) -> Tensor:
+    """`switch_loss` with the assignment fractions of the whole data-parallel batch.
+
+    P stays this rank's (its gradient is this rank's share); averaged over the ranks as data
+    parallelism averages gradients, the loss is the one-process loss on the concatenated batch
+    when every rank holds as many counted tokens.
+    """
+    num_tokens, num_experts = probs.shape
+    weight = _weights(num_tokens, mask, probs)
+    tokens = weight.sum().clamp(min=1)
+    mean_prob = (probs * weight.unsqueeze(1)).sum(0) / tokens
+    with torch.no_grad():
+        counts = torch.cat([_assignment_counts(indices, weight, num_experts)[0], weight.sum().view(1)])
+        if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+            dist.all_reduce(counts, group=group)
+    fraction = counts[:-1] / counts[-1].clamp(min=1)
+    return (mean_prob * fraction).sum() * num_experts / indices.shape[1]
+
+
+def sinkhorn(logits: Tensor, mask: Tensor | None = None, iterations: int = SINKHORN_ITERATIONS) -> Tensor:
+    """Doubly normalised exp(logits) (Sinkhorn-Knopp, Megatron-Core's sinkhorn routing): rows and
+    columns scaled alternately so every expert receives the same total mass. Rows of padding
+    (mask False) hold no mass. No gradient."""
+    with torch.no_grad():
+        cost = torch.exp(logits - logits.max())
+        if mask is not None:
+            cost = cost * mask.unsqueeze(1)
+        num_tokens, num_experts = cost.shape
+        row = cost.new_ones(num_tokens)
+        col = cost.new_ones(num_experts)
+        for _ in range(iterations):
+            row = 1.0 / (num_tokens * ((cost * col).sum(1) + 1e-8))
+            col = 1.0 / (num_experts * ((cost * row.unsqueeze(1)).sum(0) + 1e-8))
+        return cost * row.unsqueeze(1) * col
