@@ -280,6 +280,9 @@ class ParallelConfig:
     distributed_backend: str | None = option(None, "--distributed-backend", type=_none_or_str,
                                              choices=DISTRIBUTED_BACKENDS,
                                              help="torch.distributed backend; None: nccl on cuda, else gloo")
+    distributed_timeout_minutes: float = option(
+        10.0, "--distributed-timeout-minutes", type=float,
+        help="minutes a collective may wait for the other ranks before the job fails (NCCL's default: 10)")
 
     def parallel_sizes(self, world_size: int) -> dict[str, int]:
         """Split world_size into data/tensor/pipeline parallel sizes, and expert parallelism.
@@ -290,6 +293,8 @@ class ParallelConfig:
         tp, pp = self.tensor_parallel_size, self.pipeline_parallel_size
         validation.check_at_least("--tensor-parallel-size", tp, 1)
         validation.check_at_least("--pipeline-parallel-size", pp, 1)
+        check(self.distributed_timeout_minutes > 0,
+              f"--distributed-timeout-minutes {self.distributed_timeout_minutes} must be positive")
         check(world_size % (tp * pp) == 0,
               f"world size {world_size} is not divisible by tensor-parallel-size {tp} x pipeline-parallel-size "
               f"{pp}; launch a multiple of {tp * pp} processes or lower the parallel sizes")

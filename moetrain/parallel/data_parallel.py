@@ -78,11 +78,15 @@ def all_reduce_gradients(specs: dict[nn.Parameter, GradSpec]) -> None:
 
 
 @torch.no_grad()
-def global_grad_norm(grads: Iterable[tuple[Tensor, int]], world: bool) -> Tensor:
-    """L2 norm over all ranks' gradients; each (grad, copies) counts 1/copies of its square."""
-    total = torch.zeros((), dtype=torch.float32)
+def global_grad_norm(grads: Iterable[tuple[Tensor, int]], world: bool, device: torch.device) -> Tensor:
+    """L2 norm over all ranks' gradients; each (grad, copies) counts 1/copies of its square.
+
+    The total lives on `device` (the communication device) even on a rank that holds no gradient
+    (a ZeRO rank that owns nothing), since every rank joins the all-reduce.
+    """
+    total = torch.zeros((), dtype=torch.float32, device=device)
     for grad, copies in grads:
-        total = total.to(grad.device) + grad.float().square().sum() / copies
+        total += (grad.float().square().sum() / copies).to(device)
     if world:
         dist.all_reduce(total)
     return total.sqrt()

@@ -55,13 +55,14 @@ class LocalExecutor:
         return torch.stack(logged).sum(0) / self.accumulation
 
     def eval_losses(self, batches: list[Batch]) -> tuple[Tensor, Tensor]:
-        """LM loss of each evaluation round of this rank, and whether each counts (1) or pads (0)."""
+        """LM loss of each evaluation round of this rank, and whether each counts (1) or pads (0), both on
+        the communication device (the trainer sums them over data parallel)."""
         rounds = pad_rounds(batches, self.state)
         losses = []
         for inputs, targets, _ in rounds:
             with autocast(self.device.type, self.precision):
                 losses.append(self.model(inputs.to(self.device), targets.to(self.device)).lm_loss.float())
-        return torch.stack(losses).cpu(), _counts(rounds)
+        return torch.stack(losses), _counts(rounds, self.state.comm_device)
 
     def routing_summaries(self, training: bool) -> list[dict]:
         """Routing statistics of every MoE layer since the last call, summed over data parallel."""
@@ -104,11 +105,12 @@ class PipelineExecutor(LocalExecutor):
             chunk = rounds[start:start + self.accumulation]
             self.runner.evaluate(torch.cat([r[0] for r in chunk]).to(self.device),
                                  torch.cat([r[1] for r in chunk]).to(self.device))
-            per_batch = self.runner.lm_losses if self.state.is_last_stage else [torch.zeros(())] * len(chunk)
-            losses.extend(loss.float().cpu() for loss in per_batch)
+            per_batch = self.runner.lm_losses if self.state.is_last_stage \
+                else [torch.zeros((), device=self.state.comm_device)] * len(chunk)
+            losses.extend(loss.float() for loss in per_batch)
         values = torch.stack(losses)
         dist.all_reduce(values, group=self.state.pp_group)  # only the last stage computed them
-        return values, _counts(rounds)
+        return values, _counts(rounds, self.state.comm_device)
 
     def routing_summaries(self, training: bool) -> list[dict]:
         """Every stage's layers, gathered over the pipeline group."""
@@ -118,5 +120,5 @@ class PipelineExecutor(LocalExecutor):
         return [layer for stage in stages for layer in stage]
 
 
-def _counts(rounds: list[EvalRound]) -> Tensor:
-    return torch.tensor([float(real) for *_, real in rounds], dtype=torch.float64)
+def _counts(rounds: list[EvalRound], device: torch.device) -> Tensor:
+    return torch.tensor([float(real) for *_, real in rounds], dtype=torch.float64, device=device)

@@ -27,7 +27,7 @@ from moetrain.loss import LossFunction
 from moetrain.model import GPT
 from moetrain.parallel.data_parallel import GradSpec
 from moetrain.parallel.grad_sync import GradientSync
-from moetrain.parallel.mesh import ParallelState, init_parallel
+from moetrain.parallel.mesh import ParallelState, init_parallel, local_device
 from moetrain.parallel.parallelize import parallelize
 from moetrain.parallel.pipeline import split_for_pipeline, tied_embedding_params
 from moetrain.parallel.zero import ZeroOptimizer
@@ -44,9 +44,7 @@ def resolve_device(name: str) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda was given but no CUDA device is available; use --device cpu")
-    if name == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per local rank
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return torch.device(name)
+    return local_device(name) if name == "cuda" else torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -97,7 +95,7 @@ def build_run(cfg: Config, *, quiet: bool = False) -> Run:
     device = resolve_device(tc.device)
     if device.type == "cpu":
         keep_freed_memory()  # per-step activations and gradients reuse pages, not page faults
-    state = init_parallel(cfg.parallel, device.type)
+    state = init_parallel(cfg.parallel, device)
     quiet = quiet or state.rank != 0
     log: Callable[[str], None] = (lambda line: None) if quiet else print
     seed_everything(tc.seed)

@@ -99,7 +99,8 @@ class Trainer:
         overflow = self.scaler.unscale_([p for p, _ in held]) if self.scaler else False
         grad_norm = float("nan")
         if not overflow:
-            norm = global_grad_norm(((p.grad, copies) for p, copies in held), world=self.parallel.distributed)
+            norm = global_grad_norm(((p.grad, copies) for p, copies in held), world=self.parallel.distributed,
+                                    device=self.parallel.comm_device)
             clip_gradients([p.grad for p, _ in held], tc.clip_grad if tc.clip_grad > 0 else math.inf, norm)
             grad_norm = float(norm)
             self.optimizer.step()
