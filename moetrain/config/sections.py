@@ -22,6 +22,8 @@ from moetrain.train.lr_schedule import STYLES as LR_DECAY_STYLES
 
 MODEL_STYLES = ("gpt", "llama")
 MLP_TYPES = ("standard", "residual")
+RECOMPUTE_GRANULARITIES = (None, "full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
 TOKENIZER_TYPES = TOKENIZER_KINDS
 DEVICES = ("auto", "cpu", "cuda")
 DISTRIBUTED_BACKENDS = (None, "nccl", "gloo")
@@ -94,6 +96,17 @@ class ModelConfig:
     tie_embeddings: bool = option(True, switches=(switch(
         "--untie-embeddings-and-output-weights", False,
         help="give the output layer its own weights instead of the input embedding's"),))
+    recompute_granularity: str | None = option(
+        None, "--recompute-granularity", type=_none_or_str, choices=RECOMPUTE_GRANULARITIES, group="training",
+        help="activation recomputation: full (whole blocks) or selective (the attention core); None: off",
+        switches=(switch("--checkpoint-activations", "full",
+                         help="DeepSpeed's name for --recompute-granularity full (uniform, 1 layer)"),))
+    recompute_method: str = option("uniform", "--recompute-method", choices=RECOMPUTE_METHODS, group="training",
+                                   help="full recompute: uniform (every run of --recompute-num-layers blocks "
+                                        "as one unit) or block (only the first --recompute-num-layers blocks "
+                                        "of each pipeline stage, one by one)")
+    recompute_num_layers: int = option(1, "--recompute-num-layers", group="training",
+                                       help="blocks per recomputed unit (uniform) or blocks recomputed (block)")
 
     def ffn_size(self) -> int:
         """Dense FFN width: 4h for GPT; for llama 8h/3 (SwiGLU's 3 matrices then hold as many parameters as
@@ -255,6 +268,12 @@ class TrainingConfig:
     tensorboard_dir: str | None = option(None, "--tensorboard-dir", group="logging",
                                          help="also write TensorBoard events here")
     device: str = option("auto", "--device", choices=DEVICES, help="auto: cuda when available, else cpu")
+    tf32: bool = option(True, group="precision", switches=(switch(
+        "--no-tf32", False, help="fp32 matmuls on CUDA in full fp32 instead of TF32 (slower, ~3 more digits)"),))
+    deterministic: bool = option(False, switches=(switch(
+        "--deterministic", True, help="deterministic kernels (torch.use_deterministic_algorithms, a fixed "
+                                      "cuBLAS workspace), so a GPU run and its resume repeat bit for bit; "
+                                      "costs speed, and an op without a deterministic kernel stops the run"),))
     progress_bar: bool = option(True, group="logging", switches=(switch(
         "--no-progress-bar", False, help="plain log lines instead of a progress bar"),))
 

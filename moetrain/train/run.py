@@ -47,6 +47,17 @@ def resolve_device(name: str) -> torch.device:
     return local_device(name) if name == "cuda" else torch.device(name)
 
 
+def set_numerics(device: torch.device, tf32: bool, deterministic: bool) -> None:
+    """TF32 for fp32 matmuls on CUDA (unless --no-tf32); deterministic kernels with --deterministic
+    (cuBLAS needs its workspace size fixed before its first call, so this runs before any work)."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -93,6 +104,7 @@ def build_run(cfg: Config, *, quiet: bool = False) -> Run:
     cfg.validate(world_size)  # before joining: bad flags fail at once
     tc = cfg.training
     device = resolve_device(tc.device)
+    set_numerics(device, tc.tf32, tc.deterministic)
     if device.type == "cpu":
         keep_freed_memory()  # per-step activations and gradients reuse pages, not page faults
     state = init_parallel(cfg.parallel, device)
