@@ -117,7 +117,14 @@ class Trainer:
         micro, state = self.cfg.training.micro_batch_size, self.parallel
         inputs, targets = self.train_data.next_batch(micro * state.dp)
         rows = slice(state.dp_rank * micro, (state.dp_rank + 1) * micro)
-        return inputs[rows].to(self.device), targets[rows].to(self.device)
+        return self._to_device(inputs[rows]), self._to_device(targets[rows])
+
+    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        """Host rows to the device; to a GPU from pinned memory without blocking (the copy overlaps the
+        work already queued; the stream orders it before the forward that reads it)."""
+        if self.device.type != "cuda":
+            return batch.to(self.device)
+        return batch.pin_memory().to(self.device, non_blocking=True)
 
     @torch.no_grad()
     def evaluate(self) -> dict | None:
