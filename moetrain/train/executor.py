@@ -40,16 +40,19 @@ class LocalExecutor:
         self.model, self.loss_function, self.state = model, loss_function, state
         self.device, self.precision, self.accumulation = device, precision, accumulation
 
-    def forward_backward(self, next_batch: Callable[[], Batch], iteration: int,
-                         scaler: LossScaler | None) -> Tensor:
+    def forward_backward(self, next_batch: Callable[[], Batch], iteration: int, scaler: LossScaler | None,
+                         before_last_backward: Callable[[], None] = lambda: None) -> Tensor:
         """Accumulate the micro-batches' gradients; return the mean of each logged loss
-        ([loss, lm_loss, aux_loss, z_loss(, kd_loss)], this rank's)."""
+        ([loss, lm_loss, aux_loss, z_loss(, kd_loss)], this rank's). `before_last_backward` runs just
+        before the last micro-batch's backward (the data-parallel all-reduce starts during it)."""
         logged = []
-        for _ in range(self.accumulation):
+        for micro_batch in range(self.accumulation):
             inputs, targets = next_batch()
             with autocast(self.device.type, self.precision):
                 parts = self.loss_function.compute_loss(self.model(inputs, targets), (inputs, targets), iteration)
             scaled = parts.loss / self.accumulation
+            if micro_batch == self.accumulation - 1:
+                before_last_backward()
             (scaler.scale(scaled) if scaler else scaled).backward()
             logged.append(parts.logged())
         return torch.stack(logged).sum(0) / self.accumulation
@@ -82,8 +85,9 @@ class PipelineExecutor(LocalExecutor):
         self.runner = PipelineRunner(model, state, accumulation, micro_batch_size, seq_length, device,
                                      schedule=schedule, precision=precision, loss_function=loss_function)
 
-    def forward_backward(self, next_batch: Callable[[], Batch], iteration: int,
-                         scaler: LossScaler | None) -> Tensor:
+    def forward_backward(self, next_batch: Callable[[], Batch], iteration: int, scaler: LossScaler | None,
+                         before_last_backward: Callable[[], None] = lambda: None) -> Tensor:
+        """As LocalExecutor's, through the schedule (which runs the backwards itself: no overlap hook)."""
         batches = [next_batch() for _ in range(self.accumulation)]
         out = self.runner.step(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]),
                                scaler.loss_scale if scaler else 1.0, iteration)

@@ -161,5 +161,5 @@ def build_run(cfg: Config, *, quiet: bool = False) -> Run:
     return Run(cfg=cfg, device=device, parallel=state, quiet=quiet, tokenizer=tokenizer, train_data=train_data,
                valid_data=valid_data, model=model, param_counts=param_counts, distiller=distiller,
                loss_function=loss_function, grad_specs=grad_specs, optimizer=optimizer,
-               grad_sync=GradientSync(grad_specs, optimizer), schedule=schedule, scaler=scaler,
+               grad_sync=GradientSync(grad_specs, optimizer, overlap=state.pp == 1), schedule=schedule, scaler=scaler,
                accumulation=accumulation, executor=executor)

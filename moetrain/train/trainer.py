@@ -88,7 +88,8 @@ class Trainer:
         tc = self.cfg.training
         lr = self.schedule.apply(self.optimizer, self.iteration)
         self.model.train()
-        means = self.executor.forward_backward(self._next_batch, self.iteration, self.scaler)
+        means = self.executor.forward_backward(self._next_batch, self.iteration, self.scaler,
+                                               self.grad_sync.before_last_backward)
         if self.parallel.dp > 1:
             dist.all_reduce(means, group=self.parallel.dp_group)
             means /= self.parallel.dp
