@@ -18,6 +18,7 @@ and the largest micro-batch whose peak stays within --budget-mb (from the measur
 
     python benchmarks/train_memory.py                     # micro-batches 1, 4, 16, sequence 256
     python benchmarks/train_memory.py --micro 1 4 --seq 128   # smaller, faster
+    python benchmarks/train_memory.py --micro 16 --settings chunked:none --chunk-mb 64   # one setting
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import os
 import subprocess
 import sys
 
+from moetrain.lm_loss import CHUNK_BYTES
+
 SETTINGS = [("plain", None), ("chunked", None), ("plain", "full"), ("chunked", "full")]
 
 
@@ -36,12 +39,14 @@ def _rss_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def measure(loss_kind: str, recompute: str | None, micro: int, seq: int, vocab: int, layers: int) -> dict:
+def measure(loss_kind: str, recompute: str | None, micro: int, seq: int, vocab: int, layers: int,
+            chunk_mb: float) -> dict:
     """One step of one setting in this process: saved-for-backward and peak bytes."""
     import torch
     import torch.nn.functional as F
 
     from moetrain.config import ModelConfig, MoEConfig
+    from moetrain.lm_loss import linear_cross_entropy
     from moetrain.model import GPT, ModelOutput
 
     torch.manual_seed(0)
@@ -69,7 +74,7 @@ def measure(loss_kind: str, recompute: str | None, micro: int, seq: int, vocab: 
     with keeper(loss_saved):
         out = ModelOutput(hidden, model.lm_head.weight, None, aux, z)
         if loss_kind == "chunked":
-            loss = out.loss_of(targets)
+            loss = linear_cross_entropy(hidden, model.lm_head.weight, targets, chunk_bytes=int(chunk_mb * 2**20))
         else:
             loss = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
         del out
@@ -84,7 +89,7 @@ def measure(loss_kind: str, recompute: str | None, micro: int, seq: int, vocab: 
 def _run_fresh(args, loss_kind: str, recompute: str | None, micro: int) -> dict:
     code = (f"import json, sys; sys.path.insert(0, {os.getcwd()!r}); from benchmarks.train_memory import measure; "
             f"print(json.dumps(measure({loss_kind!r}, {recompute!r}, {micro}, {args.seq}, {args.vocab}, "
-            f"{args.layers})))")
+            f"{args.layers}, {args.chunk_mb})))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -97,14 +102,22 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=50_000)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--budget-mb", type=float, default=2048)
+    parser.add_argument("--chunk-mb", type=float, default=CHUNK_BYTES / 2**20,
+                        help="fp32 logits of one chunk of the chunked loss (moetrain.lm_loss.CHUNK_BYTES)")
+    parser.add_argument("--settings", nargs="+", default=[f"{loss}:{r or 'none'}" for loss, r in SETTINGS],
+                        help="loss:recompute pairs to run")
     args = parser.parse_args()
-    rows = [_run_fresh(args, loss, recompute, micro) for micro in args.micro for loss, recompute in SETTINGS]
-    print(f"{args.layers} layers, hidden 256, vocab {args.vocab}, seq {args.seq}, fp32, CPU; one fresh process each")
+    settings = [(loss, None if r == "none" else r) for loss, r in (s.split(":") for s in args.settings)]
+    rows = [_run_fresh(args, loss, recompute, micro) for micro in args.micro for loss, recompute in settings]
+    print(f"{args.layers} layers, hidden 256, vocab {args.vocab}, seq {args.seq}, fp32, CPU, chunk "
+          f"{args.chunk_mb:.0f} MB; one fresh process each")
     print(f"{'micro':>5} {'loss':>8} {'recompute':>9} {'blocks MB':>9} {'loss MB':>8} {'peak MB':>8} "
           f"{'fp32 logits MB':>15}")
     for r in rows:
         print(f"{r['micro']:>5} {r['loss']:>8} {r['recompute']:>9} {r['blocks_mb']:>9.1f} {r['loss_mb']:>8.1f} "
               f"{r['peak_mb']:>8.1f} {r['logits_mb']:>15.1f}")
+    if set(settings) != set(SETTINGS):
+        return
     print()
     for micro in args.micro:
         by = {(r["loss"], r["recompute"]): r for r in rows if r["micro"] == micro}
@@ -116,7 +129,7 @@ def main() -> None:
               f"({logits:.0f} MB) less for backward, and its step peaks {lower:.0f} MB "
               f"({lower / logits:.1f} logits copies) lower; full recompute keeps {activations:.1f}x fewer "
               f"activation bytes")
-    for loss, recompute in SETTINGS:
+    for loss, recompute in settings:
         fits = [r["micro"] for r in rows if (r["loss"], r["recompute"]) == (loss, recompute or "none")
                 and r["peak_mb"] <= args.budget_mb]
         print(f"largest micro-batch within {args.budget_mb:.0f} MB, {loss} loss, recompute {recompute or 'none'}: "
