@@ -94,7 +94,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: Tensor) -> Tensor:
-        return _RMSNormFunction.apply(x, self.weight, self.eps)
+        # The function picks its own precision; autocast would lower its statistics to 16 bits.
+        with torch.autocast(x.device.type, enabled=False):
+            return _RMSNormFunction.apply(x, self.weight, self.eps)
 
 
 def _at_least_fp32(t: Tensor) -> Tensor:
@@ -183,12 +185,13 @@ class Block(nn.Module):
             self.ffn = MLP(cfg.hidden_size, cfg.ffn_size(), activation, bias=bias)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor | None]:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(x, l_aux, z_loss); the two router losses are None for a dense FFN."""
         x = x + self.dropout(self.attn(self.norm1(x), rope))
         if isinstance(self.ffn, MoE):
-            out, l_aux, _ = self.ffn(self.norm2(x))
-            return x + self.dropout(out), l_aux
-        return x + self.dropout(self.ffn(self.norm2(x))), None
+            moe = self.ffn(self.norm2(x), with_z_loss=True)
+            return x + self.dropout(moe.output), moe.l_aux, moe.z_loss
+        return x + self.dropout(self.ffn(self.norm2(x))), None, None
 
 
 def _run_units(blocks: list[Block], x: Tensor, rope: tuple[Tensor, Tensor] | None
@@ -196,10 +199,10 @@ def _run_units(blocks: list[Block], x: Tensor, rope: tuple[Tensor, Tensor] | Non
     """x through `blocks`; the aux and z losses of their MoE layers."""
     aux, z = [], []
     for block in blocks:
-        x, l_aux = block(x, rope)
+        x, l_aux, z_loss = block(x, rope)
         if l_aux is not None:
             aux.append(l_aux)
-            z.append(block.ffn.last_z_loss)
+            z.append(z_loss)
     return x, aux, z
 
 
@@ -274,7 +277,7 @@ class GPT(nn.Module):
             raise ValueError("ModelConfig.vocab_size is unset; set it from the tokenizer")
         self.cfg, self.moe_cfg = cfg, moe_cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.pos_emb = nn.Embedding(cfg.seq_length, cfg.hidden_size) if cfg.style == "gpt" else None
+        self.pos_emb = nn.Embedding(cfg.positions(), cfg.hidden_size) if cfg.style == "gpt" else None
         self.drop = nn.Dropout(cfg.hidden_dropout)
         experts = moe_cfg.experts_per_layer(cfg.num_layers)
         self.blocks = LayerStack({i: Block(cfg, moe_cfg, e) for i, e in enumerate(experts)})
@@ -283,7 +286,7 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         if cfg.style == "llama":
-            cos, sin = rope_tables(cfg.seq_length, cfg.hidden_size // cfg.num_attention_heads,
+            cos, sin = rope_tables(cfg.positions(), cfg.hidden_size // cfg.num_attention_heads,
                                    cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
@@ -352,8 +355,9 @@ class GPT(nn.Module):
         return [(i, b.ffn) for i, b in self.blocks.items() if isinstance(b.ffn, MoE)]
 
     def forward(self, input_ids: Tensor, targets: Tensor | None = None) -> ModelOutput:
-        if input_ids.shape[1] > self.cfg.seq_length:
-            raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds seq_length {self.cfg.seq_length}")
+        if input_ids.shape[1] > self.cfg.positions():
+            raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds seq_length {self.cfg.seq_length} and "
+                             f"max_position_embeddings {self.cfg.positions()}")
         hidden, aux, z = self.forward_stage(input_ids)
         output = ModelOutput(hidden, self.lm_head.weight, None, aux, z)
         if targets is not None:

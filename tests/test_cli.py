@@ -223,7 +223,7 @@ def test_top_level_help_lists_every_command_without_loading_torch():
 def test_every_command_parser_builds_and_helps(capsys):
     for name in COMMANDS:
         if not hasattr(command_module(name), "configure"):
-            continue  # parses its own arguments (lm-eval, prepare-data)
+            continue  # parses its own arguments (lm-eval)
         code, out, _ = run_main(capsys, name, "--help")
         assert code == 0 and out.startswith(f"usage: moetrain {name} "), (name, out[:80])
 
@@ -236,3 +236,22 @@ def test_flags_reference_is_current(tmp_path):
         "docs/flags.md is stale: run python -m moetrain.cli.reference"
     for flag in ("--num-experts", "--moe-layer-interval", "--deepspeed_config", "--kd-temp", "--router-init"):
         assert f"`{flag}`" in committed
+
+
+def test_launcher_errors_before_joining_are_reported_by_rank_0_alone(tmp_path, monkeypatch, capsys):
+    import moetrain.cli
+
+    monkeypatch.setattr(moetrain.cli, "_LAST_EXIT_DELAY_S", 0.0)
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert moetrain.cli.report_error("moetrain train: error: bad") == 0  # quiet: rank 0 reports it
+    assert capsys.readouterr().err == "" and not error_file.exists()
+    monkeypatch.setenv("RANK", "0")
+    assert moetrain.cli.report_error("moetrain train: error: bad") == 1
+    assert capsys.readouterr().err == "moetrain train: error: bad\n"
+    assert json.loads(error_file.read_text())["message"]["message"] == "moetrain train: error: bad"
+    monkeypatch.setenv("WORLD_SIZE", "1")  # no launcher: the line, exit 1, no error file written
+    error_file.unlink()
+    assert moetrain.cli.report_error("moetrain train: error: bad") == 1 and not error_file.exists()

@@ -74,7 +74,7 @@ def test_llama_ffn_size_is_eight_thirds_rounded_up_to_64() -> None:
     (["--num-attention-heads", "4"], "model.num_attention_heads", 4),
     (["--ffn-hidden-size", "100"], "model.ffn_hidden_size", 100),
     (["--seq-length", "128"], "model.seq_length", 128),
-    (["--max-position-embeddings", "128"], "model.seq_length", 128),
+    (["--max-position-embeddings", "128"], "model.max_position_embeddings", 128),
     (["--hidden-dropout", "0.1"], "model.hidden_dropout", 0.1),
     (["--attention-dropout", "0.2"], "model.attention_dropout", 0.2),
     (["--init-method-std", "0.01"], "model.init_method_std", 0.01),
@@ -229,8 +229,8 @@ def test_fp16_and_bf16_together_are_an_error() -> None:
 
 
 def test_two_spellings_of_one_field_must_agree() -> None:
-    with pytest.raises(ConfigError, match="--seq-length 128 and --max-position-embeddings 256"):
-        parse_train_args(["--seq-length", "128", "--max-position-embeddings", "256"])
+    with pytest.raises(ConfigError, match="--max-steps 9 and --train-iters 10 both set training.train_iters"):
+        parse_train_args(["--max-steps", "9", "--train-iters", "10"])
     assert parse_train_args(["--max-steps", "9", "--train-iters", "9"]).training.train_iters == 9
     assert parse_train_args(["--lr", "1", "--lr", "2"]).training.lr == 2.0  # a repeated flag: last wins
 
@@ -549,7 +549,8 @@ def test_each_flag_is_declared_once_and_every_default_is_a_valid_choice() -> Non
     names = [name for flags in field_flags() for name in flags.option.flag_names()]
     assert len(names) == len(set(names))
     parser_flags = {flag for action in build_train_parser()._actions for flag in action.option_strings}
-    assert parser_flags == {*names, "-h", "--help", "--deepspeed_config", "--deepspeed-config", "--deepspeed"}
+    assert parser_flags == {*names, "-h", "--help", "--deepspeed_config", "--deepspeed-config", "--deepspeed",
+                            "--local_rank", "--local-rank"}
     for flags in field_flags():
         if flags.option.choices is not None:
             default = getattr(getattr(Config(), flags.dest.split(".")[0]), flags.field.name)
@@ -589,3 +590,51 @@ def test_json_mappers_set_only_the_fields_the_reference_lists(tmp_path: Path) ->
         assert json_keys(dest), dest
     assert json_keys("training.adam_beta2") == ["optimizer.params.betas"]
     assert json_keys("moe.num_experts") == ["moe.num_experts", "moe.enabled"]
+
+
+def test_warmup_default_fits_any_run_length() -> None:
+    """Unset, the warmup is an eighth of the run: the default 400 steps keep 50, short runs fit."""
+    assert parse_train_args([]).training.warmup_iters() == 50
+    for argv, warmup in ((["--train-iters", "10"], 1), (["--train-iters", "5"], 0),
+                         (["--train-iters", "400", "--lr-decay-iters", "40"], 5),
+                         (["--train-iters", "3", "--lr-decay-iters", "500000"], 0),
+                         (["--train-iters", "10", "--lr-warmup-iters", "0"], 0)):
+        cfg = parse_train_args(argv)
+        cfg.validate()
+        assert cfg.training.warmup_iters() == warmup, argv
+
+
+def test_max_position_embeddings_is_its_own_setting() -> None:
+    cfg = parse_train_args(["--seq-length", "32", "--max-position-embeddings", "64"])
+    assert (cfg.model.seq_length, cfg.model.positions()) == (32, 64)
+    assert parse_train_args(["--seq-length", "32"]).model.positions() == 32  # unset: the sequence length
+    assert Config.from_dict({"model": {"seq_length": 16}}).model.positions() == 16  # a config saved before the field
+    with pytest.raises(ConfigError, match="--max-position-embeddings 16 is shorter than --seq-length 32"):
+        parse_train_args(["--seq-length", "32", "--max-position-embeddings", "16"]).validate()
+
+
+def test_teacher_flags_of_the_mos_recipe() -> None:
+    cfg = parse_train_args(["--mos", "--load-teacher", "t", "--teacher-forward", "--teacher-model-parallel-size", "1"])
+    assert cfg.distill.enabled and cfg.distill.teacher_model_parallel_size == 1
+    assert parse_train_args(["--teacher-forward", "--load-teacher", "t"]).distill.enabled
+    parse_train_args(["--mos", "--load-teacher", "t", "--teacher-model-parallel-size", "2",
+                      "--tensor-parallel-size", "2"]).validate(2)
+    with pytest.raises(ConfigError, match="--teacher-model-parallel-size 4: moetrain shards the teacher like the "
+                                          "student, over --tensor-parallel-size 2; use 2 or 1"):
+        parse_train_args(["--mos", "--load-teacher", "t", "--teacher-model-parallel-size", "4",
+                          "--tensor-parallel-size", "2"]).validate(2)
+    with pytest.raises(ConfigError, match="--teacher-model-parallel-size is given without --mos or --kd"):
+        parse_train_args(["--teacher-model-parallel-size", "1"]).validate()
+
+
+def test_deepspeed_launcher_local_rank_is_accepted() -> None:
+    for flag in ("--local_rank=3", "--local-rank=3"):
+        assert parse_train_args([flag, "--num-layers", "2"]).model.num_layers == 2
+
+
+def test_a_five_step_deepspeed_json_run_needs_no_warmup_flag(tmp_path) -> None:
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": 8, "gradient_accumulation_steps": 1}))
+    cfg = parse_train_args(["--deepspeed_config", str(path), "--train-iters", "5"])
+    cfg.validate()
+    assert cfg.training.warmup_iters() == 0

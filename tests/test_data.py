@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import moetrain.data.loader as loader_module
+from moetrain.cli import run as run_command
 from moetrain.data import (
     DataError,
     IndexedDataset,
@@ -20,7 +21,6 @@ from moetrain.data import (
     default_corpus,
     load_training_data,
     prepare_data,
-    prepare_data_main,
     read_documents,
 )
 
@@ -281,14 +281,15 @@ def test_prepare_data_cli(tmp_path, capsys):
     source = tmp_path / "a.jsonl"
     write_jsonl(source, ["one", "two"])
     prefix = tmp_path / "cli"
-    assert prepare_data_main(["--input", str(source), "--output-prefix", str(prefix), "--tokenizer-type", "byte"]) == 0
+    argv = ["--input", str(source), "--output-prefix", str(prefix), "--tokenizer-type", "byte"]
+    assert run_command("prepare-data", argv) == 0
     out = capsys.readouterr().out
     assert "8 tokens" in out and "2 documents" in out and "uint16" in out
     assert IndexedDataset(str(prefix)).tokens.tolist() == [111, 110, 101, 256, 116, 119, 111, 256]
-    assert prepare_data_main(["--input", str(tmp_path / "nope.txt"), "--output-prefix", str(prefix)]) == 1
-    assert "nope.txt' does not exist" in capsys.readouterr().err
+    with pytest.raises(DataError, match="nope.txt' does not exist"):  # `moetrain` prints it as one line
+        run_command("prepare-data", ["--input", str(tmp_path / "nope.txt"), "--output-prefix", str(prefix)])
     bpe_args = ["--input", str(source), "--output-prefix", str(tmp_path / "b"), "--vocab-size", "300"]
-    assert prepare_data_main(bpe_args) == 0  # bpe, the default type, trained on the inputs
+    assert run_command("prepare-data", bpe_args) == 0  # bpe, the default type, trained on the inputs
     assert IndexedDataset(str(tmp_path / "b")).vocab_size <= 300
 
 

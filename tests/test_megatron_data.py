@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from moetrain.cli import run as run_command
 from moetrain.config import Config, ConfigError, parse_train_args
-from moetrain.data import DataError, MegatronDataset, build_tokenizer, load_training_data, prepare_data_main
+from moetrain.data import DataError, MegatronDataset, build_tokenizer, load_training_data
 from moetrain.data.blend import blend_assignment, parse_blend
 from moetrain.train.trainer import Trainer
 
@@ -339,14 +340,14 @@ def test_prepare_data_writes_megatron_format_with_megatrons_flags(tmp_path, caps
     argv = ["--input", str(source), "--json-keys", "content", "--output-prefix", str(tmp_path / "my-gpt2"),
             "--vocab-file", vocab, "--merge-file", merges, "--tokenizer-type", "GPT2BPETokenizer", "--append-eod",
             "--workers", "1", "--output-format", "megatron", "--dataset-impl", "mmap"]
-    assert prepare_data_main(argv) == 0
+    assert run_command("prepare-data", argv) == 0
     assert "my-gpt2_content_document.bin (11 tokens, uint16)" in capsys.readouterr().out
     code, lengths, pointers, document_indices, ids = read_megatron_files(tmp_path / "my-gpt2_content_document")
     assert code == UINT16 and document_indices == [0, 1, 2, 3]
     assert lengths == [4, 2, 5] and pointers == [0, 8, 12]
     assert ids == [3, 2, 3, 4, 0, 4, 3, 3, 2, 1, 4]
     # without --append-eod Megatron writes no eos; moetrain reads the prefix back with the tokenizer left beside it
-    assert prepare_data_main(argv[:-7] + ["--output-format", "megatron"]) == 0
+    assert run_command("prepare-data", argv[:-7] + ["--output-format", "megatron"]) == 0
     assert read_megatron_files(tmp_path / "my-gpt2_content_document")[4] == [3, 2, 3, 0, 3, 3, 2, 1]
     tokenizer, train, _ = load_training_data([str(tmp_path / "my-gpt2_content_document")], seq_length=2,
                                              split="100,0,0", cache_dir=str(tmp_path / "c"))
@@ -358,9 +359,9 @@ def test_prepare_data_workers_write_identical_files(tmp_path):
     source.write_text("".join(json.dumps({"text": f"document {i} " * (i % 7 + 1)}) + "\n" for i in range(3000)))
     for workers in ("1", "3"):
         for fmt in ("moetrain", "megatron"):
-            assert prepare_data_main(["--input", str(source), "--output-prefix", str(tmp_path / f"{fmt}{workers}"),
-                                      "--tokenizer-type", "byte", "--workers", workers, "--output-format", fmt,
-                                      "--append-eod"]) == 0
+            argv = ["--input", str(source), "--output-prefix", str(tmp_path / f"{fmt}{workers}"),
+                    "--tokenizer-type", "byte", "--workers", workers, "--output-format", fmt, "--append-eod"]
+            assert run_command("prepare-data", argv) == 0
     for name in ("moetrain{}.bin", "moetrain{}.idx", "megatron{}_text_document.bin", "megatron{}_text_document.idx"):
         assert (tmp_path / name.format(1)).read_bytes() == (tmp_path / name.format(3)).read_bytes(), name
 

@@ -60,7 +60,7 @@ def test_moe_transformer_block_shapes_laux_and_prenorm_wiring():
     block = Block(model_cfg("gpt"), moe_cfg(drop_tokens=False), num_experts=4)
     assert isinstance(block.ffn, MoE) and block.ffn.num_experts == 4
     x = torch.randn(2, SEQ, HIDDEN)
-    out, l_aux = block(x, None)
+    out, l_aux, _ = block(x, None)
     assert out.shape == x.shape
     assert l_aux is not None and l_aux.dim() == 0 and torch.isfinite(l_aux) and l_aux > 0
     # pre-norm residual block: h = x + attn(norm1 x); y = h + moe(norm2 h), with attention written out here
@@ -75,7 +75,7 @@ def test_moe_transformer_block_gradient_reaches_router_and_experts():
     block = Block(model_cfg("llama"), moe_cfg(), num_experts=4)
     cos, sin = rope_tables(SEQ, HIDDEN // HEADS, 10000.0)
     x = torch.randn(2, SEQ, HIDDEN, requires_grad=True)
-    out, l_aux = block(x, (cos, sin))
+    out, l_aux, _ = block(x, (cos, sin))
     (out.square().mean() + l_aux).backward()
     moe = block.ffn
     for name, param in [("router", moe.router.wg.weight), ("w1", moe.experts.w1), ("w2", moe.experts.w2),
@@ -94,8 +94,8 @@ def test_moe_transformer_block_dense_when_one_expert():
     torch.manual_seed(0)
     block = Block(model_cfg("gpt"), moe_cfg(), num_experts=1)
     assert isinstance(block.ffn, MLP)
-    out, l_aux = block(torch.randn(1, 4, HIDDEN), None)
-    assert out.shape == (1, 4, HIDDEN) and l_aux is None
+    out, l_aux, z_loss = block(torch.randn(1, 4, HIDDEN), None)
+    assert out.shape == (1, 4, HIDDEN) and l_aux is None and z_loss is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,3 +418,20 @@ def test_pipeline_stages_are_gpts_over_layer_ranges_and_chain_to_the_whole_forwa
     assert stages[1].tok_emb is None and stages[1].lm_head is None and stages[0].lm_head is None
     with pytest.raises(ValueError, match="not a run of the 4 layers"):
         model.pipeline_stage(range(2, 6))
+
+
+@pytest.mark.parametrize("style", ["gpt", "llama"])
+def test_position_tables_may_be_longer_than_the_training_length(style):
+    """Megatron's --max-position-embeddings above --seq-length: longer tables, the same first positions."""
+    torch.manual_seed(0)
+    short = GPT(model_cfg(style), moe_cfg())
+    torch.manual_seed(0)
+    long = GPT(model_cfg(style, max_position_embeddings=2 * SEQ), moe_cfg())
+    tables = [long.pos_emb.weight] if style == "gpt" else [long.rope_cos, long.rope_sin]
+    assert all(table.shape[0] == 2 * SEQ for table in tables)
+    if style == "llama":  # RoPE tables are a function of the position: the short model's are a prefix
+        assert torch.equal(long.rope_cos[:SEQ], short.rope_cos) and torch.equal(long.rope_sin[:SEQ], short.rope_sin)
+    tokens = torch.randint(0, VOCAB, (2, 2 * SEQ + 1))
+    assert long(tokens[:, :2 * SEQ]).logits.shape == (2, 2 * SEQ, VOCAB)
+    with pytest.raises(ValueError, match=f"exceeds seq_length {SEQ} and max_position_embeddings {2 * SEQ}"):
+        long(tokens)

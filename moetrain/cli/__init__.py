@@ -2,7 +2,7 @@
 
 A command module has ``SUMMARY`` (its line in ``moetrain --help``) and either ``configure(parser)`` to add
 its arguments plus ``run(args) -> int``, or ``main(argv) -> int`` for a command that parses its own
-arguments (lm-eval's command line, prepare-data). Modules import their dependencies inside these
+arguments (lm-eval's command line). Modules import their dependencies inside these
 functions, so ``moetrain --help`` loads no torch.
 """
 
@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import os
 import sys
+import time
 from types import ModuleType
 
 # command -> module in moetrain.cli, in the order `moetrain --help` lists them
@@ -62,8 +65,16 @@ def run(command: str, argv: list[str]) -> int:
     return module.run(subparsers[command].parse_args(argv))
 
 
+def _without_launcher_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher runs ``moetrain --local_rank=N train ...``: drop that leading flag (the LOCAL_RANK it
+    also sets picks the device)."""
+    if argv and argv[0].startswith(("--local_rank=", "--local-rank=")):
+        return argv[1:]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = _without_launcher_rank(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         build_parser()[0].print_help()
         if argv and argv[0] not in ("-h", "--help"):
@@ -76,6 +87,35 @@ def main(argv: list[str] | None = None) -> None:
         code = run(argv[0], argv[1:])
     except (ValueError, FileNotFoundError, CheckpointError) as error:
         # Bad input: one clear line, not a traceback (ConfigError, DataError, CheckpointError ...).
-        print(f"moetrain {argv[0]}: error: {error}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(report_error(f"moetrain {argv[0]}: error: {error}"))
     sys.exit(code)
+
+
+# rank 0 exits this long after the others, so a launcher records its failure alone (torchrun polls every 0.1 s)
+_LAST_EXIT_DELAY_S = 1.0
+
+
+def report_error(message: str) -> int:
+    """Print a bad-input error and return the exit code; under a launcher (torchrun, deepspeed), once.
+
+    Before the processes have joined one job every rank read the same flags and met the same error, so
+    rank 0 alone reports it (also in torchrun's error file, which its failure summary shows) and exits 1
+    last; the other ranks leave quietly with 0, so the launcher's summary lists one failure. After joining,
+    an error may be one rank's own: each rank reports its own, marked with its rank.
+    """
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    distributed = sys.modules.get("torch.distributed")
+    if world > 1 and distributed is not None and distributed.is_available() and distributed.is_initialized():
+        print(f"[rank {rank}] {message}", file=sys.stderr)
+        return 1
+    if rank != 0:
+        return 0
+    print(message, file=sys.stderr)
+    if world > 1:
+        error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+        if error_file:
+            with open(error_file, "w") as f:
+                json.dump({"message": {"message": message, "extraInfo": {
+                    "py_callstack": message, "timestamp": str(int(time.time()))}}}, f)
+        time.sleep(_LAST_EXIT_DELAY_S)
+    return 1

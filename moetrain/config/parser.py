@@ -59,8 +59,8 @@ class _GivenFlag(NamedTuple):
 class _FieldAction(argparse.Action):
     """Store a flag's value at its "section.field" dest and remember which flag set it.
 
-    Two different spellings of one field with different values (``--seq-length 1024
-    --max-position-embeddings 2048``, ``--fp16 --bf16``) are an error instead of last-one-wins.
+    Two different spellings of one field with different values (``--max-steps 10 --train-iters 20``,
+    ``--fp16 --bf16``) are an error instead of last-one-wins; a repeated flag: the last one wins.
     """
 
     def __init__(self, option_strings: list[str], dest: str,
@@ -117,6 +117,9 @@ DEEPSPEED_ARGS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
     (("--deepspeed",),
      {"action": "store_true", "dest": "deepspeed_flag",
       "help": "accepted so Megatron-DeepSpeed launch scripts run unchanged; moetrain always uses its own engine"}),
+    (("--local_rank", "--local-rank"),
+     {"type": int, "dest": "local_rank", "metavar": "N",
+      "help": "passed by the deepspeed launcher and accepted; the LOCAL_RANK it also sets picks the device"}),
 )
 
 

@@ -85,8 +85,11 @@ class ModelConfig:
     num_attention_heads: int = option(8, "--num-attention-heads", help="attention heads")
     ffn_hidden_size: int | None = option(
         None, "--ffn-hidden-size", help="dense FFN width; unset: 4*hidden (gpt) or 8/3*hidden rounded up to 64 (llama)")
-    seq_length: int = option(256, "--seq-length", "--max-position-embeddings",
-                             help="tokens per sequence, also the position-embedding table size")
+    seq_length: int = option(256, "--seq-length", help="tokens per training sequence")
+    max_position_embeddings: int | None = option(
+        None, "--max-position-embeddings",
+        help="positions the model holds (gpt: the position-embedding table, llama: the RoPE tables), at least "
+             "--seq-length; unset: --seq-length")
     vocab_size: int = 0  # the tokenizer's, set by resolve() once the run has built it
     hidden_dropout: float = option(0.0, "--hidden-dropout", help="dropout after attention and FFN")
     attention_dropout: float = option(0.0, "--attention-dropout", help="dropout on attention probabilities")
@@ -107,6 +110,11 @@ class ModelConfig:
                                         "of each pipeline stage, one by one)")
     recompute_num_layers: int = option(1, "--recompute-num-layers", group="training",
                                        help="blocks per recomputed unit (uniform) or blocks recomputed (block)")
+
+    def positions(self) -> int:
+        """Length of the position tables: the longest sequence the model accepts (Megatron's
+        max_position_embeddings, which may exceed the training length)."""
+        return self.max_position_embeddings or self.seq_length
 
     def ffn_size(self) -> int:
         """Dense FFN width: 4h for GPT; for llama 8h/3 (SwiGLU's 3 matrices then hold as many parameters as
@@ -176,7 +184,8 @@ class MoEConfig:
         check(len(counts) == len(moe_layers),
               f"--num-experts lists {len(self.num_experts)} counts but --num-layers {num_layers} with "
               f"--expert-interval {self.expert_interval} has {len(moe_layers)} MoE layers; "
-              f"give 1 count or {len(moe_layers)}")
+              f"give 1 count or {len(moe_layers)}, one per MoE layer in order as Megatron-DeepSpeed expects "
+              f"(layers {', '.join(map(str, moe_layers[:3]))}{', ...' if len(moe_layers) > 3 else ''})")
         per_layer = [0] * num_layers
         for layer, count in zip(moe_layers, counts, strict=True):
             per_layer[layer] = count if count > 1 else 0
@@ -234,7 +243,10 @@ class TrainingConfig:
     min_lr: float = option(1e-4, "--min-lr", help="learning rate at the end of decay")
     lr_decay_style: str = option("cosine", "--lr-decay-style", choices=LR_DECAY_STYLES,
                                  help="shape of the decay after warmup")
-    lr_warmup_iters: int = option(50, "--lr-warmup-iters", help="linear warmup steps from 0")
+    lr_warmup_iters: int | None = option(
+        None, "--lr-warmup-iters", help="linear warmup steps from 0; unset: an eighth of the run (of --train-iters, "
+                                        "or of --lr-decay-iters if that ends sooner), so any run length fits; "
+                                        "Megatron's default is --lr-warmup-iters 0")
     lr_decay_iters: int | None = option(None, "--lr-decay-iters",
                                         help="step at which the decay reaches --min-lr; unset: --train-iters")
     weight_decay: float = option(0.1, "--weight-decay", help="AdamW weight decay")
@@ -276,6 +288,17 @@ class TrainingConfig:
                                       "costs speed, and an op without a deterministic kernel stops the run"),))
     progress_bar: bool = option(True, group="logging", switches=(switch(
         "--no-progress-bar", False, help="plain log lines instead of a progress bar"),))
+
+    def decay_iters(self) -> int:
+        """The step at which the LR decay reaches --min-lr."""
+        return self.lr_decay_iters or self.train_iters
+
+    def warmup_iters(self) -> int:
+        """--lr-warmup-iters, or unset an eighth of the run (50 of the default 400 steps): a default that never
+        outlasts a short --train-iters or an early --lr-decay-iters."""
+        if self.lr_warmup_iters is not None:
+            return self.lr_warmup_iters
+        return min(self.train_iters, self.decay_iters()) // 8
 
 
 @dataclass
@@ -334,9 +357,11 @@ class DistillConfig:
     The teacher's architecture comes from its checkpoint; the *_teacher fields, when given, are only checked
     against it. Loss = alpha_ce * LM loss + beta_ce * T^2 KL(teacher || student) + MoE losses.
     """
-    enabled: bool = option(False, switches=tuple(
-        switch(flag, True, help="distil from the --load-teacher model: add the KD loss to the student's losses")
-        for flag in ("--mos", "--kd")))
+    enabled: bool = option(False, switches=(
+        *(switch(flag, True, help="distil from the --load-teacher model: add the KD loss to the student's losses")
+          for flag in ("--mos", "--kd")),
+        switch("--teacher-forward", True,
+               help="run the --load-teacher model forward for the KD loss: the same as --mos / --kd")))
     load_teacher: str | None = option(None, "--load-teacher",
                                       help="teacher checkpoint directory; its architecture is read from it")
     num_layers_teacher: int | None = option(None, "--num-layers-teacher", help=_TEACHER)
@@ -344,6 +369,10 @@ class DistillConfig:
     num_attention_heads_teacher: int | None = option(None, "--num-attention-heads-teacher", help=_TEACHER)
     num_experts_teacher: list[int] | None = option(None, "--num-experts-teacher", **_EXPERT_COUNTS,
                                                    help=f"{_TEACHER} (one count or one per MoE layer)")
+    teacher_model_parallel_size: int | None = option(
+        None, "--teacher-model-parallel-size",
+        help="the teacher's tensor-parallel size: moetrain reads a teacher saved in any layout and shards it like the "
+             "student, so 1 or --tensor-parallel-size")
     temperature: float = option(1.0, "--kd-temp", help="softmax temperature T")
     alpha_ce: float = option(1.0, "--kd-alpha-ce", help="weight of the LM loss")
     beta_ce: float = option(1.0, "--kd-beta-ce", help="weight of the distillation loss T^2 KL(teacher || student)")
@@ -428,5 +457,5 @@ def config_summary(cfg: Config) -> str:
     lines = [f"{name}: " + ", ".join(f"{key}={value}" for key, value in values.items())
              for name, values in cfg.to_dict().items()]
     lines.append(f"derived: ffn_size={cfg.model.ffn_size()}, expert_ffn_size={cfg.moe.expert_ffn_size(cfg.model)}, "
-                 f"experts_per_layer={cfg.experts_per_layer()}")
+                 f"experts_per_layer={cfg.experts_per_layer()}, lr_warmup_iters={cfg.training.warmup_iters()}")
     return "\n".join(lines)

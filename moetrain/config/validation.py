@@ -64,7 +64,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     cfg = resolve(cfg, world_size)
     _validate_training(cfg.training)
     _validate_parallel(cfg, world_size)
-    _validate_distill(cfg.distill)
+    _validate_distill(cfg.distill, cfg.parallel.tensor_parallel_size)
 
 
 def _validate_model(model: ModelConfig) -> None:
@@ -74,6 +74,9 @@ def _validate_model(model: ModelConfig) -> None:
                         ("--num-attention-heads", model.num_attention_heads), ("--seq-length", model.seq_length)):
         check_at_least(flag, value, 1)
     check_at_least("--recompute-num-layers", model.recompute_num_layers, 1)
+    check(model.positions() >= model.seq_length,
+          f"--max-position-embeddings {model.max_position_embeddings} is shorter than --seq-length "
+          f"{model.seq_length}; give at least the sequence length, or drop it")
     if model.ffn_hidden_size is not None:
         check_at_least("--ffn-hidden-size", model.ffn_hidden_size, 1)
     check(model.hidden_size % model.num_attention_heads == 0,
@@ -133,16 +136,17 @@ def _validate_training(training: TrainingConfig) -> None:
     check_positive("--lr", training.lr)
     check_at_least("--min-lr", training.min_lr, 0)
     check_choice(training, "lr_decay_style")
-    check_at_least("--lr-warmup-iters", training.lr_warmup_iters, 0)
-    check(training.lr_warmup_iters <= training.train_iters,
-          f"--lr-warmup-iters {training.lr_warmup_iters} exceeds --train-iters {training.train_iters}; "
+    warmup = training.warmup_iters()
+    check_at_least("--lr-warmup-iters", warmup, 0)
+    check(warmup <= training.train_iters,
+          f"--lr-warmup-iters {warmup} exceeds --train-iters {training.train_iters}; "
           f"shorten the warmup or train longer")
     if training.lr_decay_style != "constant":
         check(training.min_lr <= training.lr,
               f"--min-lr {training.min_lr} exceeds --lr {training.lr}; lower --min-lr")
-        decay_iters = training.lr_decay_iters or training.train_iters
-        check(decay_iters > training.lr_warmup_iters,
-              f"LR decay ends at iteration {decay_iters}, not after the {training.lr_warmup_iters} warmup "
+        decay_iters = training.decay_iters()
+        check(decay_iters > warmup,
+              f"LR decay ends at iteration {decay_iters}, not after the {warmup} warmup "
               f"iterations; raise --lr-decay-iters / --train-iters or use --lr-decay-style constant")
     check_at_least("--weight-decay", training.weight_decay, 0)
     for flag, beta in (("--adam-beta1", training.adam_beta1), ("--adam-beta2", training.adam_beta2)):
@@ -191,13 +195,18 @@ def _validate_parallel(cfg: Config, world_size: int) -> None:
     cfg.accumulation_steps(world_size)
 
 
-def _validate_distill(distill: DistillConfig) -> None:
+def _validate_distill(distill: DistillConfig, tensor_parallel_size: int) -> None:
     if not distill.enabled:
         for flag, value in (("--load-teacher", distill.load_teacher), ("--kd-stop-iter", distill.stop_iter),
+                            ("--teacher-model-parallel-size", distill.teacher_model_parallel_size),
                             ("--student-init-from-teacher", distill.student_init_from_teacher or None)):
             check(value is None, f"{flag} is given without --mos or --kd; add one of them or drop {flag}")
         return
     check(distill.load_teacher is not None, "--mos/--kd needs --load-teacher DIR, the teacher's checkpoint")
+    teacher_tp = distill.teacher_model_parallel_size
+    check(teacher_tp in (None, 1, tensor_parallel_size),
+          f"--teacher-model-parallel-size {teacher_tp}: moetrain shards the teacher like the student, over "
+          f"--tensor-parallel-size {tensor_parallel_size}; use {tensor_parallel_size} or 1, or drop the flag")
     check_positive("--kd-temp", distill.temperature)
     check_at_least("--kd-alpha-ce", distill.alpha_ce, 0)
     check_at_least("--kd-beta-ce", distill.beta_ce, 0)

@@ -12,9 +12,10 @@ import os
 import struct
 import sys
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import chain, islice
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -125,44 +126,39 @@ def encode_documents(documents: Iterable[str], tokenizer: Tokenizer, dtype: np.d
 
 def write_prepared(documents: Iterable[str], output_prefix: str | os.PathLike, tokenizer: Tokenizer, *,
                    workers: int = 1) -> None:
-    """Tokenizes `documents` once into PREFIX.bin/.idx/.tokenizer.json; the .idx is written last, so its
-    presence means the dataset is complete."""
-    prefix = str(output_prefix)
-    bin_file, idx_file, tokenizer_file = _files(prefix)
-    bin_file.parent.mkdir(parents=True, exist_ok=True)
+    """Tokenizes `documents` once into PREFIX.bin/.idx/.tokenizer.json, an eos after every document."""
     dtype_code = _dtype_code(tokenizer.vocab_size)
-    lengths = []
 
-    def write_tokens(out) -> None:
-        for ids, chunk_lengths in encode_documents(documents, tokenizer, _DTYPES[dtype_code], workers=workers):
-            lengths.append(chunk_lengths)
-            out.write(ids.tobytes())
-        if not lengths:
-            raise DataError(f"no documents to write to '{prefix}'; give non-empty inputs")
-
-    def write_index(out) -> None:
-        offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths))])
+    def write_index(out, lengths: np.ndarray) -> None:
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
         out.write(_HEADER.pack(MAGIC, FORMAT_VERSION, dtype_code, tokenizer.vocab_size, len(offsets) - 1))
         out.write(offsets.astype(_OFFSET_DTYPE).tobytes())
 
-    _write_atomically(bin_file, write_tokens)
-    _write_atomically(tokenizer_file, lambda out: out.write(tokenizer.to_json().encode("utf-8")))
-    _write_atomically(idx_file, write_index)
+    _write_dataset(documents, str(output_prefix), tokenizer, _DTYPES[dtype_code], write_index, append_eos=True,
+                   workers=workers)
 
 
 def write_megatron(documents: Iterable[str], output_prefix: str | os.PathLike, tokenizer: Tokenizer, *,
                    append_eod: bool = False, workers: int = 1) -> None:
     """Tokenizes `documents` into Megatron's PREFIX.bin/.idx (one sequence per document, uint16 or int32 ids as
     Megatron picks them), loadable by Megatron-LM and Megatron-DeepSpeed; PREFIX.tokenizer.json rides along
-    for moetrain. The .idx is written last, so its presence means the dataset is complete."""
-    prefix = str(output_prefix)
+    for moetrain."""
+    dtype = megatron_dtype(tokenizer.vocab_size)
+    _write_dataset(documents, str(output_prefix), tokenizer, dtype,
+                   lambda out, lengths: write_megatron_index(out, dtype, lengths), append_eos=append_eod,
+                   workers=workers)
+
+
+def _write_dataset(documents: Iterable[str], prefix: str, tokenizer: Tokenizer, dtype: np.dtype,
+                   write_index: Callable[[BinaryIO, np.ndarray], object], *, append_eos: bool, workers: int) -> None:
+    """PREFIX.bin (the ids), PREFIX.tokenizer.json, then PREFIX.idx from the document lengths, each written
+    atomically; the .idx comes last, so its presence means the dataset is complete."""
     bin_file, idx_file, tokenizer_file = _files(prefix)
     bin_file.parent.mkdir(parents=True, exist_ok=True)
-    dtype = megatron_dtype(tokenizer.vocab_size)
     lengths = []
 
     def write_tokens(out) -> None:
-        for ids, chunk_lengths in encode_documents(documents, tokenizer, dtype, append_eos=append_eod,
+        for ids, chunk_lengths in encode_documents(documents, tokenizer, dtype, append_eos=append_eos,
                                                    workers=workers):
             lengths.append(chunk_lengths)
             out.write(ids.tobytes())
@@ -171,7 +167,7 @@ def write_megatron(documents: Iterable[str], output_prefix: str | os.PathLike, t
 
     _write_atomically(bin_file, write_tokens)
     _write_atomically(tokenizer_file, lambda out: out.write(tokenizer.to_json().encode("utf-8")))
-    _write_atomically(idx_file, lambda out: write_megatron_index(out, dtype, np.concatenate(lengths)))
+    _write_atomically(idx_file, lambda out: write_index(out, np.concatenate(lengths)))
 
 
 def prepare_data(inputs: DataPaths, output_prefix: str | os.PathLike, tokenizer: Tokenizer) -> None:

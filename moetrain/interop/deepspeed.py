@@ -58,7 +58,7 @@ _EXPERTS = "deepspeed_moe.experts.deepspeed_experts."
 # Megatron argument -> moetrain field, for what the weights do not show.
 _MEGATRON_ARGS = {
     "num_attention_heads": "model.num_attention_heads", "seq_length": "model.seq_length",
-    "max_position_embeddings": "model.seq_length", "layernorm_epsilon": "model.norm_eps",
+    "max_position_embeddings": "model.max_position_embeddings", "layernorm_epsilon": "model.norm_eps",
     "rope_theta": "model.rope_theta", "init_method_std": "model.init_method_std",
     "hidden_dropout": "model.hidden_dropout", "attention_dropout": "model.attention_dropout",
     "topk": "moe.topk", "expert_interval": "moe.expert_interval",
@@ -184,9 +184,12 @@ def _infer_config(state: dict[str, Tensor], args: dict[str, Any], overrides: dic
     model.num_layers, model.hidden_size, model.vocab_size = len(layers), hidden, embedding.shape[0]
     model.tie_embeddings = _OUTPUT not in state
     if gpt_style:
-        model.seq_length = state[_EMBEDDING + "position_embeddings.weight"].shape[0]
-    elif "model.seq_length" not in settings:
+        model.max_position_embeddings = state[_EMBEDDING + "position_embeddings.weight"].shape[0]
+    known_length = {"model.seq_length", "model.max_position_embeddings"} & settings.keys()
+    if not gpt_style and not known_length:
         raise ValueError("the checkpoint's args do not give the sequence length; pass --seq-length")
+    if "model.seq_length" not in settings:
+        model.seq_length = model.positions()
     if "model.num_attention_heads" not in settings:
         raise ValueError("the checkpoint's args do not give the number of attention heads; pass --num-attention-heads")
     if dense_layer is not None:

@@ -130,7 +130,7 @@ def _hf_config(cfg: Config, target: _Target, eos_id: int) -> Any:
     common = dict(
         vocab_size=model.vocab_size, hidden_size=model.hidden_size, num_hidden_layers=model.num_layers,
         num_attention_heads=model.num_attention_heads, num_key_value_heads=model.num_attention_heads,
-        max_position_embeddings=model.seq_length, rms_norm_eps=model.norm_eps, hidden_act="silu",
+        max_position_embeddings=model.positions(), rms_norm_eps=model.norm_eps, hidden_act="silu",
         rope_parameters={"rope_type": "default", "rope_theta": model.rope_theta},
         tie_word_embeddings=model.tie_embeddings, initializer_range=model.init_method_std,
         bos_token_id=eos_id, eos_token_id=eos_id)

@@ -2,8 +2,16 @@
 
 from moetrain.moe.deepspeed_compat import from_deepspeed_state_dict
 from moetrain.moe.dispatcher import DispatchPlan, TokenDispatcher
-from moetrain.moe.experts import ACTIVATIONS, MLP, GroupedExperts, ModuleExperts, grouped_mm
-from moetrain.moe.layer import MoE
+from moetrain.moe.experts import (
+    ACTIVATIONS,
+    MLP,
+    ExpertBlocks,
+    GroupedExperts,
+    ModuleExperts,
+    grouped_gemm_backend,
+    grouped_mm,
+)
+from moetrain.moe.layer import MoE, MoEOutput
 from moetrain.moe.router import (
     DROP_POLICIES,
     NOISY_GATE_POLICIES,
@@ -16,7 +24,8 @@ from moetrain.moe.router import (
 from moetrain.moe.stats import RoutingStats
 
 __all__ = [
-    "ACTIVATIONS", "DROP_POLICIES", "NOISY_GATE_POLICIES", "SCORE_FUNCS", "DispatchPlan", "GroupedExperts",
-    "MLP", "MoE", "ModuleExperts", "Router", "RoutingDecision", "RoutingStats", "TokenDispatcher",
-    "TopKRouter", "expert_capacity", "from_deepspeed_state_dict", "grouped_mm",
+    "ACTIVATIONS", "DROP_POLICIES", "NOISY_GATE_POLICIES", "SCORE_FUNCS", "DispatchPlan", "ExpertBlocks",
+    "GroupedExperts", "MLP", "MoE", "MoEOutput", "ModuleExperts", "Router", "RoutingDecision",
+    "RoutingStats", "TokenDispatcher", "TopKRouter", "expert_capacity", "from_deepspeed_state_dict",
+    "grouped_gemm_backend", "grouped_mm",
 ]

@@ -1,13 +1,15 @@
 """Token dispatcher: permute tokens so each expert's rows are contiguous, and back.
 
 One dispatcher serves capacity and dropless routing alike: the router's keep mask decides which
-assignments travel, nothing here is padded to a capacity. With an expert-parallel process group
-the permuted rows are exchanged with `all_to_all_single` (uneven splits), regrouped by local
-expert, and sent back the same way after the experts ran; gradients flow through both.
+assignments reach an expert, nothing is padded to a capacity, and on one device nothing waits for
+the host (the rows per expert stay on the device as the offsets of a grouped GEMM). With an
+expert-parallel process group the permuted rows are exchanged with `all_to_all_single` (uneven
+splits), regrouped by local expert, and sent back the same way after the experts ran; gradients
+flow through both.
 
-When the expert-parallel ranks all hold the same tokens (experts split over tensor-parallel
-ranks), `split_tokens` makes each rank send only its 1/ep share of them and sums the shares
-back, so no expert computes a token twice (DeepSpeed's drop_tokens / gather_tokens).
+When the expert-parallel ranks all hold the same tokens (experts split over tensor-parallel ranks),
+`split_tokens` makes each rank send only its 1/ep share of them and sums the shares back, so no
+expert computes a token twice (DeepSpeed's drop_tokens / gather_tokens).
 """
 
 from __future__ import annotations
@@ -20,21 +22,33 @@ from torch import Tensor
 from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
 from moetrain.comm import copy_to_group, reduce_from_group
+from moetrain.moe.experts import ExpertBlocks
 from moetrain.moe.router import RoutingDecision
 
 
 @dataclass
 class DispatchPlan:
-    """How rows moved, so `combine` can undo it."""
+    """How rows moved, so `combine` can undo it.
 
-    token_index: Tensor  # [N] source token of each dispatched row, grouped by global expert
-    row_of_assignment: Tensor | None  # [S * k] row of each (token, choice); None when some dropped
-    tokens_per_expert: list[int]  # rows each expert on this rank receives
-    weights: Tensor  # combine weight of each row the local experts see (aligned with their input)
-    # Expert-parallel exchange (None when ep_size == 1):
+    All S * k assignments keep a row in the sorted order, dropped ones last (sorted to a sentinel
+    expert E): every shape is static and no count has to reach the host.
+    """
+
+    token_index: Tensor  # [S * k] source token of each sorted row
+    row_of_assignment: Tensor  # [S * k] sorted row of each (token, choice)
+    blocks: ExpertBlocks  # where the local experts' rows are in what `dispatch` returned
+    weights: Tensor | None  # combine weight of each row the local experts see; None: see below
+    # Expert-parallel exchange (None when ep_size == 1). The routing weights stay home (sorted
+    # order, `sorted_weights`) and are applied after the return trip: one all-to-all per direction.
     send_splits: list[int] | None = None
     recv_splits: list[int] | None = None
     local_order: Tensor | None = None  # received rows -> grouped by local expert
+    sorted_weights: Tensor | None = None
+
+    @property
+    def tokens_per_expert(self) -> list[int]:
+        """Rows each local expert receives (a device-to-host copy unless known already)."""
+        return self.blocks.host_counts()
 
 
 class TokenDispatcher:
@@ -57,28 +71,23 @@ class TokenDispatcher:
         """[S, d] tokens -> rows for the local experts, grouped by expert, and the plan to undo."""
         if self.split_group is not None:
             x, decision = self._my_share(x, decision)
-        indices, kept = decision.expert_indices, decision.kept
-        k = indices.shape[1]
-        experts = indices.flatten()
-        assignments = torch.arange(experts.numel(), device=x.device)
-        dropless = bool(kept.all())
-        if not dropless:
-            assignments = kept.flatten().nonzero().squeeze(1)
-            experts = experts.index_select(0, assignments)
-        experts, order = torch.sort(experts, stable=True)
-        assignments = assignments.index_select(0, order)
-        row_of_assignment = None
-        if dropless:  # every token has k rows: both directions become gathers, no scatter-add
-            row_of_assignment = torch.empty_like(order)
-            row_of_assignment[order] = torch.arange(order.numel(), device=x.device)
-        token_index = assignments // k
-        weights = decision.weights.flatten().index_select(0, assignments)
-        counts = torch.bincount(experts, minlength=self.num_experts)
+        k = decision.expert_indices.shape[1]
+        experts = decision.expert_indices.flatten()
+        if not decision.dropless:
+            experts = experts.masked_fill(~decision.kept.flatten(), self.num_experts)
+        sorted_experts, order = torch.sort(experts, stable=True)
+        positions = torch.arange(order.numel(), device=x.device)
+        row_of_assignment = torch.empty_like(order).scatter_(0, order, positions)
+        token_index = order // k
+        weights = decision.weights.flatten().index_select(0, order)
+        ends = torch.searchsorted(sorted_experts, torch.arange(1, self.num_experts + 1, device=x.device),
+                                  out_int32=True)
         rows = _GatherTokens.apply(x, token_index, row_of_assignment)
-        plan = DispatchPlan(token_index, row_of_assignment, counts.tolist(), weights)
+        blocks = ExpertBlocks(ends, sorted_experts, all_rows_used=decision.dropless)
+        plan = DispatchPlan(token_index, row_of_assignment, blocks, weights)
         if self.ep_size == 1:
             return rows, plan
-        return self._exchange(rows, plan, counts)
+        return self._exchange(rows, plan)
 
     def _my_share(self, x: Tensor, decision: RoutingDecision) -> tuple[Tensor, RoutingDecision]:
         """Keep the assignments of this rank's contiguous 1/ep of the (replicated) tokens.
@@ -91,36 +100,44 @@ class TokenDispatcher:
         mine = torch.zeros(tokens, 1, dtype=torch.bool, device=x.device)
         mine[first:stop] = True
         weights = copy_to_group(decision.weights, self.split_group)
-        return copy_to_group(x, self.split_group), replace(decision, kept=decision.kept & mine, weights=weights)
+        return copy_to_group(x, self.split_group), replace(
+            decision, kept=decision.kept & mine, weights=weights, dropless=False)
 
-    def _exchange(self, rows: Tensor, plan: DispatchPlan,
-                  counts: Tensor) -> tuple[Tensor, DispatchPlan]:
-        """All-to-all the rows to the ranks that own their experts.
+    def _exchange(self, rows: Tensor, plan: DispatchPlan) -> tuple[Tensor, DispatchPlan]:
+        """All-to-all the kept rows to the ranks that own their experts.
 
-        Every rank always takes part in both collectives, whatever it routed, so uneven or empty
-        loads can neither deadlock nor mismatch shapes.
+        One device-to-host copy brings every split size over at once; the routing weights do not
+        travel (`combine` applies them on this rank). Every rank always takes part in both
+        collectives, whatever it routed, so uneven or empty loads can neither deadlock nor
+        mismatch shapes.
         """
+        ends = plan.blocks.ends.long()
+        counts = torch.diff(ends, prepend=ends.new_zeros(1))
         per_rank = counts.view(self.ep_size, self.num_local_experts)
         received_counts = torch.empty_like(per_rank)
         dist.all_to_all_single(received_counts, per_rank, group=self.ep_group)
-        send_splits = per_rank.sum(1).tolist()
-        recv_splits = received_counts.sum(1).tolist()
-        rows = _all_to_all(rows, recv_splits, send_splits, self.ep_group)
-        weights = _all_to_all(plan.weights, recv_splits, send_splits, self.ep_group)
+        sent, received = torch.stack([per_rank, received_counts]).tolist()
+        send_splits = [sum(row) for row in sent]
+        recv_splits = [sum(row) for row in received]
+        local_counts = [sum(column) for column in zip(*received)]
+        rows = _all_to_all(rows[:sum(send_splits)], recv_splits, send_splits, self.ep_group)
         local_expert = torch.arange(self.num_local_experts, device=rows.device).repeat(self.ep_size)
-        local_order = torch.sort(
-            local_expert.repeat_interleave(received_counts.flatten()), stable=True
-        ).indices
-        plan = DispatchPlan(plan.token_index, plan.row_of_assignment, received_counts.sum(0).tolist(),
-                            weights[local_order], send_splits, recv_splits, local_order)
-        return rows[local_order], plan
+        expert_of_row, local_order = torch.sort(local_expert.repeat_interleave(
+            received_counts.flatten(), output_size=sum(recv_splits)), stable=True)
+        local_ends = received_counts.sum(0).cumsum(0).to(torch.int32)
+        blocks = ExpertBlocks(local_ends, expert_of_row, local_counts, all_rows_used=True)
+        plan = replace(plan, blocks=blocks, weights=None, send_splits=send_splits,
+                       recv_splits=recv_splits, local_order=local_order, sorted_weights=plan.weights)
+        return rows.index_select(0, local_order), plan
 
     def combine(self, expert_rows: Tensor, plan: DispatchPlan, num_tokens: int) -> Tensor:
         """Weighted expert rows -> [S, d], summing each token's choices; dropped tokens get 0."""
         if self.ep_size > 1:
-            restored = torch.empty_like(expert_rows)
-            restored[plan.local_order] = expert_rows
-            expert_rows = _all_to_all(restored, plan.send_splits, plan.recv_splits, self.ep_group)
+            restored = torch.empty_like(expert_rows).index_copy(0, plan.local_order, expert_rows)
+            returned = _all_to_all(restored, plan.send_splits, plan.recv_splits, self.ep_group)
+            dropped = plan.token_index.shape[0] - returned.shape[0]
+            expert_rows = torch.cat([returned, returned.new_zeros(dropped, returned.shape[1])])
+            expert_rows = expert_rows * plan.sorted_weights.to(expert_rows.dtype).unsqueeze(1)
         out = _SumIntoTokens.apply(expert_rows, plan.token_index, plan.row_of_assignment, num_tokens)
         return reduce_from_group(out, self.split_group)
 
@@ -130,11 +147,8 @@ def _all_to_all(x: Tensor, output_splits: list[int], input_splits: list[int], gr
     return wait_tensor(all_to_all_single_autograd(x.contiguous(), output_splits, input_splits, group))
 
 
-def _sum_rows_into_tokens(rows: Tensor, token_index: Tensor, row_of_assignment: Tensor | None,
-                          num_tokens: int) -> Tensor:
-    """out[t] = sum of the rows that belong to token t."""
-    if row_of_assignment is None:
-        return rows.new_zeros(num_tokens, rows.shape[1]).index_add_(0, token_index, rows)
+def _sum_rows_into_tokens(rows: Tensor, row_of_assignment: Tensor, num_tokens: int) -> Tensor:
+    """out[t] = sum of token t's k rows: a gather, then a sum over k (no scatter-add)."""
     gathered = rows.index_select(0, row_of_assignment)
     if gathered.shape[0] == num_tokens:
         return gathered
@@ -142,29 +156,28 @@ def _sum_rows_into_tokens(rows: Tensor, token_index: Tensor, row_of_assignment: 
 
 
 class _GatherTokens(torch.autograd.Function):
-    """rows = x[token_index]; backward sums each token's rows (a gather when nothing dropped)."""
+    """rows = x[token_index]; backward sums each token's rows (a gather)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, token_index: Tensor, row_of_assignment: Tensor | None) -> Tensor:
-        ctx.save_for_backward(token_index, row_of_assignment)
+    def forward(ctx, x: Tensor, token_index: Tensor, row_of_assignment: Tensor) -> Tensor:
+        ctx.save_for_backward(row_of_assignment)
         ctx.num_tokens = x.shape[0]
         return x.index_select(0, token_index)
 
     @staticmethod
     def backward(ctx, grad_rows: Tensor):
-        token_index, row_of_assignment = ctx.saved_tensors
-        grad_x = _sum_rows_into_tokens(grad_rows, token_index, row_of_assignment, ctx.num_tokens)
-        return grad_x, None, None
+        (row_of_assignment,) = ctx.saved_tensors
+        return _sum_rows_into_tokens(grad_rows, row_of_assignment, ctx.num_tokens), None, None
 
 
 class _SumIntoTokens(torch.autograd.Function):
     """out[t] = sum of token t's rows; keeps only indices for backward (a gather)."""
 
     @staticmethod
-    def forward(ctx, rows: Tensor, token_index: Tensor, row_of_assignment: Tensor | None,
+    def forward(ctx, rows: Tensor, token_index: Tensor, row_of_assignment: Tensor,
                 num_tokens: int) -> Tensor:
         ctx.save_for_backward(token_index)
-        return _sum_rows_into_tokens(rows, token_index, row_of_assignment, num_tokens)
+        return _sum_rows_into_tokens(rows, row_of_assignment, num_tokens)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):

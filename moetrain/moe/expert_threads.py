@@ -28,17 +28,16 @@ _pool: ThreadPoolExecutor | None = None
 _pool_workers = 0
 
 
-def use_expert_threads(x: Tensor, counts: list[int]) -> bool:
+def use_expert_threads(x: Tensor, num_experts: int) -> bool:
     """Threaded experts on a CPU with several threads, at least two experts per thread, and
     blocks small enough (fewer than THREADED_BELOW_ROWS_PER_EXPERT rows per expert on average)
-    that the BLAS library splits them poorly.
-
-    Not under CPU autocast: its state is thread-local and would not reach the workers.
+    that the BLAS library splits them poorly. Decided from shapes: the workers need the rows per
+    expert on the host, which is free on a CPU. Never inside torch.compile, which traces one graph.
     """
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
     threads = torch.get_num_threads()
-    return (x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-            and threads > 1 and len(counts) >= 2 * threads
-            and x.shape[0] < THREADED_BELOW_ROWS_PER_EXPERT * len(counts))
+    return threads > 1 and num_experts >= 2 * threads and x.shape[0] < THREADED_BELOW_ROWS_PER_EXPERT * num_experts
 
 
 def expert_tasks(counts: list[int], workers: int) -> list[slice]:

@@ -6,6 +6,8 @@ A drop-in for `deepspeed.moe.layer.MoE`: same constructor arguments, same defaul
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -15,6 +17,15 @@ from moetrain.moe.dispatcher import TokenDispatcher
 from moetrain.moe.experts import MLP, GroupedExperts, ModuleExperts
 from moetrain.moe.router import Router, TopKRouter
 from moetrain.moe.stats import RoutingStats
+
+
+class MoEOutput(NamedTuple):
+    """Everything one forward of the layer produces."""
+
+    output: Tensor  # same shape and dtype as the input
+    l_aux: Tensor  # scalar float32: load-balancing loss
+    z_loss: Tensor  # scalar float32: router z-loss (ST-MoE), unscaled
+    exp_counts: Tensor  # [E] int64: assignments per expert before dropping
 
 
 class MoE(nn.Module):
@@ -28,9 +39,13 @@ class MoE(nn.Module):
     | 'random' | 'unordered'; None keeps DeepSpeed's choice for k), `expert_bias` (aux-loss-free
     balancing; call `update_expert_bias()` after each optimizer step), `num_shared_experts`
     (dense experts every token goes through), `router` (a `Router` subclass or instance),
-    `ep_group` (expert-parallel process group). The router z-loss of the last forward is in
-    `last_z_loss`; routing statistics accumulate in `routing_stats` (training) and
-    `eval_routing_stats` (eval mode).
+    `ep_group` (expert-parallel process group). `forward(x, with_z_loss=True)` returns an
+    `MoEOutput` that carries the router z-loss too; routing statistics accumulate in
+    `routing_stats` (training) and `eval_routing_stats` (eval mode).
+
+    Precision: the router computes in float32 whatever the autocast state; the experts in the
+    autocast dtype (else their parameters' dtype). On one device the forward and backward never
+    wait for the host (no `.item()`-like synchronisation), so they compile into one graph.
     """
 
     def __init__(
@@ -118,9 +133,11 @@ class MoE(nn.Module):
             self.coefficient = nn.Linear(hidden_size, 2)
         self.routing_stats = RoutingStats(num_experts)  # training forwards
         self.eval_routing_stats = RoutingStats(num_experts)  # eval-mode forwards
-        self.last_z_loss: Tensor | None = None
 
-    def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, hidden_states: Tensor, *,
+                with_z_loss: bool = False) -> tuple[Tensor, Tensor, Tensor] | MoEOutput:
+        """DeepSpeed's (output, l_aux, exp_counts); with `with_z_loss` an `MoEOutput` that adds
+        the router z-loss."""
         if hidden_states.shape[-1] != self.hidden_size:
             raise ValueError(
                 f"MoE input has hidden size {hidden_states.shape[-1]} but the layer was built "
@@ -129,7 +146,7 @@ class MoE(nn.Module):
         x = hidden_states.reshape(-1, self.hidden_size)
         decision = self.router(x)
         rows, plan = self.dispatcher.dispatch(x, decision)
-        expert_rows = self.experts(rows, plan.tokens_per_expert, plan.weights)
+        expert_rows = self.experts(rows, plan.blocks, plan.weights)
         output = self.dispatcher.combine(expert_rows, plan, x.shape[0]).to(x.dtype)
         if self.shared_experts is not None:
             output = output + self.shared_experts(x)
@@ -140,11 +157,12 @@ class MoE(nn.Module):
                 residual = residual[0]
             coef = F.softmax(self.coefficient(hidden_states), dim=-1)
             output = output * coef[..., 0:1] + residual * coef[..., 1:]
-        self.last_z_loss = decision.z_loss
         kept_counts = torch.zeros_like(decision.exp_counts).index_add_(
             0, decision.expert_indices.flatten(), decision.kept.flatten().long())
         stats = self.routing_stats if self.training else self.eval_routing_stats
         stats.record(decision.exp_counts, kept_counts)
+        if with_z_loss:
+            return MoEOutput(output, decision.l_aux, decision.z_loss, decision.exp_counts)
         return output, decision.l_aux, decision.exp_counts
 
     def shard_experts(self, ep_rank: int, ep_group: dist.ProcessGroup | None,

@@ -7,6 +7,12 @@ it returns per-assignment indices, weights and a keep mask, which the dispatcher
 
 Subclass `Router` to change scoring or selection (noise on logits, a different top-k rule)
 without touching dispatch or experts.
+
+Everything here runs in float32 whatever the autocast state (bf16 logits flip top-k choices and
+quantise the z-loss), and without host synchronisation: no `.item()`, `bincount`, `nonzero` or
+tensors built from Python numbers on the device, so a GPU never waits for the host and the router
+compiles into one graph. Capacity positions come from a stable sort by expert, not from one-hot
+`[S, k, E]` cumulative sums.
 """
 
 from __future__ import annotations
@@ -35,34 +41,64 @@ class RoutingDecision:
     expert_indices: Tensor  # [S, k] int64
     weights: Tensor  # [S, k] float32, differentiable
     kept: Tensor  # [S, k] bool
-    l_aux: Tensor  # scalar: load-balancing loss
-    z_loss: Tensor  # scalar: router z-loss (ST-MoE), unscaled
+    l_aux: Tensor  # scalar float32: load-balancing loss
+    z_loss: Tensor  # scalar float32: router z-loss (ST-MoE), unscaled
     exp_counts: Tensor  # [E] int64
+    dropless: bool = False  # known without looking: every assignment is kept
+
+
+def _f32(value: float) -> float:
+    """The float32 nearest to `value` (ties to even), as a Python float: float32 arithmetic on the
+    host in plain Python, which torch.compile folds into constants."""
+    if value == 0 or not math.isfinite(value):
+        return value
+    mantissa, exponent = math.frexp(value)
+    return math.ldexp(round(mantissa * 2 ** 24), exponent - 24)
 
 
 def _uniform(shape: torch.Size, low: float, high: float, device: torch.device) -> Tensor:
-    """Uniform noise drawn exactly as DeepSpeed draws it, so seeded runs match it."""
-    dist = torch.distributions.uniform.Uniform(
-        torch.tensor(low, device=device), torch.tensor(high, device=device)
-    )
-    return dist.rsample(shape)
+    """U[low, high) drawn as DeepSpeed draws it (torch.distributions.Uniform: one torch.rand,
+    then low + rand * (high - low) in float32), so seeded runs match it; the bounds stay Python
+    numbers, so nothing is copied to the device."""
+    scale = _f32(_f32(high) - _f32(low))
+    return torch.rand(shape, device=device).mul_(scale).add_(_f32(low))
 
 
 def _gumbel(shape: torch.Size, device: torch.device) -> Tensor:
-    dist = torch.distributions.gumbel.Gumbel(
-        torch.tensor(0.0, device=device), torch.tensor(1.0, device=device)
-    )
-    return dist.rsample(shape)
+    """Standard Gumbel noise drawn as torch.distributions.Gumbel(0, 1) draws it."""
+    finfo = torch.finfo(torch.float32)
+    uniform = _uniform(shape, finfo.tiny, 1 - finfo.eps, device)
+    return uniform.log_().neg_().log_().neg_()
 
 
 def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float, k: int,
                     min_capacity: int) -> int:
     """Slots per expert: ceil(S / E * cf * k), at least min_capacity.
 
-    Computed in float32 like DeepSpeed's `_capacity`, so the two agree at every rounding edge.
+    Computed in float32 like DeepSpeed's `_capacity`, so the two agree at every rounding edge
+    (on the host: shapes only, no tensor).
     """
-    scaled = torch.tensor(capacity_factor * k, dtype=torch.float32) * (num_tokens / num_experts)
-    return max(int(torch.ceil(scaled)), min_capacity)
+    scaled = _f32(_f32(capacity_factor * k) * _f32(num_tokens / num_experts))  # exact, then rounded
+    return max(math.ceil(scaled), min_capacity)
+
+
+def count_per_expert(indices: Tensor, num_experts: int) -> Tensor:
+    """[E] int64 occurrences of each expert in `indices` (bincount without its host sync)."""
+    flat = indices.flatten()
+    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).index_add_(
+        0, flat, torch.ones_like(flat))
+
+
+def positions_within_expert(experts: Tensor, num_experts: int) -> Tensor:
+    """For a 1-D sequence of expert ids: how many earlier entries chose the same expert.
+
+    A stable sort groups each expert's entries in their original order; an entry's position is its
+    place in the sorted order minus where its expert's group starts. [N] int64 tensors only.
+    """
+    sorted_experts, order = torch.sort(experts, stable=True)
+    starts = torch.searchsorted(sorted_experts, torch.arange(num_experts, device=experts.device))
+    place = torch.arange(experts.numel(), device=experts.device) - starts.index_select(0, sorted_experts)
+    return torch.empty_like(place).scatter_(0, order, place)
 
 
 class Router(nn.Module):
@@ -146,6 +182,12 @@ class Router(nn.Module):
         return "probs" if self.k > 2 else "position"
 
     def forward(self, x: Tensor) -> RoutingDecision:
+        # Autocast would recast the gate GEMM (and logsumexp, softmax) to 16 bits: routing stays
+        # in float32, as in DeepSpeed and Megatron-Core.
+        with torch.autocast(x.device.type, enabled=False):
+            return self._route(x)
+
+    def _route(self, x: Tensor) -> RoutingDecision:
         logits = self.compute_logits(x)
         scores = self.compute_scores(logits)
         z_loss = torch.logsumexp(logits, dim=1).square().mean()
@@ -155,11 +197,12 @@ class Router(nn.Module):
         gate = scores.gather(1, indices) * kept
         if self.k > 1:  # DeepSpeed renormalises over the kept choices for k >= 2 only
             gate = gate / gate.sum(dim=1, keepdim=True).clamp(min=torch.finfo(gate.dtype).eps)
-        exp_counts = torch.bincount(indices.flatten(), minlength=num_experts)
+        exp_counts = count_per_expert(indices, num_experts)
         l_aux = self._balance_loss(scores, indices)
         if self.expert_bias is not None and self.training:
             self.pending_load += exp_counts.to(self.pending_load.dtype)
-        return RoutingDecision(indices, gate, kept, l_aux, z_loss, exp_counts)
+        return RoutingDecision(indices, gate, kept, l_aux, z_loss, exp_counts,
+                               dropless=not self.drop_tokens)
 
     def _balance_loss(self, scores: Tensor, indices: Tensor) -> Tensor:
         """E * sum_e(mean gate prob * fraction routed), DeepSpeed's l_aux for each k.
@@ -171,7 +214,7 @@ class Router(nn.Module):
             scores = scores / scores.sum(dim=1, keepdim=True)
         me = scores.mean(dim=0)
         counted = indices[:, :1] if self.k <= 2 else indices
-        ce = torch.bincount(counted.flatten(), minlength=num_experts).float() / scores.shape[0]
+        ce = count_per_expert(counted, num_experts).float() / scores.shape[0]
         loss = torch.mean(me * ce) * num_experts * num_experts
         return loss / self.k if self.k > 2 else loss
 
@@ -189,12 +232,11 @@ class Router(nn.Module):
 
     @staticmethod
     def _keep_by_position(indices: Tensor, num_experts: int, capacity: int) -> Tensor:
-        """First choices win: slot = earlier-rank assignments to the expert + earlier tokens."""
-        one_hot = F.one_hot(indices, num_experts)  # [S, k, E]
-        before_in_rank = one_hot.cumsum(dim=0) - one_hot
-        earlier_ranks = one_hot.sum(dim=0).cumsum(dim=0) - one_hot.sum(dim=0)  # [k, E]
-        slot = (before_in_rank + earlier_ranks).gather(2, indices.unsqueeze(2)).squeeze(2)
-        return slot < capacity
+        """First choices win: an assignment's slot counts the expert's assignments of earlier
+        ranks (all tokens) and of earlier tokens in its own rank, i.e. its position in the
+        rank-major order."""
+        slot = positions_within_expert(indices.t().flatten(), num_experts)
+        return (slot < capacity).view(indices.shape[1], -1).t()
 
     def _keep_by_score(self, indices: Tensor, scores: Tensor, capacity: int, policy: str) -> Tensor:
         """Each expert keeps its `capacity` best-scoring assignments (torch.topk over tokens).
@@ -207,7 +249,7 @@ class Router(nn.Module):
         if policy == "probs":
             ranking = torch.zeros_like(scores).scatter(1, indices, scores.gather(1, indices))
         else:
-            mask = torch.zeros_like(scores, dtype=torch.long).scatter(1, indices, 1)
+            mask = torch.zeros_like(scores).scatter(1, indices, 1.0)
             ranking = mask * _uniform(mask.shape, 0.0, 1.0, mask.device) if policy == "random" else mask
         chosen = torch.topk(ranking, k=min(capacity, num_tokens), dim=0).indices
         fits = torch.zeros_like(scores, dtype=torch.bool).scatter_(0, chosen, True)
@@ -217,9 +259,10 @@ class Router(nn.Module):
     def update_expert_bias(self) -> None:
         """After an optimizer step: raise the bias of under-loaded experts, lower over-loaded.
 
-        No-op unless built with expert_bias=True. The load since the last call is consumed.
+        No-op unless built with expert_bias=True. The load since the last call is consumed; with
+        none pending, sign(mean - load) is 0 and the bias stays (no host sync to find out).
         """
-        if self.expert_bias is None or self.pending_load.sum() == 0:
+        if self.expert_bias is None:
             return
         load = self.pending_load
         self.expert_bias += self.expert_bias_update_rate * torch.sign(load.mean() - load)

@@ -93,8 +93,8 @@ class Distiller:
             raise ConfigError(f"teacher {load_dir} uses a different tokenizer (vocab {teacher_tokenizer.vocab_size}) "
                               f"than the student (vocab {tokenizer.vocab_size}); distil with the teacher's data and "
                               f"--tokenizer-type so both share one vocabulary")
-        if self.teacher_cfg.model.seq_length < cfg.model.seq_length:
-            raise ConfigError(f"teacher {load_dir} handles {self.teacher_cfg.model.seq_length} tokens per sequence, "
+        if self.teacher_cfg.model.positions() < cfg.model.seq_length:
+            raise ConfigError(f"teacher {load_dir} handles {self.teacher_cfg.model.positions()} tokens per sequence, "
                               f"the student's --seq-length is {cfg.model.seq_length}; use at most the teacher's")
         self.teacher: GPT | None = teacher.requires_grad_(False).eval()
         self.stopped = False

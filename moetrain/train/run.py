@@ -147,8 +147,7 @@ def build_run(cfg: Config, *, quiet: bool = False) -> Run:
     if cfg.parallel.zero_stage:
         optimizer = ZeroOptimizer(optimizer, grad_specs, cfg.parallel.zero_stage,
                                   offload=cfg.parallel.offload_optimizer, reduce_late=tied_embedding_params(model))
-    schedule = LRSchedule(tc.lr, tc.min_lr, tc.lr_warmup_iters, tc.lr_decay_iters or tc.train_iters,
-                          tc.lr_decay_style)
+    schedule = LRSchedule(tc.lr, tc.min_lr, tc.warmup_iters(), tc.decay_iters(), tc.lr_decay_style)
     scaler = LossScaler.from_config(
         tc.loss_scale, tc.initial_scale_power, tc.loss_scale_window, tc.hysteresis,
         tc.min_loss_scale, tc.consecutive_hysteresis) if tc.precision == "fp16" else None

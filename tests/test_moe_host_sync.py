@@ -1,0 +1,205 @@
+"""The MoE layer never makes a GPU wait for the host, counted on the CPU.
+
+`count_host_syncs` counts, during a block of code, every operation that would synchronise a GPU with
+the host: the aten ops that read device memory from the host (`_local_scalar_dense`, behind
+`.item()`, `int(t)`, `bool(t)`; `nonzero`; `unique`; `bincount`; `repeat_interleave` without
+`output_size`) and the Tensor methods that copy to the host. One forward + backward of the
+single-device layer makes none in every routing mode; under expert parallelism (2 gloo processes) exactly
+one per layer in the forward (the split sizes) and none in the backward.
+`torch.compile(fullgraph=True)` succeeds and matches eager: no graph break, as a CUDA graph capture
+would need.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import shutil
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from moetrain.moe import MoE
+
+SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::unique", "aten::_unique",
+            "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive", "aten::bincount"}
+HOST_COPY_METHODS = ("tolist", "item", "cpu", "numpy", "__bool__")
+
+
+class _SyncOpCounter(TorchDispatchMode):
+    def __init__(self, events: collections.Counter) -> None:
+        super().__init__()
+        self.events = events
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name
+        if name in SYNC_OPS:
+            self.events[name] += 1
+        elif name == "aten::repeat_interleave" and kwargs.get("output_size") is None:
+            self.events["aten::repeat_interleave without output_size"] += 1  # sums on the host
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def count_host_syncs():
+    """Yields a Counter of host-synchronising calls made inside the block (autograd's backward
+    included: it runs on this thread for CPU tensors)."""
+    events: collections.Counter = collections.Counter()
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_COPY_METHODS}
+
+    def spy(name):
+        def method(self, *args, **kwargs):
+            events[f"Tensor.{name}"] += 1
+            return originals[name](self, *args, **kwargs)
+        return method
+
+    for name in HOST_COPY_METHODS:
+        setattr(torch.Tensor, name, spy(name))
+    try:
+        with _SyncOpCounter(events):
+            yield events
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+def test_counter_sees_every_kind_of_host_sync():
+    """Guard: the counter is not blind (each of these would stall a GPU)."""
+    t = torch.tensor([0, 2, 2, 1])
+    with count_host_syncs() as events:
+        t.sum().item()
+        bool(t.any())
+        t.nonzero()
+        torch.bincount(t)
+        torch.unique(t)
+        t.tolist()
+        torch.repeat_interleave(t)  # no output_size: reads the total on the host
+    assert events["Tensor.item"] == 1 and events["Tensor.__bool__"] == 1
+    assert events["Tensor.tolist"] == 1 and events["aten::bincount"] == 1
+    assert events["aten::nonzero"] == 1
+    assert sum(v for k, v in events.items() if "unique" in k) >= 1
+    assert events["aten::_local_scalar_dense"] >= 2  # item, bool
+    assert events["aten::repeat_interleave without output_size"] == 1
+
+
+HIDDEN, FFN, EXPERTS, TOKENS = 16, 32, 8, 64
+MODES = {
+    "dropless": dict(k=2, drop_tokens=False),
+    "capacity-position": dict(k=2, drop_policy="position"),
+    "capacity-probs": dict(k=2, drop_policy="probs"),
+    "capacity-random": dict(k=2, drop_policy="random"),
+    "capacity-unordered": dict(k=1, drop_policy="unordered"),
+    "k4-probs": dict(k=4),
+    "rts": dict(k=1, use_rts=True),
+    "rts-dropless": dict(k=1, use_rts=True, drop_tokens=False),
+    "jitter": dict(k=1, noisy_gate_policy="Jitter"),
+    "rsample": dict(k=1, noisy_gate_policy="RSample"),
+    "second-expert-sampling": dict(k=2, top2_2nd_expert_sampling=True),
+    "expert-bias": dict(k=2, expert_bias=True),
+    "sigmoid": dict(k=2, score_func="sigmoid"),
+    "shared-experts": dict(k=2, num_shared_experts=1),
+    "residual": dict(k=1, use_residual=True),
+    "bias-gelu": dict(k=2, ffn_bias=True, activation="gelu"),
+}
+
+
+def _layer(**kwargs) -> MoE:
+    torch.manual_seed(0)
+    kwargs.setdefault("use_rts", False)
+    kwargs.setdefault("top2_2nd_expert_sampling", False)
+    kwargs.setdefault("activation", "swiglu")
+    return MoE(HIDDEN, num_experts=EXPERTS, ffn_hidden_size=FFN, capacity_factor=0.5,
+               min_capacity=1, **kwargs)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_single_device_forward_backward_never_syncs(mode):
+    layer = _layer(**MODES[mode])
+    x = torch.randn(TOKENS, HIDDEN, requires_grad=True)
+    with count_host_syncs() as events:
+        out, l_aux, z_loss, _ = layer(x, with_z_loss=True)
+        (out.square().sum() + l_aux + z_loss).backward()
+        layer.update_expert_bias()
+    assert dict(events) == {}
+    assert x.grad is not None and layer.experts.w1.grad is not None
+
+
+def test_capacity_mode_really_drops_in_the_sync_test():
+    """Guard: the capacity modes above do drop assignments (the masked-row path is exercised)."""
+    layer = _layer(k=2, drop_policy="position")
+    decision = layer.router(torch.randn(TOKENS, HIDDEN))
+    assert not bool(decision.kept.all())
+
+
+# ---------------------------------------------------------------------------------------------
+# Expert parallelism: one host copy of the split sizes per layer, forward only
+# ---------------------------------------------------------------------------------------------
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ep_worker(rank: int, port: int, drop_tokens: bool, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        layers = [_layer(k=2, drop_tokens=drop_tokens, ep_size=WORLD, ep_group=dist.group.WORLD)
+                  for _ in range(2)]
+        torch.manual_seed(10 + rank)
+        x = torch.randn(TOKENS if rank == 0 else 5, HIDDEN, requires_grad=True)
+        with count_host_syncs() as forward_events:
+            h = x
+            for layer in layers:
+                out, l_aux, _ = layer(h)
+                h = h + out
+        loss = h.square().sum() + l_aux
+        with count_host_syncs() as backward_events:
+            loss.backward()
+        results[rank] = (dict(forward_events), dict(backward_events))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("drop_tokens", [False, True], ids=["dropless", "capacity"])
+def test_expert_parallel_copies_split_sizes_once_per_layer_forward_only(drop_tokens):
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_ep_worker, args=(_free_port(), drop_tokens, results), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        forward_events, backward_events = results[rank]
+        assert forward_events == {"Tensor.tolist": 2}, (rank, forward_events)  # 2 layers
+        assert backward_events == {}, (rank, backward_events)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile(fullgraph=True): one graph, same numbers
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")),
+                    reason="torch.compile's CPU backend needs a C++ compiler")
+@pytest.mark.parametrize("drop_tokens", [False, True], ids=["dropless", "capacity"])
+def test_compiled_fullgraph_matches_eager(drop_tokens):
+    layer = _layer(k=2, drop_tokens=drop_tokens, ffn_bias=True)
+    x = torch.randn(TOKENS, HIDDEN)
+
+    def step(module):
+        layer.zero_grad(set_to_none=True)
+        inp = x.clone().requires_grad_()
+        out, l_aux, z_loss, counts = module(inp, with_z_loss=True)
+        (out.square().sum() + l_aux + z_loss).backward()
+        return [out, l_aux, z_loss, counts, inp.grad] + [p.grad for p in layer.parameters()]
+
+    eager = step(layer)
+    torch._dynamo.reset()
+    compiled = step(torch.compile(layer, fullgraph=True))
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
