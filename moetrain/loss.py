@@ -3,7 +3,7 @@
 loss = LM term + aux_loss_coeff * aux + z_loss_coeff * z, where the LM term is the LM loss, or, while
 distilling (moetrain.train.distill.DistillationLoss), alpha * LM + beta * KD. Under pipeline
 parallelism the router terms of each stage reach the gradient at that stage (`router_loss`), and
-the last stage's schedule loss is `compute_loss` of its logits (router terms zero there).
+the last stage's schedule loss is `compute_loss` of its final hidden states (router terms zero there).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from moetrain.model import ModelOutput
@@ -59,10 +58,7 @@ class LossFunction:
     def compute_loss(self, output: ModelOutput, batch: tuple[Tensor, Tensor], iteration: int | None) -> LossParts:
         """The loss of one micro-batch (inputs, targets) at training step `iteration` (None: evaluation)."""
         inputs, targets = batch
-        lm_loss = output.lm_loss
-        if lm_loss is None:
-            logits = output.logits
-            lm_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        lm_loss = output.lm_loss if output.lm_loss is not None else output.loss_of(targets)
         kd = self.kd_loss(inputs, output.logits) if self.distilling(iteration) else None
         return LossParts(self.total(lm_loss, output.aux_loss, output.z_loss, kd), lm_loss, output.aux_loss,
                          output.z_loss, kd)

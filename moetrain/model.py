@@ -7,25 +7,45 @@ Two styles: "gpt" (Megatron/GPT-3: learned positions, LayerNorm, GELU, biases) a
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from moetrain.config import ModelConfig, MoEConfig
+from moetrain.lm_loss import linear_cross_entropy, plain_cross_entropy
 from moetrain.moe import MLP, MoE
+from moetrain.moe.stats import RoutingStats
 
 
 @dataclass
 class ModelOutput:
-    logits: Tensor
+    """What a forward gives: the LM head's input and weight rather than the [B, T, V] logits, so the LM
+    loss never materialises them (moetrain.lm_loss); `logits` computes them on first use (sampling,
+    scoring, distillation)."""
+
+    hidden: Tensor  # the final norm's output, [B, T, hidden]
+    head_weight: Tensor | None  # the LM head's weight, [V, hidden]; None: `hidden` are the logits already
     lm_loss: Tensor | None  # mean next-token cross entropy, when targets are given
     aux_loss: Tensor  # sum of l_aux over MoE layers (unscaled)
     z_loss: Tensor  # sum of router z-losses over MoE layers (unscaled)
+
+    @cached_property
+    def logits(self) -> Tensor:
+        return self.hidden if self.head_weight is None else F.linear(self.hidden, self.head_weight)
+
+    def loss_of(self, targets: Tensor) -> Tensor:
+        """Mean next-token cross entropy against `targets`, a chunk of rows at a time."""
+        if self.head_weight is None:
+            return plain_cross_entropy(self.hidden, targets)
+        return linear_cross_entropy(self.hidden, self.head_weight, targets)
 
 
 def rope_tables(seq_length: int, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -119,6 +139,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=bias)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=bias)
         self.dropout = cfg.attention_dropout
+        self.recompute_core = cfg.recompute_granularity == "selective"
+
+    def _core(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                              dropout_p=self.dropout if self.training else 0.0)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
         batch, seq, _ = x.shape
@@ -127,8 +152,10 @@ class Attention(nn.Module):
         if rope is not None:
             cos, sin = rope[0][:seq], rope[1][:seq]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        if self.recompute_core and torch.is_grad_enabled():  # selective: keep q, k, v, not the core's buffers
+            out = checkpoint(self._core, q, k, v, use_reentrant=False)
+        else:
+            out = self._core(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(batch, seq, -1))  # -1: local heads under TP
 
 
@@ -173,6 +200,54 @@ class Block(nn.Module):
             moe = self.ffn(self.norm2(x), with_z_loss=True, token_mask=token_mask)
             return x + self.dropout(moe.output), moe.l_aux, moe.z_loss
         return x + self.dropout(self.ffn(self.norm2(x))), None, None
+
+
+def _run_units(blocks: list[Block], x: Tensor, rope: tuple[Tensor, Tensor] | None, token_mask: Tensor | None
+               ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """x through `blocks`; the aux and z losses of their MoE layers."""
+    aux, z = [], []
+    for block in blocks:
+        x, l_aux, z_loss = block(x, rope, token_mask)
+        if l_aux is not None:
+            aux.append(l_aux)
+            z.append(z_loss)
+    return x, aux, z
+
+
+def recomputed(fn, blocks: list[Block], *args):
+    """`fn(blocks, *args)` keeping only its inputs for backward, which runs it again (torch's non-reentrant
+    checkpoint, which replays the CPU and device RNG: dropout, routing noise). The replay must not count
+    twice what a forward records, so the routing statistics and every buffer (an aux-free router's
+    pending load) the replay changes are put back as the original forward left them."""
+    calls = 0
+
+    def run(*inputs):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return fn(blocks, *inputs)
+        with _recorded_state_kept(blocks):
+            return fn(blocks, *inputs)
+
+    return checkpoint(run, *args, use_reentrant=False)
+
+
+@contextlib.contextmanager
+def _recorded_state_kept(blocks: list[Block]):
+    """Restore, on exit, the buffers and routing statistics of `blocks` to their values on entry."""
+    modules = [m for block in blocks for m in block.modules()]
+    saved = [(b, b.clone()) for m in modules for b in m.buffers(recurse=False)]
+    stats = [(s, {name: t.clone() for name, t in vars(s).items() if isinstance(t, Tensor)})
+             for m in modules for s in vars(m).values() if isinstance(s, RoutingStats)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+            for stat, counts in stats:
+                for name, value in counts.items():
+                    getattr(stat, name).copy_(value)
 
 
 class LayerStack(nn.Module):
@@ -293,20 +368,21 @@ class GPT(nn.Module):
         if input_ids.shape[1] > self.cfg.positions():
             raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds seq_length {self.cfg.seq_length} and "
                              f"max_position_embeddings {self.cfg.positions()}")
-        logits, aux, z = self.forward_stage(input_ids, token_mask)
-        lm_loss = None
+        hidden, aux, z = self.forward_stage(input_ids, token_mask)
+        output = ModelOutput(hidden, self.lm_head.weight, None, aux, z)
         if targets is not None:
-            lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))
-        return ModelOutput(logits, lm_loss, aux, z)
+            output.lm_loss = output.loss_of(targets)
+        return output
 
     def forward_stage(self, x: Tensor, token_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Token ids (or a later stage's hidden states) -> logits (or hidden states for the next stage),
-        with the summed (unscaled) aux and z losses of this model's MoE layers."""
+        """Token ids (or a later stage's hidden states) -> hidden states for the next stage (the last
+        stage: the final norm's output, the LM head's input), with the summed (unscaled) aux and z
+        losses of this model's MoE layers."""
         if self.tok_emb is not None:
             x = self.embed(x)
         x, aux, z = self.run_blocks(x, token_mask)
-        if self.lm_head is not None:
-            x = self.lm_head(self.norm(x))
+        if self.norm is not None:
+            x = self.norm(x)
         return x, aux, z
 
     def embed(self, input_ids: Tensor) -> Tensor:
@@ -316,18 +392,33 @@ class GPT(nn.Module):
         return self.drop(x)
 
     def run_blocks(self, x: Tensor, token_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """x through the blocks, with the summed (unscaled) aux and z losses of their MoE layers."""
+        """x through the blocks, with the summed (unscaled) aux and z losses of their MoE layers; under full
+        recomputation the units of `recompute_units` keep only their input for backward."""
         rope = (self.rope_cos, self.rope_sin) if self.cfg.style == "llama" else None
         aux_terms, z_terms = [], []
-        for block in self.blocks:
-            x, l_aux, z_loss = block(x, rope, token_mask)
-            if l_aux is not None:
-                aux_terms.append(l_aux)
-                z_terms.append(z_loss)
+        for blocks, recompute in self.recompute_units():
+            if recompute:
+                x, aux, z = recomputed(_run_units, blocks, x, rope, token_mask)
+            else:
+                x, aux, z = _run_units(blocks, x, rope, token_mask)
+            aux_terms += aux
+            z_terms += z
         zero = x.new_zeros((), dtype=torch.float32)
         aux = torch.stack(aux_terms).sum() if aux_terms else zero
         z = torch.stack(z_terms).sum() if z_terms else zero
         return x, aux, z
+
+    def recompute_units(self) -> list[tuple[list[Block], bool]]:
+        """This model's blocks in runs, each with whether full recomputation checkpoints it (Megatron's
+        methods: uniform, every run of `recompute_num_layers` blocks; block, the first that many blocks
+        of the stage one by one, the rest not). No recomputation outside training with gradients."""
+        blocks, cfg = list(self.blocks), self.cfg
+        if cfg.recompute_granularity != "full" or not (self.training and torch.is_grad_enabled()):
+            return [(blocks, False)] if blocks else []
+        n = cfg.recompute_num_layers
+        if cfg.recompute_method == "block":
+            return [([b], True) for b in blocks[:n]] + ([(blocks[n:], False)] if blocks[n:] else [])
+        return [(blocks[i:i + n], True) for i in range(0, len(blocks), n)]
 
     def update_expert_biases(self) -> None:
         """Aux-loss-free balancing: call after each optimizer step."""

@@ -46,7 +46,7 @@ class Bigram(GPT):
     def forward(self, input_ids, targets=None) -> ModelOutput:
         logits = self.table[input_ids]
         zero = logits.new_zeros(())
-        return ModelOutput(logits, None, zero, zero)
+        return ModelOutput(logits, None, None, zero, zero)
 
 
 def _id(symbol: int | str) -> int:

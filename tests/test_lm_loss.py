@@ -70,3 +70,27 @@ def test_autocast_projects_in_bf16_and_normalises_in_fp32():
     assert h32.grad.dtype == torch.float32 and w32.grad.dtype == torch.float32
     ref = _grads(_reference, h, w, t, torch.float64)
     torch.testing.assert_close(w32.grad.double(), ref[2] / 3, rtol=0.05, atol=0.02)
+
+
+@pytest.mark.parametrize("style", ["gpt", "llama"])
+def test_model_loss_and_gradients_equal_the_plain_loss_of_its_logits(style):
+    from moetrain.config import ModelConfig, MoEConfig
+    from moetrain.model import GPT
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(style=style, num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
+                      vocab_size=300)
+    model = GPT(cfg, MoEConfig(num_experts=[4], expert_interval=2, topk=2, drop_tokens=False, use_rts=False))
+    ids, targets = torch.randint(0, 300, (2, 2, 16), generator=torch.Generator().manual_seed(1))
+    results = []
+    for fused in (True, False):
+        model.zero_grad()
+        torch.manual_seed(2)
+        out = model(ids, targets) if fused else model(ids)
+        loss = out.lm_loss if fused else F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
+        (loss + 0.1 * out.aux_loss).backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (fused_loss, fused_grads), (plain_loss, plain_grads) = results
+    torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-6, atol=1e-6)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -411,7 +411,7 @@ def test_pipeline_stages_are_gpts_over_layer_ranges_and_chain_to_the_whole_forwa
             assert isinstance(stage, GPT)
             x, stage_aux, stage_z = stage.forward_stage(x)
             aux, z = aux + stage_aux, z + stage_z
-    torch.testing.assert_close(x, whole.logits)
+    torch.testing.assert_close(x, whole.hidden)
     torch.testing.assert_close(aux, whole.aux_loss)
     torch.testing.assert_close(z, whole.z_loss)
     assert [[i for i, _ in s.moe_layers()] for s in stages] == [[], [1], [3]]

@@ -34,7 +34,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="generation budget for short-answer tasks")
     parser.add_argument("--output", default="eval_results.json", help="where the JSON results go")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", help="auto (default): cuda when available, else cpu")
     parser.add_argument("--no-progress-bar", dest="progress", action="store_false")
 
 
@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from moetrain.checkpoint import load_model
     from moetrain.data import DataError, read_documents
     from moetrain.evaluation import LMScorer, evaluate_model, format_table, read_task
+    from moetrain.train.run import resolve_device
 
     if not args.task and not args.ppl:
         raise DataError("nothing to evaluate; pass --task NAME=PATH.jsonl and/or --ppl PATH")
@@ -52,9 +53,10 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"task names must be unique, got {', '.join(names)}; name each --task differently")
     tasks = [read_task(name, path, args.limit) for name, path in args.task]
     ppl_texts = list(read_documents(args.ppl))[:args.limit] if args.ppl else None
+    device = resolve_device(args.device)
     results = {}
     for load_dir in args.load:
-        model, tokenizer, _ = load_model(load_dir, args.device)
+        model, tokenizer, _ = load_model(load_dir, device)
         scorer = LMScorer(model, tokenizer, batch_size=args.batch_size, progress=args.progress)
         results[load_dir] = evaluate_model(scorer, tasks, ppl_texts, args.max_new_tokens)
     print(format_table(results))

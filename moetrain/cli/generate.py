@@ -16,19 +16,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--num-samples", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", help="auto (default): cuda when available, else cpu")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from moetrain.checkpoint import load_model
+    from moetrain.train.run import resolve_device
 
-    model, tokenizer, _ = load_model(args.load, args.device)
+    device = resolve_device(args.device)
+    model, tokenizer, _ = load_model(args.load, device)
     torch.manual_seed(args.seed)
     prompt_ids = tokenizer.encode(args.prompt) or [tokenizer.eos_id]
     for i in range(args.num_samples):
-        ids = torch.tensor([prompt_ids], device=args.device)
+        ids = torch.tensor([prompt_ids], device=device)
         out = model.generate(ids, args.max_new_tokens, args.temperature, args.top_k, tokenizer.eos_id)
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")

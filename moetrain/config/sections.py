@@ -23,6 +23,8 @@ from moetrain.train.lr_schedule import STYLES as LR_DECAY_STYLES
 
 MODEL_STYLES = ("gpt", "llama")
 MLP_TYPES = ("standard", "residual")
+RECOMPUTE_GRANULARITIES = (None, "full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
 TOKENIZER_TYPES = TOKENIZER_KINDS
 DEVICES = ("auto", "cpu", "cuda")
 DISTRIBUTED_BACKENDS = (None, "nccl", "gloo")
@@ -98,6 +100,17 @@ class ModelConfig:
     tie_embeddings: bool = option(True, switches=(switch(
         "--untie-embeddings-and-output-weights", False,
         help="give the output layer its own weights instead of the input embedding's"),))
+    recompute_granularity: str | None = option(
+        None, "--recompute-granularity", type=_none_or_str, choices=RECOMPUTE_GRANULARITIES, group="training",
+        help="activation recomputation: full (whole blocks) or selective (the attention core); None: off",
+        switches=(switch("--checkpoint-activations", "full",
+                         help="DeepSpeed's name for --recompute-granularity full (uniform, 1 layer)"),))
+    recompute_method: str = option("uniform", "--recompute-method", choices=RECOMPUTE_METHODS, group="training",
+                                   help="full recompute: uniform (every run of --recompute-num-layers blocks "
+                                        "as one unit) or block (only the first --recompute-num-layers blocks "
+                                        "of each pipeline stage, one by one)")
+    recompute_num_layers: int = option(1, "--recompute-num-layers", group="training",
+                                       help="blocks per recomputed unit (uniform) or blocks recomputed (block)")
 
     def positions(self) -> int:
         """Length of the position tables: the longest sequence the model accepts (Megatron's
@@ -309,6 +322,12 @@ class TrainingConfig:
     tensorboard_dir: str | None = option(None, "--tensorboard-dir", group="logging",
                                          help="also write TensorBoard events here")
     device: str = option("auto", "--device", choices=DEVICES, help="auto: cuda when available, else cpu")
+    tf32: bool = option(True, group="precision", switches=(switch(
+        "--no-tf32", False, help="fp32 matmuls on CUDA in full fp32 instead of TF32 (slower, ~3 more digits)"),))
+    deterministic: bool = option(False, switches=(switch(
+        "--deterministic", True, help="deterministic kernels (torch.use_deterministic_algorithms, a fixed "
+                                      "cuBLAS workspace), so a GPU run and its resume repeat bit for bit; "
+                                      "costs speed, and an op without a deterministic kernel stops the run"),))
     progress_bar: bool = option(True, group="logging", switches=(switch(
         "--no-progress-bar", False, help="plain log lines instead of a progress bar"),))
 
@@ -345,9 +364,10 @@ class ParallelConfig:
     distributed_backend: str | None = option(None, "--distributed-backend", type=_none_or_str,
                                              choices=DISTRIBUTED_BACKENDS,
                                              help="torch.distributed backend; None: nccl on cuda, else gloo")
-    distributed_timeout_minutes: int = option(10, "--distributed-timeout-minutes",
-                                              help="a collective waiting this long (a rank died) fails the job, "
-                                                   "so torchrun --max-restarts can restart it")
+    distributed_timeout_minutes: float = option(
+        10.0, "--distributed-timeout-minutes", type=float,
+        help="minutes a collective may wait for the other ranks before the job fails (NCCL's default: 10); a dead "
+             "rank then fails the job, so torchrun --max-restarts can restart it from the last checkpoint")
 
     def parallel_sizes(self, world_size: int) -> dict[str, int]:
         """Split world_size into data/tensor/pipeline parallel sizes, and expert parallelism.
@@ -358,6 +378,8 @@ class ParallelConfig:
         tp, pp = self.tensor_parallel_size, self.pipeline_parallel_size
         validation.check_at_least("--tensor-parallel-size", tp, 1)
         validation.check_at_least("--pipeline-parallel-size", pp, 1)
+        check(self.distributed_timeout_minutes > 0,
+              f"--distributed-timeout-minutes {self.distributed_timeout_minutes} must be positive")
         check(world_size % (tp * pp) == 0,
               f"world size {world_size} is not divisible by tensor-parallel-size {tp} x pipeline-parallel-size "
               f"{pp}; launch a multiple of {tp * pp} processes or lower the parallel sizes")

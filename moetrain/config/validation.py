@@ -69,10 +69,12 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 
 
 def _validate_model(model: ModelConfig) -> None:
-    check_choice(model, "style")
+    for name in ("style", "recompute_granularity", "recompute_method"):
+        check_choice(model, name)
     for flag, value in (("--num-layers", model.num_layers), ("--hidden-size", model.hidden_size),
                         ("--num-attention-heads", model.num_attention_heads), ("--seq-length", model.seq_length)):
         check_at_least(flag, value, 1)
+    check_at_least("--recompute-num-layers", model.recompute_num_layers, 1)
     check(model.positions() >= model.seq_length,
           f"--max-position-embeddings {model.max_position_embeddings} is shorter than --seq-length "
           f"{model.seq_length}; give at least the sequence length, or drop it")

@@ -77,12 +77,74 @@ def all_reduce_gradients(specs: dict[nn.Parameter, GradSpec]) -> None:
                 grad.copy_(reduced)
 
 
+class OverlappedAllReduce:
+    """`all_reduce_gradients`, started during the last micro-batch's backward: a bucket's all-reduce is
+    launched (asynchronously) once the gradients of its parameters are final, so communication overlaps
+    the rest of the backward; `finish()` launches what is left (buckets holding a parameter no token
+    reached) and waits. Buckets launch in one fixed order (reverse model order, which the backward
+    roughly follows), a bucket only after every bucket before it, so every rank issues the same
+    collectives in the same order whatever its routing."""
+
+    def __init__(self, specs: dict[nn.Parameter, GradSpec]) -> None:
+        runs = [(spec, run) for spec, params in grouped(specs).items() if spec.divisor > 1
+                for run in buckets(params)]
+        self.buckets = runs[::-1]
+        self.bucket_of = {param: i for i, (_, run) in enumerate(self.buckets) for param in run}
+        for param in self.bucket_of:
+            param.register_post_accumulate_grad_hook(self._grad_ready)
+        self.armed = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self.ready: list[set[nn.Parameter]] = [set() for _ in self.buckets]
+        self.launched: list[tuple[Tensor, dist.Work | None]] = []
+
+    def arm(self) -> None:
+        """The next backward is the step's last: launch buckets as they complete."""
+        self.armed = True
+
+    def _grad_ready(self, param: nn.Parameter) -> None:
+        if not self.armed:
+            return
+        self.ready[self.bucket_of[param]].add(param)
+        while len(self.launched) < len(self.buckets) and \
+                len(self.ready[len(self.launched)]) == len(self.buckets[len(self.launched)][1]):
+            self._launch()
+
+    @torch.no_grad()
+    def _launch(self) -> None:
+        spec, run = self.buckets[len(self.launched)]
+        fill_missing_grads(run)
+        flat = _flatten_dense_tensors([p.grad for p in run])
+        work = dist.all_reduce(flat, group=spec.group, async_op=True) if spec.size > 1 else None
+        self.launched.append((flat, work))
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Launch the buckets left, wait for all, and write each mean gradient back."""
+        while len(self.launched) < len(self.buckets):
+            self._launch()
+        for (spec, run), (flat, work) in zip(self.buckets, self.launched):
+            if work is not None:
+                work.wait()
+            flat.div_(spec.divisor)
+            grads = [p.grad for p in run]
+            for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                grad.copy_(reduced)
+        self.armed = False
+        self._reset()
+
+
 @torch.no_grad()
-def global_grad_norm(grads: Iterable[tuple[Tensor, int]], world: bool) -> Tensor:
-    """L2 norm over all ranks' gradients; each (grad, copies) counts 1/copies of its square."""
-    total = torch.zeros((), dtype=torch.float32)
+def global_grad_norm(grads: Iterable[tuple[Tensor, int]], world: bool, device: torch.device) -> Tensor:
+    """L2 norm over all ranks' gradients; each (grad, copies) counts 1/copies of its square.
+
+    The total lives on `device` (the communication device) even on a rank that holds no gradient
+    (a ZeRO rank that owns nothing), since every rank joins the all-reduce.
+    """
+    total = torch.zeros((), dtype=torch.float32, device=device)
     for grad, copies in grads:
-        total = total.to(grad.device) + grad.float().square().sum() / copies
+        total += (grad.float().square().sum() / copies).to(device)
     if world:
         dist.all_reduce(total)
     return total.sqrt()

@@ -9,21 +9,30 @@ from __future__ import annotations
 
 from torch import nn
 
-from moetrain.parallel.data_parallel import GradSpec, all_reduce_gradients
+from moetrain.parallel.data_parallel import GradSpec, OverlappedAllReduce, all_reduce_gradients
 from moetrain.parallel.zero import ZeroOptimizer
 
 
 class GradientSync:
-    """The gradient reduction of one run: all-reduce (DP) or reduce to owners (ZeRO)."""
+    """The gradient reduction of one run: all-reduce (DP; overlapped with the last micro-batch's backward
+    when `overlap`) or reduce to owners (ZeRO, which overlaps stage 2 itself)."""
 
-    def __init__(self, specs: dict[nn.Parameter, GradSpec], optimizer) -> None:
+    def __init__(self, specs: dict[nn.Parameter, GradSpec], optimizer, overlap: bool = False) -> None:
         self.specs = specs
         self.zero = optimizer if isinstance(optimizer, ZeroOptimizer) else None
+        self.overlapped = OverlappedAllReduce(specs) if overlap and self.zero is None else None
+
+    def before_last_backward(self) -> None:
+        """Called by the executor just before the step's last backward."""
+        if self.overlapped is not None:
+            self.overlapped.arm()
 
     def reduce(self) -> None:
         """Every gradient becomes the mean over data parallel (on the ranks that keep it)."""
         if self.zero is not None:
             self.zero.reduce_gradients()
+        elif self.overlapped is not None and self.overlapped.armed:
+            self.overlapped.finish()
         else:
             all_reduce_gradients(self.specs)
 

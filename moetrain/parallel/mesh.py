@@ -46,6 +46,9 @@ class ParallelState:
     dp_rank: int = 0
     tp_rank: int = 0
     ep_follows_tp: bool = True
+    # where every tensor handed to a collective lives: this rank's training device (NCCL has no CPU
+    # tensors; gloo takes either). Loss totals, norms and counters are made here, never on the host.
+    comm_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     mesh: DeviceMesh | None = None
     dp_group: dist.ProcessGroup | None = None
     tp_group: dist.ProcessGroup | None = None
@@ -83,21 +86,31 @@ def _new_groups(layout: torch.Tensor, dim: int) -> dist.ProcessGroup:
     return mine
 
 
-def init_parallel(pc: ParallelConfig, device_type: str) -> ParallelState:
+def local_device(device_type: str) -> torch.device:
+    """This process's device: under torchrun the GPU LOCAL_RANK modulo the GPUs it can see (a job that
+    gives each process one GPU through CUDA_VISIBLE_DEVICES sees only GPU 0)."""
+    if device_type != "cuda":
+        return torch.device(device_type)
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+
+
+def init_parallel(pc: ParallelConfig, device: torch.device | str) -> ParallelState:
     """Join the torchrun job (if any) and build the mesh and every group a model can need.
 
+    `device` (this rank's training device) becomes the communication device of every collective.
     Expert groups are made for every divisor of the expert-parallel size, since a layer whose
     expert count the run's size does not divide runs on gcd(count, ep) ranks (any model: the
     student's, a distillation teacher's).
     """
+    device = torch.device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 and not dist.is_initialized():
         pc.parallel_sizes(1)
-        return ParallelState(expert_groups={1: ExpertGroups(1, 0, None, None, 1, False)})
+        return ParallelState(comm_device=device, expert_groups={1: ExpertGroups(1, 0, None, None, 1, False)})
     if not dist.is_initialized():
-        backend = pc.distributed_backend or ("nccl" if device_type == "cuda" else "gloo")
-        if device_type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = pc.distributed_backend or ("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         # a rank that died leaves the others' collectives waiting: fail them after the timeout (torchrun restarts)
         timeout = timedelta(minutes=pc.distributed_timeout_minutes)
         store = _attempt_store(timeout)
@@ -112,12 +125,12 @@ def init_parallel(pc: ParallelConfig, device_type: str) -> ParallelState:
     follows_tp = pc.expert_parallel_size is None
     edp_dim = dp if follows_tp else dp // ep
     ep_dim = 1 if follows_tp else ep
-    mesh = init_device_mesh(device_type, (pp, edp_dim, ep_dim, tp), mesh_dim_names=("pp", "edp", "ep", "tp"))
+    mesh = init_device_mesh(device.type, (pp, edp_dim, ep_dim, tp), mesh_dim_names=("pp", "edp", "ep", "tp"))
     layout = torch.arange(world).view(pp, dp, tp)  # dp index = edp * ep + ep
     state = ParallelState(
         world_size=world, rank=rank, pp=pp, dp=dp, tp=tp, ep=ep,
         pp_rank=mesh.get_local_rank("pp"), dp_rank=mesh.get_local_rank("edp") * ep_dim + mesh.get_local_rank("ep"),
-        tp_rank=mesh.get_local_rank("tp"), ep_follows_tp=follows_tp, mesh=mesh,
+        tp_rank=mesh.get_local_rank("tp"), ep_follows_tp=follows_tp, comm_device=device, mesh=mesh,
         dp_group=mesh["edp", "ep"]._flatten("dp").get_group(), tp_group=mesh.get_group("tp"),
         pp_group=mesh.get_group("pp"))
     for size in (d for d in range(1, ep + 1) if ep % d == 0):

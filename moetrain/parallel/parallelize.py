@@ -77,6 +77,10 @@ def sync_routing_stats(model: GPT, state: ParallelState, training: bool = True) 
         return
     for _, moe in model.moe_layers():
         stats = moe.routing_stats if training else moe.eval_routing_stats
-        for tensor in (stats.routed, stats.kept, stats.rank_visits):
-            dist.all_reduce(tensor, group=state.dp_group)
-        dist.all_reduce(stats.most_rank_visits, op=dist.ReduceOp.MAX, group=state.dp_group)
+        for name in ("routed", "kept", "rank_visits"):  # counts start on the host until a forward records them
+            counts = getattr(stats, name).to(state.comm_device)
+            dist.all_reduce(counts, group=state.dp_group)
+            setattr(stats, name, counts)
+        most = stats.most_rank_visits.to(state.comm_device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX, group=state.dp_group)
+        stats.most_rank_visits = most

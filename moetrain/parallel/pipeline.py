@@ -21,7 +21,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from moetrain.loss import LossFunction, LossParts
 from moetrain.model import GPT, ModelOutput
 from moetrain.parallel.mesh import ParallelState
-from moetrain.precision import AUTOCAST_DTYPES, autocast
+from moetrain.precision import autocast
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -111,7 +111,8 @@ class _ScheduledStage(nn.Module):
 class PipelineRunner:
     """Runs the forward and backward of one optimizer step's micro-batches through the pipeline.
 
-    The last stage's schedule loss is `loss_function.compute_loss` of its logits (the LM term, with
+    The last stage's schedule loss is `loss_function.compute_loss` of its final hidden states and LM
+    head (the LM term, with
     distillation's KD term while distilling) * loss_scale / num_microbatches, and the schedule does
     not rescale (scale_grads=False); every stage adds its own router terms (`router_loss`). So the
     accumulated gradients equal those of a single process averaging the whole loss over the same
@@ -137,11 +138,9 @@ class PipelineRunner:
             inputs = torch.empty(micro_batch_size, seq_length, dtype=torch.long, device="meta")
         else:
             inputs = torch.empty(hidden, dtype=dtype, device="meta", requires_grad=True)
-        if state.is_last_stage:  # logits, in the autocast dtype; the residual stream stays in `dtype`
-            outputs = torch.empty(micro_batch_size, seq_length, stage.cfg.vocab_size,
-                                  dtype=AUTOCAST_DTYPES.get(precision, dtype), device="meta", requires_grad=True)
-        else:
-            outputs = torch.empty(hidden, dtype=dtype, device="meta", requires_grad=True)
+        # every stage outputs the residual stream in `dtype`; the last stage its final norm's output, which
+        # the loss projects through the LM head a chunk of rows at a time (no [B, T, V] logits)
+        outputs = torch.empty(hidden, dtype=dtype, device="meta", requires_grad=True)
         self.stage = PipelineStage(self.module, state.pp_rank, state.pp, device, input_args=inputs,
                                    output_args=outputs, group=state.pp_group)
         self.schedule = SCHEDULES[schedule](self.stage, num_microbatches, loss_fn=self._loss,
@@ -151,12 +150,12 @@ class PipelineRunner:
         self.microbatch_inputs: tuple[Tensor, ...] = ()
         self.head_parts: list[LossParts] = []  # last stage: each micro-batch's loss terms, in order
 
-    def _loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+    def _loss(self, hidden: Tensor, targets: Tensor) -> Tensor:
         inputs = self.microbatch_inputs[len(self.head_parts)]
-        zero = torch.zeros((), device=logits.device)  # router terms reach the gradient at their own stage
-        with autocast(logits.device.type, self.precision):
-            parts = self.loss_function.compute_loss(ModelOutput(logits, None, zero, zero), (inputs, targets),
-                                                    self.iteration)
+        zero = torch.zeros((), device=hidden.device)  # router terms reach the gradient at their own stage
+        output = ModelOutput(hidden, self.module.stage.lm_head.weight, None, zero, zero)
+        with autocast(hidden.device.type, self.precision):
+            parts = self.loss_function.compute_loss(output, (inputs, targets), self.iteration)
         self.head_parts.append(parts)
         return parts.loss * (self.loss_scale / self.num_microbatches)
 

@@ -40,28 +40,32 @@ class LocalExecutor:
         self.model, self.loss_function, self.state = model, loss_function, state
         self.device, self.precision, self.accumulation = device, precision, accumulation
 
-    def forward_backward(self, next_batch: Callable[[], Batch], iteration: int,
-                         scaler: LossScaler | None) -> Tensor:
+    def forward_backward(self, next_batch: Callable[[], Batch], iteration: int, scaler: LossScaler | None,
+                         before_last_backward: Callable[[], None] = lambda: None) -> Tensor:
         """Accumulate the micro-batches' gradients; return the mean of each logged loss
-        ([loss, lm_loss, aux_loss, z_loss(, kd_loss)], this rank's)."""
+        ([loss, lm_loss, aux_loss, z_loss(, kd_loss)], this rank's). `before_last_backward` runs just
+        before the last micro-batch's backward (the data-parallel all-reduce starts during it)."""
         logged = []
-        for _ in range(self.accumulation):
+        for micro_batch in range(self.accumulation):
             inputs, targets = next_batch()
             with autocast(self.device.type, self.precision):
                 parts = self.loss_function.compute_loss(self.model(inputs, targets), (inputs, targets), iteration)
             scaled = parts.loss / self.accumulation
+            if micro_batch == self.accumulation - 1:
+                before_last_backward()
             (scaler.scale(scaled) if scaler else scaled).backward()
             logged.append(parts.logged())
         return torch.stack(logged).sum(0) / self.accumulation
 
     def eval_losses(self, batches: list[Batch]) -> tuple[Tensor, Tensor]:
-        """LM loss of each evaluation round of this rank, and whether each counts (1) or pads (0)."""
+        """LM loss of each evaluation round of this rank, and whether each counts (1) or pads (0), both on
+        the communication device (the trainer sums them over data parallel)."""
         rounds = pad_rounds(batches, self.state)
         losses = []
         for inputs, targets, _ in rounds:
             with autocast(self.device.type, self.precision):
                 losses.append(self.model(inputs.to(self.device), targets.to(self.device)).lm_loss.float())
-        return torch.stack(losses).cpu(), _counts(rounds)
+        return torch.stack(losses), _counts(rounds, self.state.comm_device)
 
     def routing_summaries(self, training: bool) -> list[dict]:
         """Routing statistics of every MoE layer since the last call, summed over data parallel."""
@@ -81,8 +85,9 @@ class PipelineExecutor(LocalExecutor):
         self.runner = PipelineRunner(model, state, accumulation, micro_batch_size, seq_length, device,
                                      schedule=schedule, precision=precision, loss_function=loss_function)
 
-    def forward_backward(self, next_batch: Callable[[], Batch], iteration: int,
-                         scaler: LossScaler | None) -> Tensor:
+    def forward_backward(self, next_batch: Callable[[], Batch], iteration: int, scaler: LossScaler | None,
+                         before_last_backward: Callable[[], None] = lambda: None) -> Tensor:
+        """As LocalExecutor's, through the schedule (which runs the backwards itself: no overlap hook)."""
         batches = [next_batch() for _ in range(self.accumulation)]
         out = self.runner.step(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]),
                                scaler.loss_scale if scaler else 1.0, iteration)
@@ -104,11 +109,12 @@ class PipelineExecutor(LocalExecutor):
             chunk = rounds[start:start + self.accumulation]
             self.runner.evaluate(torch.cat([r[0] for r in chunk]).to(self.device),
                                  torch.cat([r[1] for r in chunk]).to(self.device))
-            per_batch = self.runner.lm_losses if self.state.is_last_stage else [torch.zeros(())] * len(chunk)
-            losses.extend(loss.float().cpu() for loss in per_batch)
+            per_batch = self.runner.lm_losses if self.state.is_last_stage \
+                else [torch.zeros((), device=self.state.comm_device)] * len(chunk)
+            losses.extend(loss.float() for loss in per_batch)
         values = torch.stack(losses)
         dist.all_reduce(values, group=self.state.pp_group)  # only the last stage computed them
-        return values, _counts(rounds)
+        return values, _counts(rounds, self.state.comm_device)
 
     def routing_summaries(self, training: bool) -> list[dict]:
         """Every stage's layers, gathered over the pipeline group."""
@@ -118,5 +124,5 @@ class PipelineExecutor(LocalExecutor):
         return [layer for stage in stages for layer in stage]
 
 
-def _counts(rounds: list[EvalRound]) -> Tensor:
-    return torch.tensor([float(real) for *_, real in rounds], dtype=torch.float64)
+def _counts(rounds: list[EvalRound], device: torch.device) -> Tensor:
+    return torch.tensor([float(real) for *_, real in rounds], dtype=torch.float64, device=device)

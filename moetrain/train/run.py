@@ -27,7 +27,7 @@ from moetrain.loss import LossFunction
 from moetrain.model import GPT
 from moetrain.parallel.data_parallel import GradSpec
 from moetrain.parallel.grad_sync import GradientSync
-from moetrain.parallel.mesh import ParallelState, init_parallel
+from moetrain.parallel.mesh import ParallelState, init_parallel, local_device
 from moetrain.parallel.parallelize import parallelize
 from moetrain.parallel.pipeline import split_for_pipeline, tied_embedding_params
 from moetrain.parallel.zero import ZeroOptimizer
@@ -44,9 +44,18 @@ def resolve_device(name: str) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda was given but no CUDA device is available; use --device cpu")
-    if name == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per local rank
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return torch.device(name)
+    return local_device(name) if name == "cuda" else torch.device(name)
+
+
+def set_numerics(device: torch.device, tf32: bool, deterministic: bool) -> None:
+    """TF32 for fp32 matmuls on CUDA (unless --no-tf32); deterministic kernels with --deterministic
+    (cuBLAS needs its workspace size fixed before its first call, so this runs before any work)."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
 
 
 def seed_everything(seed: int) -> None:
@@ -95,9 +104,10 @@ def build_run(cfg: Config, *, quiet: bool = False) -> Run:
     cfg.validate(world_size)  # before joining: bad flags fail at once
     tc = cfg.training
     device = resolve_device(tc.device)
+    set_numerics(device, tc.tf32, tc.deterministic)
     if device.type == "cpu":
         keep_freed_memory()  # per-step activations and gradients reuse pages, not page faults
-    state = init_parallel(cfg.parallel, device.type)
+    state = init_parallel(cfg.parallel, device)
     quiet = quiet or state.rank != 0
     log: Callable[[str], None] = (lambda line: None) if quiet else print
     seed_everything(tc.seed)
@@ -150,5 +160,5 @@ def build_run(cfg: Config, *, quiet: bool = False) -> Run:
     return Run(cfg=cfg, device=device, parallel=state, quiet=quiet, tokenizer=tokenizer, train_data=train_data,
                valid_data=valid_data, model=model, param_counts=param_counts, distiller=distiller,
                loss_function=loss_function, grad_specs=grad_specs, optimizer=optimizer,
-               grad_sync=GradientSync(grad_specs, optimizer), schedule=schedule, scaler=scaler,
+               grad_sync=GradientSync(grad_specs, optimizer, overlap=state.pp == 1), schedule=schedule, scaler=scaler,
                accumulation=accumulation, executor=executor)

@@ -124,7 +124,8 @@ class Trainer:
         tc = self.cfg.training
         lr = self.schedule.apply(self.optimizer, self.iteration)
         self.model.train()
-        means = self.executor.forward_backward(self._next_batch, self.iteration, self.scaler)
+        means = self.executor.forward_backward(self._next_batch, self.iteration, self.scaler,
+                                               self.grad_sync.before_last_backward)
         if self.parallel.dp > 1:
             dist.all_reduce(means, group=self.parallel.dp_group)
             means /= self.parallel.dp
@@ -135,7 +136,8 @@ class Trainer:
         overflow = self.scaler.unscale_([p for p, _ in held]) if self.scaler else False
         grad_norm, applied = float("nan"), False
         if not overflow:
-            norm = global_grad_norm(((p.grad, copies) for p, copies in held), world=self.parallel.distributed)
+            norm = global_grad_norm(((p.grad, copies) for p, copies in held), world=self.parallel.distributed,
+                                    device=self.parallel.comm_device)
             grad_norm = float(norm)  # the step's host sync; the norm (NaN from any rank) and loss are global
             if not tc.check_for_nan_in_loss_and_grad or (math.isfinite(grad_norm) and math.isfinite(sums["loss"])):
                 clip_gradients([p.grad for p, _ in held], tc.clip_grad if tc.clip_grad > 0 else math.inf, norm)
@@ -184,7 +186,14 @@ class Trainer:
         micro, state = self.cfg.training.micro_batch_size, self.parallel
         inputs, targets = self.train_data.next_batch(micro * state.dp)
         rows = slice(state.dp_rank * micro, (state.dp_rank + 1) * micro)
-        return inputs[rows].to(self.device), targets[rows].to(self.device)
+        return self._to_device(inputs[rows]), self._to_device(targets[rows])
+
+    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        """Host rows to the device; to a GPU from pinned memory without blocking (the copy overlaps the
+        work already queued; the stream orders it before the forward that reads it)."""
+        if self.device.type != "cuda":
+            return batch.to(self.device)
+        return batch.pin_memory().to(self.device, non_blocking=True)
 
     @torch.no_grad()
     def evaluate(self) -> dict | None:
