@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 IGNORE_INDEX = -100  # targets equal to this are not predicted (F.cross_entropy's default)
-CHUNK_BYTES = 256 * 2**20  # fp32 logits of one chunk; small next to the model, large enough for fast GEMMs
+CHUNK_BYTES = 64 * 2**20  # fp32 logits of one chunk: ~90% below the plain loss's peak (BENCHMARKS.md)
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *,

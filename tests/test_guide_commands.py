@@ -20,8 +20,8 @@ import pytest
 
 from moetrain.checkpoint import load_model
 from moetrain.cli import main
+from moetrain.cli import run as run_command
 from moetrain.config import ConfigError, parse_train_args
-from moetrain.data import prepare_data_main
 from tests.conftest import free_port, read_records, write_corpus
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -117,9 +117,9 @@ def paths(tmp_path_factory) -> dict:
     merges.write_text("#version: 0.2\na b\n")
     source = root / "corpus.jsonl"
     source.write_text("".join(json.dumps({"text": "ab a b abab " * (20 + i)}) + "\n" for i in range(20)))
-    assert prepare_data_main(["--input", str(source), "--output-prefix", str(root / "my-gpt2"), "--vocab-file",
-                              str(vocab), "--merge-file", str(merges), "--tokenizer-type", "GPT2BPETokenizer",
-                              "--append-eod", "--output-format", "megatron"]) == 0
+    assert run_command("prepare-data", ["--input", str(source), "--output-prefix", str(root / "my-gpt2"),
+                                        "--vocab-file", str(vocab), "--merge-file", str(merges), "--tokenizer-type",
+                                        "GPT2BPETokenizer", "--append-eod", "--output-format", "megatron"]) == 0
     ds_config = root / "ds_config_moe.json"
     ds_config.write_text(json.dumps(DS_CONFIG_MOE))
     return {"corpus": write_corpus(root), "cache": str(root / "cache"), "data": str(root / "my-gpt2_text_document"),
