@@ -18,8 +18,8 @@ def poison_steps(trainer: Trainer, iterations: set[int]) -> None:
     """Make one gradient NaN in the steps that start at `iterations` (each poisoned once)."""
     forward_backward = trainer.executor.forward_backward
 
-    def poisoned(next_batch, iteration, scaler):
-        means = forward_backward(next_batch, iteration, scaler)
+    def poisoned(next_batch, iteration, scaler, *hooks):
+        means = forward_backward(next_batch, iteration, scaler, *hooks)
         if iteration in iterations:
             iterations.discard(iteration)
             next(p for p in trainer.model.parameters() if p.grad is not None).grad.fill_(float("nan"))
