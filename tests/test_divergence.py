@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 
 import pytest
 import torch
 
-from moetrain.checkpoint import CheckpointError, load_checkpoint
+from moetrain.checkpoint import CheckpointError, iter_dir_name, load_checkpoint
 from moetrain.train.trainer import Trainer, TrainingDiverged
 from tests.conftest import read_records, tiny_config
 
@@ -132,3 +133,63 @@ def test_fp16_overflow_counts_as_divergence_only_at_the_scalers_floor(tmp_path, 
     if counts:
         with pytest.raises(TrainingDiverged, match="not finite for 4 steps in a row"):
             trainer.fit()
+
+
+def resume_copy(tmp_path, source_run, iteration: int, **training) -> Trainer:
+    """A new run in its own directory resumed from `source_run`'s checkpoint at `iteration` (its only one)."""
+    run = tmp_path / "resumed"
+    shutil.copytree(source_run / iter_dir_name(iteration), run / iter_dir_name(iteration))
+    (run / "latest").write_text(iter_dir_name(iteration) + "\n")
+    return Trainer(tiny_config(tmp_path, save="resumed", load=str(run), **training), quiet=True)
+
+
+def test_a_run_resumed_mid_streak_skips_and_rewinds_exactly_as_the_uninterrupted_one(tmp_path):
+    # the checkpoint at 6 is written after two skipped steps: the resumed run must count the third as the
+    # third in a row and rewind at once, as the uninterrupted run does
+    training = dict(train_iters=8, save_interval=2, rewind_on_divergence=2, max_rewinds=1)
+    whole = Trainer(tiny_config(tmp_path, **training), quiet=True)
+    poison_steps(whole, {4, 5, 6})
+    whole_result = whole.fit()
+    assert whole.rewinds == 1
+    assert load_checkpoint(str(tmp_path / "run"), 6).extra["guard"] == {
+        "non_finite_in_a_row": 2, "non_finite_skipped": 2, "rewinds": 0}
+    resumed = resume_copy(tmp_path, tmp_path / "run", 6, **training)
+    assert (resumed.non_finite_in_a_row, resumed.non_finite_skipped, resumed.rewinds) == (2, 2, 0)
+    poison_steps(resumed, {6})
+    resumed_result = resumed.fit()
+    assert len(resumed_result.losses) == 3 and math.isnan(resumed_result.losses[0])
+    assert resumed_result.losses[1:] == whole_result.losses[-2:]
+    assert (resumed.non_finite_in_a_row, resumed.non_finite_skipped, resumed.rewinds) == (0, 3, 1)
+    for a, b in zip(whole.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert [r for r in read_records(tmp_path / "resumed") if r["type"] == "rewind"] == [
+        r for r in read_records(tmp_path / "run") if r["type"] == "rewind"]
+
+
+def test_a_resumed_run_remembers_the_rewinds_it_already_used(tmp_path):
+    # one rewind allowed; the run rewinds at step 7, is saved at 8, then diverges again: it must stop,
+    # also when resumed from the checkpoint at 8
+    training = dict(train_iters=12, save_interval=2, rewind_on_divergence=1, max_rewinds=1)
+    whole = Trainer(tiny_config(tmp_path, **training), quiet=True)
+    poison_steps(whole, {4, 5, 6, 8, 9, 10})
+    with pytest.raises(TrainingDiverged, match="^step 11: ") as whole_error:
+        whole.fit()
+    resumed = resume_copy(tmp_path, tmp_path / "run", 8, **training)
+    assert resumed.rewinds == 1 and resumed.non_finite_skipped == 3
+    poison_steps(resumed, {8, 9, 10})
+    with pytest.raises(TrainingDiverged, match="^step 11: ") as resumed_error:
+        resumed.fit()
+    assert str(resumed_error.value).split(";")[0] == str(whole_error.value).split(";")[0]
+    assert resumed.rewinds == 1 and resumed.non_finite_skipped == whole.non_finite_skipped == 6
+
+
+def test_checkpoints_without_guard_state_resume_with_zero_counts(tmp_path):
+    Trainer(tiny_config(tmp_path, train_iters=2), quiet=True).fit()
+    path = tmp_path / "run" / iter_dir_name(2) / "state.pt"
+    state = torch.load(path, weights_only=True)
+    del state["extra"]["guard"]  # as written before the guard state was saved
+    torch.save(state, path)
+    (tmp_path / "run" / iter_dir_name(2) / "manifest.json").unlink()
+    resumed = Trainer(tiny_config(tmp_path, save="again", load=str(tmp_path / "run"), train_iters=3), quiet=True)
+    assert resumed.iteration == 2
+    assert (resumed.non_finite_in_a_row, resumed.non_finite_skipped, resumed.rewinds) == (0, 0, 0)

@@ -36,6 +36,11 @@ class TrainResult:
     losses: list[float]  # total loss of every optimizer step this run took (skipped steps: nan)
 
 
+# The non-finite guard's state, saved with each checkpoint so a resumed run stops (or rewinds) when the
+# uninterrupted one would: consecutive skipped steps, all skipped steps, rewinds against --max-rewinds.
+GUARD_STATE = ("non_finite_in_a_row", "non_finite_skipped", "rewinds")
+
+
 class TrainingDiverged(RuntimeError):
     """The loss or gradient norm stayed non-finite for --max-skipped-steps steps in a row (and no rewind was left)."""
 
@@ -90,7 +95,7 @@ class Trainer:
         self._print(f"no checkpoint in {load_dir} yet: starting from scratch")
         return True
 
-    def _resume(self, load_dir: str) -> None:
+    def _resume(self, load_dir: str, *, rewinding: bool = False) -> None:
         restored = restore(load_dir, self.model, self.optimizer, self.parallel)
         if restored.fresh_start:
             self._print(f"initialised from the weights in {restored.path}; optimizer, schedule and data start afresh")
@@ -102,6 +107,8 @@ class Trainer:
         restore_rng_state(restored.rng)
         if self.distiller is not None and "distill" in extra:
             self.distiller.load_state_dict(extra["distill"])  # a stopped distillation stays stopped
+        if not rewinding:  # a rewind keeps this run's counts: its skipped steps and rewinds happened
+            self._load_guard_state(extra.get("guard", {}))
         self.iteration = restored.iteration
         self._print(f"resumed from {restored.path} at iteration {self.iteration}")
 
@@ -114,9 +121,15 @@ class Trainer:
             extra["loss_scaler"] = self.scaler.state_dict()
         if self.distiller is not None:
             extra["distill"] = self.distiller.state_dict()
+        extra["guard"] = {name: getattr(self, name) for name in GUARD_STATE}
         return save(save_dir, self.iteration, self.model, self.optimizer, self.parallel, extra=extra,
                     files={"tokenizer.json": self.tokenizer.to_json()},
                     keep_last=self.cfg.training.keep_last_checkpoints)
+
+    def _load_guard_state(self, guard: dict) -> None:
+        """The non-finite guard's counts (0 from a checkpoint written before they were saved)."""
+        for name in GUARD_STATE:
+            setattr(self, name, int(guard.get(name, 0)))
 
     # -- one optimizer step -----------------------------------------------------------------
     def train_step(self) -> dict:
@@ -166,7 +179,7 @@ class Trainer:
         if tc.rewind_on_divergence and self.rewinds < tc.max_rewinds and good:
             self.rewinds += 1
             diverged_at = self.iteration
-            self._resume(save_dir)
+            self._resume(save_dir, rewinding=True)
             for _ in range(tc.rewind_on_divergence * self.accumulation):
                 self.train_data.next_batch(tc.micro_batch_size * self.parallel.dp)
             self.non_finite_in_a_row = 0
