@@ -7,6 +7,7 @@ The kill loop and the corruption matrix are also tabulated by benchmarks/faults.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import random
@@ -21,7 +22,7 @@ import pytest
 import torch
 from torch import nn
 
-from moetrain.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, storage
+from moetrain.checkpoint import CheckpointError, integrity, load_checkpoint, save_checkpoint, storage
 from moetrain.checkpoint.integrity import MANIFEST_FILE
 from moetrain.checkpoint.lock import LOCK_FILE, SaveDirLock
 from moetrain.checkpoint.sharded import save_sharded
@@ -152,6 +153,34 @@ def test_checkpoints_without_a_manifest_still_load(tmp_path):
     write_two_checkpoints(str(tmp_path), sharded=True)
     os.remove(tmp_path / "iter_0000002" / MANIFEST_FILE)
     assert load_checkpoint(str(tmp_path)).iteration == 2
+
+
+def test_a_chunked_digest_is_the_sha256_of_its_chunks_sha256s_and_sees_any_change(tmp_path, monkeypatch):
+    monkeypatch.setattr(integrity, "CHUNK_BYTES", 1024)  # 6 chunks, hashed on every core
+    data = random.Random(0).randbytes(5 * 1024 + 300)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    chunks = [hashlib.sha256(data[i:i + 1024]).digest() for i in range(0, len(data), 1024)]
+    assert integrity.file_digest(str(path)) == "chunked-sha256:" + hashlib.sha256(b"".join(chunks)).hexdigest()
+    seen = {integrity.file_digest(str(path))}
+    for damaged in (data[:3000] + bytes([data[3000] ^ 1]) + data[3001:], data[:4096], data + b"\0", b""):
+        path.write_bytes(damaged)
+        seen.add(integrity.file_digest(str(path)))
+    assert len(seen) == 5
+
+
+def test_a_manifest_of_whole_file_sha256s_written_before_chunked_digests_is_still_checked(tmp_path):
+    write_two_checkpoints(str(tmp_path), sharded=False)
+    ckpt = tmp_path / "iter_0000002"
+    old = {name: hashlib.sha256((ckpt / name).read_bytes()).hexdigest()
+           for name in os.listdir(ckpt) if name != MANIFEST_FILE}
+    (ckpt / MANIFEST_FILE).write_text(json.dumps({"sha256": old}))
+    assert load_checkpoint(str(tmp_path)).iteration == 2
+    data = bytearray((ckpt / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (ckpt / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model.safetensors is corrupt or truncated \(its sha256 differs"):
+        load_checkpoint(str(tmp_path))
 
 
 @pytest.mark.parametrize("escape", ["../x.safetensors", "/etc/passwd", "symlink"])
