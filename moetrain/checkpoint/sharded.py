@@ -17,14 +17,14 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
-from moetrain.checkpoint.integrity import CheckpointWriteError, file_digest
+from moetrain.checkpoint.integrity import CheckpointWriteError
 from moetrain.checkpoint.layout import Piece, local_entries
 from moetrain.checkpoint.storage import (
     SHARD_INDEX_FILE,
     SHARD_PREFIX,
     TMP_PREFIX,
     check_weights_only_safe,
-    fsync_path,
+    fsync_and_digest,
     iter_dir_name,
     prepare_tmp_dir,
     publish,
@@ -79,8 +79,7 @@ def save_sharded(save_dir: str, iteration: int, model: nn.Module, optimizer, ext
 
 def _write_shard(tensors: dict, path: str) -> str:
     save_file(tensors, path)
-    fsync_path(path)
-    return file_digest(path)
+    return fsync_and_digest(path)
 
 
 def _attempt(write) -> tuple[str | None, OSError | None]:
@@ -115,8 +114,7 @@ def _write_index_and_publish(save_dir: str, iteration: int, tmp_dir: str, writer
     full_state = {"iteration": iteration, "optimizer": {},
                   "extra": {**extra, "rng_per_rank": [rng for _, _, rng in everyone]}}
     check_weights_only_safe(full_state, "checkpoint state")
-    write_state(tmp_dir, full_state, files or {})
-    publish(save_dir, iteration, keep_last, digests)
+    publish(save_dir, iteration, keep_last, {**digests, **write_state(tmp_dir, full_state, files or {})})
 
 
 def _barrier(state: ParallelState) -> None:

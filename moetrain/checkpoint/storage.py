@@ -25,13 +25,20 @@ import pickle
 import re
 import shutil
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from moetrain.checkpoint.integrity import CheckpointError, CheckpointWriteError, earlier_hint, write_manifest
+from moetrain.checkpoint.integrity import (
+    CheckpointError,
+    CheckpointWriteError,
+    earlier_hint,
+    file_digest,
+    write_manifest,
+)
 
 MODEL_FILE = "model.safetensors"
 SHARD_INDEX_FILE = "index.json"  # a sharded checkpoint: see moetrain.checkpoint.sharded
@@ -187,9 +194,8 @@ def save_checkpoint(
         tmp_dir = prepare_tmp_dir(save_dir, iteration)
         model_path = os.path.join(tmp_dir, MODEL_FILE)
         save_file(tensors, model_path, metadata={"format": "pt", ALIASES_KEY: json.dumps(aliases)})
-        fsync_path(model_path)
-        write_state(tmp_dir, state, files)
-        return publish(save_dir, iteration, keep_last)
+        digests = {MODEL_FILE: fsync_and_digest(model_path), **write_state(tmp_dir, state, files)}
+        return publish(save_dir, iteration, keep_last, digests)
     except (OSError, SafetensorError) as error:
         raise write_failed(save_dir, iteration, error) from error
 
@@ -218,17 +224,24 @@ def prepare_tmp_dir(save_dir: str, iteration: int) -> str:
     return tmp_dir
 
 
-def write_state(tmp_dir: str, state: dict, files: dict[str, str]) -> None:
-    """state.pt and the extra text files, each flushed to disk."""
+def write_state(tmp_dir: str, state: dict, files: dict[str, str]) -> dict[str, str]:
+    """state.pt and the extra text files, each flushed to disk; return their digests."""
     with open(os.path.join(tmp_dir, STATE_FILE), "wb") as f:
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
     for file_name, text in files.items():
         with open(os.path.join(tmp_dir, file_name), "w", encoding="utf-8") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+    return {name: fsync_and_digest(os.path.join(tmp_dir, name)) for name in (STATE_FILE, *files)}
+
+
+def fsync_and_digest(path: str) -> str:
+    """Flush a written file to disk and hash it at once: the hash reads the page cache while the disk writes
+    (a large checkpoint's fsync takes longer than its hashing, which then costs no time)."""
+    with ThreadPoolExecutor(1) as flusher:
+        flushed = flusher.submit(fsync_path, path)
+        digest = file_digest(path)
+        flushed.result()
+    return digest
 
 
 def publish(save_dir: str, iteration: int, keep_last: int | None, digests: dict[str, str] | None = None) -> str:
