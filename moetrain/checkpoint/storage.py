@@ -235,8 +235,8 @@ def write_state(tmp_dir: str, state: dict, files: dict[str, str]) -> dict[str, s
 
 
 def fsync_and_digest(path: str) -> str:
-    """Flush a written file to disk and hash it at once: the hash reads the page cache while the disk writes
-    (a large checkpoint's fsync takes longer than its hashing, which then costs no time)."""
+    """Flush a written file to disk and hash it at once: the hash reads the page cache while the disk writes,
+    so on a disk slower than the hashing the digest costs no extra time."""
     with ThreadPoolExecutor(1) as flusher:
         flushed = flusher.submit(fsync_path, path)
         digest = file_digest(path)
