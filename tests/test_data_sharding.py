@@ -179,3 +179,17 @@ def test_a_killed_writers_partial_cache_and_lock_are_not_used(tmp_path):
     assert tokenizer.to_json() == expected[0] and np.array_equal(np.array(train.tokens), expected[1])
     assert idx.is_file() and bin_file.stat().st_size == full_size
     assert not Path(prefix + ".lock").exists()
+
+
+def test_a_middle_pipeline_stage_reads_no_tokens_and_the_pipeline_trains_as_one_process(tmp_path):
+    cfg = tiny_config(tmp_path, save=None, train_iters=2, global_batch_size=6, micro_batch_size=2)
+    cfg.model.num_layers = 3
+    cfg.moe.use_rts = False
+    cfg.parallel.pipeline_parallel_size = 3
+    results = mp.Manager().dict()
+    mp.spawn(_dp_worker, args=(3, free_port(), cfg.to_dict(), results), nprocs=3, join=True)
+    assert results[1]["windows"] == []  # the middle stage: neither tokens nor targets
+    assert results[0]["windows"] == results[2]["windows"] and len(results[0]["windows"]) == 2 * 6
+    single = Config.from_dict(cfg.to_dict())
+    single.parallel.pipeline_parallel_size = 1
+    torch.testing.assert_close(results[2]["losses"], Trainer(single, quiet=True).fit().losses, rtol=1e-5, atol=1e-6)
