@@ -55,11 +55,15 @@ class SyntheticBatches:
     def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         self.batches, self.position = batches, 0
 
-    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def samples_drawn(self) -> int:
+        return self.position * len(self.batches[0][0])
+
+    def next_batch(self, batch_size: int, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, targets = self.batches[self.position % len(self.batches)]
         assert inputs.shape[0] == batch_size
         self.position += 1
-        return inputs, targets
+        return inputs[rows], targets[rows]
 
 
 def default_config() -> Config:

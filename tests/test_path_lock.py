@@ -1,4 +1,4 @@
-"""PathLock (moetrain.checkpoint.lock): exactly one process wins a stale lock however many take it over at
+"""PathLock (moetrain.filelock): exactly one process wins a stale lock however many take it over at
 once, a live holder is refused whatever its file says, and a waiting lock gets it when the holder lets go.
 (The --save directory's use of it is tested in test_checkpoint_faults.)"""
 
@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from moetrain import filelock as lock_module
 from moetrain.checkpoint import CheckpointError
-from moetrain.checkpoint import lock as lock_module
-from moetrain.checkpoint.lock import LOCK_FILE, PathLock, SaveDirLock
+from moetrain.checkpoint.lock import LOCK_FILE, SaveDirLock
+from moetrain.filelock import PathInUse, PathLock
 
 ROOT = Path(__file__).resolve().parent.parent
 RACERS = 3
@@ -82,11 +83,10 @@ def test_racers_taking_over_the_same_stale_lock_at_once_leave_exactly_one_owner(
 
 HOLDER = textwrap.dedent("""
     import sys, time
-    from moetrain.checkpoint import CheckpointError
-    from moetrain.checkpoint.lock import PathLock
+    from moetrain.filelock import PathInUse, PathLock
     try:
         lock = PathLock(sys.argv[1])
-    except CheckpointError as error:
+    except PathInUse as error:
         sys.exit(f"refused: {error}")
     print("held", flush=True)
     time.sleep(float(sys.argv[2]))
@@ -107,7 +107,7 @@ def test_a_live_holder_is_refused_even_when_its_file_names_a_dead_process(tmp_pa
     try:
         assert json.loads(lock_file.read_text())["pid"] == child.pid
         lock_file.write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname()}))  # same file, rewritten
-        with pytest.raises(CheckpointError, match=rf"^{lock_file} is in use by another run \(pid \d+ on .*\); "
+        with pytest.raises(PathInUse, match=rf"^{lock_file} is in use by another run \(pid \d+ on .*\); "
                                                   rf"if that run is gone, delete {lock_file}$"):
             PathLock(str(lock_file))
     finally:
@@ -123,7 +123,7 @@ def test_a_waiting_lock_gets_it_when_the_holder_releases(tmp_path):
     lock_file = tmp_path / "cache.lock"
     child = _hold_in_a_child(lock_file, 0.5)
     try:
-        with pytest.raises(CheckpointError, match="in use by another run"):
+        with pytest.raises(PathInUse, match="in use by another run"):
             PathLock(str(lock_file), timeout_s=0.0)
         with PathLock(str(lock_file), name="the cache", timeout_s=60):
             assert child.wait(timeout=60) == 0

@@ -21,6 +21,7 @@ from moetrain.data import DataError
 if TYPE_CHECKING:
     from moetrain.data.loader import TokenBatches
 
+ALL_ROWS, NO_ROWS = slice(None), slice(0, 0)  # rows of a batch to read: all of them, none (only advance)
 _BLEND_FIX = "give --data-path as PREFIX ... or as WEIGHT PREFIX pairs, like '0.3 data/a 0.7 data/b'"
 
 
@@ -72,23 +73,33 @@ class BlendedBatches:
     def num_tokens(self) -> int:
         return sum(source.num_tokens for source in self.sources)
 
-    def _rows(self, sources: np.ndarray, windows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Assemble rows in sample order: row i comes from sources[i], its windows taken in turn."""
-        sequences = np.empty((len(sources), self.seq_length + 1), dtype=np.int64)
+    @property
+    def samples_drawn(self) -> int:
+        """Training sequences the whole job has drawn so far: the global index of the next sample."""
+        return sum(self._drawn)
+
+    def _rows(self, sources: np.ndarray, windows: list[np.ndarray],
+              rows: slice = ALL_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+        """Assemble `rows` of a batch in sample order, reading only those: row i comes from sources[i], and
+        each source's windows (one per row it feeds) are taken in turn."""
+        kept = np.zeros(len(sources), dtype=bool)
+        kept[rows] = True
+        sequences = np.empty((int(kept.sum()), self.seq_length + 1), dtype=np.int64)
         for k, source in enumerate(self.sources):
-            rows = np.flatnonzero(sources == k)
-            if rows.size:
-                sequences[rows] = source.sequences(windows[k])
+            feeds = sources == k
+            if (mine := kept[feeds]).any():
+                sequences[feeds[kept]] = source.sequences(windows[k][mine])
         tensor = torch.from_numpy(sequences)
         return tensor[:, :-1].contiguous(), tensor[:, 1:].contiguous()
 
-    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self, batch_size: int, rows: slice = ALL_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+        """As TokenBatches.next_batch: every rank advances every source by the whole batch, reads its `rows`."""
         if batch_size < 1:
             raise DataError(f"batch size must be at least 1, got {batch_size}")
         sources, drawn = blend_assignment(self.weights, self._drawn, batch_size)
         windows = [source.next_windows(int((sources == k).sum())) for k, source in enumerate(self.sources)]
         self._drawn = drawn.tolist()
-        return self._rows(sources, windows)
+        return self._rows(sources, windows, rows)
 
     def eval_batches(self, batch_size: int, num_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The same blend from the start, each source's windows in order (wrapping round a short source)."""

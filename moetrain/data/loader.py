@@ -1,23 +1,25 @@
 """From data paths to resumable batches: resolve inputs to prepared datasets, split each, cut windows, blend."""
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from moetrain.data import DataError
-from moetrain.data.blend import BlendedBatches, parse_blend
+from moetrain.data.blend import ALL_ROWS, BlendedBatches, parse_blend
 from moetrain.data.corpus import default_corpus, input_files, read_documents
 from moetrain.data.indexed import FORMAT_VERSION, IndexedDataset, prepared_prefix, write_prepared
 from moetrain.data.megatron import MegatronDataset, is_megatron_index
 from moetrain.data.tokenizer import Tokenizer, build_tokenizer, resolve_tokenizer_kind
+from moetrain.filelock import PathLock
 
 
 class TokenBatches:
@@ -50,6 +52,11 @@ class TokenBatches:
     @property
     def num_tokens(self) -> int:
         return len(self.tokens)
+
+    @property
+    def samples_drawn(self) -> int:
+        """Training sequences the whole job has drawn so far: the global index of the next sample."""
+        return self._epoch * self.num_windows + self._cursor
 
     def _permutation(self) -> np.ndarray:
         key = [self._seed, self._epoch] if self._stream == 0 else [self._seed, self._stream, self._epoch]
@@ -84,18 +91,20 @@ class TokenBatches:
                 self._order = self._permutation()
         return np.asarray(windows, dtype=np.int64)
 
-    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next `batch_size` training windows as LongTensors [batch_size, seq_length]; crosses epochs freely.
+    def next_batch(self, batch_size: int, rows: slice = ALL_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next `batch_size` training windows, of which only the contiguous `rows` are read from the
+        dataset, as LongTensors [len(rows), seq_length]; crosses epochs freely.
 
-        Under data parallelism every rank draws the same global batch and keeps its own rows.
+        Under data parallelism every rank advances by the whole global batch (one sample order whatever
+        the layout) and reads only its own rows; `NO_ROWS` reads nothing.
         """
         if batch_size < 1:
             raise DataError(f"batch size must be at least 1, got {batch_size}")
-        return self._batch(self.next_windows(batch_size))
+        return self._batch(self.next_windows(batch_size)[rows])
 
     def drawn(self) -> dict[str, int]:
         """Training sequences drawn so far, by source."""
-        return {self.source: self._epoch * self.num_windows + self._cursor}
+        return {self.source: self.samples_drawn}
 
     def eval_batches(self, batch_size: int, num_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The first `num_batches` x `batch_size` windows in order: the same batches on every call.
@@ -170,9 +179,27 @@ def _prepared_in_cache(data_path: list[str] | None, cache_dir: Path, tokenizer: 
                          {"tokenizer": hashlib.sha256(tokenizer.to_json().encode("utf-8")).hexdigest()})})
     prefix = cache_dir / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     if prepared_prefix(prefix) is None:
-        write_prepared(documents(), prefix, tokenizer or build_tokenizer("bpe", texts=documents(),
-                                                                          vocab_size=vocab_size))
+        with _cache_writer(prefix):
+            if prepared_prefix(prefix) is None:  # not written while this process waited for the lock
+                write_prepared(documents(), prefix, tokenizer or build_tokenizer("bpe", texts=documents(),
+                                                                                  vocab_size=vocab_size))
     return IndexedDataset(prefix)
+
+
+@contextlib.contextmanager
+def _cache_writer(prefix: Path) -> Iterator[None]:
+    """Held while this process writes a token cache: one writer per cache, however many ranks (or jobs)
+    want it. The others wait on the lock file, not in a collective, so tokenizing a large input on one
+    rank never runs into the process group's timeout; a killed writer's lock is taken over (its files
+    are written to temporary names and renamed into place, .idx last, so a half-written cache is never
+    read)."""
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    def say_who(refusal: str) -> None:
+        print(f"waiting to tokenize: {refusal}", file=sys.stderr, flush=True)
+
+    with PathLock(f"{prefix}.lock", name=f"the token cache '{prefix}'", advice="wait for it",
+                  timeout_s=math.inf, on_wait=say_who):
+        yield
 
 
 def _open_prepared(prefix: str, named: Tokenizer | None) -> tuple[Dataset, Tokenizer]:

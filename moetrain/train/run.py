@@ -8,7 +8,6 @@ from the sharded parameters; and create process groups in the same order on ever
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import random
@@ -17,7 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from moetrain.config import Config, ConfigError, resolve
@@ -88,16 +86,6 @@ class Run:
     executor: LocalExecutor  # or PipelineExecutor
 
 
-@contextlib.contextmanager
-def rank_zero_first(state: ParallelState):
-    """Rank 0 runs the body first (filling caches), the others after it, from the cache."""
-    if state.distributed and state.rank != 0:
-        dist.barrier()
-    yield
-    if state.distributed and state.rank == 0:
-        dist.barrier()
-
-
 def build_run(cfg: Config, *, quiet: bool = False) -> Run:
     """Join the job, load the data, build and shard the model (and a distillation teacher), make the optimizer."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -111,13 +99,14 @@ def build_run(cfg: Config, *, quiet: bool = False) -> Run:
     quiet = quiet or state.rank != 0
     log: Callable[[str], None] = (lambda line: None) if quiet else print
     seed_everything(tc.seed)
-    with rank_zero_first(state):  # one rank builds the tokenizer and token caches
-        tokenizer, train_data, valid_data = load_training_data(
-            cfg.data.data_path, tokenizer_type=cfg.data.tokenizer_type, vocab_file=cfg.data.vocab_file,
-            merge_file=cfg.data.merge_file, tokenizer_model=cfg.data.tokenizer_model,
-            vocab_size=cfg.data.vocab_size, seq_length=cfg.model.seq_length, split=cfg.data.split, seed=tc.seed,
-            cache_dir=cfg.data.cache_dir, text_key=cfg.data.json_keys, train_data_path=cfg.data.train_data_path,
-            valid_data_path=cfg.data.valid_data_path)
+    # every rank opens the data; the first to need a token cache writes it under a file lock while the
+    # others wait on that lock (never in a collective, which would time out behind a long tokenization)
+    tokenizer, train_data, valid_data = load_training_data(
+        cfg.data.data_path, tokenizer_type=cfg.data.tokenizer_type, vocab_file=cfg.data.vocab_file,
+        merge_file=cfg.data.merge_file, tokenizer_model=cfg.data.tokenizer_model,
+        vocab_size=cfg.data.vocab_size, seq_length=cfg.model.seq_length, split=cfg.data.split, seed=tc.seed,
+        cache_dir=cfg.data.cache_dir, text_key=cfg.data.json_keys, train_data_path=cfg.data.train_data_path,
+        valid_data_path=cfg.data.valid_data_path)
     cfg = resolve(cfg, world_size, tokenizer.vocab_size)  # derived micro-batch, vocabulary
     tc = cfg.training
     model = GPT(cfg.model, cfg.moe)  # whole, from the same seed on every rank; then sharded

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from moetrain.checkpoint import CheckpointError, iter_dir_name, list_checkpoints, restore, restore_rng_state, save
 from moetrain.checkpoint.lock import SaveDirLock
 from moetrain.config import Config
+from moetrain.data.blend import NO_ROWS
 from moetrain.parallel.data_parallel import clip_gradients, global_grad_norm
 from moetrain.parallel.parallelize import sync_expert_load
 from moetrain.plot import plot_metrics
@@ -57,6 +58,9 @@ class Trainer:
         self.executor, self.grad_sync, self.schedule = run.executor, run.grad_sync, run.schedule
         self.accumulation = run.accumulation
         self.iteration = 0
+        # global index of the first sample of the micro-batch `_next_batch` last returned (None before the
+        # first): its row r is sample first_sample + r of the job's one sample order, whatever the layout
+        self.first_sample: int | None = None
         self.non_finite_in_a_row = 0  # consecutive steps skipped by the non-finite guard
         self.non_finite_skipped = 0
         self.rewinds = 0
@@ -181,7 +185,7 @@ class Trainer:
             diverged_at = self.iteration
             self._resume(save_dir, rewinding=True)
             for _ in range(tc.rewind_on_divergence * self.accumulation):
-                self.train_data.next_batch(tc.micro_batch_size * self.parallel.dp)
+                self.train_data.next_batch(tc.micro_batch_size * self.parallel.dp, rows=NO_ROWS)
             self.non_finite_in_a_row = 0
             bar.n = self.iteration
             bar.refresh()
@@ -195,11 +199,19 @@ class Trainer:
                                f"instead of --fp16, or pass --rewind-on-divergence K")
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This data-parallel rank's rows of the next global micro-batch (every rank draws the same)."""
+        """This data-parallel rank's rows of the next global micro-batch. Every rank advances by the whole
+        global micro-batch (one sample order whatever the layout) but reads from the dataset only its own
+        rows; a middle pipeline stage, which takes neither tokens nor targets, reads none and gets zeros of
+        the micro-batch's shape that occupy no memory. Sets `first_sample`."""
         micro, state = self.cfg.training.micro_batch_size, self.parallel
-        inputs, targets = self.train_data.next_batch(micro * state.dp)
         rows = slice(state.dp_rank * micro, (state.dp_rank + 1) * micro)
-        return self._to_device(inputs[rows]), self._to_device(targets[rows])
+        self.first_sample = self.train_data.samples_drawn + rows.start
+        if not (state.is_first_stage or state.is_last_stage):
+            self.train_data.next_batch(micro * state.dp, rows=NO_ROWS)
+            placeholder = torch.zeros((), dtype=torch.long, device=self.device).expand(micro, self.cfg.model.seq_length)
+            return placeholder, placeholder
+        inputs, targets = self.train_data.next_batch(micro * state.dp, rows=rows)
+        return self._to_device(inputs), self._to_device(targets)
 
     def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
         """Host rows to the device; to a GPU from pinned memory without blocking (the copy overlaps the
