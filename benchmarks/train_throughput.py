@@ -196,12 +196,12 @@ def timed(fn, *args, device: torch.device | None = None) -> float:
 
 
 def device_matmul_rate(device: torch.device) -> float:
-    """FLOP/s of a bf16 8192^3 matmul on `device` (gpu_check.sh's first section measures the same)."""
+    """FLOP/s of 20 back-to-back bf16 8192^3 matmuls on `device`, as gpu_check.sh's first section measures."""
     a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
     for _ in range(3):
         a @ b
-    seconds = min(timed(torch.mm, a, b, device=device) for _ in range(20))
-    return 2 * 8192**3 / seconds
+    seconds = timed(lambda: [a @ b for _ in range(20)], device=device)
+    return 20 * 2 * 8192**3 / seconds
 
 
 def peak_memory(device: torch.device) -> tuple[float, str]:
@@ -245,7 +245,7 @@ def run_config(name: str, cfg: Config, args, a: torch.Tensor, b: torch.Tensor, p
     device_rate = None
     if device.type != "cpu":  # the card's bf16 rate, given or measured once: not interleaved
         device_rate = args.matmul_tflops * 1e12 if args.matmul_tflops else device_matmul_rate(device)
-    for i in range(args.steps):
+    for i in range(args.steps):  # mm: seconds of one 2048^3 matmul at the rate MFU is taken against
         mm.append(flop_mm / device_rate if device_rate else matmul_seconds(a, b))
         inputs, targets = batches[i % len(batches)]
         if peer_step is not None and i % 2:  # alternate which of the two goes first
