@@ -11,12 +11,20 @@ synthetic tokens. Reported per layout, medians over the timed steps, from rank 0
   grads MiB      peak bytes of gradients this rank holds during backward and reduction: every local
                  parameter's under ZeRO 0/1; its owned share plus the bucket in flight under ZeRO 2
 
+A second table gives, for plain data parallelism (DP 2, DP 4), the share of the step spent waiting
+on the data-parallel gradient all-reduce with the all-reduce after backward ("after") and overlapped
+with the last micro-batch's backward ("overlap", OverlappedAllReduce): the time inside
+`GradientSync.reduce()`, which runs every all-reduce in the first mode and only finishes and waits
+for the launched ones in the second. The two modes alternate step by step in the same processes,
+so both see the same load.
+
 Every process runs one thread. This machine has 2 cores, so 4 processes oversubscribe it: step
 times there measure the code path, not a speed-up. The memory columns are exact counts and do not
 depend on load.
 
     python benchmarks/parallel.py            # 2 warm-up + 5 timed steps per layout
     python benchmarks/parallel.py --quick    # 1 + 2
+    python benchmarks/parallel.py --only overlap   # just the all-reduce wait table (--only layouts: the first)
 """
 
 from __future__ import annotations
@@ -69,11 +77,15 @@ def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def _worker(rank: int, world: int, port: int, data_dir: str, parallel: dict, steps: tuple[int, int],
-            results) -> None:
+def _join(rank: int, world: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)  # one thread per process: 2 threads on a busy 2-core box stall in OpenMP barriers
+
+
+def _worker(rank: int, world: int, port: int, data_dir: str, parallel: dict, steps: tuple[int, int],
+            results) -> None:
+    _join(rank, world, port)
     exchange = [0.0]
     timed = dispatcher_module._all_to_all
 
@@ -117,6 +129,37 @@ def _worker(rank: int, world: int, port: int, data_dir: str, parallel: dict, ste
         dist.destroy_process_group()
 
 
+def _overlap_worker(rank: int, world: int, port: int, data_dir: str, steps: tuple[int, int], results) -> None:
+    """Median step time and share of it inside GradientSync.reduce(), per mode, modes alternating."""
+    _join(rank, world, port)
+    trainer = Trainer(config(data_dir, {}), quiet=True)
+    sync = trainer.grad_sync
+    overlapped, reduce = sync.overlapped, sync.reduce
+    waited = [0.0]
+
+    def timed_reduce():
+        start = time.perf_counter()
+        reduce()
+        waited[0] += time.perf_counter() - start
+
+    sync.reduce = timed_reduce
+    warmup, timed_steps = steps
+    runs = {"after": ([], []), "overlap": ([], [])}
+    for i in range(2 * (warmup + timed_steps)):
+        mode = ("after", "overlap")[i % 2]
+        sync.overlapped = overlapped if mode == "overlap" else None  # None: all-reduce after backward
+        waited[0] = 0.0
+        dist.barrier()
+        start = time.perf_counter()
+        trainer.train_step()
+        elapsed = time.perf_counter() - start
+        if i >= 2 * warmup:
+            runs[mode][0].append(elapsed)
+            runs[mode][1].append(waited[0] / elapsed)
+    results[rank] = {mode: (statistics.median(t), statistics.median(w)) for mode, (t, w) in runs.items()}
+    dist.destroy_process_group()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -126,6 +169,7 @@ def _free_port() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", choices=["layouts", "overlap"], help="print only this table")
     args = parser.parse_args()
     steps = (1, 2) if args.quick else (2, 5)
     import tempfile
@@ -136,16 +180,37 @@ def main() -> None:
         with open(os.path.join(data_dir, "corpus.txt"), "w") as f:
             f.write("\n".join(corpus.default_corpus())[:400_000])
         print(f"model: llama style, 4 layers, hidden 128, 8 experts top-2 in every layer (dropless), seq 128, "
-              f"global batch 16 sequences; {steps[1]} timed steps after {steps[0]} warm-up")
-        print(f"{'layout':<22} {'step s':>8} {'all-to-all':>11} {'optim MiB':>10} {'grads MiB':>10}")
-        for name, world, parallel in LAYOUTS:
-            results = mp.Manager().dict()
-            mp.spawn(_worker, args=(world, _free_port(), data_dir, parallel, steps, results), nprocs=world)
-            step = statistics.median(r[0] for r in results.values())
-            share = max(r[1] for r in results.values())
-            optim = max(r[2] for r in results.values()) / 2**20
-            grads = max(r[3] for r in results.values()) / 2**20
-            print(f"{name:<22} {step:>8.3f} {share:>10.1%} {optim:>10.2f} {grads:>10.2f}", flush=True)
+              f"global batch 16 sequences; {steps[1]} timed steps after {steps[0]} warm-up; load average "
+              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+        if args.only != "overlap":
+            layouts_table(data_dir, steps)
+        if args.only != "layouts":
+            overlap_table(data_dir, steps)
+
+
+def layouts_table(data_dir: str, steps: tuple[int, int]) -> None:
+    print(f"{'layout':<22} {'step s':>8} {'all-to-all':>11} {'optim MiB':>10} {'grads MiB':>10}")
+    for name, world, parallel in LAYOUTS:
+        results = mp.Manager().dict()
+        mp.spawn(_worker, args=(world, _free_port(), data_dir, parallel, steps, results), nprocs=world)
+        step = statistics.median(r[0] for r in results.values())
+        share = max(r[1] for r in results.values())
+        optim = max(r[2] for r in results.values()) / 2**20
+        grads = max(r[3] for r in results.values()) / 2**20
+        print(f"{name:<22} {step:>8.3f} {share:>10.1%} {optim:>10.2f} {grads:>10.2f}", flush=True)
+
+
+def overlap_table(data_dir: str, steps: tuple[int, int]) -> None:
+    """DP all-reduce wait, after backward vs overlapped, each world size in one set of processes."""
+    print("\nDP all-reduce wait (share of the step inside GradientSync.reduce, max over ranks; step s: median)")
+    print(f"{'layout':<8} {'after: step s':>14} {'wait':>7} {'overlap: step s':>16} {'wait':>7}")
+    for world in (2, 4):
+        results = mp.Manager().dict()
+        mp.spawn(_overlap_worker, args=(world, _free_port(), data_dir, steps, results), nprocs=world)
+        row = []
+        for mode in ("after", "overlap"):
+            row += [statistics.median(r[mode][0] for r in results.values()), max(r[mode][1] for r in results.values())]
+        print(f"{f'DP {world}':<8} {row[0]:>14.3f} {row[1]:>7.1%} {row[2]:>16.3f} {row[3]:>7.1%}", flush=True)
 
 
 if __name__ == "__main__":

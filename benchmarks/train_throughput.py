@@ -1,6 +1,6 @@
 """Training throughput and model FLOP utilisation (MFU) of whole optimizer steps.
 
-Two configurations, each run through moetrain's own `Trainer.train_step()` (forward, backward,
+Three configurations, each run through moetrain's own `Trainer.train_step()` (forward, backward,
 gradient clipping, AdamW step, LR schedule: the real program) on synthetic random token batches,
 so no data loading is timed:
 
@@ -10,6 +10,12 @@ so no data loading is timed:
   mixtral   Mixtral style at small scale: llama style (RoPE, RMSNorm, SwiGLU), 4 layers, hidden 256,
             8 heads, seq 256, micro batch 8, 8 experts top-2 in every layer, dropless, deterministic
             top-2 (no second-expert sampling, as Mixtral)
+  h200      a realistic single-GPU model (run by benchmarks/gpu_check.sh with --device cuda --bf16):
+            llama style, 12 layers, hidden 1024, 16 heads, seq 2048, micro batch 8, 64 experts top-2
+            in every other layer (3.3B parameters, ~0.25B active), dropless, vocabulary ~48k (a BPE
+            asked for 50304 tokens, trained on the built-in corpus: all it supports, and offline);
+            the fast paths are moetrain's defaults: chunked LM loss, grouped expert GEMMs, no recompute.
+            About 53 GiB of fp32 weights, gradients and AdamW state plus the activations.
 
 If `transformers` is installed, the mixtral configuration is also built as a Hugging Face
 `MixtralForCausalLM` of the same sizes (sdpa attention, float32, its default experts
@@ -23,29 +29,41 @@ Model FLOPs per token (PaLM appendix B convention, counted for the k routed expe
     FLOPs/token = 6 * N + 12 * L * h * T
 
     N = parameters active per token (model.parameter_counts()["active"]: all parameters, experts
-        counted k of E) - token/position embedding tables + lm_head (V x h; with tied embeddings the
-        shared matrix counts once, as the lm_head matmul)
-    L = layers, h = hidden size, T = sequence length (attention scores and values, non-causal count)
+        counted k of E, routers and norms included) - token/position embedding tables (lookups, no
+        matmul) + lm_head (V x h; with tied embeddings the shared matrix counts once, as the lm_head
+        matmul)
+    L = layers, h = hidden size, T = sequence length (attention scores and values, non-causal count,
+        as PaLM and torchtitan; a causal kernel skips about half of them, so the causal MFU, with
+        6 * L * h * T, is printed beside it)
 
-MFU = FLOPs/token x tokens per step / step time / R, where R is the fp32 rate of a 2048 x 2048 @
-2048 x 2048 matmul measured in the same run, interleaved with the steps (medians throughout).
+MFU = FLOPs/token x tokens per step / step time / R. On the CPU R is the fp32 rate of a 2048 x 2048
+@ 2048 x 2048 matmul measured in the same run, interleaved with the steps (medians throughout); on
+a GPU it is the card's measured bf16 matmul rate, given by --matmul-tflops (gpu_check.sh passes
+the figure of its first section) or else measured here once (8192^3, bf16). Peak memory: the
+device allocator's peak (CUDA) or the process's peak resident set (CPU).
 
     python benchmarks/train_throughput.py            # 3 warm-up + 10 timed steps per model
     python benchmarks/train_throughput.py --quick    # 1 warm-up + 3 timed steps
     python benchmarks/train_throughput.py --profile  # + top ops of two profiled moetrain steps
+    python benchmarks/train_throughput.py --configs h200 --device cuda --bf16 --data corpus --no-peer \
+        --warmup 5 --steps 45 --matmul-tflops 700   # the gpu_check.sh run: 50 steps
+    ... --set model.num_layers=2 model.hidden_size=64   # any config field, for a small smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import os
+import resource
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
-from moetrain.config import Config
+from moetrain.config import Config, ModelConfig
+from moetrain.model import GPT
 from moetrain.train.trainer import Trainer
 
 
@@ -83,12 +101,41 @@ def mixtral_config() -> Config:
     return cfg
 
 
-def flops_per_token(trainer: Trainer) -> tuple[float, int]:
-    model, mc = trainer.model, trainer.cfg.model
+def h200_config() -> Config:
+    cfg = mixtral_config()
+    m, moe = cfg.model, cfg.moe
+    m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length = 12, 1024, 16, 2048
+    moe.num_experts, moe.expert_interval = [64], 2
+    cfg.data.vocab_size = 50304
+    return cfg
+
+
+CONFIGS = {"default": default_config, "mixtral": mixtral_config, "h200": h200_config}
+
+
+def override(cfg: Config, assignments: list[str]) -> None:
+    """Apply `section.field=value` settings (value as a Python literal, else a string)."""
+    for assignment in assignments:
+        key, _, text = assignment.partition("=")
+        section, _, name = key.partition(".")
+        target = getattr(cfg, section, None)
+        if not text or target is None or not hasattr(target, name):
+            raise SystemExit(f"--set {assignment!r}: use section.field=value with a Config field, e.g. "
+                             "model.num_layers=2")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        setattr(target, name, value)
+
+
+def flops_per_token(model: GPT, mc: ModelConfig) -> tuple[float, int, float]:
+    """(model FLOPs per token, N, attention FLOPs per token): see the module docstring."""
     active = model.parameter_counts()["active"]
     embeddings = model.tok_emb.weight.numel() + (model.pos_emb.weight.numel() if model.pos_emb is not None else 0)
     n = active - embeddings + model.lm_head.weight.numel()
-    return 6 * n + 12 * mc.num_layers * mc.hidden_size * mc.seq_length, n
+    attention = 12 * mc.num_layers * mc.hidden_size * mc.seq_length
+    return 6 * n + attention, n, attention
 
 
 def synthetic_batches(cfg: Config, vocab: int, count: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -139,23 +186,47 @@ def matmul_seconds(a: torch.Tensor, b: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def timed(fn, *args) -> float:
+def synchronize(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, *args, device: torch.device | None = None) -> float:
+    synchronize(device)
     start = time.perf_counter()
     fn(*args)
+    synchronize(device)
     return time.perf_counter() - start
+
+
+def device_matmul_rate(device: torch.device) -> float:
+    """FLOP/s of 20 back-to-back bf16 8192^3 matmuls on `device`, as gpu_check.sh's first section measures."""
+    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    seconds = timed(lambda: [a @ b for _ in range(20)], device=device)
+    return 20 * 2 * 8192**3 / seconds
+
+
+def peak_memory(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "CUDA allocator peak"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
 
 
 def run_config(name: str, cfg: Config, args, a: torch.Tensor, b: torch.Tensor, peer: bool) -> dict:
     trainer = Trainer(cfg, quiet=True)
+    device = trainer.device
     vocab = trainer.tokenizer.vocab_size
     batches = synthetic_batches(cfg, vocab, 4, seed=0)
-    trainer.train_data = SyntheticBatches(batches)
-    tokens = cfg.training.micro_batch_size * cfg.model.seq_length
-    flops, n = flops_per_token(trainer)
+    if args.data == "synthetic":
+        trainer.train_data = SyntheticBatches(batches)
+    tokens = cfg.training.micro_batch_size * cfg.model.seq_length * trainer.accumulation
+    flops, n, attention = flops_per_token(trainer.model, cfg.model)
     counts = trainer.model.parameter_counts()
     print(f"\n[{name}] {cfg.model.style} style, {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
           f"experts/layer {cfg.experts_per_layer()}, top-{cfg.moe.topk}, drop_tokens {cfg.moe.drop_tokens}, "
-          f"vocab {vocab}, {cfg.training.micro_batch_size} x {cfg.model.seq_length} = {tokens} tokens/step")
+          f"vocab {vocab}, {tokens} tokens/step ({args.data} data), {cfg.training.precision} on {device}")
     print(f"[{name}] params total {counts['total'] / 1e6:.2f}M, active {counts['active'] / 1e6:.2f}M, "
           f"N (FLOP count) {n / 1e6:.2f}M -> {flops / 1e6:.1f} MFLOP/token, {flops * tokens / 1e9:.1f} GFLOP/step")
 
@@ -174,15 +245,18 @@ def run_config(name: str, cfg: Config, args, a: torch.Tensor, b: torch.Tensor, p
         if peer_step is not None:
             peer_step(*batches[i % len(batches)])
     ours, theirs, mm = [], [], []
-    for i in range(args.steps):
-        mm.append(matmul_seconds(a, b))
+    flop_mm = 2 * a.shape[0] * a.shape[1] * b.shape[1]
+    device_rate = None
+    if device.type != "cpu":  # the card's bf16 rate, given or measured once: not interleaved
+        device_rate = args.matmul_tflops * 1e12 if args.matmul_tflops else device_matmul_rate(device)
+    for i in range(args.steps):  # mm: seconds of one 2048^3 matmul at the rate MFU is taken against
+        mm.append(flop_mm / device_rate if device_rate else matmul_seconds(a, b))
         inputs, targets = batches[i % len(batches)]
         if peer_step is not None and i % 2:  # alternate which of the two goes first
             theirs.append(timed(peer_step, inputs, targets))
-        ours.append(timed(trainer.train_step))
+        ours.append(timed(trainer.train_step, device=device))
         if peer_step is not None and not i % 2:
             theirs.append(timed(peer_step, inputs, targets))
-    flop_mm = 2 * a.shape[0] * a.shape[1] * b.shape[1]
     rate = flop_mm / statistics.median(mm)
     step_s = statistics.median(ours)
     step_flops = flops * tokens
@@ -191,12 +265,19 @@ def run_config(name: str, cfg: Config, args, a: torch.Tensor, b: torch.Tensor, p
     result = {"name": name, "step_s": step_s, "tokens_per_s": tokens / step_s, "rate": rate,
               "mfu": step_flops / step_s / rate, "paired_mfu": paired_mfu, "steps": ours,
               "flops_step": step_flops, "best_mfu": step_flops / min(ours) / (flop_mm / min(mm))}
-    print(f"[{name}] matmul rate: median {rate / 1e9:.1f} GFLOP/s, best {flop_mm / min(mm) / 1e9:.1f} "
-          f"({len(mm)} interleaved 2048^3 matmuls)")
+    memory, memory_kind = peak_memory(device)
+    result.update(causal_mfu=(flops - attention / 2) * tokens / step_s / rate, peak_gib=memory / 2**30)
+    if device_rate:
+        print(f"[{name}] matmul rate: {rate / 1e12:.0f} TFLOP/s (bf16 8192^3, "
+              f"{'given' if args.matmul_tflops else 'measured'})")
+    else:
+        print(f"[{name}] matmul rate: median {rate / 1e9:.1f} GFLOP/s, best {flop_mm / min(mm) / 1e9:.1f} "
+              f"({len(mm)} interleaved 2048^3 matmuls)")
     print(f"[{name}] moetrain step: median {step_s * 1e3:.0f} ms (min {min(ours) * 1e3:.0f}, max "
           f"{max(ours) * 1e3:.0f}) -> {tokens / step_s:,.0f} tokens/s, {step_flops / step_s / 1e9:.1f} GFLOP/s; "
           f"MFU {result['mfu']:.1%} (medians), {paired_mfu:.1%} (median per round), "
-          f"{result['best_mfu']:.1%} (best step / best matmul)")
+          f"{result['best_mfu']:.1%} (best step / best matmul); causal-attention count {result['causal_mfu']:.1%}")
+    print(f"[{name}] peak memory {result['peak_gib']:.2f} GiB ({memory_kind})")
     if theirs:
         peer_s = statistics.median(theirs)
         paired = statistics.median(t / o for o, t in zip(ours, theirs))
@@ -216,19 +297,28 @@ def run_config(name: str, cfg: Config, args, a: torch.Tensor, b: torch.Tensor, p
     return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 warm-up and 3 timed steps")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--configs", default="default,mixtral", help="comma list of default, mixtral")
+    parser.add_argument("--configs", default="default,mixtral", help=f"comma list of {', '.join(CONFIGS)}")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (moetrain train --bf16)")
+    parser.add_argument("--matmul-tflops", type=float, default=None,
+                        help="the device's measured bf16 matmul rate for MFU (default: measure it; CPU: fp32, "
+                             "interleaved)")
+    parser.add_argument("--data", choices=("synthetic", "corpus"), default="synthetic",
+                        help="random tokens, or the trainer's own loader over the built-in corpus")
+    parser.add_argument("--set", nargs="+", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override config fields, e.g. model.num_layers=2 training.micro_batch_size=1")
     parser.add_argument("--no-peer", action="store_true", help="skip the transformers comparison")
     parser.add_argument("--peer-fused-adamw", action="store_true",
                         help="give the transformers peer torch's fused AdamW too (default: AdamW's defaults)")
     parser.add_argument("--profile", action="store_true", help="print the top ops of two moetrain steps")
     parser.add_argument("--profile-rows", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.warmup, args.steps = 1, 3
     if args.threads:
@@ -248,19 +338,25 @@ def main() -> None:
         matmul_seconds(a, b)
     results = []
     for name in args.configs.split(","):
-        cfg = {"default": default_config, "mixtral": mixtral_config}[name]()
+        cfg = CONFIGS[name]()
+        cfg.training.device = args.device
+        if args.bf16:
+            cfg.training.precision = "bf16"
+        override(cfg, args.set)
         results.append(run_config(name, cfg, args, a, b, peer=have_peer and name == "mixtral"))
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
     print("\n| config | tokens/step | GFLOP/step | step (ms) | tokens/s | matmul GFLOP/s | MFU medians |"
-          " MFU per round | MFU best | transformers step (ms) | transformers / moetrain (medians, per round) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          " MFU per round | MFU best | MFU causal | peak GiB | transformers step (ms) | transformers / moetrain "
+          "(medians, per round) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         peer = (f"{r['peer_step_s'] * 1e3:.0f} | {r['peer_step_s'] / r['step_s']:.2f}x, {r['paired_ratio']:.2f}x"
                 if "peer_step_s" in r else "- | -")
         tokens = r["tokens_per_s"] * r["step_s"]
         print(f"| {r['name']} | {tokens:.0f} | {r['flops_step'] / 1e9:.1f} | {r['step_s'] * 1e3:.0f} | "
               f"{r['tokens_per_s']:,.0f} | {r['rate'] / 1e9:.1f} | {r['mfu']:.1%} | {r['paired_mfu']:.1%} | "
-              f"{r['best_mfu']:.1%} | {peer} |")
+              f"{r['best_mfu']:.1%} | {r['causal_mfu']:.1%} | {r['peak_gib']:.2f} | {peer} |")
+    return results
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ during backward, bucket by bucket as each bucket's gradients become ready (a hoo
 and frees them on every rank at once; owners keep the running sum over micro-batches. So no rank
 ever holds much more than its share of gradients plus one bucket. Owners then broadcast the new
 values. With `offload` the
-owner keeps fp32 master weights and the AdamW state in CPU memory (DeepSpeed's offload_optimizer).
+owner keeps fp32 master weights and the AdamW state in CPU memory (DeepSpeed's offload_optimizer),
+moved in flat buckets, asynchronously on CUDA (moetrain/parallel/offload.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from moetrain.parallel.data_parallel import (
     fill_missing_grads,
     grouped,
 )
+from moetrain.parallel.offload import HostOffload
 
 
 @dataclass
@@ -70,8 +72,8 @@ class ZeroOptimizer:
                 self.owner_rank[param] = ranks[owner]
         self.owned = [p for p in specs if self.owner_rank[p] == me]
         owned = set(self.owned)
-        self.master = {p: p.detach().to("cpu", torch.float32, copy=True).requires_grad_() for p in self.owned} \
-            if offload else {}
+        self.host = HostOffload(self.owned) if offload else None
+        self.master: dict[nn.Parameter, Tensor] = self.host.master if self.host else {}
         groups = [{**{k: v for k, v in g.items() if k != "params"},
                    "params": [self.master.get(p, p) for p in g["params"] if p in owned]}
                   for g in optimizer.param_groups]
@@ -171,11 +173,10 @@ class ZeroOptimizer:
     @torch.no_grad()
     def step(self) -> None:
         """Owners update their parameters, then every group broadcasts the new values from the owners."""
-        for param, master in self.master.items():
-            master.grad = param.grad.to("cpu", torch.float32) if param.grad is not None else None
-        self.inner.step()
-        for param, master in self.master.items():
-            param.copy_(master)
+        if self.host:
+            self.host.step(self.inner)
+        else:
+            self.inner.step()
         for spec, params in grouped(self.specs).items():
             if spec.group is None or spec.size == 1:
                 continue
