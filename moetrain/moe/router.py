@@ -150,6 +150,9 @@ class Router(nn.Module):
         self.input_jitter_eps = input_jitter_eps
         self.router_dtype = ROUTER_DTYPES[router_dtype]
         self.balance_group: torch.distributed.ProcessGroup | None = None  # data parallel, for global_aux_loss
+        self.accumulate_global_batch = False  # global_aux_loss counts over micro-batches (start_global_batch)
+        if "global_aux_loss" in self.balance_types:  # a buffer: a recomputed forward puts it back
+            self.register_buffer("global_counts", torch.zeros(num_experts + 1, dtype=torch.long), persistent=False)
         for name, value in (("capacity_factor", capacity_factor),
                             ("eval_capacity_factor", eval_capacity_factor)):
             if not value > 0:
@@ -298,7 +301,10 @@ class Router(nn.Module):
                                      "batch_shape=(B, T), as MoE does for [B, T, d] input")
                 losses[name] = balance.sequence_loss(self._balance_probs(scores), indices, batch_shape, mask)
             elif name == "global_aux_loss":
-                losses[name] = balance.global_loss(self._balance_probs(scores), indices, self.balance_group, mask)
+                running = self.global_counts if self.accumulate_global_batch and self.training \
+                    and torch.is_grad_enabled() else None
+                losses[name] = balance.global_loss(self._balance_probs(scores), indices, self.balance_group, mask,
+                                                   running)
             else:  # sinkhorn balances by its selection, none not at all
                 losses[name] = scores.new_zeros(())
         return losses
@@ -377,6 +383,16 @@ class Router(nn.Module):
         place = torch.arange(chosen.shape[0], device=chosen.device).unsqueeze(1).expand_as(chosen)
         fits = torch.zeros_like(scores, dtype=torch.bool).scatter_(0, chosen, place < real_capacity)
         return fits.gather(1, indices) & mask.unsqueeze(1)
+
+    @torch.no_grad()
+    def start_global_batch(self) -> None:
+        """Open an optimizer step's global batch: from now on global_aux_loss counts the assignments of
+        every training micro-batch until the next call (the trainer calls it before each step's first
+        micro-batch, as Megatron-Core resets its tracker once per step). Never called: each forward is
+        a global batch of its own. No-op without global_aux_loss."""
+        if "global_aux_loss" in self.balance_types:
+            self.global_counts.zero_()
+            self.accumulate_global_batch = True
 
     @torch.no_grad()
     def update_expert_bias(self) -> None:

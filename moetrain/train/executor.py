@@ -45,6 +45,7 @@ class LocalExecutor:
         """Accumulate the micro-batches' gradients; return the mean of each logged loss
         ([loss, lm_loss, aux_loss, z_loss(, kd_loss)], this rank's). `before_last_backward` runs just
         before the last micro-batch's backward (the data-parallel all-reduce starts during it)."""
+        self.start_global_batch()
         logged = []
         for micro_batch in range(self.accumulation):
             inputs, targets = next_batch()
@@ -56,6 +57,11 @@ class LocalExecutor:
             (scaler.scale(scaled) if scaler else scaled).backward()
             logged.append(parts.logged())
         return torch.stack(logged).sum(0) / self.accumulation
+
+    def start_global_batch(self) -> None:
+        """A new optimizer step: global_aux_loss counts its micro-batches from zero (Router.start_global_batch)."""
+        for _, moe in self.model.moe_layers():
+            moe.router.start_global_batch()
 
     def eval_losses(self, batches: list[Batch]) -> tuple[Tensor, Tensor]:
         """LM loss of each evaluation round of this rank, and whether each counts (1) or pads (0), both on
@@ -89,6 +95,7 @@ class PipelineExecutor(LocalExecutor):
                          before_last_backward: Callable[[], None] = lambda: None) -> Tensor:
         """As LocalExecutor's, through the schedule (which runs the backwards itself: no overlap hook)."""
         batches = [next_batch() for _ in range(self.accumulation)]
+        self.start_global_batch()
         out = self.runner.step(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]),
                                scaler.loss_scale if scaler else 1.0, iteration)
         names = ("lm_loss", "aux_loss", "z_loss", "kd_loss") if "kd_loss" in out else ("lm_loss", "aux_loss", "z_loss")
