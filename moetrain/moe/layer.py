@@ -197,6 +197,8 @@ class MoE(nn.Module):
         stats = self.routing_stats if self.training else self.eval_routing_stats
         stats.record(decision.exp_counts, kept_counts, self._ranks_visited(decision.expert_indices, mask))
         self.balance_losses = {name: loss.detach() for name, loss in (decision.balance_losses or {}).items()}
+        if self.training and self.balance_losses:
+            stats.record_balance(torch.stack(list(self.balance_losses.values())))
         if with_z_loss:
             return MoEOutput(output, decision.l_aux, decision.z_loss, decision.exp_counts)
         return output, decision.l_aux, decision.exp_counts
