@@ -124,7 +124,7 @@ class PipelineExecutor(LocalExecutor):
         values, balance = values[:len(names)], values[len(names):]
         lm_loss, aux_loss, z_loss, *kd = values
         loss = self.loss_function.total(lm_loss, aux_loss, z_loss, kd[0] if kd else None)
-        return torch.cat([torch.stack([loss, lm_loss, aux_loss, z_loss]), balance, torch.stack(kd) if kd else balance[:0]])
+        return torch.cat([torch.stack([loss, lm_loss, aux_loss, z_loss]), balance, values[3:]])  # values[3:]: kd
 
     def eval_losses(self, batches: list[Batch]) -> tuple[Tensor, Tensor]:
         """Per-round lm losses through the stages, `accumulation` rounds per schedule run. The schedule
