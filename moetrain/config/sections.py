@@ -193,6 +193,10 @@ class MoEConfig:
     shared_expert_ffn_size: int | None = option(
         None, "--moe-shared-expert-intermediate-size",
         help="width of the shared expert; unset: --num-shared-experts x the expert FFN width")
+    pad_expert_input_to_capacity: bool = option(False, switches=(switch(
+        "--moe-pad-expert-input-to-capacity", True,
+        help="pad every expert's input to its capacity so the expert GEMMs have static shapes (CUDA graphs); "
+             "needs token dropping (a capacity)"),))
     shared_expert_gate: bool = option(False, switches=(switch(
         "--moe-shared-expert-gate", True, help="scale the shared expert's output by a learned sigmoid gate "
                                                "per token (Qwen2-MoE)"),))
