@@ -254,6 +254,25 @@ def test_global_aux_loss_accumulates_the_steps_micro_batches_as_megatron_does():
     assert router(_micro_batches()[2]).l_aux.item() == pytest.approx(alone[2], rel=1e-7)
 
 
+def test_global_aux_loss_accumulation_compiles_into_one_graph():
+    """The running counts and the constant-fraction node compile whole (fullgraph) and match eager."""
+    def run(compiled: bool) -> torch.Tensor:
+        router = _router(k=2, load_balancing_type="global_aux_loss")
+        torch._dynamo.reset()
+        module = torch.compile(router, fullgraph=True) if compiled else router
+        router.start_global_batch()
+        losses = []
+        for x in _micro_batches():
+            loss = module(x).l_aux
+            loss.backward()
+            losses.append(loss.detach())
+        return torch.stack(losses), router.wg.weight.grad
+
+    (got, got_grad), (want, want_grad) = run(True), run(False)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-6, atol=1e-9)
+
+
 def _global_accumulation_worker(rank: int, port: int, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)

@@ -89,3 +89,21 @@ def test_padding_under_expert_parallelism():
         assert seen == [2 * (EXPERTS // 2) * expert_capacity(24, EXPERTS, 1.0, 2, 1)]
         for name, value in want.items():
             torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=f"rank {rank} {name}")
+
+
+def test_padded_layer_compiles_into_one_graph_with_eager_results():
+    """The static shapes are for graph capture: the padded layer compiles whole (fullgraph) and matches eager."""
+    layer = _layer(True)
+    x = torch.randn(24, HIDDEN)
+
+    def step(module):
+        layer.zero_grad(set_to_none=True)
+        inp = x.clone().requires_grad_()
+        out, l_aux, _ = module(inp)
+        (out.square().sum() + l_aux).backward()
+        return [out, inp.grad] + [p.grad for p in layer.parameters()]
+
+    eager = step(layer)
+    torch._dynamo.reset()
+    for got, want in zip(step(torch.compile(layer, fullgraph=True)), eager):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
