@@ -172,7 +172,8 @@ class MoEConfig:
     load_balancing_type: list[str] | None = option(
         None, "--moe-router-load-balancing-type", nargs="+", choices=(None, *BALANCE_TYPES), metavar="TYPE",
         help="balance losses, one or several: aux_loss (all k choices counted, / k), seq_aux_loss (per sequence), "
-             "global_aux_loss (over the data-parallel batch), sinkhorn (top-1), none; unset: DeepSpeed's l_aux")
+             "global_aux_loss (counted over the step's micro-batches and data-parallel ranks), sinkhorn (top-1), "
+             "none; unset: DeepSpeed's l_aux")
     load_balancing_coeffs: list[float] | None = option(
         None, "--moe-router-load-balancing-coeffs", nargs="+", type=float, metavar="C",
         help="one weight per --moe-router-load-balancing-type, multiplied by --moe-aux-loss-coeff; unset: all 1")
