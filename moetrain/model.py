@@ -186,7 +186,8 @@ class Block(nn.Module):
                 group_topk=moe_cfg.group_topk, pre_softmax=moe_cfg.pre_softmax,
                 topk_scaling_factor=moe_cfg.topk_scaling_factor, input_jitter_eps=moe_cfg.input_jitter_eps,
                 router_dtype=moe_cfg.router_dtype, shared_expert_ffn_size=moe_cfg.shared_expert_ffn_size,
-                shared_expert_gate=moe_cfg.shared_expert_gate)
+                shared_expert_gate=moe_cfg.shared_expert_gate,
+                pad_expert_input_to_capacity=moe_cfg.pad_expert_input_to_capacity)
         else:
             self.ffn = MLP(cfg.hidden_size, cfg.ffn_size(), activation, bias=bias)
         self.dropout = nn.Dropout(cfg.hidden_dropout)

@@ -33,6 +33,10 @@ def test_train_line_matches_seed_format():
         " | load max/min 1.8 | drop 1.2% | experts used 100%")
     assert format_train_line(_train_record(100, [])) == (
         "Step 100 | Loss: 3.2415 | Aux Loss: 0.0234 | LR: 3.00e-04 | 12,345 tok/s")
+    record = {**_train_record(100, []), "balance/aux_loss": 0.02, "balance/seq_aux_loss": 0.0136}
+    assert format_train_line(record) == (
+        "Step 100 | Loss: 3.2415 | Aux Loss: 0.0234 (aux_loss 0.0200, seq_aux_loss 0.0136) | Z Loss: 0.0010"
+        " | LR: 3.00e-04 | 12,345 tok/s")
 
 
 def test_routing_summary_aggregates_worst_and_means():

@@ -113,6 +113,7 @@ MODES = {
     "pre-softmax-jitter": dict(k=2, pre_softmax=True, input_jitter_eps=0.01),
     "router-fp64": dict(k=2, router_dtype="fp64"),
     "gated-shared-expert": dict(k=2, shared_expert_ffn_size=24, shared_expert_gate=True),
+    "pad-to-capacity": dict(k=2, pad_expert_input_to_capacity=True, ffn_bias=True),
 }
 
 

@@ -204,6 +204,126 @@ def test_global_aux_loss_over_two_data_parallel_ranks_equals_one_process_on_the_
     assert half.item() != pytest.approx(loss.item(), rel=1e-6)
 
 
+def _reference_global_batch_losses(weight: torch.Tensor, micro_batches: list[torch.Tensor], k: int) -> list:
+    """Megatron-Core's global_aux_loss over the micro-batches of one step, per token in float64: micro-batch
+    i is balanced against the assignments of micro-batches 1..i (constants), its own probabilities with grad."""
+    assigned, tokens, losses = [0.0] * EXPERTS, 0, []
+    for x in micro_batches:
+        probs = torch.softmax(x.double() @ weight.t(), dim=1)
+        for row in probs.detach():
+            for e in sorted(range(EXPERTS), key=lambda e: -float(row[e]))[:k]:
+                assigned[e] += 1
+        tokens += x.shape[0]
+        mean_prob = probs.mean(0)
+        losses.append(sum(mean_prob[e] * (assigned[e] / tokens) for e in range(EXPERTS)) * EXPERTS / k)
+    return losses
+
+
+def _micro_batches() -> list[torch.Tensor]:
+    torch.manual_seed(6)
+    return [torch.randn(16, HIDDEN) + shift for shift in (0.0, 0.5, -0.5)]  # routed differently
+
+
+def _accumulate(router: Router, micro_batches: list[torch.Tensor]) -> torch.Tensor:
+    """One optimizer step's forward-backwards, each loss / N as the executor scales it."""
+    router.start_global_batch()
+    losses = []
+    for x in micro_batches:
+        loss = router(x).l_aux
+        (loss / len(micro_batches)).backward()
+        losses.append(loss.detach())
+    return torch.stack(losses)
+
+
+def test_global_aux_loss_accumulates_the_steps_micro_batches_as_megatron_does():
+    router = _router(k=2, load_balancing_type="global_aux_loss")
+    got = _accumulate(router, _micro_batches())
+    weight = router.wg.weight.detach().double().requires_grad_()
+    want = _reference_global_batch_losses(weight, _micro_batches(), k=2)
+    (sum(want) / len(want)).backward()
+    torch.testing.assert_close(got.double(), torch.stack(want).detach(), rtol=1e-6, atol=0)  # fp32 l_aux
+    torch.testing.assert_close(router.wg.weight.grad.double(), weight.grad, rtol=1e-6, atol=1e-9)
+    # not the per-micro-batch loss it was before: later micro-batches see the earlier counts
+    alone = [_router(k=2, load_balancing_type="global_aux_loss")(x).l_aux.item() for x in _micro_batches()]
+    assert alone[0] == pytest.approx(got[0].item(), rel=1e-7)
+    assert alone[2] != pytest.approx(got[2].item(), rel=1e-4)
+    # the next step starts afresh; evaluation and an unopened step count one forward alone
+    router.zero_grad()
+    torch.testing.assert_close(_accumulate(router, _micro_batches()), got, rtol=0, atol=0)
+    router.eval()
+    assert router(_micro_batches()[2]).l_aux.item() == pytest.approx(alone[2], rel=1e-7)
+
+
+def test_global_aux_loss_accumulation_compiles_into_one_graph():
+    """The running counts and the constant-fraction node compile whole (fullgraph) and match eager."""
+    def run(compiled: bool) -> torch.Tensor:
+        router = _router(k=2, load_balancing_type="global_aux_loss")
+        torch._dynamo.reset()
+        module = torch.compile(router, fullgraph=True) if compiled else router
+        router.start_global_batch()
+        losses = []
+        for x in _micro_batches():
+            loss = module(x).l_aux
+            loss.backward()
+            losses.append(loss.detach())
+        return torch.stack(losses), router.wg.weight.grad
+
+    (got, got_grad), (want, want_grad) = run(True), run(False)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-6, atol=1e-9)
+
+
+def _global_accumulation_worker(rank: int, port: int, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        router = _router(k=2, load_balancing_type="global_aux_loss")
+        router.balance_group = dist.group.WORLD
+        losses = _accumulate(router, [x[rank * 8:(rank + 1) * 8] for x in _micro_batches()])
+        results[rank] = (losses, router.wg.weight.grad.clone())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_aux_loss_with_accumulation_over_two_ranks_equals_one_process():
+    """DP 2 x 3 micro-batches of 8 rows == 1 process x 3 micro-batches of both ranks' 16 rows."""
+    results = mp.Manager().dict()
+    mp.spawn(_global_accumulation_worker, args=(free_port(), results), nprocs=2, join=True)
+    whole = _router(k=2, load_balancing_type="global_aux_loss")
+    losses = _accumulate(whole, _micro_batches())
+    torch.testing.assert_close((results[0][0] + results[1][0]) / 2, losses, rtol=1e-6, atol=0)  # fp32 l_aux
+    torch.testing.assert_close((results[0][1] + results[1][1]) / 2, whole.wg.weight.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_global_aux_loss_accumulation_survives_activation_recomputation():
+    """A recomputed forward replays the router after its own counts were added: the loss keeps the
+    fraction it was formed with and the running counts are put back."""
+    from moetrain.config import ModelConfig, MoEConfig
+    from moetrain.model import GPT
+
+    def step(granularity):
+        torch.manual_seed(0)
+        cfg = ModelConfig(style="llama", num_layers=2, hidden_size=16, num_attention_heads=2, seq_length=8,
+                          vocab_size=32, recompute_granularity=granularity)
+        model = GPT(cfg, MoEConfig(num_experts=[4], expert_interval=1, topk=2, drop_tokens=False,
+                                   load_balancing_type=["global_aux_loss"])).train()
+        for _, moe in model.moe_layers():
+            moe.router.start_global_batch()
+        ids = torch.randint(0, 32, (3, 2, 8), generator=torch.Generator().manual_seed(1))
+        for batch in ids:
+            model(batch, batch.roll(-1, 1)).aux_loss.backward()
+        return ({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                [moe.router.global_counts.clone() for _, moe in model.moe_layers()])
+
+    want_grads, want_counts = step(None)
+    got_grads, got_counts = step("full")
+    assert int(want_counts[0][-1]) == 3 * 2 * 8
+    for a, b in zip(got_counts, want_counts):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-6, atol=1e-8, msg=name)
+
+
 def _reference_sinkhorn(logits: torch.Tensor, tol: float = 1e-10) -> torch.Tensor:
     """Sinkhorn-Knopp iterated to convergence, float64."""
     cost = torch.exp(logits.double())

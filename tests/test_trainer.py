@@ -236,6 +236,24 @@ def test_logged_loss_is_lm_plus_weighted_aux_and_z(tmp_path):
         assert r["loss"] - r["lm_loss"] > 0.3  # the aux terms are really in (aux >= ~1 per layer)
 
 
+def test_each_load_balancing_type_is_logged_and_they_sum_to_the_aux_loss(tmp_path, capsys):
+    cfg = tiny_config(tmp_path, save="run", train_iters=3, micro_batch_size=2, global_batch_size=4)
+    cfg.moe.topk, cfg.moe.z_loss_coeff = 2, 0.01
+    cfg.moe.load_balancing_type = ["aux_loss", "seq_aux_loss", "global_aux_loss"]
+    cfg.moe.load_balancing_coeffs = [1.0, 0.5, 0.25]
+    Trainer(cfg).fit()
+    train = [r for r in read_records(tmp_path / "run") if r["type"] == "train"]
+    assert len(train) == 3
+    for r in train:  # 2 MoE layers, 2 micro-batches: each value summed over layers, averaged over micro-batches
+        parts = [r["balance/aux_loss"], r["balance/seq_aux_loss"], r["balance/global_aux_loss"]]
+        assert all(value > 0.5 for value in parts)  # ~1 per layer when balanced
+        assert parts[0] + 0.5 * parts[1] + 0.25 * parts[2] == pytest.approx(r["aux_loss"], rel=1e-6)
+        assert r["z_loss"] > 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Step 3 |"))
+    assert f"(aux_loss {train[-1]['balance/aux_loss']:.4f}, seq_aux_loss" in line
+    assert f"Z Loss: {train[-1]['z_loss']:.4f}" in line
+
+
 def test_bad_config_is_a_one_line_config_error(tmp_path):
     cfg = tiny_config(tmp_path)
     cfg.moe.topk = 5

@@ -172,7 +172,8 @@ class MoEConfig:
     load_balancing_type: list[str] | None = option(
         None, "--moe-router-load-balancing-type", nargs="+", choices=(None, *BALANCE_TYPES), metavar="TYPE",
         help="balance losses, one or several: aux_loss (all k choices counted, / k), seq_aux_loss (per sequence), "
-             "global_aux_loss (over the data-parallel batch), sinkhorn (top-1), none; unset: DeepSpeed's l_aux")
+             "global_aux_loss (counted over the step's micro-batches and data-parallel ranks), sinkhorn (top-1), "
+             "none; unset: DeepSpeed's l_aux")
     load_balancing_coeffs: list[float] | None = option(
         None, "--moe-router-load-balancing-coeffs", nargs="+", type=float, metavar="C",
         help="one weight per --moe-router-load-balancing-type, multiplied by --moe-aux-loss-coeff; unset: all 1")
@@ -193,6 +194,10 @@ class MoEConfig:
     shared_expert_ffn_size: int | None = option(
         None, "--moe-shared-expert-intermediate-size",
         help="width of the shared expert; unset: --num-shared-experts x the expert FFN width")
+    pad_expert_input_to_capacity: bool = option(False, switches=(switch(
+        "--moe-pad-expert-input-to-capacity", True,
+        help="pad every expert's input to its capacity so the expert GEMMs have static shapes (CUDA graphs); "
+             "needs token dropping (a capacity)"),))
     shared_expert_gate: bool = option(False, switches=(switch(
         "--moe-shared-expert-gate", True, help="scale the shared expert's output by a learned sigmoid gate "
                                                "per token (Qwen2-MoE)"),))

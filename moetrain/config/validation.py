@@ -127,6 +127,9 @@ def _validate_routing(moe: MoEConfig, experts_per_layer: list[int]) -> None:
     check(not moe.shared_expert_gate or moe.num_shared_experts or moe.shared_expert_ffn_size,
           "--moe-shared-expert-gate needs a shared expert; add --num-shared-experts 1 or "
           "--moe-shared-expert-intermediate-size")
+    check(not moe.pad_expert_input_to_capacity or moe.drop_tokens,
+          "--moe-pad-expert-input-to-capacity needs a capacity to pad to; drop --disable-moe-token-dropping "
+          "(dropless routing has none)")
     try:
         types, _ = balance_spec(moe.load_balancing_type, moe.load_balancing_coeffs)
         for count in sorted(set(experts_per_layer) - {0}):

@@ -6,8 +6,9 @@ per token) and the chosen `indices` [S, k], and count every one of the k choices
 - aux_loss (Switch / GShard as Megatron forms it): E / k * sum_e P_e * f_e, P_e the mean probability
   of expert e over the tokens, f_e the fraction of the S tokens' assignments that went to e times k;
 - seq_aux_loss (DeepSeek-V2/V3): the same within each sequence, averaged over the sequences;
-- global_aux_loss: f_e counted over the whole data-parallel batch (an all-reduce of the counts,
-  no host sync), P_e local, so the data-parallel mean of the loss is the whole batch's aux_loss.
+- global_aux_loss: f_e counted over the data-parallel ranks (an all-reduce of the counts, no host
+  sync) and, in training, over the micro-batches of the optimizer step so far (`Router.start_global_batch`);
+  P_e local (see `global_loss` for exactly what gets a gradient).
 
 A token `mask` ([S] bool, False for padding) keeps tokens out of both P and f.
 """
@@ -57,13 +58,44 @@ def sequence_loss(probs: Tensor, indices: Tensor, batch_shape: tuple[int, int],
     return (mean_prob * fraction).sum(1).mean() * num_experts / k
 
 
-def global_loss(probs: Tensor, indices: Tensor, group: dist.ProcessGroup | None,
-                mask: Tensor | None = None) -> Tensor:
-    """`switch_loss` with the assignment fractions of the whole data-parallel batch.
+class _BalanceAgainst(torch.autograd.Function):
+    """sum_e mean_prob_e * fraction_e with `fraction` a constant held on the node itself, not as a saved
+    tensor: a recomputed forward (activation checkpointing) replays the router after later micro-batches
+    moved the running counts, and its fraction must not replace the one the loss was formed with."""
 
-    P stays this rank's (its gradient is this rank's share); averaged over the ranks as data
-    parallelism averages gradients, the loss is the one-process loss on the concatenated batch
-    when every rank holds as many counted tokens.
+    @staticmethod
+    def forward(ctx, mean_prob: Tensor, fraction: Tensor) -> Tensor:
+        ctx.fraction = fraction
+        return (mean_prob * fraction).sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.fraction, None
+
+
+def global_loss(probs: Tensor, indices: Tensor, group: dist.ProcessGroup | None,
+                mask: Tensor | None = None, running: Tensor | None = None) -> Tensor:
+    """`switch_loss` with the assignment fractions of the global batch (Megatron's global_aux_loss).
+
+    For micro-batch i of an optimizer step (`running`: the [E + 1] counts of micro-batches 1..i-1,
+    updated in place; None: this micro-batch alone):
+        c_j   = assignments per expert and counted tokens of micro-batch j, summed over the ranks of
+                `group` (data parallel);
+        f_i   = (c_1 + ... + c_i)[:E] / (c_1 + ... + c_i)[E], the fraction of the step's assignments
+                so far that went to each expert (Megatron's running mean tokens_per_expert / ga_steps
+                over the global tokens of a micro-batch; equal to it when micro-batches are equal);
+        loss  = E / k * sum_e P_e * f_i,e, P_e the mean probability of expert e over this rank's
+                tokens of micro-batch i.
+    f is a constant: the gradient reaches this micro-batch's probabilities only, weighted by the counts
+    known when it ran. An earlier micro-batch's probabilities never see a later one's counts (their
+    graph has been used by then), so only the last micro-batch is balanced against the whole global
+    batch; a run with N micro-batches equals one micro-batch holding the whole batch when the
+    micro-batches route alike, and its logged value is the mean of the N losses above.
+    Data parallelism: the mean of the ranks' losses (and gradients, as data parallelism averages them)
+    is the one-process loss on the ranks' concatenated micro-batches when every rank holds as many
+    counted tokens. Megatron-Core divides P by the global token count instead, so its per-rank losses
+    sum to that and its averaged gradient is 1/dp of it; here the loss and gradient do not depend on
+    the data-parallel size.
     """
     num_tokens, num_experts = probs.shape
     weight = _weights(num_tokens, mask, probs)
@@ -73,8 +105,11 @@ def global_loss(probs: Tensor, indices: Tensor, group: dist.ProcessGroup | None,
         counts = torch.cat([_assignment_counts(indices, weight, num_experts)[0], weight.sum().view(1)])
         if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
             dist.all_reduce(counts, group=group)
-    fraction = counts[:-1] / counts[-1].clamp(min=1)
-    return (mean_prob * fraction).sum() * num_experts / indices.shape[1]
+        if running is not None:  # whole counts, kept exactly in int64 however long the batch
+            running += counts.round().long()
+            counts = running.double()
+        fraction = (counts[:-1] / counts[-1].clamp(min=1)).to(probs.dtype)
+    return _BalanceAgainst.apply(mean_prob, fraction) * num_experts / indices.shape[1]
 
 
 def sinkhorn(logits: Tensor, mask: Tensor | None = None, iterations: int = SINKHORN_ITERATIONS) -> Tensor:

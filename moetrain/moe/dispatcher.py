@@ -44,6 +44,7 @@ class DispatchPlan:
     recv_splits: list[int] | None = None
     local_order: Tensor | None = None  # received rows -> grouped by local expert
     sorted_weights: Tensor | None = None
+    padded_slot_of_row: Tensor | None = None  # padded to capacity (`pad_to_capacity`): each row's slot
 
     @property
     def tokens_per_expert(self) -> list[int]:
@@ -85,9 +86,11 @@ class TokenDispatcher:
         rows = _GatherTokens.apply(x, token_index, row_of_assignment)
         blocks = ExpertBlocks(ends, sorted_experts, all_rows_used=decision.dropless)
         plan = DispatchPlan(token_index, row_of_assignment, blocks, weights)
-        if self.ep_size == 1:
-            return rows, plan
-        return self._exchange(rows, plan)
+        if self.ep_size > 1:
+            rows, plan = self._exchange(rows, plan)
+        if decision.pad_to_capacity is not None:  # each rank sends an expert at most its capacity
+            return pad_to_capacity(rows, plan, decision.pad_to_capacity * self.ep_size)
+        return rows, plan
 
     def _my_share(self, x: Tensor, decision: RoutingDecision) -> tuple[Tensor, RoutingDecision]:
         """Keep the assignments of this rank's contiguous 1/ep of the (replicated) tokens.
@@ -132,6 +135,8 @@ class TokenDispatcher:
 
     def combine(self, expert_rows: Tensor, plan: DispatchPlan, num_tokens: int) -> Tensor:
         """Weighted expert rows -> [S, d], summing each token's choices; dropped tokens get 0."""
+        if plan.padded_slot_of_row is not None:
+            expert_rows = _rows_or_zero(expert_rows, plan.padded_slot_of_row)
         if self.ep_size > 1:
             restored = torch.empty_like(expert_rows).index_copy(0, plan.local_order, expert_rows)
             returned = _all_to_all(restored, plan.send_splits, plan.recv_splits, self.ep_group)
@@ -140,6 +145,37 @@ class TokenDispatcher:
             expert_rows = expert_rows * plan.sorted_weights.to(expert_rows.dtype).unsqueeze(1)
         out = _SumIntoTokens.apply(expert_rows, plan.token_index, plan.row_of_assignment, num_tokens)
         return reduce_from_group(out, self.split_group)
+
+
+def pad_to_capacity(rows: Tensor, plan: DispatchPlan, capacity: int) -> tuple[Tensor, DispatchPlan]:
+    """Megatron-Core's --moe-pad-expert-input-to-capacity: every local expert's block padded with zero
+    rows (routing weight 0) to exactly `capacity` rows, so the expert GEMMs always see
+    [experts * capacity, d], a static shape (CUDA graphs, fixed-shape kernels). Rows of no expert
+    (dropped) are left out; `combine` takes each row's output back from its slot, so the padding
+    reaches neither the output nor any gradient. Needs at most `capacity` rows per expert, which the
+    router's capacity limit guarantees. No host sync."""
+    blocks = plan.blocks
+    num_experts, device = blocks.num_experts, rows.device
+    ends = blocks.ends.long()
+    starts = ends - torch.diff(ends, prepend=ends.new_zeros(1))
+    slot = torch.arange(num_experts * capacity, device=device)
+    slot_expert, place = slot // capacity, slot % capacity
+    source = starts[slot_expert] + place
+    source = torch.where(source < ends[slot_expert], source, rows.shape[0])  # past the block: a zero row
+    row_expert = blocks.expert_of_row.clamp(max=num_experts - 1)
+    row = torch.arange(rows.shape[0], device=device)
+    slot_of_row = torch.where(blocks.expert_of_row < num_experts,
+                              row_expert * capacity + row - starts[row_expert], num_experts * capacity)
+    padded_blocks = ExpertBlocks((torch.arange(1, num_experts + 1, device=device) * capacity).to(torch.int32),
+                                 slot_expert, [capacity] * num_experts, all_rows_used=True)
+    weights = None if plan.weights is None else _rows_or_zero(plan.weights.unsqueeze(1), source).squeeze(1)
+    return _rows_or_zero(rows, source), replace(plan, blocks=padded_blocks, weights=weights,
+                                                padded_slot_of_row=slot_of_row)
+
+
+def _rows_or_zero(rows: Tensor, index: Tensor) -> Tensor:
+    """rows[index], where index rows.shape[0] gives a row of zeros."""
+    return torch.cat([rows, rows.new_zeros(1, rows.shape[1])]).index_select(0, index)
 
 
 def _all_to_all(x: Tensor, output_splits: list[int], input_splits: list[int], group: dist.ProcessGroup) -> Tensor:

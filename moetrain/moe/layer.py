@@ -41,7 +41,8 @@ class MoE(nn.Module):
     (dense experts every token goes through), `router` (a `Router` subclass or instance),
     `ep_group` (expert-parallel process group), and Megatron-Core's routing options
     (moetrain.moe.router.Router: load-balancing types, group-limited routing, pre-softmax, top-k
-    scaling, input jitter, router dtype; `dp_group` for global_aux_loss), `shared_expert_ffn_size`
+    scaling, input jitter, router dtype; `dp_group` for global_aux_loss; `pad_expert_input_to_capacity`,
+    every expert's rows padded to its capacity for static GEMM shapes), `shared_expert_ffn_size`
     and `shared_expert_gate` (Qwen2-MoE's sigmoid-gated shared expert). `forward(x, with_z_loss=True)` returns an
     `MoEOutput` that carries the router z-loss too; routing statistics accumulate in
     `routing_stats` (training) and `eval_routing_stats` (eval mode).
@@ -89,6 +90,7 @@ class MoE(nn.Module):
         shared_expert_ffn_size: int | None = None,
         shared_expert_gate: bool = False,
         dp_group: dist.ProcessGroup | None = None,
+        pad_expert_input_to_capacity: bool = False,
     ) -> None:
         super().__init__()
         if num_experts < 1:
@@ -128,7 +130,7 @@ class MoE(nn.Module):
                 load_balancing_type=load_balancing_type, load_balancing_coeffs=load_balancing_coeffs,
                 num_groups=num_groups, group_topk=group_topk, pre_softmax=pre_softmax,
                 topk_scaling_factor=topk_scaling_factor, input_jitter_eps=input_jitter_eps,
-                router_dtype=router_dtype)
+                router_dtype=router_dtype, pad_to_capacity=pad_expert_input_to_capacity)
             if issubclass(router_cls, TopKRouter):
                 router_kwargs.update(noisy_gate_policy=noisy_gate_policy, use_rts=use_rts,
                                      top2_2nd_expert_sampling=top2_2nd_expert_sampling)
@@ -197,6 +199,8 @@ class MoE(nn.Module):
         stats = self.routing_stats if self.training else self.eval_routing_stats
         stats.record(decision.exp_counts, kept_counts, self._ranks_visited(decision.expert_indices, mask))
         self.balance_losses = {name: loss.detach() for name, loss in (decision.balance_losses or {}).items()}
+        if self.training and self.balance_losses:
+            stats.record_balance(torch.stack(list(self.balance_losses.values())))
         if with_z_loss:
             return MoEOutput(output, decision.l_aux, decision.z_loss, decision.exp_counts)
         return output, decision.l_aux, decision.exp_counts

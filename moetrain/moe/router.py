@@ -50,6 +50,7 @@ class RoutingDecision:
     exp_counts: Tensor  # [E] int64
     dropless: bool = False  # known without looking: every assignment is kept
     balance_losses: dict[str, Tensor] | None = None  # each load-balancing type's unweighted loss
+    pad_to_capacity: int | None = None  # --moe-pad-expert-input-to-capacity: rows every expert block is padded to
 
 
 def _f32(value: float) -> float:
@@ -135,6 +136,7 @@ class Router(nn.Module):
         topk_scaling_factor: float | None = None,
         input_jitter_eps: float | None = None,
         router_dtype: str = "fp32",
+        pad_to_capacity: bool = False,
     ) -> None:
         super().__init__()
         if not 1 <= k <= num_experts:
@@ -149,7 +151,14 @@ class Router(nn.Module):
         self.topk_scaling_factor = topk_scaling_factor
         self.input_jitter_eps = input_jitter_eps
         self.router_dtype = ROUTER_DTYPES[router_dtype]
+        if pad_to_capacity and not drop_tokens:
+            raise ValueError("--moe-pad-expert-input-to-capacity needs a capacity to pad to; drop "
+                             "--disable-moe-token-dropping (dropless routing has none)")
+        self.pad_to_capacity = pad_to_capacity
         self.balance_group: torch.distributed.ProcessGroup | None = None  # data parallel, for global_aux_loss
+        self.accumulate_global_batch = False  # global_aux_loss counts over micro-batches (start_global_batch)
+        if "global_aux_loss" in self.balance_types:  # a buffer: a recomputed forward puts it back
+            self.register_buffer("global_counts", torch.zeros(num_experts + 1, dtype=torch.long), persistent=False)
         for name, value in (("capacity_factor", capacity_factor),
                             ("eval_capacity_factor", eval_capacity_factor)):
             if not value > 0:
@@ -225,6 +234,11 @@ class Router(nn.Module):
         return selection.masked_fill(~chosen.unsqueeze(2).expand_as(grouped).reshape(num_tokens, num_experts),
                                      -math.inf)
 
+    def capacity(self, num_tokens: int) -> int:
+        """Slots per expert for `num_tokens` tokens in the current mode (training or evaluation)."""
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        return expert_capacity(num_tokens, self.num_experts, factor, self.k, self.min_capacity)
+
     def resolved_drop_policy(self) -> str:
         """DeepSpeed's choice when none is given: first come for k <= 2, probability for k > 2."""
         if self.drop_policy is not None:
@@ -275,7 +289,8 @@ class Router(nn.Module):
         if self.router_dtype == torch.float64:  # the losses join the float32 loss as the default's do
             l_aux, z_loss = l_aux.float(), z_loss.float()
         return RoutingDecision(indices, gate, kept, l_aux, z_loss, exp_counts,
-                               dropless=not self.drop_tokens and token_mask is None, balance_losses=losses)
+                               dropless=not self.drop_tokens and token_mask is None, balance_losses=losses,
+                               pad_to_capacity=self.capacity(x.shape[0]) if self.pad_to_capacity else None)
 
     def _balance_probs(self, scores: Tensor) -> Tensor:
         """Probabilities over all experts for the balance losses (sigmoid scores normalised)."""
@@ -298,7 +313,10 @@ class Router(nn.Module):
                                      "batch_shape=(B, T), as MoE does for [B, T, d] input")
                 losses[name] = balance.sequence_loss(self._balance_probs(scores), indices, batch_shape, mask)
             elif name == "global_aux_loss":
-                losses[name] = balance.global_loss(self._balance_probs(scores), indices, self.balance_group, mask)
+                running = self.global_counts if self.accumulate_global_batch and self.training \
+                    and torch.is_grad_enabled() else None
+                losses[name] = balance.global_loss(self._balance_probs(scores), indices, self.balance_group, mask,
+                                                   running)
             else:  # sinkhorn balances by its selection, none not at all
                 losses[name] = scores.new_zeros(())
         return losses
@@ -329,7 +347,7 @@ class Router(nn.Module):
         if not self.drop_tokens:
             return torch.ones_like(indices, dtype=torch.bool)
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
-        capacity = expert_capacity(num_tokens, num_experts, factor, self.k, self.min_capacity)
+        capacity = self.capacity(num_tokens)
         mask = self._token_mask
         real_capacity = None
         if mask is not None:
@@ -377,6 +395,16 @@ class Router(nn.Module):
         place = torch.arange(chosen.shape[0], device=chosen.device).unsqueeze(1).expand_as(chosen)
         fits = torch.zeros_like(scores, dtype=torch.bool).scatter_(0, chosen, place < real_capacity)
         return fits.gather(1, indices) & mask.unsqueeze(1)
+
+    @torch.no_grad()
+    def start_global_batch(self) -> None:
+        """Open an optimizer step's global batch: from now on global_aux_loss counts the assignments of
+        every training micro-batch until the next call (the trainer calls it before each step's first
+        micro-batch, as Megatron-Core resets its tracker once per step). Never called: each forward is
+        a global batch of its own. No-op without global_aux_loss."""
+        if "global_aux_loss" in self.balance_types:
+            self.global_counts.zero_()
+            self.accumulate_global_batch = True
 
     @torch.no_grad()
     def update_expert_bias(self) -> None:

@@ -18,6 +18,8 @@ class RoutingStats:
         self.kept = torch.zeros(num_experts, dtype=torch.long)
         self.rank_visits = torch.zeros(2, dtype=torch.long)  # tokens, and the EP ranks they visited
         self.most_rank_visits = torch.zeros(1, dtype=torch.long)  # the most ranks one token visited
+        self.balance_sums = torch.zeros(0, dtype=torch.float64)  # each load-balancing type's loss, summed
+        self.balance_forwards = torch.zeros(1, dtype=torch.long)  # forwards those sums hold
 
     @torch.no_grad()
     def record(self, exp_counts: Tensor, kept_counts: Tensor, ranks_visited: Tensor | None = None) -> None:
@@ -32,6 +34,23 @@ class RoutingStats:
             self.rank_visits[0] += (ranks_visited > 0).sum()  # padding visits none and does not count
             self.rank_visits[1] += ranks_visited.sum()
             torch.maximum(self.most_rank_visits, ranks_visited.max(), out=self.most_rank_visits)
+
+    @torch.no_grad()
+    def record_balance(self, losses: Tensor) -> None:
+        """Add one forward's [T] load-balancing losses (one per type, in the router's order)."""
+        if self.balance_sums.shape != losses.shape or self.balance_sums.device != losses.device:
+            self.balance_sums = torch.zeros(losses.shape, dtype=torch.float64, device=losses.device)
+            self.balance_forwards = torch.zeros(1, dtype=torch.long, device=losses.device)
+        self.balance_sums += losses
+        self.balance_forwards += 1
+
+    def balance_means(self, reset: bool = True) -> Tensor:
+        """[T] mean of each load-balancing loss over the forwards since the last reset (no host sync)."""
+        means = self.balance_sums / self.balance_forwards.clamp(min=1)
+        if reset:
+            self.balance_sums.zero_()
+            self.balance_forwards.zero_()
+        return means
 
     def summary(self, reset: bool = True) -> dict:
         """tokens_per_expert (routed, before dropping), drop fraction, imbalance, experts used."""

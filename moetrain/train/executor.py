@@ -13,6 +13,7 @@ from torch import Tensor
 
 from moetrain.loss import LossFunction
 from moetrain.model import GPT
+from moetrain.moe.router import balance_spec
 from moetrain.parallel.mesh import ParallelState
 from moetrain.parallel.parallelize import sync_routing_stats
 from moetrain.parallel.pipeline import PipelineRunner, all_reduce_tied_embedding_grads, embedding_group
@@ -39,12 +40,18 @@ class LocalExecutor:
                  precision: str, accumulation: int) -> None:
         self.model, self.loss_function, self.state = model, loss_function, state
         self.device, self.precision, self.accumulation = device, precision, accumulation
+        moe_cfg = model.moe_cfg
+        # each load-balancing type's loss is logged on its own when types are chosen (not DeepSpeed's l_aux)
+        self.balance_types = [] if moe_cfg.load_balancing_type is None else \
+            balance_spec(moe_cfg.load_balancing_type, moe_cfg.load_balancing_coeffs)[0]
 
     def forward_backward(self, next_batch: Callable[[], Batch], iteration: int, scaler: LossScaler | None,
                          before_last_backward: Callable[[], None] = lambda: None) -> Tensor:
         """Accumulate the micro-batches' gradients; return the mean of each logged loss
-        ([loss, lm_loss, aux_loss, z_loss(, kd_loss)], this rank's). `before_last_backward` runs just
-        before the last micro-batch's backward (the data-parallel all-reduce starts during it)."""
+        ([loss, lm_loss, aux_loss, z_loss, *balance(, kd_loss)], this rank's; balance: `balance_losses`).
+        `before_last_backward` runs just before the last micro-batch's backward (the data-parallel
+        all-reduce starts during it)."""
+        self.start_global_batch()
         logged = []
         for micro_batch in range(self.accumulation):
             inputs, targets = next_batch()
@@ -55,7 +62,24 @@ class LocalExecutor:
                 before_last_backward()
             (scaler.scale(scaled) if scaler else scaled).backward()
             logged.append(parts.logged())
-        return torch.stack(logged).sum(0) / self.accumulation
+        means = torch.stack(logged).sum(0) / self.accumulation
+        return torch.cat([means[:4], self.balance_losses().to(means.device), means[4:]])
+
+    def balance_losses(self) -> Tensor:
+        """[len(balance_types)] each load-balancing type's unweighted loss, summed over this process's
+        MoE layers and averaged over the micro-batches since the last call, as aux_loss is: so
+        sum(coefficient * value) is aux_loss."""
+        total = torch.zeros(len(self.balance_types), dtype=torch.float64, device=self.state.comm_device)
+        for _, moe in self.model.moe_layers():
+            means = moe.routing_stats.balance_means(reset=True)
+            if means.numel() == total.numel():  # empty until a training forward records
+                total += means.to(total.device)
+        return total.float()
+
+    def start_global_batch(self) -> None:
+        """A new optimizer step: global_aux_loss counts its micro-batches from zero (Router.start_global_batch)."""
+        for _, moe in self.model.moe_layers():
+            moe.router.start_global_batch()
 
     def eval_losses(self, batches: list[Batch]) -> tuple[Tensor, Tensor]:
         """LM loss of each evaluation round of this rank, and whether each counts (1) or pads (0), both on
@@ -89,15 +113,18 @@ class PipelineExecutor(LocalExecutor):
                          before_last_backward: Callable[[], None] = lambda: None) -> Tensor:
         """As LocalExecutor's, through the schedule (which runs the backwards itself: no overlap hook)."""
         batches = [next_batch() for _ in range(self.accumulation)]
+        self.start_global_batch()
         out = self.runner.step(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]),
                                scaler.loss_scale if scaler else 1.0, iteration)
         names = ("lm_loss", "aux_loss", "z_loss", "kd_loss") if "kd_loss" in out else ("lm_loss", "aux_loss", "z_loss")
-        values = torch.stack([out[name] for name in names]).float()
-        dist.all_reduce(values, group=self.state.pp_group)  # lm, kd: the last stage's; aux, z: every stage's
+        values = torch.stack([out[name].float() for name in names])
+        values = torch.cat([values, self.balance_losses().to(values.device)])
+        dist.all_reduce(values, group=self.state.pp_group)  # lm, kd: the last stage's; aux, z, balance: every stage's
         all_reduce_tied_embedding_grads(self.model, self.embedding_group)
+        values, balance = values[:len(names)], values[len(names):]
         lm_loss, aux_loss, z_loss, *kd = values
         loss = self.loss_function.total(lm_loss, aux_loss, z_loss, kd[0] if kd else None)
-        return torch.stack([loss, lm_loss, aux_loss, z_loss, *kd])
+        return torch.cat([torch.stack([loss, lm_loss, aux_loss, z_loss]), balance, values[3:]])  # values[3:]: kd
 
     def eval_losses(self, batches: list[Batch]) -> tuple[Tensor, Tensor]:
         """Per-round lm losses through the stages, `accumulation` rounds per schedule run. The schedule

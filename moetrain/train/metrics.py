@@ -140,12 +140,17 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def format_train_line(record: dict[str, Any]) -> str:
-    """``Step 100 | Loss: 3.2415 | Aux Loss: 0.0234 | LR: 3.00e-04 | 12,345 tok/s | load max/min 1.8 | ...``"""
+    """``Step 100 | Loss: 3.2415 | Aux Loss: 0.0234 | LR: 3.00e-04 | 12,345 tok/s | load max/min 1.8 | ...``;
+    with load-balancing types ``Aux Loss: 0.0234 (aux_loss 0.0200, seq_aux_loss 0.0136) | Z Loss: 1.2000``."""
     parts = [
         f"Step {record['step']}",
         f"Loss: {_fmt(record['loss'], '.4f')}",
         f"Aux Loss: {_fmt(record['aux_loss'], '.4f')}",
     ]
+    balance = [(key.removeprefix("balance/"), value) for key, value in record.items() if key.startswith("balance/")]
+    if balance:  # Megatron's load-balancing types, each on its own, and the z-loss
+        parts[-1] += " (" + ", ".join(f"{name} {_fmt(value, '.4f')}" for name, value in balance) + ")"
+        parts.append(f"Z Loss: {_fmt(record.get('z_loss'), '.4f')}")
     if record.get("kd_loss") is not None:  # distillation runs, until --kd-stop-iter
         parts.append(f"KD Loss: {record['kd_loss']:.4f}")
     parts.append(f"LR: {_fmt(record['lr'], '.2e')}")

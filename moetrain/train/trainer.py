@@ -147,7 +147,8 @@ class Trainer:
             dist.all_reduce(means, group=self.parallel.dp_group)
             means /= self.parallel.dp
         # one host sync per step (not four per micro-batch) for the logged values
-        sums = dict(zip(("loss", "lm_loss", "aux_loss", "z_loss", "kd_loss"), means.tolist()))
+        balance = [f"balance/{name}" for name in self.executor.balance_types]
+        sums = dict(zip(("loss", "lm_loss", "aux_loss", "z_loss", *balance, "kd_loss"), means.tolist()))
         self.grad_sync.reduce()
         held = self.grad_sync.held()
         overflow = self.scaler.unscale_([p for p, _ in held]) if self.scaler else False
@@ -290,7 +291,8 @@ class Trainer:
     def _train_record(self, step: dict, tokens_per_s: float) -> dict:
         layers = self.executor.routing_summaries(training=True)
         return {"type": "train", "step": self.iteration, "loss": step["loss"], "lm_loss": step["lm_loss"],
-                "aux_loss": step["aux_loss"], "z_loss": step["z_loss"], "lr": step["lr"],
+                "aux_loss": step["aux_loss"], "z_loss": step["z_loss"],
+                **{key: value for key, value in step.items() if key.startswith("balance/")}, "lr": step["lr"],
                 **({"kd_loss": step.get("kd_loss")} if self.distiller is not None else {}),
                 "grad_norm": step["grad_norm"], "tokens_per_s": tokens_per_s,
                 "loss_scale": self.scaler.loss_scale if self.scaler else None,
