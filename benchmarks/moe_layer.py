@@ -116,12 +116,33 @@ def step(module: nn.Module, x: torch.Tensor, dtype: str) -> None:
     out.float().backward(torch.ones_like(out, dtype=torch.float32))
 
 
+SETTLE_ROUNDS = 8  # at most this many warm-up rounds; a CPU row's heap settles in 2-4
+SETTLED_FAULTS = 256  # page faults per round (1 MiB) that count as settled: Python's own churn
+
+
+def settle(fns: dict) -> None:
+    """Warm-up rounds over all variants until one round page-faults no new memory (at most
+    SETTLE_ROUNDS).
+
+    With freed memory kept (`keep_freed_memory`), the heap still grows for a few rounds while the
+    variants' allocations fragment it, and every growth is paid in page faults (4 KiB each, zeroed
+    by the kernel) inside whichever step hit it: with one warm-up round, the first row of a run
+    (8192 tokens, k=1) charged ~100 MB of faults to some repetitions of one variant and not others.
+    """
+    for _ in range(SETTLE_ROUNDS):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for fn in fns.values():
+            fn()
+        if resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < SETTLED_FAULTS:
+            break
+
+
 def timed_runs(fns: dict, repeats: int, device: str) -> dict[str, list[float]]:
-    """Seconds of every repetition of each function, interleaved so drift hits all alike."""
+    """Seconds of every repetition of each function, interleaved so drift hits all alike, after
+    `settle` warmed every variant up."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():  # warm-up
-        fn()
+    settle(fns)
     for _ in range(repeats):
         for name, fn in fns.items():
             sync()

@@ -184,11 +184,17 @@ def _all_to_all(x: Tensor, output_splits: list[int], input_splits: list[int], gr
 
 
 def _sum_rows_into_tokens(rows: Tensor, row_of_assignment: Tensor, num_tokens: int) -> Tensor:
-    """out[t] = sum of token t's k rows: a gather, then a sum over k (no scatter-add)."""
-    gathered = rows.index_select(0, row_of_assignment)
-    if gathered.shape[0] == num_tokens:
-        return gathered
-    return gathered.view(num_tokens, -1, rows.shape[1]).sum(1)
+    """out[t] = sum of token t's k rows (no scatter-add): one gather per choice, added in place.
+
+    Gathering all k rows into one [S * k, d] buffer and summing over k instead costs 2.5x the
+    time at k=2 (a strided reduction over a short middle dimension) and a buffer k times the output.
+    """
+    k = row_of_assignment.shape[0] // num_tokens if num_tokens else 1
+    choices = row_of_assignment.view(num_tokens, k)
+    out = rows.index_select(0, choices[:, 0])
+    for choice in range(1, choices.shape[1]):
+        out += rows.index_select(0, choices[:, choice])
+    return out
 
 
 class _GatherTokens(torch.autograd.Function):
