@@ -48,7 +48,8 @@ def tokenizer_of(kind, tmp_path):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """~25 documents a chunk, so 300 documents make a dozen chunks spread over the workers."""
-    monkeypatch.setattr(encode_module, "CHUNK_CHARACTERS", 2000)
+    monkeypatch.setattr(encode_module, "BATCH_CHARACTERS", 2000)
+    monkeypatch.setattr(encode_module, "WORKER_CHUNK_CHARACTERS", 2000)
 
 
 @pytest.mark.parametrize("kind", ["byte", "bpe", "gpt2", "sentencepiece"])

@@ -23,10 +23,13 @@ import numpy as np
 
 from moetrain.data.tokenizer import Tokenizer
 
-# Characters of text per encoded batch: ~0.4 M tokens, long enough that a worker's fixed cost per chunk (the
-# text through a pipe, one shard file) stays far below 1% of its encoding time, short enough that N workers
-# finish within one chunk of each other and memory stays flat.
-CHUNK_CHARACTERS = 1 << 20
+# Characters of text per batch encoded in this process (~0.3 M tokens): dozens of documents for the library's
+# threads to share, with memory flat.
+BATCH_CHARACTERS = 1 << 20
+# Characters per worker's chunk (~70 k tokens, ~0.1 s on one thread): the chunk's fixed cost (its text through
+# a pipe, one shard file, ~1 ms) stays near 1% of encoding it, and N workers finish within one small chunk
+# of each other.
+WORKER_CHUNK_CHARACTERS = 1 << 18
 
 
 def _chunks(documents: Iterable[str], characters: int) -> Iterator[list[str]]:
@@ -115,9 +118,9 @@ def write_token_ids(out: BinaryIO, documents: Iterable[str], tokenizer: Tokenize
                     append_eos: bool, workers: int = 1) -> np.ndarray:
     """Writes every document's ids (then eos if `append_eos`) to `out` in input order, the same bytes for any
     number of `workers`; returns each document's length. Shards go to a temporary folder beside `out`."""
-    chunks = _chunks(documents, CHUNK_CHARACTERS)
     if workers == 1:
-        lengths = list(_encode_here(out, chunks, tokenizer, dtype, append_eos))
+        lengths = list(_encode_here(out, _chunks(documents, BATCH_CHARACTERS), tokenizer, dtype, append_eos))
     else:
+        chunks = _chunks(documents, WORKER_CHUNK_CHARACTERS)
         lengths = list(_encode_in_workers(out, chunks, tokenizer, dtype, append_eos, workers))
     return np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
