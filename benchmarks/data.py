@@ -119,6 +119,7 @@ def prepare_speeds(corpus: Path, work: Path, tokenizer, workers: list[int], roun
     os.environ.pop("TOKENIZERS_PARALLELISM")
     if previous is not None:
         os.environ["TOKENIZERS_PARALLELISM"] = previous
+
     def files(run: dict) -> tuple[bytes, bytes]:
         return Path(f"{run['prefix']}.bin").read_bytes(), Path(f"{run['prefix']}.idx").read_bytes()
 

@@ -54,7 +54,8 @@ class Tokenizer:
         return self._backend.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Encodes many documents at once, in parallel threads (the fast path for preparing data)."""
+        """Encodes many documents at once (the fast path for preparing data), on threads over every core, or on
+        one thread under TOKENIZERS_PARALLELISM=false (each prepare-data worker)."""
         encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)  # fast: no offsets
         return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
 
