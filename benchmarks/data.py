@@ -1,10 +1,13 @@
 """Data pipeline speed: prepare-data throughput by worker count, and the training reader against a training step.
 
 1. prepare-data: the built-in corpus repeated to --size-mb of JSONL, tokenized with the default run's
-   tokenizer (byte-level BPE, vocabulary 4096, trained once on the built-in corpus) into moetrain's format
-   by 1, 2 and 4 worker processes (--workers), rounds interleaved. Reports tokens/s, MB/s and the speed-up
-   over 1 worker, and checks every worker count wrote the same bytes. With 1 worker, encoding runs in this
-   process (the tokenizers library may use several threads); with N, N single-threaded processes.
+   tokenizer (byte-level BPE, vocabulary 4096, trained once on the built-in corpus; --tokenizer gpt2 or
+   sentencepiece for those paths) into moetrain's format, rounds interleaved, by: `--workers 1` as it runs
+   (in this process, the tokenizer library's threads on every core), 1 worker on one thread
+   (TOKENIZERS_PARALLELISM=false: what each of N workers does, the baseline of scaling by processes), and
+   --workers 2 and 4 (single-threaded processes). Reports tokens/s, MB/s, CPU seconds per M tokens (the
+   cost of the workers' pipes and shards shows there) and the speed-up over both 1-worker runs side by side,
+   and checks every run wrote the same bytes.
 2. reader: the same ids written in Megatron's format, then read by a fresh process after the .bin is
    evicted from the page cache (posix_fadvise DONTNEED), as a prefix larger than the cache would be:
    batches/s of the default run's micro-batch (8 x 256 tokens, random windows) cold and then warm.
@@ -13,6 +16,7 @@
 
     python benchmarks/data.py                   # 100 MB corpus
     python benchmarks/data.py --size-mb 20      # smaller, for a shared machine
+    python benchmarks/data.py --size-mb 20 --rounds 3 --prepare-only --tokenizer sentencepiece
 """
 
 from __future__ import annotations
@@ -20,12 +24,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import tokenizers
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -85,11 +92,71 @@ def read_batches(prefix: str, count: int) -> dict:
     return result
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the worker processes, once joined)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def prepare_speeds(corpus: Path, work: Path, tokenizer, workers: list[int], rounds: int) -> list[dict]:
+    """`--workers 1` as it runs (the tokenizer library's threads on every core), 1 worker on one thread (what
+    each of N workers does: the baseline of scaling by processes), then each N > 1; rounds interleaved.
+    Returns, per run: name, median seconds, CPU seconds, token count, output identical to the first run's."""
+    runs = [{"name": "--workers 1 (library threads)", "workers": 1, "parallelism": "true"},
+            {"name": "1 worker, one thread", "workers": 1, "parallelism": "false"},
+            *({"name": f"--workers {n} (one thread each)", "workers": n, "parallelism": "true"}
+              for n in workers if n > 1)]
+    for index, run in enumerate(runs):
+        run.update(prefix=work / f"run{index}", times=[], cpu_times=[])
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    for _ in range(rounds):
+        for run in runs:
+            os.environ["TOKENIZERS_PARALLELISM"] = run["parallelism"]
+            start, cpu = time.perf_counter(), cpu_seconds()
+            write_prepared(read_documents(corpus), run["prefix"], tokenizer, workers=run["workers"])
+            run["times"].append(time.perf_counter() - start)
+            run["cpu_times"].append(cpu_seconds() - cpu)
+    os.environ.pop("TOKENIZERS_PARALLELISM")
+    if previous is not None:
+        os.environ["TOKENIZERS_PARALLELISM"] = previous
+
+    def files(run: dict) -> tuple[bytes, bytes]:
+        return Path(f"{run['prefix']}.bin").read_bytes(), Path(f"{run['prefix']}.idx").read_bytes()
+
+    reference = files(runs[0])
+    for run in runs:
+        run.update(seconds=statistics.median(run["times"]), cpu=statistics.median(run["cpu_times"]),
+                   tokens=len(reference[0]) // 2, same=files(run) == reference)  # uint16 ids: vocabulary 4096
+    return runs
+
+
+def benchmark_tokenizer(kind: str, work: Path):
+    """The default run's tokenizer (byte-level BPE, vocabulary 4096, trained on the built-in corpus), the same
+    vocabulary and merges read back as GPT-2's vocab.json + merges.txt, or a SentencePiece BPE model of the
+    same size trained on the built-in corpus."""
+    if kind == "bpe":
+        return build_tokenizer("bpe", texts=default_corpus(), vocab_size=4096)
+    if kind == "gpt2":
+        trained = build_tokenizer("bpe", texts=default_corpus(), vocab_size=4096)
+        vocab, merges = tokenizers.Tokenizer.from_str(trained.to_json()).model.save(str(work), "gpt2")
+        return build_tokenizer("gpt2", vocab_file=vocab, merge_file=merges)
+    import sentencepiece
+
+    text = work / "corpus.txt"
+    text.write_text("\n".join(default_corpus()), encoding="utf-8")
+    sentencepiece.SentencePieceTrainer.train(input=str(text), model_prefix=str(work / "sp"), vocab_size=4096,
+                                             model_type="bpe", eos_piece="<|endoftext|>", minloglevel=2)
+    return build_tokenizer("sentencepiece", tokenizer_model=str(work / "sp.model"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mb", type=float, default=100.0, help="JSONL corpus size for prepare-data")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--workers", type=int, nargs="+", default=[2, 4], help="worker counts above 1 to time")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds of every worker count")
+    parser.add_argument("--tokenizer", choices=("bpe", "gpt2", "sentencepiece"), default="bpe",
+                        help="bpe: the default run's; gpt2: the same as vocab.json + merges.txt; sentencepiece")
+    parser.add_argument("--prepare-only", action="store_true", help="stop after prepare-data")
     parser.add_argument("--reader-batches", type=int, default=200)
     parser.add_argument("--steps", type=int, default=5, help="timed training steps (after 2 warm-up steps)")
     parser.add_argument("--dir", help="working directory (default: a temporary one)")
@@ -103,25 +170,23 @@ def main() -> None:
         work = Path(work)
         corpus = work / "corpus.jsonl"
         size = write_corpus(corpus, args.size_mb)
-        tokenizer = build_tokenizer("bpe", texts=default_corpus(), vocab_size=4096)
-        print(f"corpus: {size / 1e6:.1f} MB of JSONL ({corpus}); tokenizer: byte-level BPE, vocab 4096; "
-              f"{os.cpu_count()} CPUs")
+        tokenizer = benchmark_tokenizer(args.tokenizer, work)
+        print(f"corpus: {size / 1e6:.1f} MB of JSONL ({corpus}); tokenizer: {args.tokenizer}, vocab "
+              f"{tokenizer.vocab_size}; {os.cpu_count()} CPUs")
 
-        seconds: dict[int, list[float]] = {w: [] for w in args.workers}
-        for _ in range(args.rounds):
-            for workers in args.workers:
-                start = time.perf_counter()
-                write_prepared(read_documents(corpus), work / f"w{workers}", tokenizer, workers=workers)
-                seconds[workers].append(time.perf_counter() - start)
-        tokens = (work / f"w{args.workers[0]}.bin").stat().st_size // 2
-        reference = (work / f"w{args.workers[0]}.bin").read_bytes()
-        base = statistics.median(seconds[args.workers[0]])
-        print("prepare-data (moetrain format):")
-        for workers in args.workers:
-            same = (work / f"w{workers}.bin").read_bytes() == reference
-            took = statistics.median(seconds[workers])
-            print(f"  --workers {workers}: {took:7.2f} s  {tokens / took / 1e6:6.2f} M tokens/s  "
-                  f"{size / took / 1e6:6.2f} MB/s  x{base / took:.2f}  {'identical' if same else 'DIFFERENT'} output")
+        runs = prepare_speeds(corpus, work, tokenizer, args.workers, args.rounds)
+        tokens = runs[0]["tokens"]
+        print(f"prepare-data (moetrain format, {args.tokenizer} tokenizer, {tokens:,} tokens, median of "
+              f"{args.rounds} interleaved rounds; CPU s/M tokens = this process + its workers):")
+        library, one_thread = runs[0]["seconds"], runs[1]["seconds"]
+        for run in runs:
+            took = run["seconds"]
+            print(f"  {run['name']:<28} {took:7.2f} s  {tokens / took / 1e6:5.2f} M tokens/s  "
+                  f"{size / took / 1e6:5.2f} MB/s  {run['cpu'] / tokens * 1e6:5.2f} CPU s/M tokens  "
+                  f"x{library / took:.2f} of --workers 1  x{one_thread / took:.2f} of one thread  "
+                  f"{'identical' if run['same'] else 'DIFFERENT'} output")
+        if args.prepare_only:
+            return
 
         prefix = str(work / "megatron_text_document")
         write_megatron(read_documents(corpus), prefix, tokenizer, append_eod=True)

@@ -6,14 +6,9 @@ PREFIX.idx  header `<8sIIQQ` (magic, version, dtype code, vocab size, number of 
 PREFIX.tokenizer.json  the tokenizer that produced the ids.
 """
 
-import contextlib
-import multiprocessing
 import os
 import struct
-import sys
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from itertools import chain, islice
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -21,6 +16,7 @@ import numpy as np
 
 from moetrain.data import DataError
 from moetrain.data.corpus import DataPaths, read_documents
+from moetrain.data.encode import write_token_ids
 from moetrain.data.megatron import MegatronDataset, is_megatron_index, megatron_dtype, write_megatron_index
 from moetrain.data.tokenizer import Tokenizer
 
@@ -29,7 +25,6 @@ FORMAT_VERSION = 1
 _HEADER = struct.Struct("<8sIIQQ")
 _DTYPES = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
 _OFFSET_DTYPE = np.dtype("<i8")
-_ENCODE_CHUNK_DOCUMENTS = 1024
 
 
 def _dtype_code(vocab_size: int) -> int:
@@ -60,68 +55,6 @@ def _write_atomically(path: Path, write) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
-
-
-def _chunks(documents: Iterable[str], size: int) -> Iterator[list[str]]:
-    iterator = iter(documents)
-    while chunk := list(islice(iterator, size)):
-        yield chunk
-
-
-_worker_tokenizer: Tokenizer | None = None
-
-
-def _start_worker(tokenizer_json: str) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = Tokenizer.from_json(tokenizer_json)
-
-
-@contextlib.contextmanager
-def _single_threaded_tokenizers() -> Iterator[None]:
-    """TOKENIZERS_PARALLELISM=false while worker processes fork: each worker is one thread by design, and the
-    tokenizers library then needs no fork warning."""
-    previous = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["TOKENIZERS_PARALLELISM"]
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = previous
-
-
-def _encode_chunk(chunk: list[str], dtype: np.dtype, append_eos: bool,
-                  tokenizer: Tokenizer | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """One chunk's ids back to back in `dtype` and each document's length (its eos included)."""
-    tokenizer = tokenizer or _worker_tokenizer
-    encoded = [ids + [tokenizer.eos_id] if append_eos else ids for ids in tokenizer.encode_batch(chunk)]
-    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-    return np.fromiter(chain.from_iterable(encoded), dtype=dtype, count=int(lengths.sum())), lengths
-
-
-def encode_documents(documents: Iterable[str], tokenizer: Tokenizer, dtype: np.dtype, *, append_eos: bool = True,
-                     workers: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(ids, document lengths) per chunk of documents, in input order whatever the number of worker processes.
-
-    One worker encodes in this process (the tokenizers library still uses threads); more start that many
-    processes, each encoding whole chunks, with a bounded number of chunks in flight so memory stays flat.
-    """
-    chunks = _chunks(documents, _ENCODE_CHUNK_DOCUMENTS)
-    if workers == 1:
-        for chunk in chunks:
-            yield _encode_chunk(chunk, dtype, append_eos, tokenizer)
-        return
-    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    with _single_threaded_tokenizers(), \
-            context.Pool(workers, initializer=_start_worker, initargs=(tokenizer.to_json(),)) as pool:
-        pending: deque = deque()
-        for chunk in chunks:
-            pending.append(pool.apply_async(_encode_chunk, (chunk, dtype, append_eos)))
-            if len(pending) >= 4 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
 
 
 def write_prepared(documents: Iterable[str], output_prefix: str | os.PathLike, tokenizer: Tokenizer, *,
@@ -158,16 +91,13 @@ def _write_dataset(documents: Iterable[str], prefix: str, tokenizer: Tokenizer, 
     lengths = []
 
     def write_tokens(out) -> None:
-        for ids, chunk_lengths in encode_documents(documents, tokenizer, dtype, append_eos=append_eos,
-                                                   workers=workers):
-            lengths.append(chunk_lengths)
-            out.write(ids.tobytes())
-        if not lengths or not any(chunk.sum() for chunk in lengths):
+        lengths.append(write_token_ids(out, documents, tokenizer, dtype, append_eos=append_eos, workers=workers))
+        if not lengths[0].sum():
             raise DataError(f"no tokens to write to '{prefix}'; give non-empty inputs")
 
     _write_atomically(bin_file, write_tokens)
     _write_atomically(tokenizer_file, lambda out: out.write(tokenizer.to_json().encode("utf-8")))
-    _write_atomically(idx_file, lambda out: write_index(out, np.concatenate(lengths)))
+    _write_atomically(idx_file, lambda out: write_index(out, lengths[0]))
 
 
 def prepare_data(inputs: DataPaths, output_prefix: str | os.PathLike, tokenizer: Tokenizer) -> None:

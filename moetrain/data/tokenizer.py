@@ -3,6 +3,7 @@ JSON file."""
 
 import base64
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,6 +21,8 @@ TOKENIZER_KINDS = ("bpe", "gpt2", "byte", "json", "hf", "sentencepiece")
 MEGATRON_TOKENIZER_TYPES = {"GPT2BPETokenizer": "gpt2", "HuggingFaceTokenizer": "hf",
                             "SentencePieceTokenizer": "sentencepiece", "GPTSentencePieceTokenizer": "sentencepiece"}
 _SENTENCEPIECE_KEY = "moetrain_sentencepiece_model"
+# TOKENIZERS_PARALLELISM values that the tokenizers library reads as "one thread" (utils/parallelism.rs).
+_FALSE_WORDS = ("", "off", "false", "f", "no", "n", "0")
 
 
 def tokenizer_kind(name: str) -> str:
@@ -51,7 +54,8 @@ class Tokenizer:
         return self._backend.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Encodes many documents at once, in parallel threads (the fast path for preparing data)."""
+        """Encodes many documents at once (the fast path for preparing data), on threads over every core, or on
+        one thread under TOKENIZERS_PARALLELISM=false (each prepare-data worker)."""
         encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)  # fast: no offsets
         return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
 
@@ -189,7 +193,9 @@ class _SentencePieceBackend:
         return _Encoding(self._processor.encode(text))
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[_Encoding]:
-        return [_Encoding(ids) for ids in self._processor.encode(texts)]
+        """Threads on every core, or one thread under TOKENIZERS_PARALLELISM=false as the tokenizers library."""
+        threads = 1 if os.environ.get("TOKENIZERS_PARALLELISM", "true").lower() in _FALSE_WORDS else -1
+        return [_Encoding(ids) for ids in self._processor.encode(texts, num_threads=threads)]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self._processor.decode(ids)
