@@ -2,11 +2,11 @@
 
 1. prepare-data: the built-in corpus repeated to --size-mb of JSONL, tokenized with the default run's
    tokenizer (byte-level BPE, vocabulary 4096, trained once on the built-in corpus; --tokenizer gpt2 or
-   sentencepiece for those paths) into moetrain's format, rounds interleaved, by: `--workers 1` as it runs
-   (in this process, the tokenizer library's threads on every core), 1 worker on one thread
-   (TOKENIZERS_PARALLELISM=false: what each of N workers does, the baseline of scaling by processes), and
-   --workers 2 and 4 (single-threaded processes). Reports tokens/s, MB/s, CPU seconds per M tokens (the
-   cost of the workers' pipes and shards shows there) and the speed-up over both 1-worker runs side by side,
+   sentencepiece for those paths) into moetrain's format, rounds interleaved, by: the default (no --workers: in
+   this process, the tokenizer library's threads on every core), and --workers 1, 2 and 4 (processes of one
+   thread each, as Megatron's workers; 1 is the baseline of scaling by processes). Reports tokens/s, MB/s,
+   CPU seconds per M tokens (the cost of the workers' pipes and shards shows there) and the speed-up over
+   --workers 1 and over the default side by side,
    and checks every run wrote the same bytes.
 2. reader: the same ids written in Megatron's format, then read by a fresh process after the .bin is
    evicted from the page cache (posix_fadvise DONTNEED), as a prefix larger than the cache would be:
@@ -99,26 +99,19 @@ def cpu_seconds() -> float:
 
 
 def prepare_speeds(corpus: Path, work: Path, tokenizer, workers: list[int], rounds: int) -> list[dict]:
-    """`--workers 1` as it runs (the tokenizer library's threads on every core), 1 worker on one thread (what
-    each of N workers does: the baseline of scaling by processes), then each N > 1; rounds interleaved.
+    """The default (this process, the tokenizer library's threads on every core), `--workers 1` (one process of
+    one thread: the baseline of scaling by processes), then each N > 1; rounds interleaved.
     Returns, per run: name, median seconds, CPU seconds, token count, output identical to the first run's."""
-    runs = [{"name": "--workers 1 (library threads)", "workers": 1, "parallelism": "true"},
-            {"name": "1 worker, one thread", "workers": 1, "parallelism": "false"},
-            *({"name": f"--workers {n} (one thread each)", "workers": n, "parallelism": "true"}
-              for n in workers if n > 1)]
+    runs = [{"name": "default (library threads)", "workers": None},
+            *({"name": f"--workers {n} (one thread each)", "workers": n} for n in sorted({1, *workers}))]
     for index, run in enumerate(runs):
         run.update(prefix=work / f"run{index}", times=[], cpu_times=[])
-    previous = os.environ.get("TOKENIZERS_PARALLELISM")
     for _ in range(rounds):
         for run in runs:
-            os.environ["TOKENIZERS_PARALLELISM"] = run["parallelism"]
             start, cpu = time.perf_counter(), cpu_seconds()
             write_prepared(read_documents(corpus), run["prefix"], tokenizer, workers=run["workers"])
             run["times"].append(time.perf_counter() - start)
             run["cpu_times"].append(cpu_seconds() - cpu)
-    os.environ.pop("TOKENIZERS_PARALLELISM")
-    if previous is not None:
-        os.environ["TOKENIZERS_PARALLELISM"] = previous
 
     def files(run: dict) -> tuple[bytes, bytes]:
         return Path(f"{run['prefix']}.bin").read_bytes(), Path(f"{run['prefix']}.idx").read_bytes()
@@ -152,7 +145,8 @@ def benchmark_tokenizer(kind: str, work: Path):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mb", type=float, default=100.0, help="JSONL corpus size for prepare-data")
-    parser.add_argument("--workers", type=int, nargs="+", default=[2, 4], help="worker counts above 1 to time")
+    parser.add_argument("--workers", type=int, nargs="+", default=[2, 4],
+                        help="worker counts to time besides 1 and the default")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds of every worker count")
     parser.add_argument("--tokenizer", choices=("bpe", "gpt2", "sentencepiece"), default="bpe",
                         help="bpe: the default run's; gpt2: the same as vocab.json + merges.txt; sentencepiece")
@@ -183,7 +177,7 @@ def main() -> None:
             took = run["seconds"]
             print(f"  {run['name']:<28} {took:7.2f} s  {tokens / took / 1e6:5.2f} M tokens/s  "
                   f"{size / took / 1e6:5.2f} MB/s  {run['cpu'] / tokens * 1e6:5.2f} CPU s/M tokens  "
-                  f"x{library / took:.2f} of --workers 1  x{one_thread / took:.2f} of one thread  "
+                  f"x{one_thread / took:.2f} of --workers 1  x{library / took:.2f} of the default  "
                   f"{'identical' if run['same'] else 'DIFFERENT'} output")
         if args.prepare_only:
             return

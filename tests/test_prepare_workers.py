@@ -57,7 +57,7 @@ def test_every_worker_count_writes_each_documents_own_ids_in_order(kind, tmp_pat
     tokenizer = tokenizer_of(kind, tmp_path)
     expected = [tokenizer.encode(text) + [tokenizer.eos_id] for text in DOCUMENTS]  # one document at a time
     before = os.environ.get("TOKENIZERS_PARALLELISM")
-    for workers in (1, 2, 3):
+    for workers in (None, 1, 2, 3):
         out = tmp_path / f"out{workers}"
         write_prepared(DOCUMENTS, out / "p", tokenizer, workers=workers)
         dataset = open_prefix(str(out / "p"))

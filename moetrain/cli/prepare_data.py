@@ -31,9 +31,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size of the trained bpe tokenizer")
     parser.add_argument("--append-eod", action="store_true",
                         help="end each document with the eos token (always so in the moetrain format)")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="1: tokenize in this process, the tokenizer library's threads on every core; N > 1: N "
-                             "processes of one thread each, so use the core count (the same files either way)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="N tokenizing processes of one thread each, as Megatron's (use the core count); "
+                             "without it this process tokenizes, the tokenizer library's threads on every core "
+                             "(as fast on one machine). The same files either way")
     parser.add_argument("--dataset-impl", choices=("mmap",), default="mmap",
                         help="accepted for Megatron-DeepSpeed's command lines; the output is memory-mapped")
 

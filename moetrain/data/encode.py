@@ -1,7 +1,8 @@
 """Documents -> token ids on disk, in input order: in this process, or in N single-threaded worker processes.
 
-One worker encodes here, and the tokenizer library spreads each batch over every core by itself. N workers
-would only fight those threads, so each worker process encodes on one thread (TOKENIZERS_PARALLELISM=false,
+By default (no --workers) this process encodes, and the tokenizer library spreads each batch over every core
+by itself. `--workers N` means N processes, as in Megatron's preprocess_data.py; they would only fight
+those threads, so each worker process encodes on one thread (TOKENIZERS_PARALLELISM=false,
 inherited from the parent) a large chunk of text at a time, and writes its ids to a shard file beside the
 output; the parent reads the documents, hands out the chunks and appends the finished shards in input order.
 Only text goes to a worker and only the documents' lengths come back, so the pipes carry little.
@@ -115,10 +116,11 @@ def _encode_in_workers(out: BinaryIO, chunks: Iterable[list[str]], tokenizer: To
 
 
 def write_token_ids(out: BinaryIO, documents: Iterable[str], tokenizer: Tokenizer, dtype: np.dtype, *,
-                    append_eos: bool, workers: int = 1) -> np.ndarray:
+                    append_eos: bool, workers: int | None = None) -> np.ndarray:
     """Writes every document's ids (then eos if `append_eos`) to `out` in input order, the same bytes for any
-    number of `workers`; returns each document's length. Shards go to a temporary folder beside `out`."""
-    if workers == 1:
+    number of `workers` (None: this process, the library's threads); returns each document's length. Shards
+    go to a temporary folder beside `out`."""
+    if workers is None:
         lengths = list(_encode_here(out, _chunks(documents, BATCH_CHARACTERS), tokenizer, dtype, append_eos))
     else:
         chunks = _chunks(documents, WORKER_CHUNK_CHARACTERS)

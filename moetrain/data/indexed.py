@@ -58,7 +58,7 @@ def _write_atomically(path: Path, write) -> None:
 
 
 def write_prepared(documents: Iterable[str], output_prefix: str | os.PathLike, tokenizer: Tokenizer, *,
-                   workers: int = 1) -> None:
+                   workers: int | None = None) -> None:
     """Tokenizes `documents` once into PREFIX.bin/.idx/.tokenizer.json, an eos after every document."""
     dtype_code = _dtype_code(tokenizer.vocab_size)
 
@@ -72,7 +72,7 @@ def write_prepared(documents: Iterable[str], output_prefix: str | os.PathLike, t
 
 
 def write_megatron(documents: Iterable[str], output_prefix: str | os.PathLike, tokenizer: Tokenizer, *,
-                   append_eod: bool = False, workers: int = 1) -> None:
+                   append_eod: bool = False, workers: int | None = None) -> None:
     """Tokenizes `documents` into Megatron's PREFIX.bin/.idx (one sequence per document, uint16 or int32 ids as
     Megatron picks them), loadable by Megatron-LM and Megatron-DeepSpeed; PREFIX.tokenizer.json rides along
     for moetrain."""

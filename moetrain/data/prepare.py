@@ -14,10 +14,10 @@ def megatron_output_prefix(output_prefix: str, json_key: str) -> str:
 def prepare_inputs(inputs: list[str], output_prefix: str, *, json_keys: tuple[str, ...] = ("text",),
                    output_format: str = "moetrain", tokenizer_type: str | None = None, vocab_file: str | None = None,
                    merge_file: str | None = None, tokenizer_model: str | None = None, vocab_size: int = 4096,
-                   append_eod: bool = False, workers: int = 1) -> tuple[list, str, Tokenizer]:
+                   append_eod: bool = False, workers: int | None = None) -> tuple[list, str, Tokenizer]:
     """Tokenize inputs once so training memory-maps ids instead of re-tokenizing; returns the written datasets
     (one, or one per JSON key in Megatron's format), the tokenizer kind and the tokenizer."""
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise DataError(f"--workers must be at least 1, got {workers}")
     if output_format == "moetrain" and len(json_keys) > 1:
         raise DataError("the moetrain format holds one text field; give one --json-keys, or "
