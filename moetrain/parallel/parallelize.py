@@ -4,8 +4,7 @@ rank's pieces: keyed initialisation (GPT.materialize) gives them the single-proc
 Order: pipeline split (keep this stage's blocks), tensor parallel (split attention and dense MLPs),
 expert parallel (keep this rank's experts), materialisation on the device. The model declares what can
 be split and how (GPT.tp_plan, GPT.tied_parameters, GPT.pipeline_stage, MoE.shard_experts, which checks
-that the experts divide);
-this package decides the layout, owns the process groups and applies the plan.
+that the experts divide); this package decides the layout, owns the process groups and applies the plan.
 """
 
 from __future__ import annotations
