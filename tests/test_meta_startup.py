@@ -89,19 +89,22 @@ def single_process(cfg: Config):
     return build_run(single, quiet=True)
 
 
-LAYOUTS = {
-    "dp2": (2, {}),
-    "ep2": (2, {"expert_parallel_size": 2}),
-    "ep4": (4, {"expert_parallel_size": 4}),
-    "tp2": (2, {"tensor_parallel_size": 2}),
-    "pp2": (2, {"pipeline_parallel_size": 2}),
+LAYOUTS = {  # world size, parallel flags, MoE flags (shared and gated experts, PR-MoE, an aux-free router's bias)
+    "dp2": (2, {}, {"mlp_type": "residual"}),
+    "ep2": (2, {"expert_parallel_size": 2}, {"num_shared_experts": 1, "shared_expert_gate": True,
+                                             "expert_bias": True}),
+    "ep4": (4, {"expert_parallel_size": 4}, {}),
+    "tp2": (2, {"tensor_parallel_size": 2}, {"num_shared_experts": 1}),
+    "pp2": (2, {"pipeline_parallel_size": 2}, {}),
 }
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_startup_weights_equal_the_single_process_ones(tmp_path, layout):
-    world, parallel = LAYOUTS[layout]
+    world, parallel, moe = LAYOUTS[layout]
     cfg = parallel_config(tmp_path, style="gpt" if layout in ("tp2", "pp2") else "llama", **parallel)
+    for key, value in moe.items():
+        setattr(cfg.moe, key, value)
     reference = single_process(cfg)
     assert_materialised(reference.model, torch.device("cpu"))
     weights = reference.model.state_dict()
