@@ -8,8 +8,9 @@ Two styles: "gpt" (Megatron/GPT-3: learned positions, LayerNorm, GELU, biases) a
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import NamedTuple
@@ -22,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from moetrain.config import ModelConfig, MoEConfig
 from moetrain.lm_loss import linear_cross_entropy, plain_cross_entropy
 from moetrain.moe import MLP, MoE
+from moetrain.moe.experts import GroupedExperts
 from moetrain.moe.stats import RoutingStats
 
 
@@ -272,6 +274,17 @@ class LayerStack(nn.Module):
         return [(int(index), block) for index, block in self._modules.items()]
 
 
+_SCALED_OUTPUTS = ("attn.proj.weight", "fc2.weight", "experts.w2")  # std / sqrt(2 L)
+
+
+def _keyed_normal(seed: int, key: tuple, shape: torch.Size | tuple[int, ...], std: float) -> Tensor:
+    """Normal(0, std) values of `shape` from a CPU generator seeded by (seed, key): the same on every rank
+    and device, whatever else was drawn before."""
+    digest = hashlib.blake2b(repr((seed, *key)).encode(), digest_size=8).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+    return torch.empty(shape, device="cpu").normal_(0.0, std, generator=generator)
+
+
 class GPT(nn.Module):
     """The decoder: embeddings, blocks, final norm and LM head. A pipeline stage is a GPT over a range of
     layers (`pipeline_stage`): only the first holds the embeddings, only the last the norm and head.
@@ -280,42 +293,112 @@ class GPT(nn.Module):
     and, through MoE.shard_experts, how experts are kept; moetrain.parallel decides the layout.
     """
 
-    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig) -> None:
+    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, *, seed: int | None = None) -> None:
+        """Built on the `meta` device and, unless the default device is `meta` (a model to shard first,
+        then `materialize`), materialised on the default device with the keyed initial weights of `seed`
+        (None: a seed drawn from torch's default generator, so `torch.manual_seed(s); GPT(...)` repeats)."""
         super().__init__()
         if cfg.vocab_size < 1:
             raise ValueError("ModelConfig.vocab_size is unset; set it from the tokenizer")
         self.cfg, self.moe_cfg = cfg, moe_cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.pos_emb = nn.Embedding(cfg.positions(), cfg.hidden_size) if cfg.style == "gpt" else None
-        self.drop = nn.Dropout(cfg.hidden_dropout)
-        experts = moe_cfg.experts_per_layer(cfg.num_layers)
-        self.blocks = LayerStack({i: Block(cfg, moe_cfg, e) for i, e in enumerate(experts)})
-        self.norm = make_norm(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.tok_emb.weight
-        if cfg.style == "llama":
-            cos, sin = rope_tables(cfg.positions(), cfg.hidden_size // cfg.num_attention_heads,
-                                   cfg.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
-        self._init_weights()
+        self.init_seed = seed if seed is not None else int(torch.randint(2**62, (), device="cpu"))
+        target = torch.get_default_device()
+        with torch.device("meta"):
+            self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+            self.pos_emb = nn.Embedding(cfg.positions(), cfg.hidden_size) if cfg.style == "gpt" else None
+            self.drop = nn.Dropout(cfg.hidden_dropout)
+            experts = moe_cfg.experts_per_layer(cfg.num_layers)
+            self.blocks = LayerStack({i: Block(cfg, moe_cfg, e) for i, e in enumerate(experts)})
+            self.norm = make_norm(cfg)
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            if cfg.tie_embeddings:
+                self.lm_head.weight = self.tok_emb.weight
+            if cfg.style == "llama":
+                head_dim = cfg.hidden_size // cfg.num_attention_heads
+                self.register_buffer("rope_cos", torch.empty(cfg.positions(), head_dim), persistent=False)
+                self.register_buffer("rope_sin", torch.empty(cfg.positions(), head_dim), persistent=False)
+        if target.type != "meta":
+            self.materialize(target)
 
-    def _init_weights(self) -> None:
-        """Normal(0, std) everywhere; output projections scaled by 1/sqrt(2 L) (GPT-2/Megatron)."""
+    def init_rules(self) -> dict[str, tuple[str, float]]:
+        """How each parameter starts: ("normal", std) or ("fill", value). Normal(0, init_method_std)
+        everywhere, output projections scaled by 1/sqrt(2 L) (GPT-2/Megatron), biases 0, norms 1."""
         std = self.cfg.init_method_std
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, 0.0, std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
         scaled = std / math.sqrt(2 * self.cfg.num_layers)
-        for name, param in self.named_parameters():
-            if name.endswith(("attn.proj.weight", "fc2.weight", "experts.w2")):
-                nn.init.normal_(param, 0.0, scaled)
+        rules = {}
+        for module_name, module in self.named_modules():
+            for short, _ in module.named_parameters(recurse=False):
+                name = f"{module_name}.{short}" if module_name else short
+                if isinstance(module, (nn.LayerNorm, RMSNorm)):
+                    rules[name] = ("fill", 1.0 if short == "weight" else 0.0)
+                elif short in ("bias", "b1", "b2"):
+                    rules[name] = ("fill", 0.0)
+                else:
+                    rules[name] = ("normal", scaled if name.endswith(_SCALED_OUTPUTS) else std)
+        return rules
+
+    @torch.no_grad()
+    def materialize(self, device: torch.device | str, pieces: Mapping[str, tuple] | None = None) -> None:
+        """Allocate this model's (meta) tensors on `device`, ties kept, and give them their initial values.
+
+        Every parameter's values come from generators keyed by (init_seed, its global name [, the global
+        expert index of a stacked expert weight]), so a rank holding only a piece of a parameter produces
+        exactly that piece of the single-process model's. `pieces` (moetrain.checkpoint.model_pieces of
+        a sharded model: local name -> (global name, tensor, piece)) says which piece; None: all whole.
+        Peak extra memory: one whole non-expert parameter (a tensor-parallel piece is cut from it).
+        """
+        self._allocate(torch.device(device))
+        rules, ties = self.init_rules(), self.tied_parameters()
+        stacked = {f"{name}.{short}" for name, module in self.named_modules() if isinstance(module, GroupedExperts)
+                   for short, _ in module.named_parameters(recurse=False)}
+        for name, param in self.named_parameters(remove_duplicate=False):
+            kind, value = rules[name]
+            if kind == "fill":
+                param.fill_(value)
+                continue
+            global_name, piece = (pieces[name][0], pieces[name][2]) if pieces else (name, None)
+            key = ties.get(global_name, global_name)
+            dim, index = (piece.dim, piece.index) if piece is not None else (None, None)
+            if name in stacked:  # experts [E, ...]: each expert its own generator, so a rank draws only its own
+                experts = index if dim == 0 else range(param.shape[0])
+                for local, expert in enumerate(experts):
+                    param[local].copy_(_keyed_normal(self.init_seed, (key, expert), param.shape[1:], value))
+                continue
+            shape = piece.shape if piece is not None else param.shape
+            full = _keyed_normal(self.init_seed, (key,), shape, value)
+            param.copy_(full if dim is None else full.index_select(dim, torch.tensor(index, device="cpu")))
+        self._init_buffers()
+
+    def _allocate(self, device: torch.device) -> None:
+        """Module.to_empty, keeping shared tensors shared (to_empty gives each use its own Parameter)."""
+        made: dict[int, Tensor] = {}
+        for module in self.modules():
+            for slots in (module._parameters, module._buffers):
+                for short, tensor in slots.items():
+                    if tensor is None or not tensor.is_meta:
+                        continue
+                    if id(tensor) not in made:
+                        empty = torch.empty_like(tensor, device=device)
+                        made[id(tensor)] = (nn.Parameter(empty, requires_grad=tensor.requires_grad)
+                                            if isinstance(tensor, nn.Parameter) else empty)
+                    slots[short] = made[id(tensor)]
+
+    def _init_buffers(self) -> None:
+        """RoPE tables computed; every other buffer (an aux-free router's bias and pending load) and the
+        routing statistics start at zero."""
+        for module in self.modules():
+            for _, buffer in module.named_buffers(recurse=False):
+                buffer.zero_()
+        if self.cfg.style == "llama":
+            cos, sin = rope_tables(self.cfg.positions(), self.rope_cos.shape[-1], self.cfg.rope_theta)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+        for _, moe in self.moe_layers():
+            moe.routing_stats, moe.eval_routing_stats = RoutingStats(moe.num_experts), RoutingStats(moe.num_experts)
 
     def pipeline_stage(self, layers: range) -> GPT:
-        """This model cut to `layers` (built whole on every rank, so every stage starts from the same weights).
+        """This model cut to `layers`: built on the meta device and materialised after the cut (or whole), so
+        every stage starts from the single-process weights.
 
         The stage shares this model's modules and names; the embeddings go with layer 0, the norm and head
         with the last layer. A weight tied across stages (the embedding and LM head) becomes the last
@@ -326,7 +409,7 @@ class GPT(nn.Module):
         first, last = layers.start == 0, layers.stop == self.cfg.num_layers
         stage = GPT.__new__(GPT)
         nn.Module.__init__(stage)
-        stage.cfg, stage.moe_cfg = self.cfg, self.moe_cfg
+        stage.cfg, stage.moe_cfg, stage.init_seed = self.cfg, self.moe_cfg, self.init_seed
         stage.tok_emb, stage.pos_emb, stage.drop = (self.tok_emb, self.pos_emb, self.drop) if first else (None,) * 3
         stage.blocks = LayerStack({i: self.blocks[i] for i in layers})
         stage.norm, stage.lm_head = (self.norm, self.lm_head) if last else (None, None)

@@ -177,11 +177,18 @@ def _select(full: Tensor, want: Piece, key: str, path: str) -> Tensor:
 
 
 @torch.no_grad()
-def load_into(reader: CheckpointReader, model: nn.Module, optimizer) -> None:
-    """Fill this rank's model tensors and optimizer state from any layout's checkpoint."""
+def load_model_into(reader: CheckpointReader, model: nn.Module) -> dict[str, tuple[str, Tensor, Piece]]:
+    """Fill this rank's model tensors from any layout's checkpoint; return their pieces (model_pieces)."""
     entries = model_pieces(model)
     for global_name, tensor, piece in entries.values():
         tensor.copy_(reader.read(f"model/{global_name}", piece))
+    return entries
+
+
+@torch.no_grad()
+def load_into(reader: CheckpointReader, model: nn.Module, optimizer) -> None:
+    """Fill this rank's model tensors and optimizer state from any layout's checkpoint."""
+    entries = load_model_into(reader, model)
     state_keys: dict[str, list[str]] = {}
     for key in reader.keys():
         if key.startswith("optim/"):

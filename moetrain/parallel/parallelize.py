@@ -1,9 +1,10 @@
-"""Apply parallelism to a GPT built whole on every rank (same seed, so the same start as one process).
+"""Apply parallelism to a GPT built on the meta device (or whole) on every rank, then materialise this
+rank's pieces: keyed initialisation (GPT.materialize) gives them the single-process run's values.
 
 Order: pipeline split (keep this stage's blocks), tensor parallel (split attention and dense MLPs),
-expert parallel (keep this rank's experts). The model declares what can be split and how (GPT.tp_plan,
-GPT.tied_parameters, GPT.pipeline_stage, MoE.shard_experts, which checks that the experts divide);
-this package decides the layout, owns the process groups and applies the plan.
+expert parallel (keep this rank's experts), materialisation on the device. The model declares what can
+be split and how (GPT.tp_plan, GPT.tied_parameters, GPT.pipeline_stage, MoE.shard_experts, which checks
+that the experts divide); this package decides the layout, owns the process groups and applies the plan.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moetrain.checkpoint.layout import model_pieces
 from moetrain.model import GPT
 from moetrain.parallel.data_parallel import GradSpec
 from moetrain.parallel.mesh import ParallelState
@@ -22,8 +24,10 @@ from moetrain.parallel.tensor_parallel import (
 )
 
 
-def parallelize(model: GPT, state: ParallelState) -> dict[nn.Parameter, GradSpec]:
-    """Shard `model` in place for this rank; return how each parameter's gradient is reduced."""
+def parallelize(model: GPT, state: ParallelState, device: torch.device | None = None
+                ) -> dict[nn.Parameter, GradSpec]:
+    """Shard `model` in place for this rank; a model on the meta device is then materialised on `device`
+    (only this rank's pieces are ever allocated). Return how each parameter's gradient is reduced."""
     if state.tp > 1:
         apply_tensor_parallel(model, state.tp_group)
     for _, moe in model.moe_layers():
@@ -31,7 +35,14 @@ def parallelize(model: GPT, state: ParallelState) -> dict[nn.Parameter, GradSpec
         groups = state.experts(moe.num_experts)
         if groups.size > 1:
             moe.shard_experts(groups.rank, groups.ep_group, groups.split_tokens)
+    if device is not None:
+        materialize(model, device)
     return gradient_specs(model, state)
+
+
+def materialize(model: GPT, device: torch.device | str) -> None:
+    """Allocate this rank's pieces of a sharded meta-device model on `device` with their initial values."""
+    model.materialize(device, model_pieces(model))
 
 
 def gradient_specs(model: GPT, state: ParallelState) -> dict[nn.Parameter, GradSpec]:

@@ -1,8 +1,9 @@
 """Pipeline parallelism: split the GPT into contiguous stages and run them with torch's schedules.
 
-Every rank builds the whole GPT from the same seed and keeps its stage (`split_for_pipeline`), so
-all stages start from the weights of a single-process run and keep its parameter names
-("blocks.5.attn.qkv.weight"), which checkpoints key by. `PipelineRunner` drives one optimizer
+Every rank builds the GPT on the meta device and keeps its stage (`split_for_pipeline`) before anything
+is allocated; the stage keeps the whole model's parameter names ("blocks.5.attn.qkv.weight"), which
+checkpoints and the keyed initialisation key by, so all stages start from the weights of a
+single-process run. `PipelineRunner` drives one optimizer
 step's micro-batches through `torch.distributed.pipelining` (GPipe or 1F1B).
 
 The MoE auxiliary and z losses of every stage reach the gradient without travelling down the
@@ -39,7 +40,7 @@ def stage_layers(num_layers: int, pp: int, pp_rank: int) -> range:
 
 
 def split_for_pipeline(model: GPT, pp: int, pp_rank: int) -> GPT:
-    """This rank's stage of `model` (built whole on every rank): a GPT over the stage's layers."""
+    """This rank's stage of `model` (built on the meta device, or whole): a GPT over the stage's layers."""
     return model.pipeline_stage(stage_layers(model.cfg.num_layers, pp, pp_rank))
 
 

@@ -1,7 +1,9 @@
 """Mixture-of-Students: knowledge distillation from a frozen teacher checkpoint (DeepSpeed-MoE's MoS).
 
 The teacher is a plain `GPT` rebuilt from its checkpoint by `load_model`, exactly as a student is built, so
-whatever shards a student can shard a teacher the same way. It runs in eval mode (eval capacity factor,
+whatever shards a student can shard a teacher the same way: built on the meta device, cut to this rank's
+tensor- and expert-parallel pieces, and only those read from the checkpoint. It keeps the whole depth (every
+pipeline stage loads it; only the last, which holds the logits, keeps it). It runs in eval mode (eval capacity factor,
 no dropout) under `torch.no_grad()` on the student's batch, is never a submodule of the student (so it is
 neither optimised nor saved with it), and is dropped once `--kd-stop-iter` is reached (staged KD).
 """
@@ -16,11 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moetrain.checkpoint import load_model
+from moetrain.checkpoint import load_model, model_pieces
 from moetrain.config import Config, ConfigError, MoEConfig
 from moetrain.data import Tokenizer
 from moetrain.loss import LossFunction
 from moetrain.model import GPT
+from moetrain.parallel.mesh import ParallelState
+from moetrain.parallel.parallelize import parallelize
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -80,11 +84,14 @@ class Distiller:
     """The teacher of one training run and the distillation term it adds to the student's loss."""
 
     def __init__(self, cfg: Config, tokenizer: Tokenizer, device: torch.device,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, state: ParallelState | None = None) -> None:
+        """`state`: shard the teacher as a student of this rank (tensor and expert parallel, whole depth),
+        reading only its pieces; None: the whole teacher."""
         self.cfg, self.log = cfg.distill, log
         load_dir = self.cfg.load_teacher
+        shard = None if state is None else (lambda model: _shard_teacher(model, state, device))
         with torch.random.fork_rng(devices=[]):  # building the teacher must not shift the student's RNG stream
-            teacher, teacher_tokenizer, self.teacher_cfg = load_model(load_dir, str(device))
+            teacher, teacher_tokenizer, self.teacher_cfg = load_model(load_dir, device, shard)
         wrong = _teacher_flag_mismatches(cfg, self.teacher_cfg)
         if wrong:
             raise ConfigError(f"teacher checkpoint {load_dir} does not match {', '.join(wrong)}; "
@@ -108,9 +115,9 @@ class Distiller:
     def init_student(self, student: GPT) -> tuple[int, int]:
         """Copy the teacher's weights into the student (see teacher_layer_map); return (copied, kept) counts.
 
-        A tensor is copied where the student has the same name and shape (after renumbering the blocks; the
-        position table is cut to the student's length); the rest (a different expert count or FFN kind in a
-        layer) keep their init.
+        Both models are whole or this rank's pieces, sharded alike. A tensor is copied where the student has
+        the same global name (after renumbering the blocks), global shape and piece (the position table is
+        cut to the student's length); the rest (a different expert count or FFN kind in a layer) keep their init.
         """
         if self.teacher is None:
             raise ConfigError("--student-init-from-teacher needs the teacher, but distillation has stopped")
@@ -118,18 +125,18 @@ class Distiller:
             raise ConfigError(f"--student-init-from-teacher needs the teacher's hidden size "
                               f"{self.teacher_cfg.model.hidden_size}, the student has {student.cfg.hidden_size}")
         layers = teacher_layer_map(student.cfg.num_layers, self.teacher_cfg.model.num_layers)
-        teacher_state = self.teacher.state_dict()
+        teacher_pieces = {name: (tensor, piece) for name, tensor, piece in model_pieces(self.teacher).values()}
         copied = kept = 0
         with torch.no_grad():
-            for name, tensor in student.state_dict().items():
+            for name, tensor, piece in model_pieces(student).values():
                 source = name
                 if name.startswith("blocks."):
                     _, index, rest = name.split(".", 2)
                     source = f"blocks.{layers[int(index)]}.{rest}"
-                value = teacher_state.get(source)
-                if name == "pos_emb.weight" and value is not None:
-                    value = value[:tensor.shape[0]]  # the student's sequences are at most the teacher's
-                if value is not None and value.shape == tensor.shape:
+                value, source_piece = teacher_pieces.get(source, (None, None))
+                if name == "pos_emb.weight" and value is not None:  # whole; the student's sequences are shorter
+                    value, source_piece = value[:tensor.shape[0]], piece
+                if value is not None and source_piece == piece and value.shape == tensor.shape:
                     tensor.copy_(value)
                     copied += 1
                 else:
@@ -169,6 +176,15 @@ class Distiller:
         """A run that had stopped distilling stays stopped when resumed."""
         if state["stopped"] and not self.stopped:
             self.stop()
+
+
+def _shard_teacher(teacher: GPT, state: ParallelState, device: torch.device) -> None:
+    """Cut the (meta-device) teacher to this rank's tensor- and expert-parallel pieces on `device`."""
+    heads = teacher.cfg.num_attention_heads
+    if heads % state.tp:
+        raise ConfigError(f"the teacher's {heads} attention heads do not split over --tensor-parallel-size "
+                          f"{state.tp}; use a size that divides both models' head counts")
+    parallelize(teacher, state, device)
 
 
 class DistillationLoss(LossFunction):

@@ -1,9 +1,10 @@
 """`build_run(cfg)`: the order-sensitive wiring of one training run, in one place.
 
-Order matters: validate before joining the job; seed before the data and the model; build the model
-whole (same seed on every rank) and initialise a student from its teacher before anything is sharded;
-shard (pipeline stage, then tensor and expert parallel) before moving to the device; make the optimizer
-from the sharded parameters; and create process groups in the same order on every rank.
+Order matters: validate before joining the job; seed before the data and the model; build the model on
+the meta device (nothing allocated), shard it (pipeline stage, then tensor and expert parallel) and only
+then materialise this rank's pieces on the device with keyed initial weights (the single-process values
+for the seed, whatever the layout); initialise a student from its teacher (sharded alike) after that; make
+the optimizer from the sharded parameters; and create process groups in the same order on every rank.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from moetrain.config import Config, ConfigError, resolve
+from moetrain.config import Config, resolve
 from moetrain.data import Tokenizer, load_training_data
 from moetrain.data.loader import TokenBatches
 from moetrain.loss import LossFunction
@@ -109,28 +110,23 @@ def build_run(cfg: Config, *, quiet: bool = False) -> Run:
         valid_data_path=cfg.data.valid_data_path)
     cfg = resolve(cfg, world_size, tokenizer.vocab_size)  # derived micro-batch, vocabulary
     tc = cfg.training
-    model = GPT(cfg.model, cfg.moe)  # whole, from the same seed on every rank; then sharded
+    with torch.device("meta"):  # nothing allocated: each rank materialises only its pieces, after sharding
+        model = GPT(cfg.model, cfg.moe, seed=tc.seed)
     param_counts = model.parameter_counts()
     loss_function = LossFunction(cfg.moe.aux_loss_coeff, cfg.moe.z_loss_coeff)
-    distiller = Distiller(cfg, tokenizer, device, log=log) if cfg.distill.enabled else None
-    if distiller is not None:
-        if cfg.distill.student_init_from_teacher and not tc.load:
-            distiller.init_student(model)  # whole models, before either is sharded
-        heads = distiller.teacher_cfg.model.num_attention_heads
-        if heads % state.tp:
-            raise ConfigError(f"the teacher's {heads} attention heads do not split over --tensor-parallel-size "
-                              f"{state.tp}; use a size that divides both models' head counts")
-        parallelize(distiller.teacher, state)  # the teacher is sharded as the student is, whole-depth
-        if not state.is_last_stage:
-            distiller.release_teacher()  # only the last pipeline stage, which holds the logits, runs it
-        loss_function = DistillationLoss(cfg.moe.aux_loss_coeff, cfg.moe.z_loss_coeff, distiller)
+    distiller = Distiller(cfg, tokenizer, device, log=log, state=state) if cfg.distill.enabled else None
     if state.pp > 1:
         model = split_for_pipeline(model, state.pp, state.pp_rank)
-    grad_specs = parallelize(model, state)
+    grad_specs = parallelize(model, state, device)
     for param in tied_embedding_params(model):  # one weight, held by the first and the last stage
         spec = grad_specs[param]
         grad_specs[param] = dataclasses.replace(spec, copies=2 * spec.copies)
-    model = model.to(device)
+    if distiller is not None:
+        if cfg.distill.student_init_from_teacher and not tc.load:
+            distiller.init_student(model)  # this rank's pieces of both, sharded alike
+        if not state.is_last_stage:
+            distiller.release_teacher()  # only the last pipeline stage, which holds the logits, runs it
+        loss_function = DistillationLoss(cfg.moe.aux_loss_coeff, cfg.moe.z_loss_coeff, distiller)
     optimizer = build_optimizer(model, lr=tc.lr, weight_decay=tc.weight_decay,
                                 betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps)
     if cfg.parallel.zero_stage:
