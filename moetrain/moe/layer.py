@@ -219,8 +219,8 @@ class MoE(nn.Module):
                       split_tokens: bool = False) -> None:
         """Keep this rank's experts of the layer and exchange tokens over `ep_group`.
 
-        Applied from outside (see moetrain.parallel) to a layer built whole on every rank, so all
-        ranks start from the same weights as a single-process run.
+        Applied from outside (see moetrain.parallel), usually to a layer still on the meta device: only the
+        kept experts are then materialised, with the single-process run's keyed initial weights.
         """
         ep_size = dist.get_world_size(ep_group) if ep_group is not None else 1
         if self.num_experts % ep_size:
