@@ -48,11 +48,14 @@ SAVING_LOOP = textwrap.dedent("""
         weights = {f"w{i}": torch.full((64, 1024), float(it)) for i in range(8)}
         save_checkpoint(save_dir, it, model_state=weights, optimizer_state={"step": it}, extra={"it": it},
                         keep_last=2, files={"tokenizer.json": '{"it": %d}' % it})
+        print("saved", it, flush=True)
 """)
 
 
-def kill_during_save(save_dir: str, rng: random.Random, max_delay: float = 0.4) -> tuple[int, int]:
-    """Start the saving loop, kill -9 it after a random delay; return (iteration it resumed from, the
+def kill_during_save(save_dir: str, rng: random.Random, max_delay: float = 0.4,
+                     after_a_save: bool = False) -> tuple[int, int]:
+    """Start the saving loop, kill -9 it after a random delay (counted from its first completed save if
+    `after_a_save`, so a loaded machine still makes progress); return (iteration it resumed from, the
     iteration of the complete checkpoint `latest` names afterwards). Raises if it could not resume."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     child = subprocess.Popen([sys.executable, "-c", SAVING_LOOP, save_dir], stdout=subprocess.PIPE,
@@ -61,6 +64,8 @@ def kill_during_save(save_dir: str, rng: random.Random, max_delay: float = 0.4) 
     if not line.startswith("resumed"):
         child.kill()
         raise AssertionError(f"the saving loop could not resume: {child.stderr.read()[-500:]}")
+    if after_a_save:
+        assert child.stdout.readline().startswith("saved"), child.stderr.read()[-500:]
     time.sleep(rng.uniform(0.0, max_delay))
     child.kill()
     child.wait()
@@ -76,8 +81,8 @@ def kill_during_save(save_dir: str, rng: random.Random, max_delay: float = 0.4) 
 def test_kill_9_during_saving_always_resumes_from_a_complete_checkpoint(tmp_path):
     rng, save_dir = random.Random(18), str(tmp_path / "run")
     previous = 0
-    for _ in range(20):
-        resumed, latest = kill_during_save(save_dir, rng)
+    for round_ in range(20):
+        resumed, latest = kill_during_save(save_dir, rng, after_a_save=round_ == 19)
         assert resumed == previous  # every restart found the checkpoint the last kill left
         assert latest >= resumed
         previous = latest
