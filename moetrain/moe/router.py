@@ -431,7 +431,8 @@ def check_routing_options(num_experts: int, k: int, score_func: str, expert_bias
 class TopKRouter(Router):
     """DeepSpeed-MoE gating: top-1 with noisy gates and RTS, top-2 with second-expert sampling.
 
-    Selection matches DeepSpeed 0.19 exactly, random draws included:
+    Selection matches DeepSpeed 0.19 exactly, random draws included (those from torch's RNG, when the
+    layer gets no routing key; moetrain.moe.routing_noise):
     - k=1: argmax of the probabilities, or of logits + Gumbel noise under 'RSample' (training);
     - k=2: first = argmax; second = argmax of (logits + Gumbel noise when
       top2_2nd_expert_sampling) with the first masked out; DeepSpeed samples in eval too;

@@ -65,9 +65,13 @@ def routing_key(seed: int, iteration: int, first_sample: int, device: torch.devi
                 *, training: bool = True) -> Tensor:
     """The int64 [2] tensor a model forward takes to draw keyed routing noise: the hash of (seed,
     iteration, train or eval) and the global index of the forward's first sample in its step's
-    global batch (its rows are that sample and the ones after it)."""
+    global batch (its rows are that sample and the ones after it). To a GPU from pinned memory without
+    blocking: a pageable copy would make the host wait for the work already queued."""
     step = _combine(seed, iteration, _TRAIN if training else _EVAL)
-    return torch.tensor([step, first_sample], dtype=torch.long, device=device)
+    key = torch.tensor([step, first_sample], dtype=torch.long)
+    if torch.device(device).type == "cuda":
+        return key.pin_memory().to(device, non_blocking=True)
+    return key.to(device)
 
 
 def first_sample(micro_batch: int, micro_batch_size: int, dp_rank: int, dp: int) -> int:
