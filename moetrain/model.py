@@ -164,7 +164,7 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block; the FFN is a dense MLP or an MoE layer."""
 
-    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, num_experts: int) -> None:
+    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, num_experts: int, layer_index: int = 0) -> None:
         super().__init__()
         self.norm1, self.norm2 = make_norm(cfg), make_norm(cfg)
         self.attn = Attention(cfg)
@@ -189,28 +189,29 @@ class Block(nn.Module):
                 topk_scaling_factor=moe_cfg.topk_scaling_factor, input_jitter_eps=moe_cfg.input_jitter_eps,
                 router_dtype=moe_cfg.router_dtype, shared_expert_ffn_size=moe_cfg.shared_expert_ffn_size,
                 shared_expert_gate=moe_cfg.shared_expert_gate,
-                pad_expert_input_to_capacity=moe_cfg.pad_expert_input_to_capacity)
+                pad_expert_input_to_capacity=moe_cfg.pad_expert_input_to_capacity,
+                layer_index=layer_index)
         else:
             self.ffn = MLP(cfg.hidden_size, cfg.ffn_size(), activation, bias=bias)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None,
-                token_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, token_mask: Tensor | None = None,
+                routing_key: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """(x, l_aux, z_loss); the two router losses are None for a dense FFN. `token_mask` [B, T]
-        (False for padding) keeps padding out of the MoE layer's routing."""
+        (False for padding) keeps padding out of the MoE layer's routing; `routing_key` keys its noise."""
         x = x + self.dropout(self.attn(self.norm1(x), rope))
         if isinstance(self.ffn, MoE):
-            moe = self.ffn(self.norm2(x), with_z_loss=True, token_mask=token_mask)
+            moe = self.ffn(self.norm2(x), with_z_loss=True, token_mask=token_mask, routing_key=routing_key)
             return x + self.dropout(moe.output), moe.l_aux, moe.z_loss
         return x + self.dropout(self.ffn(self.norm2(x))), None, None
 
 
-def _run_units(blocks: list[Block], x: Tensor, rope: tuple[Tensor, Tensor] | None, token_mask: Tensor | None
-               ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+def _run_units(blocks: list[Block], x: Tensor, rope: tuple[Tensor, Tensor] | None, token_mask: Tensor | None,
+               routing_key: Tensor | None = None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """x through `blocks`; the aux and z losses of their MoE layers."""
     aux, z = [], []
     for block in blocks:
-        x, l_aux, z_loss = block(x, rope, token_mask)
+        x, l_aux, z_loss = block(x, rope, token_mask, routing_key)
         if l_aux is not None:
             aux.append(l_aux)
             z.append(z_loss)
@@ -219,7 +220,8 @@ def _run_units(blocks: list[Block], x: Tensor, rope: tuple[Tensor, Tensor] | Non
 
 def recomputed(fn, blocks: list[Block], *args):
     """`fn(blocks, *args)` keeping only its inputs for backward, which runs it again (torch's non-reentrant
-    checkpoint, which replays the CPU and device RNG: dropout, routing noise). The replay must not count
+    checkpoint, which replays the CPU and device RNG: dropout, unkeyed routing noise; keyed routing noise
+    is a function of its arguments). The replay must not count
     twice what a forward records, so the routing statistics and every buffer (an aux-free router's
     pending load) the replay changes are put back as the original forward left them."""
     calls = 0
@@ -308,7 +310,7 @@ class GPT(nn.Module):
             self.pos_emb = nn.Embedding(cfg.positions(), cfg.hidden_size) if cfg.style == "gpt" else None
             self.drop = nn.Dropout(cfg.hidden_dropout)
             experts = moe_cfg.experts_per_layer(cfg.num_layers)
-            self.blocks = LayerStack({i: Block(cfg, moe_cfg, e) for i, e in enumerate(experts)})
+            self.blocks = LayerStack({i: Block(cfg, moe_cfg, e, i) for i, e in enumerate(experts)})
             self.norm = make_norm(cfg)
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
             if cfg.tie_embeddings:
@@ -446,25 +448,28 @@ class GPT(nn.Module):
         """(index in the whole model, layer) of each MoE layer this model (or stage) holds."""
         return [(i, b.ffn) for i, b in self.blocks.items() if isinstance(b.ffn, MoE)]
 
-    def forward(self, input_ids: Tensor, targets: Tensor | None = None,
-                token_mask: Tensor | None = None) -> ModelOutput:
-        """`token_mask` [B, T] (False for padding) keeps padded positions out of MoE routing."""
+    def forward(self, input_ids: Tensor, targets: Tensor | None = None, token_mask: Tensor | None = None,
+                routing_key: Tensor | None = None) -> ModelOutput:
+        """`token_mask` [B, T] (False for padding) keeps padded positions out of MoE routing; `routing_key`
+        (moetrain.moe.routing_noise.routing_key, from the trainer) keys the routing noise by global token
+        position, so every layout and micro-batch split routes alike (without it: torch's RNG)."""
         if input_ids.shape[1] > self.cfg.positions():
             raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds seq_length {self.cfg.seq_length} and "
                              f"max_position_embeddings {self.cfg.positions()}")
-        hidden, aux, z = self.forward_stage(input_ids, token_mask)
+        hidden, aux, z = self.forward_stage(input_ids, token_mask, routing_key)
         output = ModelOutput(hidden, self.lm_head.weight, None, aux, z)
         if targets is not None:
             output.lm_loss = output.loss_of(targets)
         return output
 
-    def forward_stage(self, x: Tensor, token_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def forward_stage(self, x: Tensor, token_mask: Tensor | None = None,
+                      routing_key: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Token ids (or a later stage's hidden states) -> hidden states for the next stage (the last
         stage: the final norm's output, the LM head's input), with the summed (unscaled) aux and z
         losses of this model's MoE layers."""
         if self.tok_emb is not None:
             x = self.embed(x)
-        x, aux, z = self.run_blocks(x, token_mask)
+        x, aux, z = self.run_blocks(x, token_mask, routing_key)
         if self.norm is not None:
             x = self.norm(x)
         return x, aux, z
@@ -475,16 +480,17 @@ class GPT(nn.Module):
             x = x + self.pos_emb(torch.arange(input_ids.shape[1], device=input_ids.device))
         return self.drop(x)
 
-    def run_blocks(self, x: Tensor, token_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def run_blocks(self, x: Tensor, token_mask: Tensor | None = None,
+                   routing_key: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """x through the blocks, with the summed (unscaled) aux and z losses of their MoE layers; under full
         recomputation the units of `recompute_units` keep only their input for backward."""
         rope = (self.rope_cos, self.rope_sin) if self.cfg.style == "llama" else None
         aux_terms, z_terms = [], []
         for blocks, recompute in self.recompute_units():
             if recompute:
-                x, aux, z = recomputed(_run_units, blocks, x, rope, token_mask)
+                x, aux, z = recomputed(_run_units, blocks, x, rope, token_mask, routing_key)
             else:
-                x, aux, z = _run_units(blocks, x, rope, token_mask)
+                x, aux, z = _run_units(blocks, x, rope, token_mask, routing_key)
             aux_terms += aux
             z_terms += z
         zero = x.new_zeros((), dtype=torch.float32)

@@ -63,12 +63,14 @@ def test_teacher_is_frozen_fed_the_student_batch_and_not_saved(teacher, tmp_path
     optimised = {id(p) for group in run.optimizer.param_groups for p in group["params"]}
     assert not optimised & {id(p) for p in model_t.parameters()}
 
-    # the KD term of step 1, worked out on the batch the step will draw, with the RNG draws it will make
+    # the KD term of step 1, worked out on the batch the step will draw, with the student's routing key and
+    # the teacher's RNG draws it will make
     data_state = run.train_data.state_dict()
     inputs, _ = run.train_data.next_batch(cfg.training.micro_batch_size)
     run.train_data.load_state_dict(data_state)
     with torch.random.fork_rng(), torch.no_grad():
-        student_logits = run.model.train()(inputs).logits
+        key = run.executor.routing_key(0, 0, inputs.shape[0])
+        student_logits = run.model.train()(inputs, routing_key=key).logits
         expected_kd = float(kd_loss(student_logits, model_t(inputs).logits, temperature=2.0))
 
     run.fit()

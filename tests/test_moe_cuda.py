@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from moetrain.moe import MoE, grouped_gemm_backend
+from moetrain.moe.routing_noise import routing_key
 from tests.test_moe_host_sync import MODES  # every single-device routing mode, counted on the CPU there
 
 pytestmark = [
@@ -70,6 +71,28 @@ def test_no_host_sync_in_forward_backward(mode):
     try:
         _step(layer, x, bf16=True)
         layer.update_expert_bias()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("mode", ["second-expert-sampling", "rts", "jitter", "rsample"])
+def test_keyed_routing_noise_never_syncs(mode):
+    """The trainer's path: a routing key built for each step (pinned, copied without blocking) keys the noise."""
+    _needs_cutlass_grouped_mm()
+    layer = _layer(**MODES[mode])
+    x = torch.randn(TOKENS, HIDDEN, device="cuda")
+
+    def step(iteration: int) -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out, l_aux, _ = layer(x, routing_key=routing_key(0, iteration, 0, "cuda"))
+        (out.float().square().sum() + l_aux).backward()
+
+    step(0)  # warm-up: lazy initialisation may synchronise once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(1)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()

@@ -25,6 +25,7 @@ import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moetrain.moe import MoE
+from moetrain.moe.routing_noise import routing_key
 
 SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::unique", "aten::_unique",
             "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive", "aten::bincount"}
@@ -196,18 +197,25 @@ def test_expert_parallel_copies_split_sizes_once_per_layer_forward_only(drop_tok
                     reason="torch.compile's CPU backend needs a C++ compiler")
 @pytest.mark.parametrize("drop_tokens", [False, True], ids=["dropless", "capacity"])
 def test_compiled_fullgraph_matches_eager(drop_tokens):
-    layer = _layer(k=2, drop_tokens=drop_tokens, ffn_bias=True)
+    """With second-expert sampling and Jitter keyed by position (moetrain.moe.routing_noise): the same draws
+    compiled or not, and a new key each step without recompiling."""
+    layer = _layer(k=2, drop_tokens=drop_tokens, ffn_bias=True, top2_2nd_expert_sampling=True,
+                   noisy_gate_policy="Jitter")
     x = torch.randn(TOKENS, HIDDEN)
 
-    def step(module):
+    def step(module, iteration):
         layer.zero_grad(set_to_none=True)
         inp = x.clone().requires_grad_()
-        out, l_aux, z_loss, counts = module(inp, with_z_loss=True)
+        out, l_aux, z_loss, counts = module(inp, with_z_loss=True, routing_key=routing_key(0, iteration, 0, "cpu"))
         (out.square().sum() + l_aux + z_loss).backward()
         return [out, l_aux, z_loss, counts, inp.grad] + [p.grad for p in layer.parameters()]
 
-    eager = step(layer)
+    eager = [step(layer, iteration) for iteration in (0, 1)]
+    assert not torch.equal(eager[0][0], eager[1][0])  # the key changed the routing
     torch._dynamo.reset()
-    compiled = step(torch.compile(layer, fullgraph=True))
-    for got, want in zip(compiled, eager):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled_layer = torch.compile(layer, fullgraph=True)
+        compiled = [step(compiled_layer, iteration) for iteration in (0, 1)]
+    for got_step, want_step in zip(compiled, eager):
+        for got, want in zip(got_step, want_step):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

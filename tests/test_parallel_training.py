@@ -3,6 +3,8 @@
 For a few steps on fixed data with the same global batch, every layout's losses and final weights
 must equal the single-process run's to float32 tolerance. Each rank's local tensors are compared
 with the matching selection (its experts, its tensor-parallel rows or columns) of the reference.
+Random routing (second-expert sampling, RTS, Jitter, RSample) included: its noise is keyed by global
+token position (moetrain.moe.routing_noise), so it is the same in every layout and micro-batch split.
 """
 
 from __future__ import annotations
@@ -22,13 +24,22 @@ from moetrain.config import Config
 from moetrain.train.trainer import Trainer
 from tests.conftest import free_port, tiny_config
 
+# random routing modes: DeepSpeed's top-2 default (second-expert sampling) with Jitter, dropless; top-1 with
+# random token selection and RSample under a capacity limit
+RANDOM_ROUTING = {
+    "sampling": dict(topk=2, top2_2nd_expert_sampling=True, noisy_gate_policy="Jitter", drop_tokens=False),
+    "rts": dict(topk=1, use_rts=True, noisy_gate_policy="RSample", drop_tokens=True),
+}
 
-def parallel_config(tmp_path, *, style="llama", drop_tokens=False, **parallel) -> Config:
+
+def parallel_config(tmp_path, *, style="llama", drop_tokens=False, routing: str | None = None, **parallel) -> Config:
     cfg = tiny_config(tmp_path, save=None, train_iters=3, lr_decay_style="constant", clip_grad=0.05)
     cfg.model.style = style
     cfg.model.num_layers = 4
     cfg.moe.num_experts, cfg.moe.expert_interval, cfg.moe.topk = [4], 2, 2
     cfg.moe.drop_tokens, cfg.moe.use_rts, cfg.moe.top2_2nd_expert_sampling = drop_tokens, False, False
+    for key, value in RANDOM_ROUTING.get(routing, {}).items():
+        setattr(cfg.moe, key, value)
     cfg.moe.train_capacity_factor, cfg.moe.min_capacity = 1.0, 1
     cfg.training.micro_batch_size, cfg.training.global_batch_size = 2, 8
     cfg.training.eval_iters = 3
@@ -98,6 +109,39 @@ def test_expert_parallel_2(tmp_path, drop_tokens):
 @pytest.mark.slow
 def test_data_parallel_2_by_expert_parallel_2(tmp_path):
     assert_matches_single_process(parallel_config(tmp_path, style="gpt", expert_parallel_size=2), world=4)
+
+
+LAYOUTS = {"dp2": {}, "ep2": dict(expert_parallel_size=2), "zero2": dict(zero_stage=2),
+           "tp2": dict(tensor_parallel_size=2), "pp2": dict(pipeline_parallel_size=2)}
+QUICK = {("sampling", "dp2"), ("sampling", "pp2"), ("rts", "ep2")}  # the rest of the matrix is marked slow
+
+
+@pytest.mark.parametrize("routing, layout", [
+    pytest.param(routing, layout, id=f"{routing}-{name}",
+                 marks=() if (routing, name) in QUICK else pytest.mark.slow)
+    for routing in RANDOM_ROUTING for name, layout in LAYOUTS.items()])
+def test_random_routing_is_the_same_in_every_layout(tmp_path, routing, layout):
+    assert_matches_single_process(parallel_config(tmp_path, routing=routing, **layout), world=2)
+
+
+@pytest.mark.parametrize("routing", list(RANDOM_ROUTING))
+def test_random_routing_is_the_same_in_every_micro_batch_split(tmp_path, routing):
+    """One process, the global batch of 8 in micro-batches of 1, 2 or 4: the same losses and weights. The
+    split changes which tokens share a forward, so the test keeps what depends on that out: no capacity
+    limit and no batch-statistics losses (aux, z); only the routing noise could still differ. (Evaluation
+    reads eval_iters batches of the micro-batch size, different data: not compared.)"""
+    runs = []
+    for micro in (1, 2, 4):
+        cfg = parallel_config(tmp_path, routing=routing)
+        cfg.moe.drop_tokens, cfg.moe.aux_loss_coeff, cfg.moe.z_loss_coeff = False, 0.0, 0.0
+        cfg.training.micro_batch_size = micro
+        runs.append(reference(cfg))
+    (losses, _, weights), *others = runs
+    assert len(losses) == 3 and len(set(losses)) == 3  # trained, not stuck
+    for other_losses, _, other_weights in others:
+        torch.testing.assert_close(other_losses, losses, rtol=1e-5, atol=1e-6)
+        for name, tensor in weights.items():
+            torch.testing.assert_close(other_weights[name], tensor, rtol=1e-4, atol=2e-5, msg=name)
 
 
 @pytest.mark.parametrize("offload", [False, True], ids=["", "offload"])

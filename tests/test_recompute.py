@@ -9,6 +9,7 @@ import torch
 from moetrain.config import Config, ConfigError, ModelConfig, MoEConfig
 from moetrain.config.parser import parse_train_args
 from moetrain.model import GPT
+from moetrain.moe.routing_noise import routing_key
 from tests.test_parallel_training import parallel_config, reference, run_parallel
 
 SETTINGS = [("full", "uniform", 1), ("full", "uniform", 2), ("full", "block", 1), ("selective", "uniform", 1)]
@@ -24,13 +25,14 @@ def _model(style: str, granularity: str | None, method: str = "uniform", num_lay
     return GPT(cfg, moe).train()
 
 
-def _step(model: GPT) -> dict:
-    """Two forward-backwards from one RNG seed: loss, gradients, routing counts and pending loads."""
+def _step(model: GPT, keyed: bool = False) -> dict:
+    """Two forward-backwards from one RNG seed (routing noise from torch's RNG or keyed by position): loss,
+    gradients, routing counts and pending loads."""
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
     torch.manual_seed(5)
     losses = []
-    for _ in range(2):
-        out = model(ids, ids.roll(-1, 1))
+    for iteration in range(2):
+        out = model(ids, ids.roll(-1, 1), routing_key=routing_key(3, iteration, 0, "cpu") if keyed else None)
         loss = out.lm_loss + 0.1 * out.aux_loss + 0.01 * out.z_loss
         loss.backward()
         losses.append(loss.detach())
@@ -40,13 +42,14 @@ def _step(model: GPT) -> dict:
             "pending": [m.router.pending_load.clone() for _, m in model.moe_layers()]}
 
 
+@pytest.mark.parametrize("keyed", [False, True], ids=["torch-rng", "keyed"])
 @pytest.mark.parametrize("style", ["gpt", "llama"])
-def test_recompute_equals_no_recompute(style):
-    want = _step(_model(style, None))
+def test_recompute_equals_no_recompute(style, keyed):
+    want = _step(_model(style, None), keyed)
     assert all(int(r.sum()) > 0 for r in want["routed"])
     for setting in SETTINGS:
         model = _model(style, *setting)
-        got = _step(model)
+        got = _step(model, keyed)
         torch.testing.assert_close(got["loss"], want["loss"], rtol=0, atol=0, msg=f"{setting} loss")
         assert got["grads"].keys() == want["grads"].keys()
         for name, grad in want["grads"].items():

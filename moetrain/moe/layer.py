@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from moetrain.moe.dispatcher import TokenDispatcher
 from moetrain.moe.experts import MLP, GroupedExperts, ModuleExperts
 from moetrain.moe.router import Router, TopKRouter
+from moetrain.moe.routing_noise import noise_for
 from moetrain.moe.stats import RoutingStats
 
 
@@ -43,7 +44,8 @@ class MoE(nn.Module):
     (moetrain.moe.router.Router: load-balancing types, group-limited routing, pre-softmax, top-k
     scaling, input jitter, router dtype; `dp_group` for global_aux_loss; `pad_expert_input_to_capacity`,
     every expert's rows padded to its capacity for static GEMM shapes), `shared_expert_ffn_size`
-    and `shared_expert_gate` (Qwen2-MoE's sigmoid-gated shared expert). `forward(x, with_z_loss=True)` returns an
+    and `shared_expert_gate` (Qwen2-MoE's sigmoid-gated shared expert), `layer_index` (the layer's place in
+    the model, which keys its routing noise). `forward(x, with_z_loss=True)` returns an
     `MoEOutput` that carries the router z-loss too; routing statistics accumulate in
     `routing_stats` (training) and `eval_routing_stats` (eval mode).
 
@@ -91,6 +93,7 @@ class MoE(nn.Module):
         shared_expert_gate: bool = False,
         dp_group: dist.ProcessGroup | None = None,
         pad_expert_input_to_capacity: bool = False,
+        layer_index: int = 0,
     ) -> None:
         super().__init__()
         if num_experts < 1:
@@ -116,6 +119,7 @@ class MoE(nn.Module):
         self.num_local_experts = num_experts // ep_size
         self.first_expert = 0  # global index of this rank's first expert (set by shard_experts)
         self.k = k
+        self.layer_index = layer_index
         ffn_hidden_size = ffn_hidden_size or 4 * hidden_size
 
         if isinstance(router, Router):
@@ -162,12 +166,14 @@ class MoE(nn.Module):
         self.routing_stats = RoutingStats(num_experts)  # training forwards
         self.eval_routing_stats = RoutingStats(num_experts)  # eval-mode forwards
 
-    def forward(self, hidden_states: Tensor, *, with_z_loss: bool = False,
-                token_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor] | MoEOutput:
+    def forward(self, hidden_states: Tensor, *, with_z_loss: bool = False, token_mask: Tensor | None = None,
+                routing_key: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor] | MoEOutput:
         """DeepSpeed's (output, l_aux, exp_counts); with `with_z_loss` an `MoEOutput` that adds
         the router z-loss. `token_mask` (hidden_states.shape[:-1], False for padding) keeps
         padding out of routing: its rows get no routed experts, and statistics, losses and
-        capacity are those of the other rows alone."""
+        capacity are those of the other rows alone. `routing_key` (moetrain.moe.routing_noise.routing_key)
+        keys the routing noise by global token position; without it the noise comes from torch's RNG
+        as DeepSpeed draws it."""
         if hidden_states.shape[-1] != self.hidden_size:
             raise ValueError(
                 f"MoE input has hidden size {hidden_states.shape[-1]} but the layer was built "
@@ -178,7 +184,8 @@ class MoE(nn.Module):
         seq = hidden_states.shape[-2] if hidden_states.dim() > 1 else 1
         batch_shape = (x.shape[0] // max(seq, 1), seq)
         mask = None if token_mask is None else token_mask.reshape(-1).to(device=x.device, dtype=torch.bool)
-        decision = self.router(x, batch_shape, mask)
+        noise = noise_for(routing_key, self.layer_index, batch_shape[1])
+        decision = self.router(x, batch_shape, mask, noise)
         rows, plan = self.dispatcher.dispatch(x, decision)
         expert_rows = self.experts(rows, plan.blocks, plan.weights)
         output = self.dispatcher.combine(expert_rows, plan, x.shape[0]).to(x.dtype)

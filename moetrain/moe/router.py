@@ -26,6 +26,8 @@ from torch import Tensor, nn
 
 from moetrain.moe import balance
 from moetrain.moe.balance import BALANCE_TYPES
+from moetrain.moe.routing_noise import GUMBEL, JITTER, RTS, TORCH_NOISE, RoutingNoise
+from moetrain.moe.routing_noise import f32 as _f32
 
 NOISY_GATE_POLICIES = (None, "Jitter", "RSample")
 SCORE_FUNCS = ("softmax", "sigmoid")
@@ -51,30 +53,6 @@ class RoutingDecision:
     dropless: bool = False  # known without looking: every assignment is kept
     balance_losses: dict[str, Tensor] | None = None  # each load-balancing type's unweighted loss
     pad_to_capacity: int | None = None  # --moe-pad-expert-input-to-capacity: rows every expert block is padded to
-
-
-def _f32(value: float) -> float:
-    """The float32 nearest to `value` (ties to even), as a Python float: float32 arithmetic on the
-    host in plain Python, which torch.compile folds into constants."""
-    if value == 0 or not math.isfinite(value):
-        return value
-    mantissa, exponent = math.frexp(value)
-    return math.ldexp(round(mantissa * 2 ** 24), exponent - 24)
-
-
-def _uniform(shape: torch.Size, low: float, high: float, device: torch.device) -> Tensor:
-    """U[low, high) drawn as DeepSpeed draws it (torch.distributions.Uniform: one torch.rand,
-    then low + rand * (high - low) in float32), so seeded runs match it; the bounds stay Python
-    numbers, so nothing is copied to the device."""
-    scale = _f32(_f32(high) - _f32(low))
-    return torch.rand(shape, device=device).mul_(scale).add_(_f32(low))
-
-
-def _gumbel(shape: torch.Size, device: torch.device) -> Tensor:
-    """Standard Gumbel noise drawn as torch.distributions.Gumbel(0, 1) draws it."""
-    finfo = torch.finfo(torch.float32)
-    uniform = _uniform(shape, finfo.tiny, 1 - finfo.eps, device)
-    return uniform.log_().neg_().log_().neg_()
 
 
 def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float, k: int,
@@ -186,6 +164,7 @@ class Router(nn.Module):
         else:
             self.expert_bias = None
         self._token_mask: Tensor | None = None  # set for the duration of a masked forward
+        self._noise: RoutingNoise = TORCH_NOISE  # where this forward's random draws come from
 
     # -- the three overridable steps -------------------------------------------------------
     def compute_logits(self, x: Tensor) -> Tensor:
@@ -193,8 +172,8 @@ class Router(nn.Module):
         training the input is first scaled by U[1 - eps, 1 + eps] with --moe-input-jitter-eps."""
         x = x.to(self.router_dtype)
         if self.input_jitter_eps and self.training:
-            x = x * _uniform(x.shape, 1.0 - self.input_jitter_eps, 1.0 + self.input_jitter_eps,
-                             x.device).to(x.dtype)
+            x = x * self._noise.uniform(x.shape, 1.0 - self.input_jitter_eps, 1.0 + self.input_jitter_eps,
+                                        x.device, JITTER).to(x.dtype)
         return F.linear(x, self.wg.weight.to(self.router_dtype))
 
     def compute_scores(self, logits: Tensor) -> Tensor:
@@ -246,26 +225,28 @@ class Router(nn.Module):
         return "probs" if self.k > 2 else "position"
 
     def forward(self, x: Tensor, batch_shape: tuple[int, int] | None = None,
-                token_mask: Tensor | None = None) -> RoutingDecision:
+                token_mask: Tensor | None = None, noise: RoutingNoise = TORCH_NOISE) -> RoutingDecision:
         """Route the [S, d] tokens `x`; `batch_shape` (B, T) with B * T = S gives the sequence
         boundaries seq_aux_loss needs. `token_mask` ([S] bool, False for padding) keeps padding
         out of the statistics, losses, capacity and expert-bias counts: its assignments are
-        dropped, and the rest is routed as if the padded rows were not there."""
+        dropped, and the rest is routed as if the padded rows were not there. `noise` gives the random
+        draws (moetrain.moe.routing_noise: torch's RNG, or keyed by token position in training)."""
         # Autocast would recast the gate GEMM (and logsumexp, softmax) to 16 bits: routing stays
         # in float32 (or float64), as in DeepSpeed and Megatron-Core.
         with torch.autocast(x.device.type, enabled=False):
-            return self._route(x, batch_shape, token_mask)
+            return self._route(x, batch_shape, token_mask, noise)
 
     def _route(self, x: Tensor, batch_shape: tuple[int, int] | None = None,
-               token_mask: Tensor | None = None) -> RoutingDecision:
+               token_mask: Tensor | None = None, noise: RoutingNoise = TORCH_NOISE) -> RoutingDecision:
         self._token_mask = token_mask  # read by the capacity and Sinkhorn steps of this forward
+        self._noise = noise  # read by every random draw of this forward
         try:
             logits = self.compute_logits(x)
             scores = self.compute_scores(logits)
             indices = self.select_experts(logits, scores)
             kept = self._apply_capacity(indices, scores)
         finally:
-            self._token_mask = None
+            self._token_mask, self._noise = None, TORCH_NOISE
         num_experts = scores.shape[1]
         log_partition = torch.logsumexp(logits, dim=1).square()
         if token_mask is None:
@@ -383,7 +364,7 @@ class Router(nn.Module):
             ranking = torch.zeros_like(scores).scatter(1, indices, scores.gather(1, indices))
         else:
             mask = torch.zeros_like(scores).scatter(1, indices, 1.0)
-            ranking = mask * _uniform(mask.shape, 0.0, 1.0, mask.device) if policy == "random" else mask
+            ranking = mask * self._noise.uniform(mask.shape, 0.0, 1.0, mask.device, RTS) if policy == "random" else mask
         mask = self._token_mask
         if mask is None:
             chosen = torch.topk(ranking, k=min(capacity, num_tokens), dim=0).indices
@@ -478,7 +459,8 @@ def check_routing_options(num_experts: int, k: int, score_func: str, expert_bias
 class TopKRouter(Router):
     """DeepSpeed-MoE gating: top-1 with noisy gates and RTS, top-2 with second-expert sampling.
 
-    Selection matches DeepSpeed 0.19 exactly, random draws included:
+    Selection matches DeepSpeed 0.19 exactly, random draws included (those from torch's RNG, when the
+    layer gets no routing key; moetrain.moe.routing_noise):
     - k=1: argmax of the probabilities, or of logits + Gumbel noise under 'RSample' (training);
     - k=2: first = argmax; second = argmax of (logits + Gumbel noise when
       top2_2nd_expert_sampling) with the first masked out; DeepSpeed samples in eval too;
@@ -508,10 +490,10 @@ class TopKRouter(Router):
         return super().resolved_drop_policy()
 
     def _apply_capacity(self, indices: Tensor, scores: Tensor) -> Tensor:
-        if not self.drop_tokens and self.k == 1 and self.use_rts:
+        if not self.drop_tokens and self.k == 1 and self.use_rts and not self._noise.keyed:
             # DeepSpeed draws the RTS scores even when nothing is dropped; draw them too so the
             # random stream after this layer (dropout, the next layer's noise) stays in step.
-            _uniform(scores.shape, 0.0, 1.0, scores.device)
+            self._noise.uniform(scores.shape, 0.0, 1.0, scores.device, RTS)
         return super()._apply_capacity(indices, scores)
 
     def select_experts(self, logits: Tensor, scores: Tensor) -> Tensor:
@@ -520,11 +502,12 @@ class TopKRouter(Router):
             return super().select_experts(logits, scores)
         if self.k == 1:
             if self.noisy_gate_policy == "RSample" and self.training:
-                return torch.argmax(logits + _gumbel(logits.shape, logits.device), dim=1, keepdim=True)
+                return torch.argmax(logits + self._noise.gumbel(logits.shape, logits.device, GUMBEL), dim=1,
+                                    keepdim=True)
             return torch.argmax(scores, dim=1, keepdim=True)
         first = torch.argmax(scores, dim=1, keepdim=True)
         second_logits = logits.detach()
         if self.top2_2nd_expert_sampling:
-            second_logits = second_logits + _gumbel(logits.shape, logits.device)
+            second_logits = second_logits + self._noise.gumbel(logits.shape, logits.device, GUMBEL)
         second = torch.argmax(second_logits.scatter(1, first, -math.inf), dim=1, keepdim=True)
         return torch.cat([first, second], dim=1)

@@ -98,10 +98,12 @@ class _ScheduledStage(nn.Module):
         self.stage, self.loss_function, self.precision = stage, loss_function, precision
         self.aux_grad = 1.0  # gradient of the weighted router term: loss scale / micro-batches
         self.recorded: list[Tensor] = []  # [aux, z] of each micro-batch, in forward order
+        self.routing_keys: list[Tensor] | None = None  # each micro-batch's routing key, in forward order
 
     def forward(self, x: Tensor) -> Tensor:
+        key = self.routing_keys[len(self.recorded)] if self.routing_keys else None
         with autocast(x.device.type, self.precision):
-            out, aux, z = self.stage.forward_stage(x)
+            out, aux, z = self.stage.forward_stage(x, routing_key=key)
         self.recorded.append(torch.stack([aux, z]).detach().float())
         weighted = self.loss_function.router_loss(aux, z)
         if weighted.requires_grad:
@@ -165,12 +167,14 @@ class PipelineRunner:
         """The last stage's lm loss of each micro-batch of the last run."""
         return [parts.lm_loss.detach() for parts in self.head_parts]
 
-    def _run(self, run, inputs: Tensor, targets: Tensor) -> None:
-        """One pass of the schedule (`step` or `eval`): first stage feeds inputs, last targets."""
+    def _run(self, run, inputs: Tensor, targets: Tensor, routing_keys: list[Tensor] | None = None) -> None:
+        """One pass of the schedule (`step` or `eval`): first stage feeds inputs, last targets; micro-batch
+        m's MoE layers key their routing noise with `routing_keys[m]` (None: torch's RNG)."""
         if tuple(inputs.shape) != self.batch_shape or tuple(targets.shape) != self.batch_shape:
             raise ValueError(f"pipeline batches must be [num_microbatches * micro_batch, seq] = "
                              f"{list(self.batch_shape)}; got {list(inputs.shape)} and {list(targets.shape)}")
         self.module.recorded.clear()
+        self.module.routing_keys = routing_keys
         self.head_parts.clear()
         self.microbatch_inputs = inputs.chunk(self.num_microbatches)
         args = (inputs,) if self.state.is_first_stage else ()
@@ -181,7 +185,7 @@ class PipelineRunner:
         return torch.stack(values).mean() if values else torch.zeros((), device=self.device)
 
     def step(self, inputs: Tensor, targets: Tensor, loss_scale: float = 1.0,
-             iteration: int | None = None) -> dict[str, Tensor]:
+             iteration: int | None = None, routing_keys: list[Tensor] | None = None) -> dict[str, Tensor]:
         """Forward and backward of all micro-batches; gradients accumulate into the stage's .grad.
 
         `loss_scale` multiplies every gradient (fp16 loss scaling); `iteration` is the step being
@@ -192,7 +196,7 @@ class PipelineRunner:
         self.loss_scale, self.iteration = loss_scale, iteration
         self.module.aux_grad = loss_scale / self.num_microbatches
         distilling = self.loss_function.distilling(iteration)
-        self._run(self.schedule.step, inputs, targets)
+        self._run(self.schedule.step, inputs, targets, routing_keys)
         aux, z = torch.stack(self.module.recorded).mean(0)
         out = {"lm_loss": self._mean(self.lm_losses), "aux_loss": aux, "z_loss": z}
         if distilling:
@@ -200,13 +204,13 @@ class PipelineRunner:
         return out
 
     @torch.no_grad()
-    def evaluate(self, inputs: Tensor, targets: Tensor) -> Tensor:
+    def evaluate(self, inputs: Tensor, targets: Tensor, routing_keys: list[Tensor] | None = None) -> Tensor:
         """Mean lm loss over the micro-batches (last stage; 0 elsewhere), forward only, in eval mode."""
         was_training = self.module.training
         self.module.eval()
         self.iteration = None
         try:
-            self._run(self.schedule.eval, inputs, targets)
+            self._run(self.schedule.eval, inputs, targets, routing_keys)
         finally:
             self.module.train(was_training)
         return self._mean(self.lm_losses)

@@ -1,6 +1,8 @@
 """How one optimizer step's micro-batches run: in this process (`LocalExecutor`) or through the pipeline
 schedule (`PipelineExecutor`). Both compose the loss with the run's LossFunction, return the same logged
-values, and pad evaluation so that every rank runs as many forwards (collectives must pair up).
+values, and pad evaluation so that every rank runs as many forwards (collectives must pair up). Each forward
+gets a routing key (moetrain.moe.routing_noise): its routing noise is keyed by (seed, iteration, global token
+position), so every layout and micro-batch split routes as one process does.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch import Tensor
 from moetrain.loss import LossFunction
 from moetrain.model import GPT
 from moetrain.moe.router import balance_spec
+from moetrain.moe.routing_noise import first_sample, routing_key
 from moetrain.parallel.mesh import ParallelState
 from moetrain.parallel.parallelize import sync_routing_stats
 from moetrain.parallel.pipeline import PipelineRunner, all_reduce_tied_embedding_grads, embedding_group
@@ -37,13 +40,20 @@ class LocalExecutor:
     """Every micro-batch through the whole (data, tensor or expert parallel) model in this process."""
 
     def __init__(self, model: GPT, loss_function: LossFunction, state: ParallelState, device: torch.device,
-                 precision: str, accumulation: int) -> None:
+                 precision: str, accumulation: int, *, seed: int = 0) -> None:
         self.model, self.loss_function, self.state = model, loss_function, state
         self.device, self.precision, self.accumulation = device, precision, accumulation
         moe_cfg = model.moe_cfg
         # each load-balancing type's loss is logged on its own when types are chosen (not DeepSpeed's l_aux)
         self.balance_types = [] if moe_cfg.load_balancing_type is None else \
             balance_spec(moe_cfg.load_balancing_type, moe_cfg.load_balancing_coeffs)[0]
+        self.seed = seed
+
+    def routing_key(self, iteration: int | None, micro_batch: int, micro_batch_size: int) -> Tensor:
+        """The key of this rank's `micro_batch`-th forward of a step (`iteration` None: evaluation, whose
+        batches are dealt round-robin over data parallel as the step's micro-batches are)."""
+        start = first_sample(micro_batch, micro_batch_size, self.state.dp_rank, self.state.dp)
+        return routing_key(self.seed, iteration or 0, start, self.device, training=iteration is not None)
 
     def forward_backward(self, next_batch: Callable[[], Batch], iteration: int, scaler: LossScaler | None,
                          before_last_backward: Callable[[], None] = lambda: None) -> Tensor:
@@ -55,8 +65,10 @@ class LocalExecutor:
         logged = []
         for micro_batch in range(self.accumulation):
             inputs, targets = next_batch()
+            key = self.routing_key(iteration, micro_batch, inputs.shape[0])
             with autocast(self.device.type, self.precision):
-                parts = self.loss_function.compute_loss(self.model(inputs, targets), (inputs, targets), iteration)
+                output = self.model(inputs, targets, routing_key=key)
+                parts = self.loss_function.compute_loss(output, (inputs, targets), iteration)
             scaled = parts.loss / self.accumulation
             if micro_batch == self.accumulation - 1:
                 before_last_backward()
@@ -86,9 +98,11 @@ class LocalExecutor:
         the communication device (the trainer sums them over data parallel)."""
         rounds = pad_rounds(batches, self.state)
         losses = []
-        for inputs, targets, _ in rounds:
+        for i, (inputs, targets, _) in enumerate(rounds):
+            key = self.routing_key(None, i, batches[0][0].shape[0])
             with autocast(self.device.type, self.precision):
-                losses.append(self.model(inputs.to(self.device), targets.to(self.device)).lm_loss.float())
+                output = self.model(inputs.to(self.device), targets.to(self.device), routing_key=key)
+                losses.append(output.lm_loss.float())
         return torch.stack(losses), _counts(rounds, self.state.comm_device)
 
     def routing_summaries(self, training: bool) -> list[dict]:
@@ -102,8 +116,9 @@ class PipelineExecutor(LocalExecutor):
     """All micro-batches through the pipeline schedule; logged losses summed over the stages."""
 
     def __init__(self, model: GPT, loss_function: LossFunction, state: ParallelState, device: torch.device,
-                 precision: str, accumulation: int, micro_batch_size: int, seq_length: int, schedule: str) -> None:
-        super().__init__(model, loss_function, state, device, precision, accumulation)
+                 precision: str, accumulation: int, micro_batch_size: int, seq_length: int, schedule: str,
+                 *, seed: int = 0) -> None:
+        super().__init__(model, loss_function, state, device, precision, accumulation, seed=seed)
         self.micro_batch_size = micro_batch_size
         self.embedding_group = embedding_group(state)
         self.runner = PipelineRunner(model, state, accumulation, micro_batch_size, seq_length, device,
@@ -114,8 +129,9 @@ class PipelineExecutor(LocalExecutor):
         """As LocalExecutor's, through the schedule (which runs the backwards itself: no overlap hook)."""
         batches = [next_batch() for _ in range(self.accumulation)]
         self.start_global_batch()
+        keys = [self.routing_key(iteration, m, self.micro_batch_size) for m in range(self.accumulation)]
         out = self.runner.step(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]),
-                               scaler.loss_scale if scaler else 1.0, iteration)
+                               scaler.loss_scale if scaler else 1.0, iteration, routing_keys=keys)
         names = ("lm_loss", "aux_loss", "z_loss", "kd_loss") if "kd_loss" in out else ("lm_loss", "aux_loss", "z_loss")
         values = torch.stack([out[name].float() for name in names])
         values = torch.cat([values, self.balance_losses().to(values.device)])
@@ -134,8 +150,9 @@ class PipelineExecutor(LocalExecutor):
         losses = []
         for start in range(0, len(rounds), self.accumulation):
             chunk = rounds[start:start + self.accumulation]
+            keys = [self.routing_key(None, start + m, self.micro_batch_size) for m in range(len(chunk))]
             self.runner.evaluate(torch.cat([r[0] for r in chunk]).to(self.device),
-                                 torch.cat([r[1] for r in chunk]).to(self.device))
+                                 torch.cat([r[1] for r in chunk]).to(self.device), routing_keys=keys)
             per_batch = self.runner.lm_losses if self.state.is_last_stage \
                 else [torch.zeros((), device=self.state.comm_device)] * len(chunk)
             losses.extend(loss.float() for loss in per_batch)

@@ -139,9 +139,10 @@ def build_run(cfg: Config, *, quiet: bool = False) -> Run:
     accumulation = cfg.accumulation_steps(state.world_size)
     if state.pp > 1:
         executor = PipelineExecutor(model, loss_function, state, device, tc.precision, accumulation,
-                                    tc.micro_batch_size, cfg.model.seq_length, cfg.parallel.pipeline_schedule)
+                                    tc.micro_batch_size, cfg.model.seq_length, cfg.parallel.pipeline_schedule,
+                                    seed=tc.seed)
     else:
-        executor = LocalExecutor(model, loss_function, state, device, tc.precision, accumulation)
+        executor = LocalExecutor(model, loss_function, state, device, tc.precision, accumulation, seed=tc.seed)
     return Run(cfg=cfg, device=device, parallel=state, quiet=quiet, tokenizer=tokenizer, train_data=train_data,
                valid_data=valid_data, model=model, param_counts=param_counts, distiller=distiller,
                loss_function=loss_function, grad_specs=grad_specs, optimizer=optimizer,
