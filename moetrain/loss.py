@@ -42,7 +42,7 @@ class LossFunction:
         """Whether the step after `iteration` adds a distillation term (never in evaluation: None)."""
         return False
 
-    def kd_loss(self, inputs: Tensor, logits: Tensor) -> Tensor:
+    def kd_loss(self, inputs: Tensor, logits: Tensor, routing_key: Tensor | None = None) -> Tensor:
         raise NotImplementedError("this loss does not distil")
 
     def lm_term(self, lm_loss: Tensor, kd_loss: Tensor | None) -> Tensor:
@@ -59,6 +59,6 @@ class LossFunction:
         """The loss of one micro-batch (inputs, targets) at training step `iteration` (None: evaluation)."""
         inputs, targets = batch
         lm_loss = output.lm_loss if output.lm_loss is not None else output.loss_of(targets)
-        kd = self.kd_loss(inputs, output.logits) if self.distilling(iteration) else None
+        kd = self.kd_loss(inputs, output.logits, output.routing_key) if self.distilling(iteration) else None
         return LossParts(self.total(lm_loss, output.aux_loss, output.z_loss, kd), lm_loss, output.aux_loss,
                          output.z_loss, kd)

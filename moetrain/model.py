@@ -38,6 +38,7 @@ class ModelOutput:
     lm_loss: Tensor | None  # mean next-token cross entropy, when targets are given
     aux_loss: Tensor  # sum of l_aux over MoE layers (unscaled)
     z_loss: Tensor  # sum of router z-losses over MoE layers (unscaled)
+    routing_key: Tensor | None = None  # the forward's routing key (a distillation teacher keys its noise by it)
 
     @cached_property
     def logits(self) -> Tensor:
@@ -457,7 +458,7 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds seq_length {self.cfg.seq_length} and "
                              f"max_position_embeddings {self.cfg.positions()}")
         hidden, aux, z = self.forward_stage(input_ids, token_mask, routing_key)
-        output = ModelOutput(hidden, self.lm_head.weight, None, aux, z)
+        output = ModelOutput(hidden, self.lm_head.weight, None, aux, z, routing_key)
         if targets is not None:
             output.lm_loss = output.loss_of(targets)
         return output

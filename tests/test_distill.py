@@ -11,6 +11,7 @@ import torch
 from moetrain.checkpoint import load_checkpoint, load_model
 from moetrain.cli import main
 from moetrain.config import Config, ConfigError, parse_train_args
+from moetrain.moe.routing_noise import teacher_routing_key
 from moetrain.train.distill import Distiller, kd_loss, teacher_layer_map
 from moetrain.train.trainer import Trainer
 from tests.conftest import read_records, tiny_config
@@ -64,14 +65,15 @@ def test_teacher_is_frozen_fed_the_student_batch_and_not_saved(teacher, tmp_path
     assert not optimised & {id(p) for p in model_t.parameters()}
 
     # the KD term of step 1, worked out on the batch the step will draw, with the student's routing key and
-    # the teacher's RNG draws it will make
+    # the teacher's key derived from it
     data_state = run.train_data.state_dict()
     inputs, _ = run.train_data.next_batch(cfg.training.micro_batch_size)
     run.train_data.load_state_dict(data_state)
     with torch.random.fork_rng(), torch.no_grad():
         key = run.executor.routing_key(0, 0, inputs.shape[0])
         student_logits = run.model.train()(inputs, routing_key=key).logits
-        expected_kd = float(kd_loss(student_logits, model_t(inputs).logits, temperature=2.0))
+        teacher_logits = model_t(inputs, routing_key=teacher_routing_key(key)).logits
+        expected_kd = float(kd_loss(student_logits, teacher_logits, temperature=2.0))
 
     run.fit()
     for name, value in model_t.state_dict().items():

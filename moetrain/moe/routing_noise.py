@@ -24,6 +24,7 @@ MASK32 = 0xFFFFFFFF
 # what a draw is for: separate streams, so one layer's RTS scores and input jitter are unrelated
 JITTER, RTS, GUMBEL = 1, 2, 3
 _TRAIN, _EVAL = 0, 1
+_TEACHER = 0x5EAC4E12  # folded into a student's key for its distillation teacher
 
 
 def f32(value: float) -> float:
@@ -72,6 +73,12 @@ def routing_key(seed: int, iteration: int, first_sample: int, device: torch.devi
     if torch.device(device).type == "cuda":
         return key.pin_memory().to(device, non_blocking=True)
     return key.to(device)
+
+
+def teacher_routing_key(key: Tensor) -> Tensor:
+    """A distillation teacher's key for the student forward keyed by `key`: the same token positions,
+    draws unrelated to the student's (its layer indices repeat the student's)."""
+    return torch.stack([mix32(key[0] ^ _TEACHER), key[1]])
 
 
 def first_sample(micro_batch: int, micro_batch_size: int, dp_rank: int, dp: int) -> int:

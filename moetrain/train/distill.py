@@ -23,6 +23,7 @@ from moetrain.config import Config, ConfigError, MoEConfig
 from moetrain.data import Tokenizer
 from moetrain.loss import LossFunction
 from moetrain.model import GPT
+from moetrain.moe.routing_noise import teacher_routing_key
 from moetrain.parallel.mesh import ParallelState
 from moetrain.parallel.parallelize import parallelize
 
@@ -163,10 +164,12 @@ class Distiller:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def loss(self, inputs: Tensor, student_logits: Tensor) -> Tensor:
-        """The unweighted distillation loss of one micro-batch."""
+    def loss(self, inputs: Tensor, student_logits: Tensor, routing_key: Tensor | None = None) -> Tensor:
+        """The unweighted distillation loss of one micro-batch; the teacher's routing noise (top-2 sampling
+        draws in eval mode too) is keyed by the student's `routing_key`, so every layout distils alike."""
         with torch.no_grad():
-            teacher_logits = self.teacher(inputs).logits
+            key = None if routing_key is None else teacher_routing_key(routing_key)
+            teacher_logits = self.teacher(inputs, routing_key=key).logits
         return kd_loss(student_logits, teacher_logits, self.cfg.temperature)
 
     def state_dict(self) -> dict[str, bool]:
@@ -197,8 +200,8 @@ class DistillationLoss(LossFunction):
     def distilling(self, iteration: int | None) -> bool:
         return iteration is not None and self.distiller.active(iteration)
 
-    def kd_loss(self, inputs: Tensor, logits: Tensor) -> Tensor:
-        return self.distiller.loss(inputs, logits)
+    def kd_loss(self, inputs: Tensor, logits: Tensor, routing_key: Tensor | None = None) -> Tensor:
+        return self.distiller.loss(inputs, logits, routing_key)
 
     def lm_term(self, lm_loss: Tensor, kd_loss: Tensor | None) -> Tensor:
         if kd_loss is None:
