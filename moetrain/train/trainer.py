@@ -58,9 +58,6 @@ class Trainer:
         self.executor, self.grad_sync, self.schedule = run.executor, run.grad_sync, run.schedule
         self.accumulation = run.accumulation
         self.iteration = 0
-        # global index of the first sample of the micro-batch `_next_batch` last returned (None before the
-        # first): its row r is sample first_sample + r of the job's one sample order, whatever the layout
-        self.first_sample: int | None = None
         self.non_finite_in_a_row = 0  # consecutive steps skipped by the non-finite guard
         self.non_finite_skipped = 0
         self.rewinds = 0
@@ -203,10 +200,9 @@ class Trainer:
         """This data-parallel rank's rows of the next global micro-batch. Every rank advances by the whole
         global micro-batch (one sample order whatever the layout) but reads from the dataset only its own
         rows; a middle pipeline stage, which takes neither tokens nor targets, reads none and gets zeros of
-        the micro-batch's shape that occupy no memory. Sets `first_sample`."""
+        the micro-batch's shape that occupy no memory."""
         micro, state = self.cfg.training.micro_batch_size, self.parallel
         rows = slice(state.dp_rank * micro, (state.dp_rank + 1) * micro)
-        self.first_sample = self.train_data.samples_drawn + rows.start
         if not (state.is_first_stage or state.is_last_stage):
             self.train_data.next_batch(micro * state.dp, rows=NO_ROWS)
             placeholder = torch.zeros((), dtype=torch.long, device=self.device).expand(micro, self.cfg.model.seq_length)
