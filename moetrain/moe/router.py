@@ -213,10 +213,14 @@ class Router(nn.Module):
         return selection.masked_fill(~chosen.unsqueeze(2).expand_as(grouped).reshape(num_tokens, num_experts),
                                      -math.inf)
 
+    @property
+    def current_capacity_factor(self) -> float:
+        """The capacity factor of the current mode (training or evaluation)."""
+        return self.capacity_factor if self.training else self.eval_capacity_factor
+
     def capacity(self, num_tokens: int) -> int:
         """Slots per expert for `num_tokens` tokens in the current mode (training or evaluation)."""
-        factor = self.capacity_factor if self.training else self.eval_capacity_factor
-        return expert_capacity(num_tokens, self.num_experts, factor, self.k, self.min_capacity)
+        return expert_capacity(num_tokens, self.num_experts, self.current_capacity_factor, self.k, self.min_capacity)
 
     def resolved_drop_policy(self) -> str:
         """DeepSpeed's choice when none is given: first come for k <= 2, probability for k > 2."""
@@ -327,13 +331,12 @@ class Router(nn.Module):
         num_tokens, num_experts = scores.shape
         if not self.drop_tokens:
             return torch.ones_like(indices, dtype=torch.bool)
-        factor = self.capacity_factor if self.training else self.eval_capacity_factor
         capacity = self.capacity(num_tokens)
         mask = self._token_mask
         real_capacity = None
         if mask is not None:
             real_tokens = mask.sum().float()
-            real_capacity = torch.ceil((real_tokens / num_experts) * _f32(factor * self.k)).clamp(
+            real_capacity = torch.ceil((real_tokens / num_experts) * _f32(self.current_capacity_factor * self.k)).clamp(
                 min=self.min_capacity)
         policy = self.resolved_drop_policy()
         if policy == "position":
