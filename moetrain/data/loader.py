@@ -1,13 +1,12 @@
 """From data paths to resumable batches: resolve inputs to prepared datasets, split each, cut windows, blend."""
 
-import contextlib
 import hashlib
 import json
 import math
 import os
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -186,20 +185,15 @@ def _prepared_in_cache(data_path: list[str] | None, cache_dir: Path, tokenizer: 
     return IndexedDataset(prefix)
 
 
-@contextlib.contextmanager
-def _cache_writer(prefix: Path) -> Iterator[None]:
+def _cache_writer(prefix: Path) -> PathLock:
     """Held while this process writes a token cache: one writer per cache, however many ranks (or jobs)
     want it. The others wait on the lock file, not in a collective, so tokenizing a large input on one
     rank never runs into the process group's timeout; a killed writer's lock is taken over (its files
     are written to temporary names and renamed into place, .idx last, so a half-written cache is never
     read)."""
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    def say_who(refusal: str) -> None:
-        print(f"waiting to tokenize: {refusal}", file=sys.stderr, flush=True)
-
-    with PathLock(f"{prefix}.lock", name=f"the token cache '{prefix}'", advice="wait for it",
-                  timeout_s=math.inf, on_wait=say_who):
-        yield
+    return PathLock(f"{prefix}.lock", name=f"the token cache '{prefix}'", advice="wait for it", timeout_s=math.inf,
+                    on_wait=lambda refusal: print(f"waiting to tokenize: {refusal}", file=sys.stderr, flush=True))
 
 
 def _open_prepared(prefix: str, named: Tokenizer | None) -> tuple[Dataset, Tokenizer]:

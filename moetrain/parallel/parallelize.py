@@ -35,14 +35,9 @@ def parallelize(model: GPT, state: ParallelState, device: torch.device | None = 
         groups = state.experts(moe.num_experts)
         if groups.size > 1:
             moe.shard_experts(groups.rank, groups.ep_group, groups.split_tokens)
-    if device is not None:
-        materialize(model, device)
+    if device is not None:  # only this rank's pieces are allocated, with their initial values
+        model.materialize(device, model_pieces(model))
     return gradient_specs(model, state)
-
-
-def materialize(model: GPT, device: torch.device | str) -> None:
-    """Allocate this rank's pieces of a sharded meta-device model on `device` with their initial values."""
-    model.materialize(device, model_pieces(model))
 
 
 def gradient_specs(model: GPT, state: ParallelState) -> dict[nn.Parameter, GradSpec]:
