@@ -330,15 +330,19 @@ def test_resume_draws_exactly_the_uninterrupted_batches():
 def test_eval_batches_are_fixed_and_start_at_the_split_start():
     tokens = np.arange(100, 400, dtype=np.uint16)
     batches = TokenBatches(tokens, 10, name="validation")
-    first = batches.eval_batches(batch_size=4, num_batches=2)
+    assert batches.eval_batch_sizes(batch_size=4, num_batches=2) == [4, 4]
+    first = batches.eval_batches(4, [0, 1])
     batches.next_batch(5)
-    second = batches.eval_batches(batch_size=4, num_batches=2)
+    second = batches.eval_batches(4, [0, 1])
     assert len(first) == 2
     for (a_in, a_out), (b_in, b_out) in zip(first, second, strict=True):
         assert torch.equal(a_in, b_in) and torch.equal(a_out, b_out)
     assert first[0][0][1].tolist() == list(range(110, 120)) and first[1][1][3].tolist() == list(range(171, 181))
-    short = TokenBatches(np.arange(35), 10).eval_batches(batch_size=2, num_batches=5)  # only 3 windows
-    assert [inputs.shape[0] for inputs, _ in short] == [2, 1]
+    short = TokenBatches(np.arange(35), 10)  # only 3 windows
+    assert short.eval_batch_sizes(batch_size=2, num_batches=5) == [2, 1]
+    assert short.eval_batches(2, [1])[0][0].tolist() == [list(range(20, 30))]
+    with pytest.raises(DataError, match="eval batch size and count must be at least 1"):
+        short.eval_batch_sizes(batch_size=2, num_batches=0)
 
 
 def test_split_too_small_error_message():

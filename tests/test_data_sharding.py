@@ -1,5 +1,6 @@
-"""Each data-parallel rank reads only its own rows, in the job's one sample order; token caches are
-written once, by whichever process takes their lock file, with no collective while it works."""
+"""Each data-parallel rank reads only its own rows, in the job's one sample order, and only its own evaluation
+batches; token caches are written once, by whichever process takes their lock file, with no collective while
+it works."""
 
 from __future__ import annotations
 
@@ -78,21 +79,41 @@ def test_a_rank_reads_its_rows_of_the_global_batch_and_nothing_else(make):
     assert sum(_reads(whole)) == 12 * 6
 
 
+@pytest.mark.parametrize("make", [lambda: TokenBatches(CountingTokens(np.arange(500)), 8), blend],
+                         ids=["one source", "blend"])
+def test_an_evaluation_batch_read_alone_is_that_batch_of_all_and_reads_only_its_windows(make):
+    whole = make()
+    sizes = whole.eval_batch_sizes(5, 11)  # 55 samples: more than the blend's first source holds (it wraps)
+    assert sizes == [5] * 11
+    everything = whole.eval_batches(5, range(11))
+    for indices in ([3], [10, 0, 7], []):
+        reader = make()
+        got = reader.eval_batches(5, indices)
+        assert len(got) == len(indices)
+        for index, (inputs, targets) in zip(indices, got):
+            assert torch.equal(inputs, everything[index][0]) and torch.equal(targets, everything[index][1])
+        assert sum(_reads(reader)) == 5 * len(indices)
+    assert sum(_reads(whole)) == 55
+
+
 def _dp_worker(rank: int, world: int, port: int, cfg_dict: dict, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     try:
         trainer = Trainer(Config.from_dict(cfg_dict), quiet=True)
         tokens = trainer.train_data.tokens = CountingTokens(trainer.train_data.tokens)
-        result = trainer.fit()
-        results[rank] = {"windows": tokens.windows_read(trainer.cfg.model.seq_length), "losses": result.losses}
+        eval_tokens = trainer.valid_data.tokens = CountingTokens(trainer.valid_data.tokens)
+        result = trainer.fit()  # evaluates once, at the end
+        seq_length = trainer.cfg.model.seq_length
+        results[rank] = {"windows": tokens.windows_read(seq_length), "losses": result.losses,
+                         "eval_windows": sorted(eval_tokens.windows_read(seq_length)), "eval": result.final_eval_loss}
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 def test_a_data_parallel_rank_reads_only_its_rows_and_trains_as_one_process(tmp_path):
-    cfg = tiny_config(tmp_path, save=None, train_iters=2, global_batch_size=8, micro_batch_size=2)
+    cfg = tiny_config(tmp_path, save=None, train_iters=2, global_batch_size=8, micro_batch_size=2, eval_iters=3)
     cfg.moe.use_rts = False
     cfg.parallel.expert_parallel_size = 2
     results = mp.Manager().dict()
@@ -102,9 +123,14 @@ def test_a_data_parallel_rank_reads_only_its_rows_and_trains_as_one_process(tmp_
     global_micro_batches = [train.next_windows(4).tolist() for _ in range(2 * 2)]  # 2 steps x 2 micro-batches
     for rank in (0, 1):
         assert results[rank]["windows"] == [w for batch in global_micro_batches for w in batch[2 * rank:2 * rank + 2]]
+    # evaluation batches of 2 windows in order, dealt round-robin: rank 0 reads batches 0 and 2, rank 1
+    # batch 1 and, for the padding round that pairs its collectives with rank 0's second, batch 0
+    assert results[0]["eval_windows"] == [0, 1, 4, 5] and results[1]["eval_windows"] == [0, 1, 2, 3]
     single = Config.from_dict(cfg.to_dict())
     single.parallel.expert_parallel_size = None
-    torch.testing.assert_close(results[0]["losses"], Trainer(single, quiet=True).fit().losses, rtol=1e-5, atol=1e-6)
+    reference = Trainer(single, quiet=True).fit()
+    torch.testing.assert_close(results[0]["losses"], reference.losses, rtol=1e-5, atol=1e-6)
+    assert results[0]["eval"] == results[1]["eval"] == pytest.approx(reference.final_eval_loss, rel=1e-5)
 
 
 CACHE_OPTIONS = {"vocab_size": 300, "seq_length": 16, "split": "80,20,0"}  # a BPE trained here, in the cache
@@ -178,8 +204,12 @@ def test_a_middle_pipeline_stage_reads_no_tokens_and_the_pipeline_trains_as_one_
     cfg.parallel.pipeline_parallel_size = 3
     results = mp.Manager().dict()
     mp.spawn(_dp_worker, args=(3, free_port(), cfg.to_dict(), results), nprocs=3, join=True)
-    assert results[1]["windows"] == []  # the middle stage: neither tokens nor targets
+    assert results[1]["windows"] == results[1]["eval_windows"] == []  # the middle stage: neither tokens nor targets
     assert results[0]["windows"] == results[2]["windows"] and len(results[0]["windows"]) == 2 * 6
+    # the 2 evaluation batches (padded with batch 0 to the 3 micro-batches of a schedule run), each read once
+    assert results[0]["eval_windows"] == results[2]["eval_windows"] == [0, 1, 2, 3]
     single = Config.from_dict(cfg.to_dict())
     single.parallel.pipeline_parallel_size = 1
-    torch.testing.assert_close(results[2]["losses"], Trainer(single, quiet=True).fit().losses, rtol=1e-5, atol=1e-6)
+    reference = Trainer(single, quiet=True).fit()
+    torch.testing.assert_close(results[2]["losses"], reference.losses, rtol=1e-5, atol=1e-6)
+    assert all(results[rank]["eval"] == pytest.approx(reference.final_eval_loss, rel=1e-5) for rank in range(3))

@@ -273,8 +273,9 @@ def test_blend_draws_batches_by_weight_and_resumes(tmp_path):
         assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
     # the split applies per prefix: validation holds the last 10% of each prefix's documents
     assert [source.num_tokens for source in validation.sources] == [4 * 25, 4 * 26]
-    eval_rows = [row_sources(x) for x, _ in validation.eval_batches(4, 3)]
-    assert eval_rows == [row_sources(x) for x, _ in validation.eval_batches(4, 3)]
+    assert validation.eval_batch_sizes(4, 3) == [4, 4, 4]
+    eval_rows = [row_sources(x) for x, _ in validation.eval_batches(4, range(3))]
+    assert eval_rows == [row_sources(x) for x, _ in validation.eval_batches(4, range(3))]
     assert sum(row.count("a") for row in eval_rows) == 3
     with pytest.raises(DataError, match="cannot resume: the checkpoint's data was a blend"):
         load_training_data(["0.5", a, "0.5", b], **options)[1].load_state_dict(state)

@@ -101,20 +101,23 @@ class BlendedBatches:
         self._drawn = drawn.tolist()
         return self._rows(sources, windows, rows)
 
-    def eval_batches(self, batch_size: int, num_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The same blend from the start, each source's windows in order (wrapping round a short source)."""
+    def eval_batch_sizes(self, batch_size: int, num_batches: int) -> list[int]:
+        """As TokenBatches.eval_batch_sizes; always `num_batches` of `batch_size` (a short source wraps round)."""
         if batch_size < 1 or num_batches < 1:
             raise DataError(f"eval batch size and count must be at least 1, got {batch_size} and {num_batches}")
-        sources, _ = blend_assignment(self.weights, [0] * len(self.sources), batch_size * num_batches)
-        taken = [0] * len(self.sources)
+        return [batch_size] * num_batches
+
+    def eval_batches(self, batch_size: int, indices: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """As TokenBatches.eval_batches: the same blend from the start, each source's windows in order
+        (wrapping round a short source); batch i's rows are samples i * batch_size on."""
+        samples = (max(indices, default=-1) + 1) * batch_size  # up to the end of the last batch asked for
+        sources, _ = blend_assignment(self.weights, [0] * len(self.sources), samples)
         batches = []
-        for start in range(0, len(sources), batch_size):
+        for start in (i * batch_size for i in indices):
+            taken = np.bincount(sources[:start], minlength=len(self.sources))  # each source's windows before it
             chunk = sources[start:start + batch_size]
-            windows = []
-            for k, source in enumerate(self.sources):
-                count = int((chunk == k).sum())
-                windows.append(np.arange(taken[k], taken[k] + count) % source.num_windows)
-                taken[k] += count
+            windows = [(taken[k] + np.arange(np.count_nonzero(chunk == k))) % source.num_windows
+                       for k, source in enumerate(self.sources)]
             batches.append(self._rows(chunk, windows))
         return batches
 

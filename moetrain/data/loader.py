@@ -105,15 +105,18 @@ class TokenBatches:
         """Training sequences drawn so far, by source."""
         return {self.source: self.samples_drawn}
 
-    def eval_batches(self, batch_size: int, num_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The first `num_batches` x `batch_size` windows in order: the same batches on every call.
-
-        A split too short for that many gives what it holds; then the last batch may be smaller.
-        """
+    def eval_batch_sizes(self, batch_size: int, num_batches: int) -> list[int]:
+        """Rows of each evaluation batch, reading nothing: `num_batches` of `batch_size`. A split too short
+        for that many windows gives what it holds; then the last batch may be smaller."""
         if batch_size < 1 or num_batches < 1:
             raise DataError(f"eval batch size and count must be at least 1, got {batch_size} and {num_batches}")
-        windows = np.arange(min(batch_size * num_batches, self.num_windows))
-        return [self._batch(windows[start:start + batch_size]) for start in range(0, len(windows), batch_size)]
+        windows = min(batch_size * num_batches, self.num_windows)
+        return [min(batch_size, windows - start) for start in range(0, windows, batch_size)]
+
+    def eval_batches(self, batch_size: int, indices: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The evaluation batches at `indices` (of `eval_batch_sizes`), reading only those: batch i holds the
+        windows from i * batch_size on, in order, so every call gives the same batches."""
+        return [self._batch(np.arange(i * batch_size, min((i + 1) * batch_size, self.num_windows))) for i in indices]
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self._epoch, "cursor": self._cursor, "seed": self._seed,

@@ -27,13 +27,18 @@ Batch = tuple[Tensor, Tensor]
 EvalRound = tuple[Tensor, Tensor, bool]  # inputs, targets, whether it counts (padding does not)
 
 
-def pad_rounds(batches: list[Batch], state: ParallelState, multiple: int = 1) -> list[EvalRound]:
-    """This data-parallel rank's share of `batches`, padded to as many rounds as every other rank runs
-    (a multiple of `multiple`) with copies of the first batch that count 0."""
-    mine = batches[state.dp_rank::state.dp]
-    rounds = -(-len(batches) // state.dp)
+def pad_rounds(num_batches: int, read_batches: Callable[[list[int]], list[Batch]], state: ParallelState,
+               multiple: int = 1) -> list[EvalRound]:
+    """This data-parallel rank's share of the `num_batches` evaluation batches (every dp-th), padded to as
+    many rounds as every other rank runs (a multiple of `multiple`) with batch 0 again, counting 0. Reads
+    only those batches, each once, with `read_batches(indices)`."""
+    mine = list(range(state.dp_rank, num_batches, state.dp))
+    rounds = -(-num_batches // state.dp)
     rounds = -(-rounds // multiple) * multiple
-    return [(*mine[i], True) if i < len(mine) else (*batches[0], False) for i in range(rounds)]
+    indices = mine + [0] * (rounds - len(mine))
+    distinct = list(dict.fromkeys(indices))
+    batches = dict(zip(distinct, read_batches(distinct), strict=True))
+    return [(*batches[index], i < len(mine)) for i, index in enumerate(indices)]
 
 
 class LocalExecutor:
@@ -93,15 +98,16 @@ class LocalExecutor:
         for _, moe in self.model.moe_layers():
             moe.router.start_global_batch()
 
-    def eval_losses(self, batches: list[Batch]) -> tuple[Tensor, Tensor]:
+    def eval_losses(self, sizes: list[int], read_batches: Callable[[list[int]], list[Batch]]) -> tuple[Tensor, Tensor]:
         """LM loss of each evaluation round of this rank, and whether each counts (1) or pads (0), both on
-        the communication device (the trainer sums them over data parallel)."""
-        rounds = pad_rounds(batches, self.state)
+        the communication device (the trainer sums them over data parallel). `sizes`: the rows of each
+        evaluation batch; `read_batches(indices)`: those batches, on the device."""
+        rounds = pad_rounds(len(sizes), read_batches, self.state)
         losses = []
         for i, (inputs, targets, _) in enumerate(rounds):
-            key = self.routing_key(None, i, batches[0][0].shape[0])
+            key = self.routing_key(None, i, sizes[0])
             with autocast(self.device.type, self.precision):
-                output = self.model(inputs.to(self.device), targets.to(self.device), routing_key=key)
+                output = self.model(inputs, targets, routing_key=key)
                 losses.append(output.lm_loss.float())
         return torch.stack(losses), _counts(rounds, self.state.comm_device)
 
@@ -142,17 +148,17 @@ class PipelineExecutor(LocalExecutor):
         loss = self.loss_function.total(lm_loss, aux_loss, z_loss, kd[0] if kd else None)
         return torch.cat([torch.stack([loss, lm_loss, aux_loss, z_loss]), balance, values[3:]])  # values[3:]: kd
 
-    def eval_losses(self, batches: list[Batch]) -> tuple[Tensor, Tensor]:
+    def eval_losses(self, sizes: list[int], read_batches: Callable[[list[int]], list[Batch]]) -> tuple[Tensor, Tensor]:
         """Per-round lm losses through the stages, `accumulation` rounds per schedule run. The schedule
         runs fixed shapes: a short last batch is dropped."""
-        batches = [b for b in batches if b[0].shape[0] == self.micro_batch_size] or batches[:1]
-        rounds = pad_rounds(batches, self.state, multiple=self.accumulation)
+        full = sum(size == self.micro_batch_size for size in sizes) or 1  # only the last batch can be short
+        rounds = pad_rounds(full, read_batches, self.state, multiple=self.accumulation)
         losses = []
         for start in range(0, len(rounds), self.accumulation):
             chunk = rounds[start:start + self.accumulation]
             keys = [self.routing_key(None, start + m, self.micro_batch_size) for m in range(len(chunk))]
-            self.runner.evaluate(torch.cat([r[0] for r in chunk]).to(self.device),
-                                 torch.cat([r[1] for r in chunk]).to(self.device), routing_keys=keys)
+            self.runner.evaluate(torch.cat([r[0] for r in chunk]), torch.cat([r[1] for r in chunk]),
+                                 routing_keys=keys)
             per_batch = self.runner.lm_losses if self.state.is_last_stage \
                 else [torch.zeros((), device=self.state.comm_device)] * len(chunk)
             losses.extend(loss.float() for loss in per_batch)

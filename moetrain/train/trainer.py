@@ -199,16 +199,33 @@ class Trainer:
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This data-parallel rank's rows of the next global micro-batch. Every rank advances by the whole
         global micro-batch (one sample order whatever the layout) but reads from the dataset only its own
-        rows; a middle pipeline stage, which takes neither tokens nor targets, reads none and gets zeros of
-        the micro-batch's shape that occupy no memory."""
+        rows; a middle pipeline stage reads none (`_placeholder`)."""
         micro, state = self.cfg.training.micro_batch_size, self.parallel
         rows = slice(state.dp_rank * micro, (state.dp_rank + 1) * micro)
-        if not (state.is_first_stage or state.is_last_stage):
+        if self._middle_stage:
             self.train_data.next_batch(micro * state.dp, rows=NO_ROWS)
-            placeholder = torch.zeros((), dtype=torch.long, device=self.device).expand(micro, self.cfg.model.seq_length)
-            return placeholder, placeholder
+            return self._placeholder(micro)
         inputs, targets = self.train_data.next_batch(micro * state.dp, rows=rows)
         return self._to_device(inputs), self._to_device(targets)
+
+    def _eval_batches(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The evaluation batches at `indices`, the only ones read from the dataset; a middle pipeline stage
+        reads none (`_placeholder`; the pipeline evaluates only batches of a whole micro-batch)."""
+        micro = self.cfg.training.micro_batch_size
+        if self._middle_stage:
+            return [self._placeholder(micro)] * len(indices)
+        return [(self._to_device(inputs), self._to_device(targets))
+                for inputs, targets in self.valid_data.eval_batches(micro, indices)]
+
+    @property
+    def _middle_stage(self) -> bool:
+        """A pipeline stage that takes neither tokens nor targets, so reads no data."""
+        return not (self.parallel.is_first_stage or self.parallel.is_last_stage)
+
+    def _placeholder(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a middle pipeline stage gets instead of a batch: zeros of its shape that occupy no memory."""
+        zeros = torch.zeros((), dtype=torch.long, device=self.device).expand(rows, self.cfg.model.seq_length)
+        return zeros, zeros
 
     def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
         """Host rows to the device; to a GPU from pinned memory without blocking (the copy overlaps the
@@ -224,7 +241,8 @@ class Trainer:
             return None
         tc, state = self.cfg.training, self.parallel
         self.model.eval()
-        losses, counts = self.executor.eval_losses(self.valid_data.eval_batches(tc.micro_batch_size, tc.eval_iters))
+        sizes = self.valid_data.eval_batch_sizes(tc.micro_batch_size, tc.eval_iters)
+        losses, counts = self.executor.eval_losses(sizes, self._eval_batches)
         self.model.train()
         totals = torch.stack([(losses.double() * counts).sum(), counts.sum()])
         if state.dp > 1:
