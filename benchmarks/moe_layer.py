@@ -8,9 +8,10 @@ For each row (E experts, top-k, T tokens): forward + backward of
 the peers when installed, every layer with the same expert shape (SwiGLU unless --activation gelu)
 and the same router-free cost of noise (no jitter, no RTS, no second-expert sampling). Gradients
 are cleared before every step, as a training step does; repetitions are interleaved over the
-variants in one process, and each row reports medians and ratios to `dense`. On a GPU (--device
-cuda) the rows also report TFLOP/s (active FLOPs: 3 x 2 x kT x 3df for SwiGLU) and the ratio to the
-card's measured rate for a dense GEMM of the same shape.
+variants in one process, and each row reports the dense median and, per variant, the median over
+rounds of its time over the dense step of the same round (machine drift cancels within a round). On
+a GPU (--device cuda) the rows also report TFLOP/s (active FLOPs: 3 x 2 x kT x 3df for SwiGLU) and
+the ratio to the card's measured rate for a dense GEMM of the same shape.
 
     python benchmarks/moe_layer.py                          # CPU fp32: E {8,64,128} x k {1,2} x T {4096,8192}
     python benchmarks/moe_layer.py --experts 8 --k 2 --tokens 4096 --variants dense moetrain transformers
@@ -262,8 +263,12 @@ def main() -> None:
                 built = {v: build(v, **common) for v in ["dense", *variants]}
                 fns = {v: (lambda m=m, x=x: step(m, x, args.dtype))
                        for v, pair in built.items() if pair is not None for m, x in [pair]}
-                times = {v: statistics.median(t) for v, t in timed_runs(fns, args.repeats, args.device).items()}
-                cells = [f"{times[v] / times['dense']:.2f}" if v in times else "n/a" for v in variants]
+                runs = timed_runs(fns, args.repeats, args.device)
+                times = {v: statistics.median(t) for v, t in runs.items()}
+                # each round's ratio to the dense step run next to it, then the median: drift in the
+                # machine's speed between rounds cancels out of a pair
+                cells = [f"{statistics.median(a / b for a, b in zip(runs[v], runs['dense'])):.2f}"
+                         if v in runs else "n/a" for v in variants]
                 line = f"| {experts} | {k} | {tokens} | {times['dense'] * 1e3:.1f} | " + " | ".join(cells) + " |"
                 if on_gpu:
                     first = 2 * args.ffn if args.activation == "swiglu" else args.ffn
