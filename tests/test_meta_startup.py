@@ -7,6 +7,8 @@ never holds much more than its share of the parameters, and a distillation teach
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from unittest import mock
 
@@ -69,12 +71,13 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, results) -> None:
 
     original_materialize = GPT.materialize
     try:
-        tracker = LiveTensorBytes()
-        with tracker, mock.patch.object(GPT, "materialize", recording_materialize):
-            run = build_run(Config.from_dict(cfg_dict), quiet=True)
+        tracker, log = LiveTensorBytes(), io.StringIO()  # rank 0 logs
+        with tracker, mock.patch.object(GPT, "materialize", recording_materialize), contextlib.redirect_stdout(log):
+            run = build_run(Config.from_dict(cfg_dict))
         assert_materialised(run.model, run.device)
         got = {"pieces": {g: (t.clone(), p) for g, t, p in model_pieces(run.model).values()},
-               "peak": tracker.peak, "whole": 4 * run.param_counts["total"], "materialised": materialised}
+               "peak": tracker.peak, "whole": 4 * run.param_counts["total"], "materialised": materialised,
+               "log": log.getvalue()}
         if run.distiller is not None and run.distiller.teacher is not None:
             assert_materialised(run.distiller.teacher, run.device)
             got["teacher"] = {g: (t.clone(), p) for g, t, p in model_pieces(run.distiller.teacher).values()}
@@ -173,6 +176,12 @@ def teacher(tmp_path_factory) -> str:
     return str(root / "teacher")
 
 
+def assert_logs_the_whole_teacher(log: str, teacher: str) -> None:
+    """The teacher line counts the whole teacher's parameters, whatever this rank holds of it."""
+    line = next(line for line in log.splitlines() if line.startswith("teacher: "))
+    assert f"{load_model(teacher)[0].parameter_counts()['total'] / 1e6:.2f}M parameters" in line, line
+
+
 @pytest.mark.parametrize("parallel", [{"expert_parallel_size": 2}, {"tensor_parallel_size": 2}], ids=["ep2", "tp2"])
 def test_a_sharded_teacher_reads_its_pieces_and_initialises_the_student(teacher, tmp_path, parallel):
     cfg = tiny_config(tmp_path, save=None)
@@ -180,7 +189,9 @@ def test_a_sharded_teacher_reads_its_pieces_and_initialises_the_student(teacher,
     for key, value in parallel.items():
         setattr(cfg.parallel, key, value)
     saved = load_model(teacher)[0].state_dict()
-    for rank, got in start_parallel(cfg, 2).items():
+    results = start_parallel(cfg, 2)
+    assert_logs_the_whole_teacher(results[0]["log"], teacher)
+    for rank, got in results.items():
         assert {name for name, (_, piece) in got["teacher"].items() if piece.dim is not None}  # sharded
         for name, (tensor, piece) in got["teacher"].items():
             assert torch.equal(tensor, select(saved[name], piece)), f"rank {rank} teacher {name}"
@@ -205,6 +216,7 @@ def test_an_earlier_pipeline_stage_materialises_only_the_teacher_layers_it_copie
                 for rank, got in results.items()}
     first_layer = {name for name in saved if name.startswith(("tok_emb.", "pos_emb.", "blocks.0."))}
     assert teachers == {0: [first_layer] if init else [], 1: [set(saved)]}
+    assert_logs_the_whole_teacher(results[0]["log"], teacher)
     assert "teacher" not in results[0]  # what the first stage read is released after init
     assert results[1]["teacher"].keys() == saved.keys()
     for name, (tensor, piece) in results[1]["teacher"].items():
