@@ -2,7 +2,8 @@
 
 Every layout's pieces at start-up equal the matching selection of the single-process model for the same seed
 (keyed initialisation, so exactly), nothing is left on the meta device, a rank of a 4-way expert-parallel run
-never holds much more than its share of the parameters, and a distillation teacher is read piece by piece.
+never holds much more than its share of the parameters, and a distillation teacher is read piece by piece (an earlier
+pipeline stage: only the layers its student blocks start from, or none).
 """
 
 from __future__ import annotations
@@ -209,7 +210,7 @@ def test_an_earlier_pipeline_stage_materialises_only_the_teacher_layers_it_copie
     saved = load_model(teacher)[0].state_dict()  # 2 layers: student blocks 0-3 take teacher layers 0, 0, 1, 1
     teacher_layers = 2
     weights = single_process(cfg).model.state_dict()
-    if init:  # the test can fail: the reference student did start from the teacher
+    if init:  # the reference did start from the teacher: its block 1 is teacher layer 0
         assert torch.equal(weights["blocks.1.attn.qkv.weight"], saved["blocks.0.attn.qkv.weight"])
     results = start_parallel(cfg, 2)
     teachers = {rank: [names for layers, names in got["materialised"] if layers == teacher_layers]
