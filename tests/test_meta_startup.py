@@ -2,12 +2,16 @@
 
 Every layout's pieces at start-up equal the matching selection of the single-process model for the same seed
 (keyed initialisation, so exactly), nothing is left on the meta device, a rank of a 4-way expert-parallel run
-never holds much more than its share of the parameters, and a distillation teacher is read piece by piece.
+never holds much more than its share of the parameters, and a distillation teacher is read piece by piece (an earlier
+pipeline stage: only the layers its student blocks start from, or none).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -60,13 +64,21 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    materialised = []  # (layer count, tensor names) of each model (student or teacher) allocated
+
+    def recording_materialize(model: GPT, *args) -> None:
+        materialised.append((model.cfg.num_layers, set(model.state_dict())))
+        original_materialize(model, *args)
+
+    original_materialize = GPT.materialize
     try:
-        tracker = LiveTensorBytes()
-        with tracker:
-            run = build_run(Config.from_dict(cfg_dict), quiet=True)
+        tracker, log = LiveTensorBytes(), io.StringIO()  # rank 0 logs
+        with tracker, mock.patch.object(GPT, "materialize", recording_materialize), contextlib.redirect_stdout(log):
+            run = build_run(Config.from_dict(cfg_dict))
         assert_materialised(run.model, run.device)
         got = {"pieces": {g: (t.clone(), p) for g, t, p in model_pieces(run.model).values()},
-               "peak": tracker.peak, "whole": 4 * run.param_counts["total"]}
+               "peak": tracker.peak, "whole": 4 * run.param_counts["total"], "materialised": materialised,
+               "log": log.getvalue()}
         if run.distiller is not None and run.distiller.teacher is not None:
             assert_materialised(run.distiller.teacher, run.device)
             got["teacher"] = {g: (t.clone(), p) for g, t, p in model_pieces(run.distiller.teacher).values()}
@@ -165,6 +177,12 @@ def teacher(tmp_path_factory) -> str:
     return str(root / "teacher")
 
 
+def assert_logs_the_whole_teacher(log: str, teacher: str) -> None:
+    """The teacher line counts the whole teacher's parameters, whatever this rank holds of it."""
+    line = next(line for line in log.splitlines() if line.startswith("teacher: "))
+    assert f"{load_model(teacher)[0].parameter_counts()['total'] / 1e6:.2f}M parameters" in line, line
+
+
 @pytest.mark.parametrize("parallel", [{"expert_parallel_size": 2}, {"tensor_parallel_size": 2}], ids=["ep2", "tp2"])
 def test_a_sharded_teacher_reads_its_pieces_and_initialises_the_student(teacher, tmp_path, parallel):
     cfg = tiny_config(tmp_path, save=None)
@@ -172,9 +190,38 @@ def test_a_sharded_teacher_reads_its_pieces_and_initialises_the_student(teacher,
     for key, value in parallel.items():
         setattr(cfg.parallel, key, value)
     saved = load_model(teacher)[0].state_dict()
-    for rank, got in start_parallel(cfg, 2).items():
+    results = start_parallel(cfg, 2)
+    assert_logs_the_whole_teacher(results[0]["log"], teacher)
+    for rank, got in results.items():
         assert {name for name, (_, piece) in got["teacher"].items() if piece.dim is not None}  # sharded
         for name, (tensor, piece) in got["teacher"].items():
             assert torch.equal(tensor, select(saved[name], piece)), f"rank {rank} teacher {name}"
         for name, (tensor, piece) in got["pieces"].items():  # same shapes: every student tensor is the teacher's
             assert torch.equal(tensor, select(saved[name], piece)), f"rank {rank} student {name}"
+
+
+@pytest.mark.parametrize("init", [False, True], ids=["no-init", "init"])
+def test_an_earlier_pipeline_stage_materialises_only_the_teacher_layers_it_copies(teacher, tmp_path, init):
+    """PP 2: the last stage materialises the whole teacher (it runs it); the first none of it, or with
+    --student-init-from-teacher only the layer its blocks take, with the embeddings. Either way both stages
+    start from the single-process run's weights."""
+    cfg = parallel_config(tmp_path, style="gpt", pipeline_parallel_size=2)  # 4 layers: blocks 0-1, 2-3
+    cfg.distill.enabled, cfg.distill.load_teacher, cfg.distill.student_init_from_teacher = True, teacher, init
+    saved = load_model(teacher)[0].state_dict()  # 2 layers: student blocks 0-3 take teacher layers 0, 0, 1, 1
+    teacher_layers = 2
+    weights = single_process(cfg).model.state_dict()
+    if init:  # the reference did start from the teacher: its block 1 is teacher layer 0
+        assert torch.equal(weights["blocks.1.attn.qkv.weight"], saved["blocks.0.attn.qkv.weight"])
+    results = start_parallel(cfg, 2)
+    teachers = {rank: [names for layers, names in got["materialised"] if layers == teacher_layers]
+                for rank, got in results.items()}
+    first_layer = {name for name in saved if name.startswith(("tok_emb.", "pos_emb.", "blocks.0."))}
+    assert teachers == {0: [first_layer] if init else [], 1: [set(saved)]}
+    assert_logs_the_whole_teacher(results[0]["log"], teacher)
+    assert "teacher" not in results[0]  # what the first stage read is released after init
+    assert results[1]["teacher"].keys() == saved.keys()
+    for name, (tensor, piece) in results[1]["teacher"].items():
+        assert torch.equal(tensor, select(saved[name], piece)), f"last stage teacher {name}"
+    for rank, got in results.items():
+        for name, (tensor, piece) in got["pieces"].items():
+            assert torch.equal(tensor, select(weights[name], piece)), f"rank {rank} student {name}"

@@ -1,13 +1,14 @@
-"""Checkpoints: `save` / `restore` (either format, chosen from the run's layout), `load_model`, `consolidate`.
+"""Checkpoints: `save` / `restore` (either format, chosen from the run's layout), `load_model`,
+`read_model_config`, `consolidate`.
 
 Modules, each importing only those before it: storage (files, atomic publish, state.pt), rng,
 layout (pieces and global names of a sharded model), sharded (the multi-process writer), reader
 (any format, any selection), api (what the rest of moetrain calls).
 """
 
-from moetrain.checkpoint.api import Restored, consolidate, load_model, restore, save
+from moetrain.checkpoint.api import Restored, consolidate, load_model, read_model_config, restore, save
 from moetrain.checkpoint.layout import Piece, model_pieces
-from moetrain.checkpoint.reader import Checkpoint, CheckpointReader, load_checkpoint
+from moetrain.checkpoint.reader import Checkpoint, CheckpointReader, load_checkpoint, load_model_into
 from moetrain.checkpoint.rng import capture_rng_state, restore_rng_state
 from moetrain.checkpoint.storage import (
     CheckpointError,
@@ -29,7 +30,9 @@ __all__ = [
     "list_checkpoints",
     "load_checkpoint",
     "load_model",
+    "load_model_into",
     "model_pieces",
+    "read_model_config",
     "resolve_checkpoint_dir",
     "restore",
     "restore_rng_state",

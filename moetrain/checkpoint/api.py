@@ -1,4 +1,5 @@
-"""One way in and out: `save` and `restore` pick the format, `load_model` rebuilds a trained model.
+"""One way in and out: `save` and `restore` pick the format, `load_model` rebuilds a trained model
+(`read_model_config` reads just its config and tokenizer).
 
 A checkpoint is single-process (model.safetensors + state.pt, bit-exact resume in one process) when
 one process holds the whole model and optimizer, and sharded (index.json + one shard per rank) when
@@ -8,7 +9,6 @@ several processes or ZeRO hold parts of them; either format loads into any layou
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,10 +17,10 @@ from torch import nn
 
 from moetrain.checkpoint.integrity import read_manifest, verify_file
 from moetrain.checkpoint.layout import OPTIMIZER_PARAM_NAMES, optimizer_param_names
-from moetrain.checkpoint.reader import CheckpointReader, load_into, load_model_into
+from moetrain.checkpoint.reader import CheckpointReader, load_into
 from moetrain.checkpoint.rng import capture_rng_state, rank_rng_state
 from moetrain.checkpoint.sharded import save_sharded
-from moetrain.checkpoint.storage import CheckpointError, resolve_checkpoint_dir, save_checkpoint
+from moetrain.checkpoint.storage import CheckpointError, load_state, resolve_checkpoint_dir, save_checkpoint
 from moetrain.config import Config, ConfigError, ParallelConfig
 from moetrain.data import Tokenizer
 from moetrain.model import GPT
@@ -97,37 +97,33 @@ def restore(load_dir: str, model: nn.Module, optimizer, state: ParallelState) ->
     return Restored(reader.path, int(reader.state["iteration"]), extra, fresh_start, rng)
 
 
-def load_model(load_dir: str, device: str | torch.device = "cpu", shard: Callable[[GPT], object] | None = None
-               ) -> tuple[GPT, Tokenizer, Config]:
-    """Rebuild the model a checkpoint (of any layout) was trained with, its weights, and its tokenizer.
-
-    Whole by default. With `shard` (a rank's `parallelize`, which materialises the pieces it keeps on the
-    device) the model is built on the meta device, cut by `shard`, and only this rank's pieces are read.
-    """
-    reader = CheckpointReader(resolve_checkpoint_dir(load_dir), verify_extra_files=False)
-    cfg = Config.from_dict(reader.state["extra"]["config"])
-    tokenizer_path = os.path.join(reader.path, TOKENIZER_FILE)
+def read_model_config(load_dir: str) -> tuple[Config, Tokenizer]:
+    """The config a checkpoint (of any layout) was trained with and its tokenizer; no tensor is read."""
+    path = resolve_checkpoint_dir(load_dir)
+    cfg = Config.from_dict(load_state(path, mmap=True)["extra"]["config"])
+    tokenizer_path = os.path.join(path, TOKENIZER_FILE)
     if not os.path.exists(tokenizer_path):
-        raise FileNotFoundError(f"{reader.path} has no {TOKENIZER_FILE}; was it written by `moetrain train`?")
-    manifest = read_manifest(reader.path)
+        raise FileNotFoundError(f"{path} has no {TOKENIZER_FILE}; was it written by `moetrain train`?")
+    manifest = read_manifest(path)
     try:
         tokenizer = Tokenizer.load(tokenizer_path)
     except Exception:
-        verify_file(reader.path, TOKENIZER_FILE, manifest)  # a damaged file: say so in one line
+        verify_file(path, TOKENIZER_FILE, manifest)  # a damaged file: say so in one line
         raise
     if tokenizer.vocab_size > cfg.model.vocab_size:  # fewer is fine: a padded (e.g. Megatron) vocabulary
         raise ValueError(f"{tokenizer_path} has {tokenizer.vocab_size} tokens, more than the model's "
                          f"{cfg.model.vocab_size}; put back the {TOKENIZER_FILE} this checkpoint was saved with")
-    verify_file(reader.path, TOKENIZER_FILE, manifest)
-    if shard is None:
-        model = GPT(cfg.model, cfg.moe, seed=0)  # the weights are loaded over it
-        model.load_state_dict(reader.model_state())
-        return model.to(device).eval(), tokenizer, cfg
-    with torch.device("meta"):
-        model = GPT(cfg.model, cfg.moe, seed=0)
-    shard(model)
-    load_model_into(reader, model)
-    return model.eval(), tokenizer, cfg
+    verify_file(path, TOKENIZER_FILE, manifest)
+    return cfg, tokenizer
+
+
+def load_model(load_dir: str, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, Config]:
+    """Rebuild the whole model a checkpoint (of any layout) was trained with, its weights, and its tokenizer."""
+    path = resolve_checkpoint_dir(load_dir)
+    cfg, tokenizer = read_model_config(path)
+    model = GPT(cfg.model, cfg.moe, seed=0)  # the weights are loaded over it
+    model.load_state_dict(CheckpointReader(path, verify_extra_files=False).model_state())
+    return model.to(device).eval(), tokenizer, cfg
 
 
 def consolidate(load_dir: str, out_dir: str) -> str:

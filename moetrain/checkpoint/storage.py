@@ -316,13 +316,15 @@ def load_model_state(path: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_state(path: str) -> dict:
+def load_state(path: str, mmap: bool = False) -> dict:
+    """state.pt (weights_only); `mmap` maps its tensors (an optimizer state) instead of reading them, for a
+    caller that wants only the plain data (the config)."""
     state_path = os.path.join(path, STATE_FILE)
     if not os.path.isfile(state_path):
         raise FileNotFoundError(f"checkpoint {path!r} has no {STATE_FILE}; it is incomplete or not a moetrain "
                                 f"checkpoint")
     try:
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        state = torch.load(state_path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         raise CheckpointError(f"{state_path} contains pickled objects other than tensors and plain data; "
                               f"refusing to unpickle it (weights_only). Re-save it with plain types") from error

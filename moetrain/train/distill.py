@@ -1,11 +1,12 @@
 """Mixture-of-Students: knowledge distillation from a frozen teacher checkpoint (DeepSpeed-MoE's MoS).
 
-The teacher is a plain `GPT` rebuilt from its checkpoint by `load_model`, exactly as a student is built, so
-whatever shards a student can shard a teacher the same way: built on the meta device, cut to this rank's
-tensor- and expert-parallel pieces, and only those read from the checkpoint. It keeps the whole depth (every
-pipeline stage loads it; only the last, which holds the logits, keeps it). It runs in eval mode (eval capacity factor,
-no dropout) under `torch.no_grad()` on the student's batch, is never a submodule of the student (so it is
-neither optimised nor saved with it), and is dropped once `--kd-stop-iter` is reached (staged KD).
+The teacher is a plain `GPT` rebuilt from its checkpoint, exactly as a student is built, so whatever shards a
+student can shard a teacher the same way: built on the meta device, cut to what this rank needs (the last
+pipeline stage, which holds the logits, runs the whole depth; an earlier stage holds only the layers its
+student stage is initialised from, or none) and to its tensor- and expert-parallel pieces, and only those read
+from the checkpoint. It runs in eval mode (eval capacity factor, no dropout) under `torch.no_grad()` on the
+student's batch, is never a submodule of the student (so it is neither optimised nor saved with it), and is
+dropped once `--kd-stop-iter` is reached (staged KD).
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moetrain.checkpoint import load_model, model_pieces
+from moetrain.checkpoint import (
+    CheckpointReader,
+    load_model_into,
+    model_pieces,
+    read_model_config,
+    resolve_checkpoint_dir,
+)
 from moetrain.config import Config, ConfigError, MoEConfig
 from moetrain.data import Tokenizer
 from moetrain.loss import LossFunction
@@ -26,6 +33,7 @@ from moetrain.model import GPT
 from moetrain.moe.routing_noise import teacher_routing_key
 from moetrain.parallel.mesh import ParallelState
 from moetrain.parallel.parallelize import parallelize
+from moetrain.parallel.pipeline import stage_layers
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -84,15 +92,15 @@ def _teacher_flag_mismatches(cfg: Config, teacher_cfg: Config) -> list[str]:
 class Distiller:
     """The teacher of one training run and the distillation term it adds to the student's loss."""
 
-    def __init__(self, cfg: Config, tokenizer: Tokenizer, device: torch.device,
-                 log: Callable[[str], None] = print, state: ParallelState | None = None) -> None:
-        """`state`: shard the teacher as a student of this rank (tensor and expert parallel, whole depth),
-        reading only its pieces; None: the whole teacher."""
+    teacher: GPT | None  # what this rank holds of it; None where it holds none, or once released
+
+    def __init__(self, cfg: Config, tokenizer: Tokenizer, device: torch.device, state: ParallelState,
+                 log: Callable[[str], None] = print) -> None:
+        """Check the teacher against the student's flags and tokenizer, then read what this rank holds of it."""
         self.cfg, self.log = cfg.distill, log
         load_dir = self.cfg.load_teacher
-        shard = None if state is None else (lambda model: _shard_teacher(model, state, device))
-        with torch.random.fork_rng(devices=[]):  # building the teacher must not shift the student's RNG stream
-            teacher, teacher_tokenizer, self.teacher_cfg = load_model(load_dir, device, shard)
+        checkpoint = resolve_checkpoint_dir(load_dir)  # one iteration for the config and the weights
+        self.teacher_cfg, teacher_tokenizer = read_model_config(checkpoint)
         wrong = _teacher_flag_mismatches(cfg, self.teacher_cfg)
         if wrong:
             raise ConfigError(f"teacher checkpoint {load_dir} does not match {', '.join(wrong)}; "
@@ -104,21 +112,44 @@ class Distiller:
         if self.teacher_cfg.model.positions() < cfg.model.seq_length:
             raise ConfigError(f"teacher {load_dir} handles {self.teacher_cfg.model.positions()} tokens per sequence, "
                               f"the student's --seq-length is {cfg.model.seq_length}; use at most the teacher's")
-        self.teacher: GPT | None = teacher.requires_grad_(False).eval()
+        heads = self.teacher_cfg.model.num_attention_heads
+        if heads % state.tp:
+            raise ConfigError(f"the teacher's {heads} attention heads do not split over --tensor-parallel-size "
+                              f"{state.tp}; use a size that divides both models' head counts")
+        self.initialises_student = self.cfg.student_init_from_teacher and not cfg.training.load
+        with torch.random.fork_rng(devices=[]):  # building the teacher must not shift the student's RNG stream
+            with torch.device("meta"):
+                teacher = GPT(self.teacher_cfg.model, self.teacher_cfg.moe, seed=0)
+            counts = teacher.parameter_counts()  # of the whole teacher, before it is cut
+            layers = self._layers_held(cfg.model.num_layers, state)
+            self.teacher = None if layers is None else _read_teacher(teacher, layers, checkpoint, state, device)
         self.stopped = False
-        tm, counts = self.teacher_cfg.model, teacher.parameter_counts()
+        tm = self.teacher_cfg.model
         experts = [count for count in self.teacher_cfg.experts_per_layer() if count] or "dense"
         stop = f", until iteration {self.cfg.stop_iter}" if self.cfg.stop_iter is not None else ""
         self.log(f"teacher: {load_dir}, {tm.num_layers} layers, hidden {tm.hidden_size}, experts {experts}, "
                  f"{counts['total'] / 1e6:.2f}M parameters | loss = {self.cfg.alpha_ce} x LM + {self.cfg.beta_ce} x "
                  f"KD (T = {self.cfg.temperature}){stop}")
 
+    def _layers_held(self, student_layers: int, state: ParallelState) -> range | None:
+        """The teacher layers this rank holds: all on the last pipeline stage, which runs the teacher; on an
+        earlier stage, the run its student blocks are initialised from (see teacher_layer_map), or none."""
+        teacher_layers = self.teacher_cfg.model.num_layers
+        if state.is_last_stage:
+            return range(teacher_layers)
+        if not self.initialises_student:
+            return None
+        sources = teacher_layer_map(student_layers, teacher_layers)
+        stage = stage_layers(student_layers, state.pp, state.pp_rank)
+        return range(sources[stage.start], sources[stage.stop - 1] + 1)  # the map never decreases
+
     def init_student(self, student: GPT) -> tuple[int, int]:
         """Copy the teacher's weights into the student (see teacher_layer_map); return (copied, kept) counts.
 
-        Both models are whole or this rank's pieces, sharded alike. A tensor is copied where the student has
-        the same global name (after renumbering the blocks), global shape and piece (the position table is
-        cut to the student's length); the rest (a different expert count or FFN kind in a layer) keep their init.
+        Both models are whole or this rank's pieces, sharded alike (a pipeline stage's teacher holds the layers
+        its blocks take). A tensor is copied where the student has the same global name (after renumbering the
+        blocks), global shape and piece (the position table is cut to the student's length); the rest (a
+        different expert count or FFN kind in a layer) keep their init.
         """
         if self.teacher is None:
             raise ConfigError("--student-init-from-teacher needs the teacher, but distillation has stopped")
@@ -158,7 +189,8 @@ class Distiller:
         self.release_teacher()
 
     def release_teacher(self) -> None:
-        """Free the teacher's memory (a stopped distillation, or a pipeline stage that never runs it)."""
+        """Free the teacher's memory (a stopped distillation, or the part an earlier pipeline stage initialised
+        its student from)."""
         self.teacher = None
         gc.collect()
         if torch.cuda.is_available():
@@ -181,13 +213,14 @@ class Distiller:
             self.stop()
 
 
-def _shard_teacher(teacher: GPT, state: ParallelState, device: torch.device) -> None:
-    """Cut the (meta-device) teacher to this rank's tensor- and expert-parallel pieces on `device`."""
-    heads = teacher.cfg.num_attention_heads
-    if heads % state.tp:
-        raise ConfigError(f"the teacher's {heads} attention heads do not split over --tensor-parallel-size "
-                          f"{state.tp}; use a size that divides both models' head counts")
+def _read_teacher(teacher: GPT, layers: range, checkpoint: str, state: ParallelState, device: torch.device) -> GPT:
+    """The (meta-device) teacher cut to `layers` and this rank's tensor- and expert-parallel pieces, materialised
+    on `device` and read from `checkpoint` piece by piece; frozen, in eval mode."""
+    if len(layers) < teacher.cfg.num_layers:
+        teacher = teacher.pipeline_stage(layers)
     parallelize(teacher, state, device)
+    load_model_into(CheckpointReader(checkpoint, verify_extra_files=False), teacher)
+    return teacher.requires_grad_(False).eval()
 
 
 class DistillationLoss(LossFunction):

@@ -114,7 +114,7 @@ def build_run(cfg: Config, *, quiet: bool = False) -> Run:
         model = GPT(cfg.model, cfg.moe, seed=tc.seed)
     param_counts = model.parameter_counts()
     loss_function = LossFunction(cfg.moe.aux_loss_coeff, cfg.moe.z_loss_coeff)
-    distiller = Distiller(cfg, tokenizer, device, log=log, state=state) if cfg.distill.enabled else None
+    distiller = Distiller(cfg, tokenizer, device, state, log=log) if cfg.distill.enabled else None
     if state.pp > 1:
         model = split_for_pipeline(model, state.pp, state.pp_rank)
     grad_specs = parallelize(model, state, device)
@@ -122,10 +122,10 @@ def build_run(cfg: Config, *, quiet: bool = False) -> Run:
         spec = grad_specs[param]
         grad_specs[param] = dataclasses.replace(spec, copies=2 * spec.copies)
     if distiller is not None:
-        if cfg.distill.student_init_from_teacher and not tc.load:
+        if distiller.initialises_student:
             distiller.init_student(model)  # this rank's pieces of both, sharded alike
         if not state.is_last_stage:
-            distiller.release_teacher()  # only the last pipeline stage, which holds the logits, runs it
+            distiller.release_teacher()  # what init_student read: only the last stage, holding the logits, runs it
         loss_function = DistillationLoss(cfg.moe.aux_loss_coeff, cfg.moe.z_loss_coeff, distiller)
     optimizer = build_optimizer(model, lr=tc.lr, weight_decay=tc.weight_decay,
                                 betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps)
