@@ -10,12 +10,15 @@ from torch import nn
 
 from moetrain.checkpoint import (
     CheckpointError,
+    CheckpointReader,
+    Piece,
     capture_rng_state,
     list_checkpoints,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
+from moetrain.checkpoint import reader as reader_module
 from moetrain.checkpoint import storage as ckpt
 from moetrain.train.optimizer import build_optimizer
 
@@ -179,6 +182,37 @@ def test_truncated_files_give_clear_error(tmp_path, victim):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         load_checkpoint(str(tmp_path))
+
+
+def test_a_single_process_checkpoint_is_read_tensor_by_tensor(tmp_path, monkeypatch):
+    """model.safetensors stays on disk: a reader loads just the tensors asked for (a teacher's pipeline
+    stage or a rank's shard reads its pieces, not the whole model)."""
+    model, optimizer = _trained()
+    _save(tmp_path, 1, model, optimizer)
+    loaded = []
+
+    class Recording:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def get_tensor(self, key):
+            loaded.append(key)
+            return self.handle.get_tensor(key)
+
+    real_open = reader_module.safe_open
+    monkeypatch.setattr(reader_module, "safe_open", lambda *args, **kwargs: Recording(real_open(*args, **kwargs)))
+    reader = CheckpointReader(str(tmp_path / "iter_0000001"), optimizer=False)
+    assert loaded == []
+    rows = reader.read("model/mix.weight", Piece((8, 8), dim=0, index=(2, 5)))
+    assert loaded == ["mix.weight"]
+    assert torch.equal(rows, model.mix.weight.detach()[[2, 5]])
+    tied = reader.read("model/head.weight", Piece((16, 8)))  # stored once, under the embedding's name
+    assert loaded == ["mix.weight", "embed.weight"] and torch.equal(tied, model.embed.weight.detach())
+    with pytest.raises(CheckpointError, match="has no tensor 'model/nope'"):
+        reader.read("model/nope", Piece((1,)))
 
 
 def test_resolution_and_missing_checkpoint_errors(tmp_path):

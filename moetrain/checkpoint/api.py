@@ -122,7 +122,7 @@ def load_model(load_dir: str, device: str | torch.device = "cpu") -> tuple[GPT, 
     path = resolve_checkpoint_dir(load_dir)
     cfg, tokenizer = read_model_config(path)
     model = GPT(cfg.model, cfg.moe, seed=0)  # the weights are loaded over it
-    model.load_state_dict(CheckpointReader(path, verify_extra_files=False).model_state())
+    model.load_state_dict(CheckpointReader(path, verify_extra_files=False, optimizer=False).model_state())
     return model.to(device).eval(), tokenizer, cfg
 
 

@@ -19,12 +19,12 @@ from moetrain.checkpoint.layout import (
     set_optimizer_state,
 )
 from moetrain.checkpoint.storage import (
+    ALIASES_KEY,
     MODEL_FILE,
     SHARD_INDEX_FILE,
     SHARD_PREFIX,
     STATE_FILE,
     CheckpointError,
-    load_model_state,
     load_state,
     resolve_checkpoint_dir,
 )
@@ -44,10 +44,13 @@ class Checkpoint:
 class CheckpointReader:
     """Reads global tensors, or any piece of them, from a sharded or a single-process checkpoint."""
 
-    def __init__(self, path: str, verify_extra_files: bool = True) -> None:
-        """`verify_extra_files` False leaves the caller's own files (tokenizer.json) to the caller to verify."""
+    def __init__(self, path: str, verify_extra_files: bool = True, optimizer: bool = True) -> None:
+        """`verify_extra_files` False leaves the caller's own files (tokenizer.json) to the caller to verify;
+        `optimizer` False, for a caller that reads only weights, maps state.pt's optimizer tensors
+        instead of reading them."""
         self.path = path
-        self.state = load_state(path)  # weights_only first: pickled code is refused whatever the manifest says
+        # weights_only first: pickled code is refused whatever the manifest says
+        self.state = load_state(path, mmap=not optimizer)
         # every file but the shards is checked against the manifest now, each shard when first opened
         self.manifest = read_manifest(path)
         for name in self.manifest or {}:
@@ -56,12 +59,18 @@ class CheckpointReader:
                 verify_file(path, name, self.manifest)
         self.sharded = os.path.isfile(os.path.join(path, SHARD_INDEX_FILE))
         self._files: dict[str, object] = {}
-        self.aliases: dict[str, str] = {}  # tied key -> the key it is stored under (sharded checkpoints)
+        self.aliases: dict[str, str] = {}  # tied key -> the key it is stored under
         if self.sharded:
             self.index, self.aliases = self._read_index()
-        else:
-            self._full = {f"model/{k}": v for k, v in load_model_state(path).items()}
-            self._full.update(self._named_optimizer_state())
+        else:  # model.safetensors stays on disk: each tensor is read when asked for
+            if not os.path.isfile(os.path.join(path, MODEL_FILE)):
+                raise FileNotFoundError(f"checkpoint {path!r} has no {MODEL_FILE}; it is incomplete or not a "
+                                        "moetrain checkpoint")
+            model_file = self._open(MODEL_FILE, verify=False)  # verified above, when the manifest lists it
+            self.aliases = {f"model/{alias}": f"model/{stored}" for alias, stored in
+                            json.loads((model_file.metadata() or {}).get(ALIASES_KEY, "{}")).items()}
+            self._model_keys = {f"model/{key}" for key in model_file.keys()}
+            self._optimizer = self._named_optimizer_state()
 
     def _read_index(self) -> tuple[dict[str, list[dict]], dict[str, str]]:
         """index.json's tensors and aliases; refused if it names a file outside the checkpoint."""
@@ -101,14 +110,18 @@ class CheckpointReader:
                 for position, state in optimizer["state"].items() for key, value in state.items()}
 
     def keys(self) -> list[str]:
-        return list(self.index) if self.sharded else list(self._full)
+        if self.sharded:
+            return list(self.index)
+        return [*self._model_keys, *self.aliases, *self._optimizer]
 
     def model_state(self) -> dict[str, Tensor]:
         """All model tensors, whole (what a single-process model loads); tied names share one tensor."""
-        if not self.sharded:
-            return {k[len("model/"):]: v for k, v in self._full.items() if k.startswith("model/")}
-        state = {key[len("model/"):]: self.read(key, Piece(tuple(entries[0]["shape"])))
-                 for key, entries in self.index.items() if key.startswith("model/")}
+        if self.sharded:
+            state = {key[len("model/"):]: self.read(key, Piece(tuple(entries[0]["shape"])))
+                     for key, entries in self.index.items() if key.startswith("model/")}
+        else:
+            model_file = self._open(MODEL_FILE)
+            state = {key[len("model/"):]: model_file.get_tensor(key[len("model/"):]) for key in self._model_keys}
         for alias, stored in self.aliases.items():
             alias, stored = alias[len("model/"):], stored[len("model/"):]
             if alias not in state and stored in state:
@@ -118,9 +131,12 @@ class CheckpointReader:
     def read(self, key: str, want: Piece) -> Tensor:
         """The selection `want` of global tensor `key`, assembled from the pieces that hold it."""
         if not self.sharded:
-            if key not in self._full:
+            key = self.aliases.get(key, key)
+            if key in self._optimizer:
+                return _select(self._optimizer[key], want, key, self.path)
+            if key not in self._model_keys:
                 raise CheckpointError(f"{self.path} has no tensor {key!r}; it was saved from a different model")
-            return _select(self._full[key], want, key, self.path)
+            return _select(self._open(MODEL_FILE).get_tensor(key[len("model/"):]), want, key, self.path)
         if key not in self.index:
             key = self.aliases.get(key, key)  # a tied tensor, stored under its other name
         if key not in self.index:
@@ -156,9 +172,10 @@ class CheckpointReader:
                                   "needs; the checkpoint is incomplete")
         return out
 
-    def _open(self, file: str):
+    def _open(self, file: str, verify: bool = True):
         if file not in self._files:
-            verify_file(self.path, file, self.manifest)
+            if verify:
+                verify_file(self.path, file, self.manifest)
             try:
                 self._files[file] = safe_open(os.path.join(self.path, file), framework="pt")
             except (SafetensorError, OSError) as error:

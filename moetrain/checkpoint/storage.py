@@ -29,8 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 from moetrain.checkpoint.integrity import (
     CheckpointError,
@@ -296,24 +296,6 @@ def resolve_checkpoint_dir(load_dir: str, iteration: int | None = None) -> str:
             hint = f" (a crash interrupted re-saving it; rename {REPLACED_PREFIX + name} back to {name})"
         raise FileNotFoundError(f"{latest_path} names {name}, which is missing{hint}")
     return path
-
-
-def load_model_state(path: str) -> dict[str, torch.Tensor]:
-    model_path = os.path.join(path, MODEL_FILE)
-    if not os.path.isfile(model_path):
-        raise FileNotFoundError(f"checkpoint {path!r} has no {MODEL_FILE}; it is incomplete or not a moetrain "
-                                f"checkpoint")
-    try:
-        tensors = load_file(model_path)
-        with safe_open(model_path, framework="pt") as f:
-            metadata = f.metadata() or {}
-    except (SafetensorError, OSError) as error:
-        raise CheckpointError(f"{model_path} is corrupt or truncated ({_first_line(error)}); "
-                              f"{earlier_hint(path)}") from error
-    aliases = json.loads(metadata.get(ALIASES_KEY, "{}"))
-    for alias, stored in aliases.items():
-        tensors[alias] = tensors[stored]
-    return tensors
 
 
 def load_state(path: str, mmap: bool = False) -> dict:

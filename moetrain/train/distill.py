@@ -219,7 +219,7 @@ def _read_teacher(teacher: GPT, layers: range, checkpoint: str, state: ParallelS
     if len(layers) < teacher.cfg.num_layers:
         teacher = teacher.pipeline_stage(layers)
     parallelize(teacher, state, device)
-    load_model_into(CheckpointReader(checkpoint, verify_extra_files=False), teacher)
+    load_model_into(CheckpointReader(checkpoint, verify_extra_files=False, optimizer=False), teacher)
     return teacher.requires_grad_(False).eval()
 
 
