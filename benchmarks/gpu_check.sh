@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # One prepared GPU check of the MoE layer (at most ~8 minutes on an H100/H200):
 #   1. torch / CUDA versions, the card, and its measured bf16 matmul rate;
-#   2. the GPU tests (pytest -m cuda: bf16 vs fp32, no host sync, CUTLASS grouped GEMM, ZeRO offload);
+#   2. the GPU tests (pytest -m cuda: bf16 vs fp32, no host sync, CUTLASS grouped GEMM, ZeRO offload,
+#      20 steps of --bf16 training with evaluation, recompute and the chunked loss under bf16);
 #   3. the bf16 rows of benchmarks/moe_layer.py: 16384 tokens, hidden 4096, FFN 14336, E=8 k=2,
 #      and hidden 2048, FFN 1408, E=64 k=6 (fine-grained), TFLOP/s and share of the GEMM rate;
 #   4. 50 steps of --bf16 training of a realistic single-GPU model (benchmarks/train_throughput.py's
 #      h200 config: llama style, 12 layers, hidden 1024, 16 heads, seq 2048, micro batch 8, 64 experts
 #      top-2 every other layer, ~48k-token BPE trained offline on the built-in corpus, which feeds the
 #      steps): tokens/s, MFU against section 1's bf16 matmul rate, and peak memory.
-# Typical total on an H200: about 5 minutes (the per-step timeouts add up to 11).
+# Typical total on an H200: about 5 minutes (the per-step timeouts add up to 12).
 # Run from the repository root on a machine with torch installed:
 #   PYTHONPATH=. bash benchmarks/gpu_check.sh
 # With $OUT set, a summary (and the full log) is written there.
@@ -49,7 +50,8 @@ if torch.cuda.is_available():
 EOF
 
 section "pytest -m cuda"
-timeout 150 "$PYTHON" -m pytest -q -m cuda -p no:cacheprovider tests/test_moe_cuda.py tests/test_zero_offload.py || fail pytest
+timeout 200 "$PYTHON" -m pytest -q -m cuda -p no:cacheprovider tests/test_moe_cuda.py tests/test_zero_offload.py \
+    tests/test_gpu.py || fail pytest
 
 section "bf16 MoE rows (forward + backward, autocast over fp32 parameters)"
 timeout 130 "$PYTHON" benchmarks/moe_layer.py --device cuda --dtype bf16 --repeats 5 \
