@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -241,7 +242,7 @@ def test_flags_reference_is_current(tmp_path):
 def test_launcher_errors_before_joining_are_reported_by_rank_0_alone(tmp_path, monkeypatch, capsys):
     import moetrain.cli
 
-    monkeypatch.setattr(moetrain.cli, "_LAST_EXIT_DELAY_S", 0.0)
+    monkeypatch.setattr(moetrain.cli, "_OTHERS_EXIT_WAIT_S", 0.0)
     error_file = tmp_path / "error.json"
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -255,3 +256,21 @@ def test_launcher_errors_before_joining_are_reported_by_rank_0_alone(tmp_path, m
     monkeypatch.setenv("WORLD_SIZE", "1")  # no launcher: the line, exit 1, no error file written
     error_file.unlink()
     assert moetrain.cli.report_error("moetrain train: error: bad") == 1 and not error_file.exists()
+
+
+def test_rank_0_waits_for_the_launchers_other_workers_before_it_exits():
+    """Rank 0 must exit last (its failure alone in the launcher's summary) however late another worker runs:
+    it waits until its siblings are gone, not a fixed delay."""
+    launcher = textwrap.dedent("""
+        import subprocess, sys
+        late = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2.0)"])
+        rank0 = subprocess.run([sys.executable, "-c",
+            "import time; from moetrain.cli import _wait_for_sibling_workers as wait; "
+            "start = time.monotonic(); wait(30.0); print(time.monotonic() - start)"],
+            capture_output=True, text=True, check=True)
+        print(rank0.stdout.strip(), late.poll())
+    """)
+    done = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, check=True)
+    waited, late_exit = done.stdout.split()
+    assert late_exit == "0"  # the other worker had exited when rank 0 returned
+    assert 1.5 < float(waited) < 20.0

@@ -92,8 +92,10 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(code)
 
 
-# rank 0 exits this long after the others, so a launcher records its failure alone (torchrun polls every 0.1 s)
-_LAST_EXIT_DELAY_S = 1.0
+# rank 0 exits after the launcher's other workers (waiting at most this long), so the launcher records its
+# failure alone; then a little longer than the launcher's poll of its workers (torchrun: every 0.1 s)
+_OTHERS_EXIT_WAIT_S = 10.0
+_LAUNCHER_POLL_S = 0.2
 
 
 def report_error(message: str) -> int:
@@ -118,5 +120,42 @@ def report_error(message: str) -> int:
             with open(error_file, "w") as f:
                 json.dump({"message": {"message": message, "extraInfo": {
                     "py_callstack": message, "timestamp": str(int(time.time()))}}}, f)
-        time.sleep(_LAST_EXIT_DELAY_S)
+        _wait_for_sibling_workers(_OTHERS_EXIT_WAIT_S)
     return 1
+
+
+def _wait_for_sibling_workers(timeout: float) -> None:
+    """Return once the launcher's other workers on this node (the other children of this process's parent)
+    have exited, or after `timeout`; a fixed second where /proc cannot tell (not Linux). A fixed delay
+    alone lost the race when a loaded machine started a rank more than that late."""
+    if timeout <= 0:
+        return
+    deadline = time.monotonic() + timeout
+    siblings = _live_siblings()
+    if siblings is None:
+        time.sleep(min(timeout, 1.0))
+        return
+    while siblings and time.monotonic() < deadline:
+        time.sleep(0.05)
+        siblings = _live_siblings()
+    time.sleep(_LAUNCHER_POLL_S)
+
+
+def _live_siblings() -> set[int] | None:
+    """Running processes with this process's parent, other than this one (exited ones, zombies until the
+    launcher reaps them, do not count); None where /proc is not readable."""
+    parent, me = os.getppid(), os.getpid()
+    try:
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return None
+    live = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state, ppid = f.read().rsplit(")", 1)[1].split()[:2]  # after "pid (name)": state, ppid
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+        if pid != me and int(ppid) == parent and state != "Z":
+            live.add(pid)
+    return live
