@@ -281,8 +281,8 @@ def test_checkpoints_written_before_the_checkpoint_package_load_and_resume_as_th
     model, _, _ = load_model(path)
     assert model.lm_head.weight is model.tok_emb.weight  # stored once (the sharded index had no aliases then)
     ids = torch.arange(16).view(1, 16) * 7 % 250
-    with torch.no_grad():
-        assert float(model(ids).logits.double().sum()) == pytest.approx(expected["logits_sum"][layout], abs=1e-9)
+    with torch.no_grad():  # float32 logits from another CPU's BLAS: equal to rounding, not bit for bit
+        assert float(model(ids).logits.double().sum()) == pytest.approx(expected["logits_sum"][layout], rel=1e-6)
     if layout == "sharded":  # pieces of a 2-process tensor-parallel run, against an independent reading
         with open(os.path.join(path, "iter_0000002", "index.json")) as f:
             index = json.load(f)["tensors"]
