@@ -17,6 +17,7 @@ from moetrain.config import ConfigError, parse_train_args
 from moetrain.moe import MoE
 from moetrain.moe.balance import sinkhorn
 from moetrain.moe.router import Router
+from moetrain.moe.routing_config import RoutingConfig
 from tests.conftest import free_port
 
 HIDDEN, EXPERTS = 8, 8
@@ -25,7 +26,7 @@ HIDDEN, EXPERTS = 8, 8
 def _router(k: int, **kwargs) -> Router:
     torch.manual_seed(0)
     kwargs.setdefault("drop_tokens", False)
-    return Router(HIDDEN, EXPERTS, k, router_dtype="fp64", **kwargs)
+    return Router(HIDDEN, EXPERTS, RoutingConfig(k=k, router_dtype="fp64", **kwargs))
 
 
 def _reference_route(router: Router, x: torch.Tensor) -> tuple[list[list[int]], list[list[float]]]:
@@ -33,9 +34,10 @@ def _reference_route(router: Router, x: torch.Tensor) -> tuple[list[list[int]], 
     weight = router.wg.weight.double()
     bias = router.expert_bias.double() if router.expert_bias is not None else torch.zeros(EXPERTS, dtype=torch.float64)
     all_indices, all_weights = [], []
+    routing = router.routing
     for token in x.double():
         logits = [float(token @ weight[e].detach()) for e in range(EXPERTS)]
-        if router.score_func == "sigmoid":
+        if routing.score_func == "sigmoid":
             scores = [1 / (1 + math.exp(-v)) for v in logits]
         else:
             top = max(logits)
@@ -43,20 +45,20 @@ def _reference_route(router: Router, x: torch.Tensor) -> tuple[list[list[int]], 
             scores = [math.exp(v - top) / total for v in logits]
         selection = [s + float(b) for s, b in zip(scores, bias)]
         allowed = range(EXPERTS)
-        if router.num_groups:
-            size = EXPERTS // router.num_groups
-            groups = [selection[g * size:(g + 1) * size] for g in range(router.num_groups)]
-            if router.score_func == "sigmoid":
+        if routing.num_groups:
+            size = EXPERTS // routing.num_groups
+            groups = [selection[g * size:(g + 1) * size] for g in range(routing.num_groups)]
+            if routing.score_func == "sigmoid":
                 group_scores = [sum(sorted(group, reverse=True)[:2]) for group in groups]
             else:
                 group_scores = [max(group) for group in groups]
-            best = sorted(range(router.num_groups), key=lambda g: -group_scores[g])[:router.group_topk]
+            best = sorted(range(routing.num_groups), key=lambda g: -group_scores[g])[:routing.group_topk]
             allowed = [e for e in range(EXPERTS) if e // size in best]
-        chosen = sorted(allowed, key=lambda e: -selection[e])[:router.k]
+        chosen = sorted(allowed, key=lambda e: -selection[e])[:routing.k]
         gates = [scores[e] for e in chosen]
-        if router.k > 1 and not router.pre_softmax:
+        if routing.k > 1 and not routing.pre_softmax:
             gates = [g / sum(gates) for g in gates]
-        gates = [g * (router.topk_scaling_factor or 1.0) for g in gates]
+        gates = [g * (routing.topk_scaling_factor or 1.0) for g in gates]
         all_indices.append(chosen)
         all_weights.append(gates)
     return all_indices, all_weights
@@ -88,7 +90,8 @@ def test_routing_matches_per_token_float64_loop(case):
 def test_group_limited_routing_never_leaves_the_chosen_groups():
     torch.manual_seed(1)
     for score_func in ("softmax", "sigmoid"):
-        router = Router(HIDDEN, 16, 4, drop_tokens=False, score_func=score_func, num_groups=8, group_topk=2)
+        router = Router(HIDDEN, 16, RoutingConfig(k=4, drop_tokens=False, score_func=score_func, num_groups=8,
+                                                  group_topk=2))
         x = torch.randn(500, HIDDEN) * 3
         decision = router(x)
         scores = router.compute_scores(router.compute_logits(x)).view(500, 8, 2)
@@ -369,7 +372,7 @@ def test_router_dtype_fp64_and_fp32_under_autocast():
     x = torch.randn(16, HIDDEN)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert _router(k=2).compute_logits(x).dtype == torch.float64
-        decision = Router(HIDDEN, EXPERTS, 2, drop_tokens=False)(x)
+        decision = Router(HIDDEN, EXPERTS, RoutingConfig(k=2, drop_tokens=False))(x)
     assert decision.weights.dtype == torch.float32 and decision.l_aux.dtype == torch.float32
 
 
@@ -404,7 +407,7 @@ BAD_ROUTING = {
 def test_bad_routing_options_raise_one_line_errors(case):
     kwargs, message = BAD_ROUTING[case]
     with pytest.raises(ValueError, match=message) as error:
-        Router(HIDDEN, EXPERTS, **kwargs)
+        Router(HIDDEN, EXPERTS, RoutingConfig(**kwargs))
     assert "\n" not in str(error.value)
 
 

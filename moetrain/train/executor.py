@@ -15,7 +15,6 @@ from torch import Tensor
 
 from moetrain.loss import LossFunction
 from moetrain.model import GPT
-from moetrain.moe.router import balance_spec
 from moetrain.moe.routing_noise import first_sample, routing_key
 from moetrain.parallel.mesh import ParallelState
 from moetrain.parallel.parallelize import sync_routing_stats
@@ -50,8 +49,7 @@ class LocalExecutor:
         self.device, self.precision, self.accumulation = device, precision, accumulation
         moe_cfg = model.moe_cfg
         # each load-balancing type's loss is logged on its own when types are chosen (not DeepSpeed's l_aux)
-        self.balance_types = [] if moe_cfg.load_balancing_type is None else \
-            balance_spec(moe_cfg.load_balancing_type, moe_cfg.load_balancing_coeffs)[0]
+        self.balance_types = [] if moe_cfg.load_balancing_type is None else list(moe_cfg.routing().load_balancing_type)
         self.seed = seed
 
     def routing_key(self, iteration: int | None, micro_batch: int, micro_batch_size: int) -> Tensor:
