@@ -101,7 +101,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
         assert torch.equal(before_a[name], before_b[name])  # same seed, same init
         torch.testing.assert_close(after_a[name], after_b[name], rtol=1e-5, atol=1e-6)
     assert not torch.equal(after_a["tok_emb.weight"], before_a["tok_emb.weight"])
-    assert step_a["lm_loss"] == pytest.approx(step_b["lm_loss"], rel=1e-6)
+    assert step_a["losses"]["lm_loss"] == pytest.approx(step_b["losses"]["lm_loss"], rel=1e-6)
     assert step_a["grad_norm"] == pytest.approx(step_b["grad_norm"], rel=1e-4)
 
 
