@@ -332,7 +332,7 @@ class GPT(nn.Module):
 
         Every parameter's values come from generators keyed by (init_seed, its global name [, the global
         expert index of a stacked expert weight]), so a rank holding only a piece of a parameter produces
-        exactly that piece of the single-process model's. `pieces` (moetrain.checkpoint.model_pieces of
+        exactly that piece of the single-process model's. `pieces` (moetrain.parallel.pieces.model_pieces of
         a sharded model: local name -> (global name, tensor, piece)) says which piece; None: all whole.
         Peak extra memory: one whole non-expert parameter (a tensor-parallel piece is cut from it).
         """

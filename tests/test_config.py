@@ -542,7 +542,7 @@ def test_choice_lists_come_from_the_modules_that_implement_them() -> None:
 
     assert config.SCORE_FUNCS is routing.SCORE_FUNCS and config.NOISY_GATE_POLICIES is routing.NOISY_GATE_POLICIES
     assert config.DROP_POLICIES is routing.DROP_POLICIES and config.PRECISIONS is precision.PRECISIONS
-    assert config.LR_DECAY_STYLES is lr_schedule.STYLES and config.TOKENIZER_TYPES is tokenizer.TOKENIZER_KINDS
+    assert config.LR_DECAY_STYLES is lr_schedule.LR_DECAY_STYLES and config.TOKENIZER_TYPES is tokenizer.TOKENIZER_KINDS
 
 
 def test_every_routing_field_has_a_flag_and_the_same_default() -> None:

@@ -21,9 +21,10 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from moetrain.checkpoint import load_model, model_pieces
+from moetrain.checkpoint import load_model
 from moetrain.config import Config
 from moetrain.model import GPT
+from moetrain.parallel.pieces import model_pieces
 from moetrain.train.run import build_run
 from moetrain.train.trainer import Trainer
 from tests.conftest import free_port, tiny_config

@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moetrain.checkpoint import model_pieces
 from moetrain.config import Config
+from moetrain.parallel.pieces import model_pieces
 from moetrain.train.trainer import Trainer
 from tests.conftest import free_port, tiny_config
 

@@ -6,6 +6,9 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +18,21 @@ from moetrain.data import DataError
 from moetrain.train import trainer as trainer_module
 from moetrain.train.trainer import Trainer
 from tests.conftest import read_records, tiny_config
+
+
+def test_a_run_that_writes_no_plot_never_imports_matplotlib(tmp_path):
+    """Plotting loads where a plot is written (the end of a saving run on rank 0): a training process that never
+    plots, as every other rank of a parallel run, does not import matplotlib."""
+    script = ("import pathlib, sys\n"
+              "from moetrain.train.trainer import train\n"
+              "from tests.conftest import tiny_config\n"
+              f"train(tiny_config(pathlib.Path({str(tmp_path)!r}), save=None, train_iters=2), quiet=True)\n"
+              "print('matplotlib' in sys.modules)\n")
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == "False"
 
 
 def test_training_step_loss_falls_on_repetitive_text(tmp_path):

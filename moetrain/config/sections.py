@@ -1,7 +1,8 @@
 """Every option of `moetrain train` as typed dataclasses, one per section; each field declares its flags here.
 
-Choice lists come from the modules that implement them, so a new router score function or LR schedule is
-one edit. Validation is pure (config/validation.py); sizes known only at run time (the micro-batch left to
+Choice lists come from the modules that implement them, so a new router score function is one edit; the LR
+decay styles, which the training loop (a layer above the config) implements, are listed here and checked
+there. Validation is pure (config/validation.py); sizes known only at run time (the micro-batch left to
 DeepSpeed's rule, the vocabulary) are filled by ``resolve``, which returns a new Config.
 """
 
@@ -19,8 +20,8 @@ from moetrain.data.tokenizer import TOKENIZER_KINDS, tokenizer_kind
 from moetrain.moe.balance import BALANCE_TYPES
 from moetrain.moe.routing_config import DROP_POLICIES, NOISY_GATE_POLICIES, ROUTER_DTYPES, SCORE_FUNCS, RoutingConfig
 from moetrain.precision import PRECISIONS
-from moetrain.train.lr_schedule import STYLES as LR_DECAY_STYLES
 
+LR_DECAY_STYLES = ("cosine", "linear", "constant")  # each computed by moetrain.train.lr_schedule.LRSchedule
 MODEL_STYLES = ("gpt", "llama")
 MLP_TYPES = ("standard", "residual")
 RECOMPUTE_GRANULARITIES = (None, "full", "selective")

@@ -24,7 +24,6 @@ from moetrain.config import Config
 from moetrain.data.blend import NO_ROWS
 from moetrain.parallel.data_parallel import clip_gradients, global_grad_norm
 from moetrain.parallel.parallelize import sync_expert_load
-from moetrain.plot import plot_metrics
 from moetrain.train.metrics import MetricsLogger, format_eval_line, format_train_line
 from moetrain.train.run import build_run
 
@@ -351,6 +350,8 @@ class Trainer:
     def _print_finish(self, path: str | None) -> None:
         if path is None or self.parallel.rank != 0:
             return
+        from moetrain.plot import plot_metrics  # here: matplotlib loads only in a process that writes a plot
+
         save_dir = self.cfg.training.save
         plots = plot_metrics(os.path.join(save_dir, "metrics.jsonl"), save_dir)
         self._print(f"checkpoint: {path}")
