@@ -20,7 +20,7 @@ from moetrain.parallel.mesh import ParallelState
 from moetrain.parallel.parallelize import sync_routing_stats
 from moetrain.parallel.pipeline import PipelineRunner, all_reduce_tied_embedding_grads, embedding_group
 from moetrain.precision import autocast
-from moetrain.train.precision import LossScaler
+from moetrain.train.loss_scaler import LossScaler
 
 Batch = tuple[Tensor, Tensor]
 EvalRound = tuple[Tensor, Tensor, bool]  # inputs, targets, whether it counts (padding does not)
