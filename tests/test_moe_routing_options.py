@@ -6,19 +6,17 @@ form under 2-process data parallelism equal to one process on the whole batch).
 """
 
 import math
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from moetrain.config import ConfigError, parse_train_args
 from moetrain.moe import MoE
 from moetrain.moe.balance import sinkhorn
 from moetrain.moe.router import Router
 from moetrain.moe.routing_config import RoutingConfig
-from tests.conftest import free_port
+from tests.conftest import gloo_group, spawn
 
 HIDDEN, EXPERTS = 8, 8
 
@@ -172,18 +170,19 @@ def test_combined_balance_losses_are_weighted_and_kept_apart():
     assert parts["aux_loss"].item() != pytest.approx(parts["seq_aux_loss"].item())
 
 
-def _global_worker(rank: int, port: int, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
+def _two_rank_global_router(rank: int, port: int, run, results) -> None:
+    """Rank `rank` of 2: a global_aux_loss router balanced over both ranks; results[rank] = run(router, rank)."""
+    with gloo_group(rank, 2, port):
         router = _router(k=2, load_balancing_type="global_aux_loss")
         router.balance_group = dist.group.WORLD
-        x = _global_batch()[rank * 20:(rank + 1) * 20]
-        loss = router(x).l_aux
-        loss.backward()
-        results[rank] = (loss.detach(), router.wg.weight.grad.clone())
-    finally:
-        dist.destroy_process_group()
+        results[rank] = run(router, rank)
+
+
+def _one_batch(router: Router, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's 20 rows of the global batch: l_aux and the gate's gradient."""
+    loss = router(_global_batch()[rank * 20:(rank + 1) * 20]).l_aux
+    loss.backward()
+    return loss.detach(), router.wg.weight.grad.clone()
 
 
 def _global_batch() -> torch.Tensor:
@@ -192,8 +191,7 @@ def _global_batch() -> torch.Tensor:
 
 
 def test_global_aux_loss_over_two_data_parallel_ranks_equals_one_process_on_the_whole_batch():
-    results = mp.Manager().dict()
-    mp.spawn(_global_worker, args=(free_port(), results), nprocs=2, join=True)
+    results = spawn(_two_rank_global_router, 2, _one_batch)
     whole = _router(k=2, load_balancing_type="global_aux_loss")
     loss = whole(_global_batch()).l_aux
     loss.backward()
@@ -276,22 +274,15 @@ def test_global_aux_loss_accumulation_compiles_into_one_graph():
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-6, atol=1e-9)
 
 
-def _global_accumulation_worker(rank: int, port: int, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        router = _router(k=2, load_balancing_type="global_aux_loss")
-        router.balance_group = dist.group.WORLD
-        losses = _accumulate(router, [x[rank * 8:(rank + 1) * 8] for x in _micro_batches()])
-        results[rank] = (losses, router.wg.weight.grad.clone())
-    finally:
-        dist.destroy_process_group()
+def _accumulated(router: Router, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's 8 rows of each of the 3 micro-batches: their l_aux and the gate's accumulated gradient."""
+    losses = _accumulate(router, [x[rank * 8:(rank + 1) * 8] for x in _micro_batches()])
+    return losses, router.wg.weight.grad.clone()
 
 
 def test_global_aux_loss_with_accumulation_over_two_ranks_equals_one_process():
     """DP 2 x 3 micro-batches of 8 rows == 1 process x 3 micro-batches of both ranks' 16 rows."""
-    results = mp.Manager().dict()
-    mp.spawn(_global_accumulation_worker, args=(free_port(), results), nprocs=2, join=True)
+    results = spawn(_two_rank_global_router, 2, _accumulated)
     whole = _router(k=2, load_balancing_type="global_aux_loss")
     losses = _accumulate(whole, _micro_batches())
     torch.testing.assert_close((results[0][0] + results[1][0]) / 2, losses, rtol=1e-6, atol=0)  # fp32 l_aux
