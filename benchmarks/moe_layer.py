@@ -194,9 +194,9 @@ def _child(spec: dict) -> None:
     """Run in a fresh process: print how far one step (or a router forward + backward) raises
     peak RSS (kB)."""
     if spec.pop("router", False):
-        from moetrain.moe import TopKRouter
+        from moetrain.moe import RoutingConfig, TopKRouter
         torch.manual_seed(0)
-        router = TopKRouter(spec["hidden"], spec["experts"], spec["k"], drop_policy=spec["policy"])
+        router = TopKRouter(spec["hidden"], spec["experts"], RoutingConfig(k=spec["k"], drop_policy=spec["policy"]))
         x = torch.randn(spec["tokens"], spec["hidden"], requires_grad=True)
         resident_kb = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() // 1024
         decision = router(x)

@@ -132,14 +132,14 @@ def train(args, variant: str) -> dict:
     eval_seconds = 0.0
     while trainer.iteration < args.iters:
         step = trainer.train_step()
-        train_losses.append(step["loss"])
+        train_losses.append(step["losses"]["loss"])
         if trainer.iteration % args.eval_interval == 0 or trainer.iteration == args.iters:
             t0 = time.perf_counter()
             record = trainer.evaluate()
             eval_seconds += time.perf_counter() - t0
             curve.append((trainer.iteration, record["eval_loss"]))
             elapsed = time.perf_counter() - start
-            print(f"[{variant}] step {trainer.iteration:5d}  train loss {step['loss']:.4f}  "
+            print(f"[{variant}] step {trainer.iteration:5d}  train loss {step['losses']['loss']:.4f}  "
                   f"val loss {record['eval_loss']:.4f}  drop {record['eval_drop_fraction']:.3f}  "
                   f"({elapsed:.0f} s)", flush=True)
     total = time.perf_counter() - start

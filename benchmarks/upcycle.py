@@ -65,7 +65,8 @@ def run(name: str, cfg: Config) -> tuple[Trainer, list[tuple[int, float]], float
         step = trainer.train_step()
         if trainer.iteration % cfg.training.eval_interval == 0 or trainer.iteration == cfg.training.train_iters:
             curve.append((trainer.iteration, trainer.evaluate()["eval_loss"]))
-            print(f"[{name}] step {trainer.iteration:5d}  train loss {step['loss']:.4f}  val loss {curve[-1][1]:.4f}"
+            print(f"[{name}] step {trainer.iteration:5d}  train loss {step['losses']['loss']:.4f}  "
+                  f"val loss {curve[-1][1]:.4f}"
                   f"  ({time.perf_counter() - start:.0f} s)", flush=True)
     return trainer, curve, (time.perf_counter() - start) / cfg.training.train_iters
 

@@ -16,6 +16,41 @@ from torch import Tensor
 from moetrain.model import ModelOutput
 
 
+@dataclass(frozen=True)
+class StepLosses:
+    """Named scalar losses held as one stacked fp32 tensor: `values[i]` is the loss called `names[i]`.
+
+    A step's logged losses travel as one of these from the loss function (`LossParts.logged`) through the
+    executor and its all-reduces (of `values`, in place) to the trainer, whose one `to_host()` per step is
+    their only host copy. Logging one more loss is one more name where it is computed.
+    """
+
+    names: tuple[str, ...]
+    values: Tensor  # [len(names)] float32
+
+    @classmethod
+    def of(cls, named: dict[str, Tensor]) -> StepLosses:
+        """From scalar tensors (detached, in fp32), in the order given."""
+        return cls(tuple(named), torch.stack(list(named.values())).detach().float())
+
+    @classmethod
+    def mean(cls, parts: list[StepLosses]) -> StepLosses:
+        """The mean of losses with the same names (a step's micro-batches)."""
+        return cls(parts[0].names, torch.stack([part.values for part in parts]).sum(0) / len(parts))
+
+    def extended(self, more: StepLosses) -> StepLosses:
+        """These losses followed by `more` (on this one's device)."""
+        return StepLosses(self.names + more.names, torch.cat([self.values, more.values.to(self.values.device)]))
+
+    def get(self, name: str) -> Tensor | None:
+        """The loss called `name` (a 0-d view of `values`), None if there is none."""
+        return self.values[self.names.index(name)] if name in self.names else None
+
+    def to_host(self) -> dict[str, float]:
+        """name -> value, with one device-to-host copy."""
+        return dict(zip(self.names, self.values.tolist(), strict=True))
+
+
 @dataclass
 class LossParts:
     """One micro-batch's loss and the unscaled terms it is made of (kd_loss: None when not distilling)."""
@@ -26,10 +61,11 @@ class LossParts:
     z_loss: Tensor
     kd_loss: Tensor | None = None
 
-    def logged(self) -> Tensor:
-        """[loss, lm_loss, aux_loss, z_loss(, kd_loss)], detached, in fp32."""
-        kd = [self.kd_loss] if self.kd_loss is not None else []
-        return torch.stack([self.loss, self.lm_loss, self.aux_loss, self.z_loss, *kd]).detach().float()
+    def logged(self) -> StepLosses:
+        """loss, lm_loss, aux_loss, z_loss(, kd_loss while distilling)."""
+        kd = {"kd_loss": self.kd_loss} if self.kd_loss is not None else {}
+        return StepLosses.of({"loss": self.loss, "lm_loss": self.lm_loss, "aux_loss": self.aux_loss,
+                              "z_loss": self.z_loss, **kd})
 
 
 class LossFunction:

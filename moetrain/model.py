@@ -173,25 +173,11 @@ class Block(nn.Module):
         bias = cfg.style == "gpt"
         if num_experts > 1:
             self.ffn: nn.Module = MoE(
-                cfg.hidden_size, num_experts=num_experts, k=moe_cfg.topk,
-                capacity_factor=moe_cfg.train_capacity_factor,
-                eval_capacity_factor=moe_cfg.eval_capacity_factor,
-                min_capacity=moe_cfg.min_capacity, use_residual=moe_cfg.mlp_type == "residual",
-                noisy_gate_policy=moe_cfg.noisy_gate_policy, drop_tokens=moe_cfg.drop_tokens,
-                use_rts=moe_cfg.use_rts, top2_2nd_expert_sampling=moe_cfg.top2_2nd_expert_sampling,
-                ffn_hidden_size=moe_cfg.expert_ffn_size(cfg),
-                activation=activation, ffn_bias=bias, score_func=moe_cfg.score_func,
-                drop_policy=moe_cfg.drop_policy, expert_bias=moe_cfg.expert_bias,
-                expert_bias_update_rate=moe_cfg.expert_bias_update_rate,
-                num_shared_experts=moe_cfg.num_shared_experts, init_std=cfg.init_method_std,
-                load_balancing_type=moe_cfg.load_balancing_type,
-                load_balancing_coeffs=moe_cfg.load_balancing_coeffs, num_groups=moe_cfg.num_groups,
-                group_topk=moe_cfg.group_topk, pre_softmax=moe_cfg.pre_softmax,
-                topk_scaling_factor=moe_cfg.topk_scaling_factor, input_jitter_eps=moe_cfg.input_jitter_eps,
-                router_dtype=moe_cfg.router_dtype, shared_expert_ffn_size=moe_cfg.shared_expert_ffn_size,
-                shared_expert_gate=moe_cfg.shared_expert_gate,
-                pad_expert_input_to_capacity=moe_cfg.pad_expert_input_to_capacity,
-                layer_index=layer_index)
+                cfg.hidden_size, num_experts=num_experts, routing=moe_cfg.routing(),
+                use_residual=moe_cfg.mlp_type == "residual", ffn_hidden_size=moe_cfg.expert_ffn_size(cfg),
+                activation=activation, ffn_bias=bias, num_shared_experts=moe_cfg.num_shared_experts,
+                init_std=cfg.init_method_std, shared_expert_ffn_size=moe_cfg.shared_expert_ffn_size,
+                shared_expert_gate=moe_cfg.shared_expert_gate, layer_index=layer_index)
         else:
             self.ffn = MLP(cfg.hidden_size, cfg.ffn_size(), activation, bias=bias)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
@@ -346,7 +332,7 @@ class GPT(nn.Module):
 
         Every parameter's values come from generators keyed by (init_seed, its global name [, the global
         expert index of a stacked expert weight]), so a rank holding only a piece of a parameter produces
-        exactly that piece of the single-process model's. `pieces` (moetrain.checkpoint.model_pieces of
+        exactly that piece of the single-process model's. `pieces` (moetrain.parallel.pieces.model_pieces of
         a sharded model: local name -> (global name, tensor, piece)) says which piece; None: all whole.
         Peak extra memory: one whole non-expert parameter (a tensor-parallel piece is cut from it).
         """

@@ -537,12 +537,27 @@ def test_validate_changes_nothing_and_resolve_returns_a_new_config(tmp_path: Pat
 def test_choice_lists_come_from_the_modules_that_implement_them() -> None:
     from moetrain import precision
     from moetrain.data import tokenizer
-    from moetrain.moe import router
+    from moetrain.moe import routing_config as routing
     from moetrain.train import lr_schedule
 
-    assert config.SCORE_FUNCS is router.SCORE_FUNCS and config.NOISY_GATE_POLICIES is router.NOISY_GATE_POLICIES
-    assert config.DROP_POLICIES is router.DROP_POLICIES and config.PRECISIONS is precision.PRECISIONS
-    assert config.LR_DECAY_STYLES is lr_schedule.STYLES and config.TOKENIZER_TYPES is tokenizer.TOKENIZER_KINDS
+    assert config.SCORE_FUNCS is routing.SCORE_FUNCS and config.NOISY_GATE_POLICIES is routing.NOISY_GATE_POLICIES
+    assert config.DROP_POLICIES is routing.DROP_POLICIES and config.PRECISIONS is precision.PRECISIONS
+    assert config.LR_DECAY_STYLES is lr_schedule.LR_DECAY_STYLES and config.TOKENIZER_TYPES is tokenizer.TOKENIZER_KINDS
+
+
+def test_every_routing_field_has_a_flag_and_the_same_default() -> None:
+    """MoEConfig.routing() reads each RoutingConfig field from the MoEConfig field that declares its flag, so a
+    routing option added to one and not the other, or with another default, fails here."""
+    from moetrain.moe import RoutingConfig
+
+    assert MoEConfig().routing() == RoutingConfig()
+    flagged = {flags.dest.split(".")[1] for flags in field_flags(("moe",))}
+    renamed = {"k": "topk", "capacity_factor": "train_capacity_factor"}
+    assert {renamed.get(f.name, f.name) for f in dataclasses.fields(RoutingConfig)} <= flagged
+    changed = parse_train_args(["--moe-router-topk", "2", "--moe-expert-capacity-factor", "1.5",
+                                "--moe-router-load-balancing-type", "aux_loss", "--moe-router-dtype", "fp64"])
+    assert changed.moe.routing() == RoutingConfig(k=2, capacity_factor=1.5, load_balancing_type="aux_loss",
+                                                  router_dtype="fp64")
 
 
 def test_each_flag_is_declared_once_and_every_default_is_a_valid_choice() -> None:

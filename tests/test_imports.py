@@ -1,11 +1,13 @@
-"""Import hygiene of the moetrain package: every module imports on its own, and module-level imports form no
-cycle (imports inside functions are the way to break one, and are not counted)."""
+"""Import hygiene of the moetrain package: every module imports on its own, module-level imports form no
+cycle (imports inside functions are the way to break one, and are not counted), and no import runs up the
+layers docs/DESIGN.md draws (there, inside functions too, but for the deferred imports DESIGN.md names)."""
 
 from __future__ import annotations
 
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "moetrain"
+DESIGN = ROOT / "docs" / "DESIGN.md"
+# (importer, imported) imports that run up the layers inside a function, to defer a heavy dependency; each is
+# named in DESIGN.md's "Layers"
+DEFERRED_UPWARD = {("moetrain.train.trainer", "moetrain.plot")}  # matplotlib only where a plot is written
 
 
 def module_names() -> list[str]:
@@ -50,12 +56,14 @@ def _runtime_statements(body: list[ast.stmt]) -> list[ast.stmt]:
     return statements
 
 
-def _imported_modules(name: str, path: Path) -> set[str]:
+def _imported_modules(name: str, path: Path, everywhere: bool = False) -> set[str]:
     """moetrain modules whose code runs when `name` is imported: each module it imports at module level, and
-    the packages above that module which are not also above `name` (their __init__ runs first)."""
+    the packages above that module which are not also above `name` (their __init__ runs first). `everywhere`:
+    the imports inside functions and under TYPE_CHECKING too."""
     is_package = path.name == "__init__.py"
     targets: set[str] = set()
-    for node in _runtime_statements(ast.parse(path.read_text()).body):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree) if everywhere else _runtime_statements(tree.body):
         if isinstance(node, ast.Import):
             targets.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -77,8 +85,30 @@ def _imported_modules(name: str, path: Path) -> set[str]:
     return {module for module in imported if module not in own_packages and module != name and _module_path(module)}
 
 
-def import_graph() -> dict[str, set[str]]:
-    return {name: _imported_modules(name, _module_path(name)) for name in module_names()}
+def import_graph(everywhere: bool = False) -> dict[str, set[str]]:
+    return {name: _imported_modules(name, _module_path(name), everywhere) for name in module_names()}
+
+
+def design_layers() -> list[list[str]]:
+    """The rows of the picture under "## Layers" in docs/DESIGN.md, top row first: in each row, the names
+    before the description (two or more spaces on), comma-separated top-level packages and modules."""
+    section = DESIGN.read_text().split("\n## Layers\n", 1)[1]
+    picture = section.split("```", 2)[1]
+    return [re.split(r"\s{2,}", line.strip(), maxsplit=1)[0].split(", ")
+            for line in picture.splitlines() if line.strip()]
+
+
+def _top(module: str) -> str:
+    """The top-level package or module of moetrain a module belongs to ("moetrain.moe.router" -> "moe")."""
+    return module.split(".")[1]
+
+
+def upward_imports(graph: dict[str, set[str]], layers: list[list[str]]) -> list[tuple[str, str]]:
+    """(importer, imported) for each import between two top-level packages that does not go to a lower row
+    of `layers` (top row first): up, or sideways within a row."""
+    row = {name: i for i, names in enumerate(layers) for name in names}
+    return sorted((module, target) for module, targets in graph.items() for target in targets
+                  if _top(module) != _top(target) and row[_top(target)] <= row[_top(module)])
 
 
 def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -126,10 +156,34 @@ def test_cycle_finder_sees_a_cycle_through_a_package_init():
 def test_graph_reads_module_level_imports_only():
     graph = import_graph()
     # config's sections import the router's choice lists: the router module and the moe package's __init__
-    assert {"moetrain.moe", "moetrain.moe.router"} <= graph["moetrain.config.sections"]
+    assert {"moetrain.moe", "moetrain.moe.routing_config"} <= graph["moetrain.config.sections"]
     # the cli imports its commands' code inside functions only
     assert not any(module.split(".")[1] not in ("cli",) for module in graph["moetrain.cli.train"])
     assert "moetrain.config.sections" not in graph["moetrain.config.validation"]  # under TYPE_CHECKING
+
+
+def test_layer_check_sees_an_import_up_or_sideways():
+    layers = [["cli"], ["train", "plot"], ["model"]]
+    graph = {"moetrain.model": {"moetrain.train.run"}, "moetrain.train.run": {"moetrain.plot", "moetrain.model"},
+             "moetrain.cli.train": {"moetrain.train.run"}, "moetrain.train.trainer": {"moetrain.train.run"}}
+    assert upward_imports(graph, layers) == [("moetrain.model", "moetrain.train.run"),
+                                             ("moetrain.train.run", "moetrain.plot")]
+
+
+def test_design_md_places_every_package_and_module_in_one_layer():
+    placed = [name for row in design_layers() for name in row]
+    top_level = {_top(name) for name in module_names() if name != "moetrain"}
+    assert sorted(placed) == sorted(top_level), "docs/DESIGN.md's Layers must name each top-level module once"
+
+
+def test_no_import_runs_up_the_layers():
+    """Module-level imports go to a lower layer (or stay in their package); so do imports inside functions but
+    for DEFERRED_UPWARD, and those only inside functions."""
+    layers = design_layers()
+    at_import = upward_imports(import_graph(), layers)
+    assert not at_import, f"module-level imports running up docs/DESIGN.md's layers: {at_import}"
+    anywhere = [edge for edge in upward_imports(import_graph(everywhere=True), layers) if edge not in DEFERRED_UPWARD]
+    assert not anywhere, f"imports running up docs/DESIGN.md's layers (inside functions): {anywhere}"
 
 
 def test_no_import_cycle_in_moetrain():

@@ -10,23 +10,21 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 from unittest import mock
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from moetrain.checkpoint import load_model, model_pieces
+from moetrain.checkpoint import load_model
 from moetrain.config import Config
 from moetrain.model import GPT
+from moetrain.parallel.pieces import model_pieces
 from moetrain.train.run import build_run
 from moetrain.train.trainer import Trainer
-from tests.conftest import free_port, tiny_config
+from tests.conftest import run_ranks, tiny_config
 from tests.test_parallel_training import parallel_config, select
 
 
@@ -60,10 +58,8 @@ def assert_materialised(model: torch.nn.Module, device: torch.device) -> None:
             assert not any(t.is_meta for t in vars(stats).values() if isinstance(t, torch.Tensor))
 
 
-def _worker(rank: int, world: int, port: int, cfg_dict: dict, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+def _build(cfg: Config) -> dict:
+    """One rank's start-up: the pieces it holds, its peak allocation, which models it materialised, its log."""
     materialised = []  # (layer count, tensor names) of each model (student or teacher) allocated
 
     def recording_materialize(model: GPT, *args) -> None:
@@ -71,27 +67,21 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, results) -> None:
         original_materialize(model, *args)
 
     original_materialize = GPT.materialize
-    try:
-        tracker, log = LiveTensorBytes(), io.StringIO()  # rank 0 logs
-        with tracker, mock.patch.object(GPT, "materialize", recording_materialize), contextlib.redirect_stdout(log):
-            run = build_run(Config.from_dict(cfg_dict))
-        assert_materialised(run.model, run.device)
-        got = {"pieces": {g: (t.clone(), p) for g, t, p in model_pieces(run.model).values()},
-               "peak": tracker.peak, "whole": 4 * run.param_counts["total"], "materialised": materialised,
-               "log": log.getvalue()}
-        if run.distiller is not None and run.distiller.teacher is not None:
-            assert_materialised(run.distiller.teacher, run.device)
-            got["teacher"] = {g: (t.clone(), p) for g, t, p in model_pieces(run.distiller.teacher).values()}
-        results[rank] = got
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    tracker, log = LiveTensorBytes(), io.StringIO()  # rank 0 logs
+    with tracker, mock.patch.object(GPT, "materialize", recording_materialize), contextlib.redirect_stdout(log):
+        run = build_run(cfg)
+    assert_materialised(run.model, run.device)
+    got = {"pieces": {g: (t.clone(), p) for g, t, p in model_pieces(run.model).values()},
+           "peak": tracker.peak, "whole": 4 * run.param_counts["total"], "materialised": materialised,
+           "log": log.getvalue()}
+    if run.distiller is not None and run.distiller.teacher is not None:
+        assert_materialised(run.distiller.teacher, run.device)
+        got["teacher"] = {g: (t.clone(), p) for g, t, p in model_pieces(run.distiller.teacher).values()}
+    return got
 
 
 def start_parallel(cfg: Config, world: int) -> dict:
-    results = mp.Manager().dict()
-    mp.spawn(_worker, args=(world, free_port(), cfg.to_dict(), results), nprocs=world, join=True)
-    return dict(results)
+    return run_ranks(_build, cfg, world)
 
 
 def single_process(cfg: Config):

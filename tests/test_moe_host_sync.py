@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import os
 import shutil
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moetrain.moe import MoE
 from moetrain.moe.routing_noise import routing_key
+from tests.conftest import gloo_group, spawn
 
 SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::unique", "aten::_unique",
             "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive", "aten::bincount"}
@@ -152,16 +150,8 @@ def test_capacity_mode_really_drops_in_the_sync_test():
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ep_worker(rank: int, port: int, drop_tokens: bool, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, WORLD, port):
         layers = [_layer(k=2, drop_tokens=drop_tokens, ep_size=WORLD, ep_group=dist.group.WORLD)
                   for _ in range(2)]
         torch.manual_seed(10 + rank)
@@ -175,15 +165,11 @@ def _ep_worker(rank: int, port: int, drop_tokens: bool, results) -> None:
         with count_host_syncs() as backward_events:
             loss.backward()
         results[rank] = (dict(forward_events), dict(backward_events))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("drop_tokens", [False, True], ids=["dropless", "capacity"])
 def test_expert_parallel_copies_split_sizes_once_per_layer_forward_only(drop_tokens):
-    manager = mp.Manager()
-    results = manager.dict()
-    mp.spawn(_ep_worker, args=(_free_port(), drop_tokens, results), nprocs=WORLD, join=True)
+    results = spawn(_ep_worker, WORLD, drop_tokens)
     for rank in range(WORLD):
         forward_events, backward_events = results[rank]
         assert forward_events == {"Tensor.tolist": 2}, (rank, forward_events)  # 2 layers

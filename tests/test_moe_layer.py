@@ -19,6 +19,7 @@ from moetrain.moe import (
     ModuleExperts,
     MoE,
     Router,
+    RoutingConfig,
     RoutingStats,
     TopKRouter,
     expert_capacity,
@@ -166,10 +167,9 @@ def randomize_(module: nn.Module, scale: float = 0.3, seed: int = 0) -> None:
 
 
 def make_router(cls, hidden, experts, k, **kwargs):
-    if cls is TopKRouter:
-        kwargs.setdefault("use_rts", False)
-        kwargs.setdefault("top2_2nd_expert_sampling", False)
-    return cls(hidden, experts, k, **kwargs)
+    kwargs.setdefault("use_rts", False)  # read by TopKRouter only
+    kwargs.setdefault("top2_2nd_expert_sampling", False)
+    return cls(hidden, experts, RoutingConfig(k=k, **kwargs))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +216,7 @@ def test_topk_router_k1_default_policy_keeps_min_count_capacity(use_rts):
     """k=1 without an explicit drop policy keeps torch.topk's tie order (or a random subset with
     RTS): which tokens stay is not specified, how many is."""
     torch.manual_seed(1)
-    router = TopKRouter(HID, NE, 1, capacity_factor=0.75, min_capacity=1, use_rts=use_rts)
+    router = TopKRouter(HID, NE, RoutingConfig(capacity_factor=0.75, min_capacity=1, use_rts=use_rts))
     assert router.resolved_drop_policy() == ("random" if use_rts else "unordered")
     randomize_(router, scale=0.8)
     x = torch.randn(TOKENS, HID)
@@ -427,9 +427,8 @@ def make_layer(k, *, activation="gelu", num_experts=NE, hidden=HID, ffn=16, seed
 @pytest.mark.parametrize("activation", ["gelu", "relu", "swiglu"])
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_sparse_moe_layer_matches_per_token_reference(k, activation):
-    layer = make_layer(k, activation=activation, ffn_bias=True)
     policy = "position" if k <= 2 else "probs"
-    layer.router.drop_policy = policy
+    layer = make_layer(k, activation=activation, ffn_bias=True, drop_policy=policy)
     x = torch.randn(2, TOKENS // 2, HID, generator=torch.Generator().manual_seed(5))
     xr = x.clone().requires_grad_()
     out, l_aux, counts = layer(xr)
@@ -468,9 +467,10 @@ class Float64Router(TopKRouter):
 def test_sparse_moe_layer_gradcheck(drop_tokens):
     torch.manual_seed(7)
     hidden, ffn, experts, k, tokens = 4, 6, 3, 2, 6
-    router = Float64Router(hidden, experts, k, capacity_factor=0.5, min_capacity=1,
-                           drop_tokens=drop_tokens, use_rts=False, top2_2nd_expert_sampling=False)
-    layer = MoE(hidden, None, experts, k=k, ffn_hidden_size=ffn, ffn_bias=True, router=router)
+    router = Float64Router(hidden, experts, RoutingConfig(k=k, capacity_factor=0.5, min_capacity=1,
+                                                          drop_tokens=drop_tokens, use_rts=False,
+                                                          top2_2nd_expert_sampling=False))
+    layer = MoE(hidden, None, experts, ffn_hidden_size=ffn, ffn_bias=True, router=router)
     randomize_(layer, scale=0.7, seed=8)
     layer = layer.double()
     x = torch.randn(tokens, hidden, dtype=torch.float64, requires_grad=True)

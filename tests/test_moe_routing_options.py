@@ -6,18 +6,17 @@ form under 2-process data parallelism equal to one process on the whole batch).
 """
 
 import math
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from moetrain.config import ConfigError, parse_train_args
 from moetrain.moe import MoE
 from moetrain.moe.balance import sinkhorn
 from moetrain.moe.router import Router
-from tests.conftest import free_port
+from moetrain.moe.routing_config import RoutingConfig
+from tests.conftest import gloo_group, spawn
 
 HIDDEN, EXPERTS = 8, 8
 
@@ -25,7 +24,7 @@ HIDDEN, EXPERTS = 8, 8
 def _router(k: int, **kwargs) -> Router:
     torch.manual_seed(0)
     kwargs.setdefault("drop_tokens", False)
-    return Router(HIDDEN, EXPERTS, k, router_dtype="fp64", **kwargs)
+    return Router(HIDDEN, EXPERTS, RoutingConfig(k=k, router_dtype="fp64", **kwargs))
 
 
 def _reference_route(router: Router, x: torch.Tensor) -> tuple[list[list[int]], list[list[float]]]:
@@ -33,9 +32,10 @@ def _reference_route(router: Router, x: torch.Tensor) -> tuple[list[list[int]], 
     weight = router.wg.weight.double()
     bias = router.expert_bias.double() if router.expert_bias is not None else torch.zeros(EXPERTS, dtype=torch.float64)
     all_indices, all_weights = [], []
+    routing = router.routing
     for token in x.double():
         logits = [float(token @ weight[e].detach()) for e in range(EXPERTS)]
-        if router.score_func == "sigmoid":
+        if routing.score_func == "sigmoid":
             scores = [1 / (1 + math.exp(-v)) for v in logits]
         else:
             top = max(logits)
@@ -43,20 +43,20 @@ def _reference_route(router: Router, x: torch.Tensor) -> tuple[list[list[int]], 
             scores = [math.exp(v - top) / total for v in logits]
         selection = [s + float(b) for s, b in zip(scores, bias)]
         allowed = range(EXPERTS)
-        if router.num_groups:
-            size = EXPERTS // router.num_groups
-            groups = [selection[g * size:(g + 1) * size] for g in range(router.num_groups)]
-            if router.score_func == "sigmoid":
+        if routing.num_groups:
+            size = EXPERTS // routing.num_groups
+            groups = [selection[g * size:(g + 1) * size] for g in range(routing.num_groups)]
+            if routing.score_func == "sigmoid":
                 group_scores = [sum(sorted(group, reverse=True)[:2]) for group in groups]
             else:
                 group_scores = [max(group) for group in groups]
-            best = sorted(range(router.num_groups), key=lambda g: -group_scores[g])[:router.group_topk]
+            best = sorted(range(routing.num_groups), key=lambda g: -group_scores[g])[:routing.group_topk]
             allowed = [e for e in range(EXPERTS) if e // size in best]
-        chosen = sorted(allowed, key=lambda e: -selection[e])[:router.k]
+        chosen = sorted(allowed, key=lambda e: -selection[e])[:routing.k]
         gates = [scores[e] for e in chosen]
-        if router.k > 1 and not router.pre_softmax:
+        if routing.k > 1 and not routing.pre_softmax:
             gates = [g / sum(gates) for g in gates]
-        gates = [g * (router.topk_scaling_factor or 1.0) for g in gates]
+        gates = [g * (routing.topk_scaling_factor or 1.0) for g in gates]
         all_indices.append(chosen)
         all_weights.append(gates)
     return all_indices, all_weights
@@ -88,7 +88,8 @@ def test_routing_matches_per_token_float64_loop(case):
 def test_group_limited_routing_never_leaves_the_chosen_groups():
     torch.manual_seed(1)
     for score_func in ("softmax", "sigmoid"):
-        router = Router(HIDDEN, 16, 4, drop_tokens=False, score_func=score_func, num_groups=8, group_topk=2)
+        router = Router(HIDDEN, 16, RoutingConfig(k=4, drop_tokens=False, score_func=score_func, num_groups=8,
+                                                  group_topk=2))
         x = torch.randn(500, HIDDEN) * 3
         decision = router(x)
         scores = router.compute_scores(router.compute_logits(x)).view(500, 8, 2)
@@ -169,18 +170,19 @@ def test_combined_balance_losses_are_weighted_and_kept_apart():
     assert parts["aux_loss"].item() != pytest.approx(parts["seq_aux_loss"].item())
 
 
-def _global_worker(rank: int, port: int, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
+def _two_rank_global_router(rank: int, port: int, run, results) -> None:
+    """Rank `rank` of 2: a global_aux_loss router balanced over both ranks; results[rank] = run(router, rank)."""
+    with gloo_group(rank, 2, port):
         router = _router(k=2, load_balancing_type="global_aux_loss")
         router.balance_group = dist.group.WORLD
-        x = _global_batch()[rank * 20:(rank + 1) * 20]
-        loss = router(x).l_aux
-        loss.backward()
-        results[rank] = (loss.detach(), router.wg.weight.grad.clone())
-    finally:
-        dist.destroy_process_group()
+        results[rank] = run(router, rank)
+
+
+def _one_batch(router: Router, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's 20 rows of the global batch: l_aux and the gate's gradient."""
+    loss = router(_global_batch()[rank * 20:(rank + 1) * 20]).l_aux
+    loss.backward()
+    return loss.detach(), router.wg.weight.grad.clone()
 
 
 def _global_batch() -> torch.Tensor:
@@ -189,8 +191,7 @@ def _global_batch() -> torch.Tensor:
 
 
 def test_global_aux_loss_over_two_data_parallel_ranks_equals_one_process_on_the_whole_batch():
-    results = mp.Manager().dict()
-    mp.spawn(_global_worker, args=(free_port(), results), nprocs=2, join=True)
+    results = spawn(_two_rank_global_router, 2, _one_batch)
     whole = _router(k=2, load_balancing_type="global_aux_loss")
     loss = whole(_global_batch()).l_aux
     loss.backward()
@@ -273,22 +274,15 @@ def test_global_aux_loss_accumulation_compiles_into_one_graph():
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-6, atol=1e-9)
 
 
-def _global_accumulation_worker(rank: int, port: int, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        router = _router(k=2, load_balancing_type="global_aux_loss")
-        router.balance_group = dist.group.WORLD
-        losses = _accumulate(router, [x[rank * 8:(rank + 1) * 8] for x in _micro_batches()])
-        results[rank] = (losses, router.wg.weight.grad.clone())
-    finally:
-        dist.destroy_process_group()
+def _accumulated(router: Router, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's 8 rows of each of the 3 micro-batches: their l_aux and the gate's accumulated gradient."""
+    losses = _accumulate(router, [x[rank * 8:(rank + 1) * 8] for x in _micro_batches()])
+    return losses, router.wg.weight.grad.clone()
 
 
 def test_global_aux_loss_with_accumulation_over_two_ranks_equals_one_process():
     """DP 2 x 3 micro-batches of 8 rows == 1 process x 3 micro-batches of both ranks' 16 rows."""
-    results = mp.Manager().dict()
-    mp.spawn(_global_accumulation_worker, args=(free_port(), results), nprocs=2, join=True)
+    results = spawn(_two_rank_global_router, 2, _accumulated)
     whole = _router(k=2, load_balancing_type="global_aux_loss")
     losses = _accumulate(whole, _micro_batches())
     torch.testing.assert_close((results[0][0] + results[1][0]) / 2, losses, rtol=1e-6, atol=0)  # fp32 l_aux
@@ -369,7 +363,7 @@ def test_router_dtype_fp64_and_fp32_under_autocast():
     x = torch.randn(16, HIDDEN)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert _router(k=2).compute_logits(x).dtype == torch.float64
-        decision = Router(HIDDEN, EXPERTS, 2, drop_tokens=False)(x)
+        decision = Router(HIDDEN, EXPERTS, RoutingConfig(k=2, drop_tokens=False))(x)
     assert decision.weights.dtype == torch.float32 and decision.l_aux.dtype == torch.float32
 
 
@@ -404,7 +398,7 @@ BAD_ROUTING = {
 def test_bad_routing_options_raise_one_line_errors(case):
     kwargs, message = BAD_ROUTING[case]
     with pytest.raises(ValueError, match=message) as error:
-        Router(HIDDEN, EXPERTS, **kwargs)
+        Router(HIDDEN, EXPERTS, RoutingConfig(**kwargs))
     assert "\n" not in str(error.value)
 
 

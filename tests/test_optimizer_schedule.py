@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from moetrain.precision import autocast
+from moetrain.train.loss_scaler import LossScaler
 from moetrain.train.lr_schedule import LRSchedule
 from moetrain.train.optimizer import build_optimizer
-from moetrain.train.precision import LossScaler
 
 
 class TinyMoELike(nn.Module):

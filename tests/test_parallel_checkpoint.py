@@ -9,9 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moetrain.checkpoint import CheckpointError, CheckpointReader, consolidate, load_checkpoint
+from moetrain.checkpoint import CheckpointError, CheckpointReader, load_checkpoint
 from moetrain.cli import main as cli_main
 from moetrain.config import Config
+from moetrain.train.consolidate import consolidate
 from moetrain.train.trainer import Trainer
 from tests.test_parallel_training import parallel_config, reference, run_parallel, select
 

@@ -16,13 +16,11 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from moetrain.checkpoint import model_pieces
 from moetrain.config import Config
+from moetrain.parallel.pieces import model_pieces
 from moetrain.train.trainer import Trainer
-from tests.conftest import free_port, tiny_config
+from tests.conftest import free_port, run_ranks, tiny_config
 
 # random routing modes: DeepSpeed's top-2 default (second-expert sampling) with Jitter, dropless; top-1 with
 # random token selection and RSample under a capacity limit
@@ -48,24 +46,16 @@ def parallel_config(tmp_path, *, style="llama", drop_tokens=False, routing: str 
     return cfg
 
 
-def _worker(rank: int, world: int, port: int, cfg_dict: dict, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    try:
-        trainer = Trainer(Config.from_dict(cfg_dict), quiet=True)
-        result = trainer.fit()
-        pieces = {g: (t.clone(), p) for g, t, p in model_pieces(trainer.model).values()}
-        results[rank] = {"losses": result.losses, "eval": result.final_eval_loss, "pieces": pieces}
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def _train(cfg: Config) -> dict:
+    """One rank's training run: its losses, final eval loss and the pieces of its model."""
+    trainer = Trainer(cfg, quiet=True)
+    result = trainer.fit()
+    pieces = {g: (t.clone(), p) for g, t, p in model_pieces(trainer.model).values()}
+    return {"losses": result.losses, "eval": result.final_eval_loss, "pieces": pieces}
 
 
 def run_parallel(cfg: Config, world: int) -> dict:
-    results = mp.Manager().dict()
-    mp.spawn(_worker, args=(world, free_port(), cfg.to_dict(), results), nprocs=world, join=True)
-    return dict(results)
+    return run_ranks(_train, cfg, world)
 
 
 def reference(cfg: Config) -> tuple[list[float], float | None, dict[str, torch.Tensor]]:

@@ -1,13 +1,12 @@
 """Checkpoints: `save` / `restore` (either format, chosen from the run's layout), `load_model`,
-`read_model_config`, `consolidate`.
+`read_model_config` (merging one into a single-process checkpoint: moetrain.train.consolidate).
 
 Modules, each importing only those before it: storage (files, atomic publish, state.pt), rng,
 layout (pieces and global names of a sharded model), sharded (the multi-process writer), reader
 (any format, any selection), api (what the rest of moetrain calls).
 """
 
-from moetrain.checkpoint.api import Restored, consolidate, load_model, read_model_config, restore, save
-from moetrain.checkpoint.layout import Piece, model_pieces
+from moetrain.checkpoint.api import Restored, load_model, read_model_config, restore, save
 from moetrain.checkpoint.reader import Checkpoint, CheckpointReader, load_checkpoint, load_model_into
 from moetrain.checkpoint.rng import capture_rng_state, restore_rng_state
 from moetrain.checkpoint.storage import (
@@ -17,6 +16,7 @@ from moetrain.checkpoint.storage import (
     resolve_checkpoint_dir,
     save_checkpoint,
 )
+from moetrain.parallel.pieces import Piece
 
 __all__ = [
     "Checkpoint",
@@ -25,13 +25,11 @@ __all__ = [
     "Piece",
     "Restored",
     "capture_rng_state",
-    "consolidate",
     "iter_dir_name",
     "list_checkpoints",
     "load_checkpoint",
     "load_model",
     "load_model_into",
-    "model_pieces",
     "read_model_config",
     "resolve_checkpoint_dir",
     "restore",

@@ -21,12 +21,11 @@ from moetrain.checkpoint.reader import CheckpointReader, load_into
 from moetrain.checkpoint.rng import capture_rng_state, rank_rng_state
 from moetrain.checkpoint.sharded import save_sharded
 from moetrain.checkpoint.storage import CheckpointError, load_state, resolve_checkpoint_dir, save_checkpoint
-from moetrain.config import Config, ConfigError, ParallelConfig
+from moetrain.config import Config, ConfigError
 from moetrain.data import Tokenizer
 from moetrain.model import GPT
 from moetrain.parallel.mesh import ParallelState
 from moetrain.parallel.zero import ZeroOptimizer
-from moetrain.train.optimizer import build_optimizer
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -124,27 +123,3 @@ def load_model(load_dir: str, device: str | torch.device = "cpu") -> tuple[GPT, 
     model = GPT(cfg.model, cfg.moe, seed=0)  # the weights are loaded over it
     model.load_state_dict(CheckpointReader(path, verify_extra_files=False, optimizer=False).model_state())
     return model.to(device).eval(), tokenizer, cfg
-
-
-def consolidate(load_dir: str, out_dir: str) -> str:
-    """Merge a checkpoint of any layout into a single-process one: whole tensors, torch optimizer state."""
-    reader = CheckpointReader(resolve_checkpoint_dir(load_dir))
-    extra = dict(reader.state["extra"])
-    cfg = Config.from_dict(extra["config"])
-    cfg.parallel = ParallelConfig()  # the result is a one-process checkpoint
-    model = GPT(cfg.model, cfg.moe)
-    tc = cfg.training
-    optimizer = build_optimizer(model, lr=tc.lr, weight_decay=tc.weight_decay,
-                                betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps)
-    load_into(reader, model, optimizer)
-    extra.update(config=cfg.to_dict(), rng=rank_rng_state(extra, 0, 1),
-                 optimizer_param_names=optimizer_param_names(model, optimizer))
-    extra.pop("rng_per_rank", None)
-    tokenizer = os.path.join(reader.path, TOKENIZER_FILE)
-    files = {}
-    if os.path.isfile(tokenizer):
-        with open(tokenizer, encoding="utf-8") as f:
-            files[TOKENIZER_FILE] = f.read()
-    return save_checkpoint(out_dir, int(reader.state["iteration"]), model_state=model.state_dict(),
-                           optimizer_state=optimizer.state_dict(), extra=extra, files=files)
-

@@ -13,9 +13,7 @@ from torch import Tensor, nn
 from moetrain.checkpoint.integrity import check_inside, earlier_hint, read_manifest, verify_file
 from moetrain.checkpoint.layout import (
     OPTIMIZER_PARAM_NAMES,
-    Piece,
     holds_optimizer_state,
-    model_pieces,
     set_optimizer_state,
 )
 from moetrain.checkpoint.storage import (
@@ -28,6 +26,7 @@ from moetrain.checkpoint.storage import (
     load_state,
     resolve_checkpoint_dir,
 )
+from moetrain.parallel.pieces import Piece, model_pieces
 
 
 @dataclass

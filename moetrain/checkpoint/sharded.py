@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from moetrain.checkpoint.integrity import CheckpointWriteError
-from moetrain.checkpoint.layout import Piece, local_entries
+from moetrain.checkpoint.layout import local_entries
 from moetrain.checkpoint.storage import (
     SHARD_INDEX_FILE,
     SHARD_PREFIX,
@@ -33,6 +33,7 @@ from moetrain.checkpoint.storage import (
     write_state,
 )
 from moetrain.parallel.mesh import ParallelState
+from moetrain.parallel.pieces import Piece
 
 
 def save_sharded(save_dir: str, iteration: int, model: nn.Module, optimizer, extra: dict, rng: dict,

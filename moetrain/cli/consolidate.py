@@ -8,7 +8,7 @@ SUMMARY = "merge a sharded (multi-process) checkpoint into a single-process one"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from moetrain.checkpoint import consolidate
+    from moetrain.train.consolidate import consolidate
 
     parser.description = consolidate.__doc__
     parser.add_argument("--load", required=True, help="checkpoint directory (a --save directory or an iter_* one)")
@@ -16,7 +16,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moetrain.checkpoint import consolidate
+    from moetrain.train.consolidate import consolidate
 
     print(f"consolidated into {consolidate(args.load, args.out)}")
     return 0

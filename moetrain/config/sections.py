@@ -1,7 +1,8 @@
 """Every option of `moetrain train` as typed dataclasses, one per section; each field declares its flags here.
 
-Choice lists come from the modules that implement them, so a new router score function or LR schedule is
-one edit. Validation is pure (config/validation.py); sizes known only at run time (the micro-batch left to
+Choice lists come from the modules that implement them, so a new router score function is one edit; the LR
+decay styles, which the training loop (a layer above the config) implements, are listed here and checked
+there. Validation is pure (config/validation.py); sizes known only at run time (the micro-batch left to
 DeepSpeed's rule, the vocabulary) are filled by ``resolve``, which returns a new Config.
 """
 
@@ -17,10 +18,10 @@ from moetrain.config import validation
 from moetrain.config.option import check, option, switch
 from moetrain.data.tokenizer import TOKENIZER_KINDS, tokenizer_kind
 from moetrain.moe.balance import BALANCE_TYPES
-from moetrain.moe.router import DROP_POLICIES, NOISY_GATE_POLICIES, ROUTER_DTYPES, SCORE_FUNCS
+from moetrain.moe.routing_config import DROP_POLICIES, NOISY_GATE_POLICIES, ROUTER_DTYPES, SCORE_FUNCS, RoutingConfig
 from moetrain.precision import PRECISIONS
-from moetrain.train.lr_schedule import STYLES as LR_DECAY_STYLES
 
+LR_DECAY_STYLES = ("cosine", "linear", "constant")  # each computed by moetrain.train.lr_schedule.LRSchedule
 MODEL_STYLES = ("gpt", "llama")
 MLP_TYPES = ("standard", "residual")
 RECOMPUTE_GRANULARITIES = (None, "full", "selective")
@@ -73,6 +74,8 @@ def _data_impl(text: str) -> str:
     return text
 
 
+# RoutingConfig fields (DeepSpeed's names) whose MoEConfig field, and so flag, is named otherwise
+_ROUTING_FIELDS_RENAMED = {"k": "topk", "capacity_factor": "train_capacity_factor"}
 _EXPERT_COUNTS = {"nargs": "+", "type": _expert_counts_token, "convert": _flatten_expert_counts, "metavar": "N"}
 _TEACHER = "checked against the teacher checkpoint"
 
@@ -229,6 +232,13 @@ class MoEConfig:
     def num_moe_layers(self, num_layers: int) -> int:
         """Layers that hold experts (a pyramid entry of 0 or 1 leaves its layer dense)."""
         return sum(1 for count in self.experts_per_layer(num_layers) if count)
+
+    def routing(self) -> RoutingConfig:
+        """The routing of every MoE layer: each RoutingConfig field from the field of the same name here (which
+        declares its flag), `k` from topk, `capacity_factor` from train_capacity_factor. ValueError for options
+        that cannot work together."""
+        return RoutingConfig(**{field.name: getattr(self, _ROUTING_FIELDS_RENAMED.get(field.name, field.name))
+                                for field in dataclasses.fields(RoutingConfig)})
 
     def expert_ffn_size(self, model: ModelConfig) -> int:
         return self.expert_ffn_hidden_size if self.expert_ffn_hidden_size is not None else model.ffn_size()

@@ -13,7 +13,6 @@ from moetrain.config.option import ConfigError, check, check_choice
 from moetrain.data import DataError
 from moetrain.data.loader import parse_split
 from moetrain.data.tokenizer import check_tokenizer_files, resolve_tokenizer_kind
-from moetrain.moe.router import balance_spec, check_routing_options
 
 if TYPE_CHECKING:
     from moetrain.config.sections import (
@@ -101,10 +100,6 @@ def _validate_moe(moe: MoEConfig, model: ModelConfig) -> None:
     check(not moe.is_moe or any(experts_per_layer),
           f"--expert-interval {moe.expert_interval} with --num-layers {model.num_layers} places no MoE layer; "
           f"use an interval of at most {model.num_layers}, or --num-experts 1 for a dense model")
-    check_at_least("--topk", moe.topk, 1)
-    for layer, count in enumerate(experts_per_layer):
-        check(count == 0 or moe.topk <= count,
-              f"--topk {moe.topk} exceeds the {count} experts of layer {layer}; lower --topk or add experts")
     for name in ("mlp_type", "score_func", "drop_policy", "noisy_gate_policy"):
         check_choice(moe, name)
     check_positive("--moe-train-capacity-factor", moe.train_capacity_factor)
@@ -120,22 +115,18 @@ def _validate_moe(moe: MoEConfig, model: ModelConfig) -> None:
 
 
 def _validate_routing(moe: MoEConfig, experts_per_layer: list[int]) -> None:
-    """Megatron-Core's routing options: the router's own checks, per MoE layer, as ConfigErrors."""
+    """The routing (RoutingConfig's own checks, for every MoE layer) and the shared expert, as ConfigErrors."""
     check_choice(moe, "router_dtype")
     if moe.shared_expert_ffn_size is not None:
         check_at_least("--moe-shared-expert-intermediate-size", moe.shared_expert_ffn_size, 1)
     check(not moe.shared_expert_gate or moe.num_shared_experts or moe.shared_expert_ffn_size,
           "--moe-shared-expert-gate needs a shared expert; add --num-shared-experts 1 or "
           "--moe-shared-expert-intermediate-size")
-    check(not moe.pad_expert_input_to_capacity or moe.drop_tokens,
-          "--moe-pad-expert-input-to-capacity needs a capacity to pad to; drop --disable-moe-token-dropping "
-          "(dropless routing has none)")
     try:
-        types, _ = balance_spec(moe.load_balancing_type, moe.load_balancing_coeffs)
-        for count in sorted(set(experts_per_layer) - {0}):
-            check_routing_options(count, moe.topk, moe.score_func, moe.expert_bias, types, moe.num_groups,
-                                  moe.group_topk, moe.pre_softmax, moe.topk_scaling_factor, moe.input_jitter_eps,
-                                  moe.router_dtype)
+        routing = moe.routing()
+        for layer, count in enumerate(experts_per_layer):
+            if count:
+                routing.check_experts(count, layer)
     except ValueError as error:
         raise ConfigError(str(error)) from None
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from moetrain.data import DataError
+from moetrain.data.errors import DataError
 
 if TYPE_CHECKING:
     from moetrain.data.loader import TokenBatches

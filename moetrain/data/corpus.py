@@ -7,7 +7,7 @@ import sysconfig
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from moetrain.data import DataError
+from moetrain.data.errors import DataError
 
 DOCUMENT_SUFFIXES = (".txt", ".jsonl", ".parquet", ".arrow")
 # Megatron's preprocess_data.py reads "loose JSON", one object per line, often named .json: read as JSONL when

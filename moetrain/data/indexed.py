@@ -14,9 +14,9 @@ from typing import BinaryIO
 
 import numpy as np
 
-from moetrain.data import DataError
 from moetrain.data.corpus import DataPaths, read_documents
 from moetrain.data.encode import write_token_ids
+from moetrain.data.errors import DataError
 from moetrain.data.megatron import MegatronDataset, is_megatron_index, megatron_dtype, write_megatron_index
 from moetrain.data.tokenizer import Tokenizer
 

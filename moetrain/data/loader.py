@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moetrain.data import DataError
 from moetrain.data.blend import ALL_ROWS, BlendedBatches, parse_blend
 from moetrain.data.corpus import default_corpus, input_files, read_documents
+from moetrain.data.errors import DataError
 from moetrain.data.indexed import FORMAT_VERSION, IndexedDataset, prepared_prefix, write_prepared
 from moetrain.data.megatron import MegatronDataset, is_megatron_index
 from moetrain.data.tokenizer import Tokenizer, build_tokenizer, resolve_tokenizer_kind

@@ -17,7 +17,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from moetrain.data import DataError
+from moetrain.data.errors import DataError
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1

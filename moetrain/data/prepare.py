@@ -1,7 +1,7 @@
 """What `moetrain prepare-data` does: tokenize inputs once into moetrain's or Megatron's indexed format."""
 
-from moetrain.data import DataError
 from moetrain.data.corpus import read_documents
+from moetrain.data.errors import DataError
 from moetrain.data.indexed import open_prefix, write_megatron, write_prepared
 from moetrain.data.tokenizer import Tokenizer, build_tokenizer, resolve_tokenizer_kind
 

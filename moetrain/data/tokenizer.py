@@ -10,7 +10,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 
-from moetrain.data import DataError
+from moetrain.data.errors import DataError
 
 EOS_TOKEN = "<|endoftext|>"
 # End-of-document tokens tried in order: moetrain's and GPT-2's, then those of imported tokenizers

@@ -44,7 +44,8 @@ import torch
 from torch import Tensor
 
 from moetrain.checkpoint.storage import CheckpointError
-from moetrain.config import Config
+from moetrain.config import Config, field_flags
+from moetrain.config.parser import FieldFlags
 from moetrain.data import Tokenizer
 from moetrain.interop.checkpoint import check_new_checkpoint_dir, save_model_checkpoint
 from moetrain.moe import from_deepspeed_state_dict
@@ -55,18 +56,35 @@ _EMBEDDING = "language_model.embedding."
 _OUTPUT = "language_model.output_layer.weight"
 _EXPERTS = "deepspeed_moe.experts.deepspeed_experts."
 
-# Megatron argument -> moetrain field, for what the weights do not show.
-_MEGATRON_ARGS = {
-    "num_attention_heads": "model.num_attention_heads", "seq_length": "model.seq_length",
-    "max_position_embeddings": "model.max_position_embeddings", "layernorm_epsilon": "model.norm_eps",
-    "rope_theta": "model.rope_theta", "init_method_std": "model.init_method_std",
-    "hidden_dropout": "model.hidden_dropout", "attention_dropout": "model.attention_dropout",
-    "topk": "moe.topk", "expert_interval": "moe.expert_interval",
-    "moe_train_capacity_factor": "moe.train_capacity_factor",
-    "moe_eval_capacity_factor": "moe.eval_capacity_factor", "moe_min_capacity": "moe.min_capacity",
-    "moe_token_dropping": "moe.drop_tokens", "moe_loss_coeff": "moe.aux_loss_coeff",
-    "moe_top2_2nd_expert_sampling": "moe.top2_2nd_expert_sampling",
-}
+# The fields read from the args Megatron stores, for what the weights do not show; under the names its
+# argparse gave them, which are our flags' (`_megatron_arg_names`).
+_FROM_MEGATRON_ARGS = (
+    "model.num_attention_heads", "model.seq_length", "model.max_position_embeddings", "model.norm_eps",
+    "model.rope_theta", "model.init_method_std", "model.hidden_dropout", "model.attention_dropout", "moe.topk",
+    "moe.expert_interval", "moe.train_capacity_factor", "moe.eval_capacity_factor", "moe.min_capacity",
+    "moe.drop_tokens", "moe.aux_loss_coeff", "moe.top2_2nd_expert_sampling",
+)
+
+
+def _megatron_arg_names(flags: FieldFlags) -> list[str]:
+    """The names Megatron's args may hold a field under, from its flags: --layernorm-epsilon is
+    layernorm_epsilon; a switch that turns the field off, --disable-moe-token-dropping, stores its sense as
+    moe_token_dropping."""
+    names = list(flags.option.names)
+    names += [switch.name.replace("--disable-", "--", 1) for switch in flags.option.switches if switch.value is False]
+    return [name.removeprefix("--").replace("-", "_") for name in names]
+
+
+def _megatron_settings(args: dict[str, Any]) -> dict[str, Any]:
+    """"section.field" -> value for each of _FROM_MEGATRON_ARGS that Megatron's `args` hold (under the first of
+    the field's names they have)."""
+    settings = {}
+    for flags in field_flags(("model", "moe")):
+        if flags.dest in _FROM_MEGATRON_ARGS:
+            values = [args[name] for name in _megatron_arg_names(flags) if args.get(name) is not None]
+            if values:
+                settings[flags.dest] = values[0]
+    return settings
 
 
 def _resolve_dir(ds_dir: str) -> str:
@@ -142,8 +160,7 @@ def _layer_prefix(i: int) -> str:
 def _infer_config(state: dict[str, Tensor], args: dict[str, Any], overrides: dict[str, Any], ckpt_dir: str) -> Config:
     """Layer layout from the weights, the rest from Megatron's args, flags over both."""
     cfg = Config()
-    settings = {dest: args[name] for name, dest in _MEGATRON_ARGS.items() if args.get(name) is not None}
-    settings |= overrides
+    settings = _megatron_settings(args) | overrides
     for dest, value in settings.items():
         section, field = dest.split(".")
         setattr(getattr(cfg, section), field, value)

@@ -1,12 +1,12 @@
 """The MoE layer: router -> dispatcher -> experts -> combine, plus shared experts and PR-MoE.
 
 A drop-in for `deepspeed.moe.layer.MoE`: same constructor arguments, same defaults, same
-`(output, l_aux, exp_counts)` result. Arguments after `top2_2nd_expert_sampling` go beyond it.
+`(output, l_aux, exp_counts)` result. The routing arguments become one `RoutingConfig`.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from moetrain.moe.dispatcher import TokenDispatcher
 from moetrain.moe.experts import MLP, GroupedExperts, ModuleExperts
 from moetrain.moe.router import Router, TopKRouter
+from moetrain.moe.routing_config import RoutingConfig
 from moetrain.moe.routing_noise import noise_for
 from moetrain.moe.stats import RoutingStats
 
@@ -32,22 +33,22 @@ class MoEOutput(NamedTuple):
 class MoE(nn.Module):
     """Mixture-of-Experts FFN.
 
+    Two ways to build it: `MoE(hidden_size, num_experts=8, routing=RoutingConfig(k=2, ...))`, or DeepSpeed's
+    flat keywords `MoE(hidden_size, expert, num_experts=8, ep_size=1, k=2, capacity_factor=1.25, ...)`: every
+    keyword not named below is a `RoutingConfig` field (DeepSpeed's gate arguments, then moetrain's and
+    Megatron-Core's routing options: score function, drop policy, expert bias, load-balancing types, groups,
+    pre-softmax, top-k scaling, input jitter, router dtype, padding to capacity), and builds the config.
+
     With `expert=None` the experts are built in as stacked weights of width `ffn_hidden_size`
     (default 4 * hidden_size) and run as grouped GEMMs; any other `nn.Module` mapping
-    [n, hidden] -> [n, hidden] is deep-copied once per expert.
-
-    Beyond DeepSpeed: `score_func` ('softmax' | 'sigmoid'), `drop_policy` ('position' | 'probs'
-    | 'random' | 'unordered'; None keeps DeepSpeed's choice for k), `expert_bias` (aux-loss-free
-    balancing; call `update_expert_bias()` after each optimizer step), `num_shared_experts`
-    (dense experts every token goes through), `router` (a `Router` subclass or instance),
-    `ep_group` (expert-parallel process group), and Megatron-Core's routing options
-    (moetrain.moe.router.Router: load-balancing types, group-limited routing, pre-softmax, top-k
-    scaling, input jitter, router dtype; `dp_group` for global_aux_loss; `pad_expert_input_to_capacity`,
-    every expert's rows padded to its capacity for static GEMM shapes), `shared_expert_ffn_size`
-    and `shared_expert_gate` (Qwen2-MoE's sigmoid-gated shared expert), `layer_index` (the layer's place in
-    the model, which keys its routing noise). `forward(x, with_z_loss=True)` returns an
-    `MoEOutput` that carries the router z-loss too; routing statistics accumulate in
-    `routing_stats` (training) and `eval_routing_stats` (eval mode).
+    [n, hidden] -> [n, hidden] is deep-copied once per expert. Beyond DeepSpeed: `num_shared_experts`
+    (dense experts every token goes through), `shared_expert_ffn_size` and `shared_expert_gate` (Qwen2-MoE's
+    sigmoid-gated shared expert), `router` (a `Router` subclass, built with the routing, or an instance, whose
+    own routing the layer then follows), `ep_group` (expert-parallel process group), `dp_group` (for
+    global_aux_loss), `layer_index` (the layer's place in the model, which keys its routing noise). With
+    `expert_bias` call `update_expert_bias()` after each optimizer step. `forward(x, with_z_loss=True)` returns
+    an `MoEOutput` that carries the router z-loss too; routing statistics accumulate in `routing_stats`
+    (training) and `eval_routing_stats` (eval mode).
 
     Precision: the router computes in float32 whatever the autocast state; the experts in the
     autocast dtype (else their parameters' dtype). On one device the forward and backward never
@@ -60,40 +61,21 @@ class MoE(nn.Module):
         expert: nn.Module | None = None,
         num_experts: int = 1,
         ep_size: int = 1,
-        k: int = 1,
-        capacity_factor: float = 1.0,
-        eval_capacity_factor: float = 1.0,
-        min_capacity: int = 4,
-        use_residual: bool = False,
-        noisy_gate_policy: str | None = None,
-        drop_tokens: bool = True,
-        use_rts: bool = True,
-        top2_2nd_expert_sampling: bool = True,
         *,
+        routing: RoutingConfig | None = None,
+        use_residual: bool = False,
         ffn_hidden_size: int | None = None,
         activation: str = "gelu",
         ffn_bias: bool = False,
-        score_func: str = "softmax",
-        drop_policy: str | None = None,
-        expert_bias: bool = False,
-        expert_bias_update_rate: float = 1e-3,
         num_shared_experts: int = 0,
         router: Router | type[Router] | None = None,
         ep_group: dist.ProcessGroup | None = None,
         init_std: float = 0.02,
-        load_balancing_type: str | list[str] | None = None,
-        load_balancing_coeffs: list[float] | None = None,
-        num_groups: int | None = None,
-        group_topk: int | None = None,
-        pre_softmax: bool = False,
-        topk_scaling_factor: float | None = None,
-        input_jitter_eps: float | None = None,
-        router_dtype: str = "fp32",
         shared_expert_ffn_size: int | None = None,
         shared_expert_gate: bool = False,
         dp_group: dist.ProcessGroup | None = None,
-        pad_expert_input_to_capacity: bool = False,
         layer_index: int = 0,
+        **routing_options: Any,
     ) -> None:
         super().__init__()
         if num_experts < 1:
@@ -113,32 +95,24 @@ class MoE(nn.Module):
                 f"ep_group has {dist.get_world_size(ep_group)} ranks but ep_size={ep_size}; "
                 "pass the group of ep_size ranks that share this layer's experts"
             )
+        if isinstance(router, Router):
+            if routing is not None or routing_options:
+                raise TypeError("a Router instance routes by its own RoutingConfig; drop routing= and the "
+                                f"routing keywords {sorted(routing_options)}")
+            self.router = router
+        else:
+            if routing is not None and routing_options:
+                raise TypeError(f"routing= and the routing keywords {sorted(routing_options)} both given; "
+                                "pass one RoutingConfig, or its fields as keywords")
+            routing = routing if routing is not None else RoutingConfig(**routing_options)
+            self.router = (router or TopKRouter)(hidden_size, num_experts, routing)
         self.hidden_size = hidden_size
         self.num_experts = num_experts
         self.ep_size = ep_size
         self.num_local_experts = num_experts // ep_size
         self.first_expert = 0  # global index of this rank's first expert (set by shard_experts)
-        self.k = k
         self.layer_index = layer_index
         ffn_hidden_size = ffn_hidden_size or 4 * hidden_size
-
-        if isinstance(router, Router):
-            self.router = router
-        else:
-            router_cls = router or TopKRouter
-            router_kwargs = dict(
-                capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
-                min_capacity=min_capacity, drop_tokens=drop_tokens, drop_policy=drop_policy,
-                score_func=score_func, expert_bias=expert_bias,
-                expert_bias_update_rate=expert_bias_update_rate,
-                load_balancing_type=load_balancing_type, load_balancing_coeffs=load_balancing_coeffs,
-                num_groups=num_groups, group_topk=group_topk, pre_softmax=pre_softmax,
-                topk_scaling_factor=topk_scaling_factor, input_jitter_eps=input_jitter_eps,
-                router_dtype=router_dtype, pad_to_capacity=pad_expert_input_to_capacity)
-            if issubclass(router_cls, TopKRouter):
-                router_kwargs.update(noisy_gate_policy=noisy_gate_policy, use_rts=use_rts,
-                                     top2_2nd_expert_sampling=top2_2nd_expert_sampling)
-            self.router = router_cls(hidden_size, num_experts, k, **router_kwargs)
         self.dispatcher = TokenDispatcher(num_experts, ep_group)
         if expert is None:
             self.experts = GroupedExperts(self.num_local_experts, hidden_size, ffn_hidden_size,
@@ -237,6 +211,15 @@ class MoE(nn.Module):
         self.first_expert = ep_rank * self.num_local_experts
         self.experts.keep(self.first_expert, self.first_expert + self.num_local_experts)
         self.dispatcher = TokenDispatcher(self.num_experts, ep_group, split_tokens)
+
+    @property
+    def routing(self) -> RoutingConfig:
+        return self.router.routing
+
+    @property
+    def k(self) -> int:
+        """Experts each token is routed to."""
+        return self.router.routing.k
 
     def update_expert_bias(self) -> None:
         """Aux-loss-free balancing step (no-op unless built with expert_bias=True)."""

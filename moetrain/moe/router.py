@@ -25,14 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moetrain.moe import balance
-from moetrain.moe.balance import BALANCE_TYPES
+from moetrain.moe.routing_config import DEEPSPEED_LOSS, RoutingConfig
 from moetrain.moe.routing_noise import GUMBEL, JITTER, RTS, TORCH_NOISE, RoutingNoise
 from moetrain.moe.routing_noise import f32 as _f32
-
-NOISY_GATE_POLICIES = (None, "Jitter", "RSample")
-SCORE_FUNCS = ("softmax", "sigmoid")
-DROP_POLICIES = ("position", "probs", "random", "unordered")
-ROUTER_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 
 
 @dataclass
@@ -86,78 +81,24 @@ def positions_within_expert(experts: Tensor, num_experts: int) -> Tensor:
 
 
 class Router(nn.Module):
-    """Base router: a bias-free linear gate computed in float32.
+    """Base router: a bias-free linear gate computed in float32, configured by one `RoutingConfig`.
 
-    Override `compute_logits`, `compute_scores` or `select_experts` to customise routing;
-    capacity, weights and losses stay shared.
+    Override `compute_logits`, `compute_scores` or `select_experts` to customise routing (read the options
+    from `self.routing`); capacity, weights and losses stay shared.
     """
 
-    def __init__(
-        self,
-        hidden_size: int,
-        num_experts: int,
-        k: int = 1,
-        capacity_factor: float = 1.0,
-        eval_capacity_factor: float = 1.0,
-        min_capacity: int = 4,
-        drop_tokens: bool = True,
-        drop_policy: str | None = None,
-        score_func: str = "softmax",
-        expert_bias: bool = False,
-        expert_bias_update_rate: float = 1e-3,
-        *,
-        load_balancing_type: str | list[str] | None = None,
-        load_balancing_coeffs: list[float] | None = None,
-        num_groups: int | None = None,
-        group_topk: int | None = None,
-        pre_softmax: bool = False,
-        topk_scaling_factor: float | None = None,
-        input_jitter_eps: float | None = None,
-        router_dtype: str = "fp32",
-        pad_to_capacity: bool = False,
-    ) -> None:
+    def __init__(self, hidden_size: int, num_experts: int, routing: RoutingConfig | None = None) -> None:
         super().__init__()
-        if not 1 <= k <= num_experts:
-            raise ValueError(
-                f"k={k} must be between 1 and num_experts={num_experts}; lower k or add experts"
-            )
-        self.balance_types, self.balance_coeffs = balance_spec(load_balancing_type, load_balancing_coeffs)
-        check_routing_options(num_experts, k, score_func, expert_bias, self.balance_types, num_groups, group_topk,
-                       pre_softmax, topk_scaling_factor, input_jitter_eps, router_dtype)
-        self.num_groups, self.group_topk = num_groups, group_topk
-        self.pre_softmax = pre_softmax
-        self.topk_scaling_factor = topk_scaling_factor
-        self.input_jitter_eps = input_jitter_eps
-        self.router_dtype = ROUTER_DTYPES[router_dtype]
-        if pad_to_capacity and not drop_tokens:
-            raise ValueError("--moe-pad-expert-input-to-capacity needs a capacity to pad to; drop "
-                             "--disable-moe-token-dropping (dropless routing has none)")
-        self.pad_to_capacity = pad_to_capacity
+        routing = routing if routing is not None else RoutingConfig()
+        routing.check_experts(num_experts)
+        self.routing = routing
+        self.num_experts = num_experts
+        self.wg = nn.Linear(hidden_size, num_experts, bias=False)
         self.balance_group: torch.distributed.ProcessGroup | None = None  # data parallel, for global_aux_loss
         self.accumulate_global_batch = False  # global_aux_loss counts over micro-batches (start_global_batch)
-        if "global_aux_loss" in self.balance_types:  # a buffer: a recomputed forward puts it back
+        if "global_aux_loss" in routing.load_balancing_type:  # a buffer: a recomputed forward puts it back
             self.register_buffer("global_counts", torch.zeros(num_experts + 1, dtype=torch.long), persistent=False)
-        for name, value in (("capacity_factor", capacity_factor),
-                            ("eval_capacity_factor", eval_capacity_factor)):
-            if not value > 0:
-                raise ValueError(f"{name} must be positive, got {value}; use e.g. 1.0 or 1.25")
-        if min_capacity < 0:
-            raise ValueError(f"min_capacity must be >= 0, got {min_capacity}")
-        if drop_policy not in (None, *DROP_POLICIES):
-            raise ValueError(f"unknown drop_policy {drop_policy!r}; choose one of {DROP_POLICIES}")
-        if score_func not in SCORE_FUNCS:
-            raise ValueError(f"unknown score_func {score_func!r}; choose one of {SCORE_FUNCS}")
-        self.wg = nn.Linear(hidden_size, num_experts, bias=False)
-        self.num_experts = num_experts
-        self.k = k
-        self.capacity_factor = capacity_factor
-        self.eval_capacity_factor = eval_capacity_factor
-        self.min_capacity = min_capacity
-        self.drop_tokens = drop_tokens
-        self.drop_policy = drop_policy
-        self.score_func = score_func
-        self.expert_bias_update_rate = expert_bias_update_rate
-        if expert_bias:
+        if routing.expert_bias:
             # Aux-loss-free balancing (DeepSeek-V3): a bias that steers selection only.
             self.register_buffer("expert_bias", torch.zeros(num_experts))
             self.register_buffer("pending_load", torch.zeros(num_experts), persistent=False)
@@ -170,27 +111,32 @@ class Router(nn.Module):
     def compute_logits(self, x: Tensor) -> Tensor:
         """[S, d] -> [S, E] logits in the router dtype (float32 unless fp64 is asked for); in
         training the input is first scaled by U[1 - eps, 1 + eps] with --moe-input-jitter-eps."""
-        x = x.to(self.router_dtype)
-        if self.input_jitter_eps and self.training:
-            x = x * self._noise.uniform(x.shape, 1.0 - self.input_jitter_eps, 1.0 + self.input_jitter_eps,
-                                        x.device, JITTER).to(x.dtype)
-        return F.linear(x, self.wg.weight.to(self.router_dtype))
+        dtype, eps = self.routing.dtype, self.input_jitter_eps()
+        x = x.to(dtype)
+        if eps and self.training:
+            x = x * self._noise.uniform(x.shape, 1.0 - eps, 1.0 + eps, x.device, JITTER).to(x.dtype)
+        return F.linear(x, self.wg.weight.to(dtype))
+
+    def input_jitter_eps(self) -> float | None:
+        """Half-width of the training input jitter (--moe-input-jitter-eps), None for none."""
+        return self.routing.input_jitter_eps
 
     def compute_scores(self, logits: Tensor) -> Tensor:
         """Gate probabilities used for weights and the balance loss."""
-        if self.score_func == "sigmoid" or "sinkhorn" in self.balance_types:
+        if self.routing.score_func == "sigmoid" or self.routing.sinkhorn:
             return torch.sigmoid(logits)  # Megatron weighs sinkhorn's top-1 choice by sigmoid(logit)
         return F.softmax(logits, dim=1)
 
     def select_experts(self, logits: Tensor, scores: Tensor) -> Tensor:
         """[S, k] expert choices, best first (within the best groups under group-limited routing)."""
-        if "sinkhorn" in self.balance_types and self.training:
+        k = self.routing.k
+        if self.routing.sinkhorn and self.training:
             balanced = balance.sinkhorn(logits.detach(), self._token_mask)
-            return torch.topk(balanced, self.k, dim=1).indices
+            return torch.topk(balanced, k, dim=1).indices
         selection = self._selection_scores(scores)
-        if self.num_groups:
+        if self.routing.num_groups:
             selection = self._outside_groups_masked(selection)
-        return torch.topk(selection, self.k, dim=1).indices
+        return torch.topk(selection, k, dim=1).indices
 
     # -- shared machinery -----------------------------------------------------------------
     def _selection_scores(self, scores: Tensor) -> Tensor:
@@ -203,12 +149,12 @@ class Router(nn.Module):
         groups get -inf. A group scores the sum of its top-2 for sigmoid scores (DeepSeek-V3),
         its best score for softmax (DeepSeek-V2)."""
         num_tokens, num_experts = selection.shape
-        grouped = selection.view(num_tokens, self.num_groups, -1)
-        if self.score_func == "sigmoid":
+        grouped = selection.view(num_tokens, self.routing.num_groups, -1)
+        if self.routing.score_func == "sigmoid":
             group_scores = grouped.topk(min(2, grouped.shape[2]), dim=2).values.sum(2)
         else:
             group_scores = grouped.amax(2)
-        best = group_scores.topk(self.group_topk, dim=1).indices
+        best = group_scores.topk(self.routing.group_topk, dim=1).indices
         chosen = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
         return selection.masked_fill(~chosen.unsqueeze(2).expand_as(grouped).reshape(num_tokens, num_experts),
                                      -math.inf)
@@ -216,17 +162,18 @@ class Router(nn.Module):
     @property
     def current_capacity_factor(self) -> float:
         """The capacity factor of the current mode (training or evaluation)."""
-        return self.capacity_factor if self.training else self.eval_capacity_factor
+        return self.routing.capacity_factor if self.training else self.routing.eval_capacity_factor
 
     def capacity(self, num_tokens: int) -> int:
         """Slots per expert for `num_tokens` tokens in the current mode (training or evaluation)."""
-        return expert_capacity(num_tokens, self.num_experts, self.current_capacity_factor, self.k, self.min_capacity)
+        return expert_capacity(num_tokens, self.num_experts, self.current_capacity_factor, self.routing.k,
+                               self.routing.min_capacity)
 
     def resolved_drop_policy(self) -> str:
         """DeepSpeed's choice when none is given: first come for k <= 2, probability for k > 2."""
-        if self.drop_policy is not None:
-            return self.drop_policy
-        return "probs" if self.k > 2 else "position"
+        if self.routing.drop_policy is not None:
+            return self.routing.drop_policy
+        return "probs" if self.routing.k > 2 else "position"
 
     def forward(self, x: Tensor, batch_shape: tuple[int, int] | None = None,
                 token_mask: Tensor | None = None, noise: RoutingNoise = TORCH_NOISE) -> RoutingDecision:
@@ -261,25 +208,28 @@ class Router(nn.Module):
             kept = kept & token_mask.unsqueeze(1)
             exp_counts = torch.zeros(num_experts, dtype=torch.long, device=indices.device).index_add_(
                 0, indices.flatten(), token_mask.unsqueeze(1).expand_as(indices).flatten().long())
+        routing = self.routing
         gate = scores.gather(1, indices) * kept
-        if self.k > 1 and not self.pre_softmax:  # DeepSpeed renormalises over the kept choices
+        if routing.k > 1 and not routing.pre_softmax:  # DeepSpeed renormalises over the kept choices
             gate = gate / gate.sum(dim=1, keepdim=True).clamp(min=torch.finfo(gate.dtype).eps)
-        if self.topk_scaling_factor is not None:
-            gate = gate * self.topk_scaling_factor
+        if routing.topk_scaling_factor is not None:
+            gate = gate * routing.topk_scaling_factor
         losses = self._balance_losses(scores, indices, batch_shape, token_mask)
-        l_aux = sum((coeff * losses[name] for name, coeff in zip(self.balance_types, self.balance_coeffs)),
+        l_aux = sum((coeff * losses[name] for name, coeff in zip(routing.load_balancing_type,
+                                                                 routing.load_balancing_coeffs)),
                     start=scores.new_zeros(()))
         if self.expert_bias is not None and self.training:
             self.pending_load += exp_counts.to(self.pending_load.dtype)
-        if self.router_dtype == torch.float64:  # the losses join the float32 loss as the default's do
+        if routing.dtype == torch.float64:  # the losses join the float32 loss as the default's do
             l_aux, z_loss = l_aux.float(), z_loss.float()
         return RoutingDecision(indices, gate, kept, l_aux, z_loss, exp_counts,
-                               dropless=not self.drop_tokens and token_mask is None, balance_losses=losses,
-                               pad_to_capacity=self.capacity(x.shape[0]) if self.pad_to_capacity else None)
+                               dropless=not routing.drop_tokens and token_mask is None, balance_losses=losses,
+                               pad_to_capacity=self.capacity(x.shape[0]) if routing.pad_expert_input_to_capacity
+                               else None)
 
     def _balance_probs(self, scores: Tensor) -> Tensor:
         """Probabilities over all experts for the balance losses (sigmoid scores normalised)."""
-        if self.score_func == "sigmoid":
+        if self.routing.score_func == "sigmoid":
             return scores / (scores.sum(dim=1, keepdim=True) + 1e-20)
         return scores
 
@@ -287,8 +237,8 @@ class Router(nn.Module):
                         mask: Tensor | None = None) -> dict[str, Tensor]:
         """Each configured load-balancing type's unweighted loss ('deepspeed' for the default)."""
         losses = {}
-        for name in self.balance_types:
-            if name == "deepspeed":
+        for name in self.routing.load_balancing_type:
+            if name == DEEPSPEED_LOSS:
                 losses[name] = self._deepspeed_balance_loss(scores, indices, mask)
             elif name == "aux_loss":
                 losses[name] = balance.switch_loss(self._balance_probs(scores), indices, mask)
@@ -311,17 +261,17 @@ class Router(nn.Module):
 
         For k <= 2 only first choices count; for k > 2 all k, divided by k.
         """
-        num_experts = scores.shape[1]
-        if self.score_func == "sigmoid":
+        num_experts, k = scores.shape[1], self.routing.k
+        if self.routing.score_func == "sigmoid":
             scores = scores / scores.sum(dim=1, keepdim=True)
-        counted = indices[:, :1] if self.k <= 2 else indices
+        counted = indices[:, :1] if k <= 2 else indices
         if mask is None:
             me = scores.mean(dim=0)
             ce = count_per_expert(counted, num_experts).float() / scores.shape[0]
             loss = torch.mean(me * ce) * num_experts * num_experts
         else:  # the same sums over the tokens that count: Megatron's form with DeepSpeed's counting
             loss = balance.switch_loss(scores, counted, mask) * counted.shape[1]
-        return loss / self.k if self.k > 2 else loss
+        return loss / k if k > 2 else loss
 
     def _apply_capacity(self, indices: Tensor, scores: Tensor) -> Tensor:
         """[S, k] bool: which assignments fit in their expert's capacity.
@@ -329,15 +279,16 @@ class Router(nn.Module):
         With a token mask, padding takes no slot and the capacity is that of the real tokens,
         computed on the device (a tensor, so no host sync)."""
         num_tokens, num_experts = scores.shape
-        if not self.drop_tokens:
+        routing = self.routing
+        if not routing.drop_tokens:
             return torch.ones_like(indices, dtype=torch.bool)
         capacity = self.capacity(num_tokens)
         mask = self._token_mask
         real_capacity = None
         if mask is not None:
             real_tokens = mask.sum().float()
-            real_capacity = torch.ceil((real_tokens / num_experts) * _f32(self.current_capacity_factor * self.k)).clamp(
-                min=self.min_capacity)
+            real_capacity = torch.ceil((real_tokens / num_experts) * _f32(self.current_capacity_factor * routing.k)
+                                       ).clamp(min=routing.min_capacity)
         policy = self.resolved_drop_policy()
         if policy == "position":
             if mask is None:
@@ -386,7 +337,7 @@ class Router(nn.Module):
         every training micro-batch until the next call (the trainer calls it before each step's first
         micro-batch, as Megatron-Core resets its tracker once per step). Never called: each forward is
         a global batch of its own. No-op without global_aux_loss."""
-        if "global_aux_loss" in self.balance_types:
+        if "global_aux_loss" in self.routing.load_balancing_type:
             self.global_counts.zero_()
             self.accumulate_global_batch = True
 
@@ -400,63 +351,8 @@ class Router(nn.Module):
         if self.expert_bias is None:
             return
         load = self.pending_load
-        self.expert_bias += self.expert_bias_update_rate * torch.sign(load.mean() - load)
+        self.expert_bias += self.routing.expert_bias_update_rate * torch.sign(load.mean() - load)
         load.zero_()
-
-
-def balance_spec(types: str | list[str] | None, coeffs: list[float] | None) -> tuple[list[str], list[float]]:
-    """(types, relative coefficients); no type given means DeepSpeed's l_aux ('deepspeed')."""
-    if types is None:
-        types = ["deepspeed"]
-    elif isinstance(types, str):
-        types = [types]
-    for name in types:
-        if name not in (*BALANCE_TYPES, "deepspeed"):
-            raise ValueError(f"unknown load-balancing type {name!r}; choose from {', '.join(BALANCE_TYPES)}")
-    if len(set(types)) != len(types):
-        raise ValueError(f"load-balancing types {types} repeat one; give each type once")
-    coeffs = [1.0] * len(types) if coeffs is None else list(coeffs)
-    if len(coeffs) != len(types):
-        raise ValueError(f"{len(coeffs)} load-balancing coefficients for {len(types)} types {types}; "
-                         "give one coefficient per type")
-    return list(types), coeffs
-
-
-def check_routing_options(num_experts: int, k: int, score_func: str, expert_bias: bool, balance_types: list[str],
-                   num_groups: int | None, group_topk: int | None, pre_softmax: bool,
-                   topk_scaling_factor: float | None, input_jitter_eps: float | None, router_dtype: str) -> None:
-    """One-line errors for routing options that cannot work together (those Megatron-Core refuses too)."""
-    if (num_groups is None) != (group_topk is None):
-        raise ValueError("group-limited routing needs both --moe-router-num-groups and --moe-router-group-topk")
-    if num_groups is not None:
-        if num_groups < 1 or num_experts % num_groups:
-            raise ValueError(f"--moe-router-num-groups {num_groups} does not divide the {num_experts} experts; "
-                             "use a divisor of the expert count")
-        if not 1 <= group_topk <= num_groups:
-            raise ValueError(f"--moe-router-group-topk {group_topk} must be between 1 and the {num_groups} groups; "
-                             "lower it or add groups")
-        reachable = group_topk * (num_experts // num_groups)
-        if k > reachable:
-            raise ValueError(f"top-{k} exceeds the {reachable} experts of the {group_topk} chosen groups; raise "
-                             "--moe-router-group-topk or lower the top-k")
-        if "sinkhorn" in balance_types:
-            raise ValueError("sinkhorn routing ignores groups; drop --moe-router-num-groups or use another "
-                             "load-balancing type")
-    if "sinkhorn" in balance_types and k != 1:
-        raise ValueError(f"sinkhorn routing is top-1 only (got top-{k}); use --moe-router-topk 1 or aux_loss")
-    if "sinkhorn" in balance_types and expert_bias:
-        raise ValueError("sinkhorn routing does not use the expert bias; drop --moe-router-enable-expert-bias")
-    if pre_softmax and score_func != "softmax":
-        raise ValueError("--moe-router-pre-softmax applies to softmax scores; drop it or use softmax")
-    if pre_softmax and k == 1 and expert_bias:
-        raise ValueError("--moe-router-pre-softmax with top-1 and the expert bias weighs a choice the bias "
-                         "made by its unbiased probability; drop the pre-softmax or the expert bias")
-    if topk_scaling_factor is not None and not topk_scaling_factor > 0:
-        raise ValueError(f"--moe-router-topk-scaling-factor must be positive, got {topk_scaling_factor}")
-    if input_jitter_eps is not None and not 0 <= input_jitter_eps < 1:
-        raise ValueError(f"--moe-input-jitter-eps must be in [0, 1), got {input_jitter_eps}")
-    if router_dtype not in ROUTER_DTYPES:
-        raise ValueError(f"unknown router dtype {router_dtype!r}; choose one of {', '.join(ROUTER_DTYPES)}")
 
 
 class TopKRouter(Router):
@@ -471,46 +367,38 @@ class TopKRouter(Router):
     'Jitter' multiplies the gate input by U[0.99, 1.01] in training.
     """
 
-    def __init__(self, hidden_size: int, num_experts: int, k: int = 1, *,
-                 noisy_gate_policy: str | None = None, use_rts: bool = True,
-                 top2_2nd_expert_sampling: bool = True, **kwargs) -> None:
-        if noisy_gate_policy == "None":
-            noisy_gate_policy = None
-        if noisy_gate_policy not in NOISY_GATE_POLICIES:
-            raise ValueError(
-                f"unknown noisy_gate_policy {noisy_gate_policy!r}; use None, 'Jitter' or 'RSample'"
-            )
-        if noisy_gate_policy == "Jitter":  # DeepSpeed's multiplicative jitter, eps 1e-2
-            kwargs["input_jitter_eps"] = kwargs.get("input_jitter_eps") or 1e-2
-        super().__init__(hidden_size, num_experts, k, **kwargs)
-        self.noisy_gate_policy = noisy_gate_policy
-        self.use_rts = use_rts
-        self.top2_2nd_expert_sampling = top2_2nd_expert_sampling
+    def input_jitter_eps(self) -> float | None:
+        """DeepSpeed's 'Jitter' policy is multiplicative jitter of eps 1e-2, unless an eps is given."""
+        if self.routing.noisy_gate_policy == "Jitter":
+            return self.routing.input_jitter_eps or 1e-2
+        return self.routing.input_jitter_eps
 
     def resolved_drop_policy(self) -> str:
-        if self.drop_policy is None and self.k == 1:
-            return "random" if self.use_rts else "unordered"
+        if self.routing.drop_policy is None and self.routing.k == 1:
+            return "random" if self.routing.use_rts else "unordered"
         return super().resolved_drop_policy()
 
     def _apply_capacity(self, indices: Tensor, scores: Tensor) -> Tensor:
-        if not self.drop_tokens and self.k == 1 and self.use_rts and not self._noise.keyed:
+        routing = self.routing
+        if not routing.drop_tokens and routing.k == 1 and routing.use_rts and not self._noise.keyed:
             # DeepSpeed draws the RTS scores even when nothing is dropped; draw them too so the
             # random stream after this layer (dropout, the next layer's noise) stays in step.
             self._noise.uniform(scores.shape, 0.0, 1.0, scores.device, RTS)
         return super()._apply_capacity(indices, scores)
 
     def select_experts(self, logits: Tensor, scores: Tensor) -> Tensor:
-        if (self.expert_bias is not None or self.score_func != "softmax" or self.k > 2 or self.num_groups
-                or "sinkhorn" in self.balance_types):
+        routing = self.routing
+        if (self.expert_bias is not None or routing.score_func != "softmax" or routing.k > 2 or routing.num_groups
+                or routing.sinkhorn):
             return super().select_experts(logits, scores)
-        if self.k == 1:
-            if self.noisy_gate_policy == "RSample" and self.training:
+        if routing.k == 1:
+            if routing.noisy_gate_policy == "RSample" and self.training:
                 return torch.argmax(logits + self._noise.gumbel(logits.shape, logits.device, GUMBEL), dim=1,
                                     keepdim=True)
             return torch.argmax(scores, dim=1, keepdim=True)
         first = torch.argmax(scores, dim=1, keepdim=True)
         second_logits = logits.detach()
-        if self.top2_2nd_expert_sampling:
+        if routing.top2_2nd_expert_sampling:
             second_logits = second_logits + self._noise.gumbel(logits.shape, logits.device, GUMBEL)
         second = torch.argmax(second_logits.scatter(1, first, -math.inf), dim=1, keepdim=True)
         return torch.cat([first, second], dim=1)

@@ -13,10 +13,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moetrain.checkpoint.layout import model_pieces
 from moetrain.model import GPT
 from moetrain.parallel.data_parallel import GradSpec
 from moetrain.parallel.mesh import ParallelState
+from moetrain.parallel.pieces import model_pieces
 from moetrain.parallel.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,

@@ -1,6 +1,7 @@
 """Training components: optimizer, LR schedule, fp16 loss scaling, metrics, distillation, and the trainer loop
 (checkpoints: moetrain.checkpoint; autocast: moetrain.precision)."""
 
+from moetrain.train.loss_scaler import LossScaler
 from moetrain.train.lr_schedule import LRSchedule
 from moetrain.train.metrics import (
     MetricsLogger,
@@ -10,7 +11,6 @@ from moetrain.train.metrics import (
     routing_summary,
 )
 from moetrain.train.optimizer import build_optimizer
-from moetrain.train.precision import LossScaler
 
 __all__ = [
     "LRSchedule",

@@ -22,7 +22,6 @@ from torch import Tensor
 from moetrain.checkpoint import (
     CheckpointReader,
     load_model_into,
-    model_pieces,
     read_model_config,
     resolve_checkpoint_dir,
 )
@@ -33,6 +32,7 @@ from moetrain.model import GPT
 from moetrain.moe.routing_noise import teacher_routing_key
 from moetrain.parallel.mesh import ParallelState
 from moetrain.parallel.parallelize import parallelize
+from moetrain.parallel.pieces import model_pieces
 from moetrain.parallel.pipeline import stage_layers
 
 

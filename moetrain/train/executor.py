@@ -13,15 +13,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moetrain.loss import LossFunction
+from moetrain.loss import LossFunction, StepLosses
 from moetrain.model import GPT
-from moetrain.moe.router import balance_spec
 from moetrain.moe.routing_noise import first_sample, routing_key
 from moetrain.parallel.mesh import ParallelState
 from moetrain.parallel.parallelize import sync_routing_stats
 from moetrain.parallel.pipeline import PipelineRunner, all_reduce_tied_embedding_grads, embedding_group
 from moetrain.precision import autocast
-from moetrain.train.precision import LossScaler
+from moetrain.train.loss_scaler import LossScaler
 
 Batch = tuple[Tensor, Tensor]
 EvalRound = tuple[Tensor, Tensor, bool]  # inputs, targets, whether it counts (padding does not)
@@ -50,8 +49,7 @@ class LocalExecutor:
         self.device, self.precision, self.accumulation = device, precision, accumulation
         moe_cfg = model.moe_cfg
         # each load-balancing type's loss is logged on its own when types are chosen (not DeepSpeed's l_aux)
-        self.balance_types = [] if moe_cfg.load_balancing_type is None else \
-            balance_spec(moe_cfg.load_balancing_type, moe_cfg.load_balancing_coeffs)[0]
+        self.balance_types = [] if moe_cfg.load_balancing_type is None else list(moe_cfg.routing().load_balancing_type)
         self.seed = seed
 
     def routing_key(self, iteration: int | None, micro_batch: int, micro_batch_size: int) -> Tensor:
@@ -61,11 +59,10 @@ class LocalExecutor:
         return routing_key(self.seed, iteration or 0, start, self.device, training=iteration is not None)
 
     def forward_backward(self, next_batch: Callable[[], Batch], iteration: int, scaler: LossScaler | None,
-                         before_last_backward: Callable[[], None] = lambda: None) -> Tensor:
-        """Accumulate the micro-batches' gradients; return the mean of each logged loss
-        ([loss, lm_loss, aux_loss, z_loss, *balance(, kd_loss)], this rank's; balance: `balance_losses`).
-        `before_last_backward` runs just before the last micro-batch's backward (the data-parallel
-        all-reduce starts during it)."""
+                         before_last_backward: Callable[[], None] = lambda: None) -> StepLosses:
+        """Accumulate the micro-batches' gradients; return the mean of each logged loss, this rank's
+        (`LossParts.logged`, then `balance_losses`). `before_last_backward` runs just before the last
+        micro-batch's backward (the data-parallel all-reduce starts during it)."""
         self.start_global_batch()
         logged = []
         for micro_batch in range(self.accumulation):
@@ -79,11 +76,10 @@ class LocalExecutor:
                 before_last_backward()
             (scaler.scale(scaled) if scaler else scaled).backward()
             logged.append(parts.logged())
-        means = torch.stack(logged).sum(0) / self.accumulation
-        return torch.cat([means[:4], self.balance_losses().to(means.device), means[4:]])
+        return StepLosses.mean(logged).extended(self.balance_losses())
 
-    def balance_losses(self) -> Tensor:
-        """[len(balance_types)] each load-balancing type's unweighted loss, summed over this process's
+    def balance_losses(self) -> StepLosses:
+        """"balance/<type>": each load-balancing type's unweighted loss, summed over this process's
         MoE layers and averaged over the micro-batches since the last call, as aux_loss is: so
         sum(coefficient * value) is aux_loss."""
         total = torch.zeros(len(self.balance_types), dtype=torch.float64, device=self.state.comm_device)
@@ -91,7 +87,7 @@ class LocalExecutor:
             means = moe.routing_stats.balance_means(reset=True)
             if means.numel() == total.numel():  # empty until a training forward records
                 total += means.to(total.device)
-        return total.float()
+        return StepLosses(tuple(f"balance/{name}" for name in self.balance_types), total.float())
 
     def start_global_batch(self) -> None:
         """A new optimizer step: global_aux_loss counts its micro-batches from zero (Router.start_global_batch)."""
@@ -131,22 +127,19 @@ class PipelineExecutor(LocalExecutor):
                                      schedule=schedule, precision=precision, loss_function=loss_function)
 
     def forward_backward(self, next_batch: Callable[[], Batch], iteration: int, scaler: LossScaler | None,
-                         before_last_backward: Callable[[], None] = lambda: None) -> Tensor:
+                         before_last_backward: Callable[[], None] = lambda: None) -> StepLosses:
         """As LocalExecutor's, through the schedule (which runs the backwards itself: no overlap hook)."""
         batches = [next_batch() for _ in range(self.accumulation)]
         self.start_global_batch()
         keys = [self.routing_key(iteration, m, self.micro_batch_size) for m in range(self.accumulation)]
         out = self.runner.step(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]),
                                scaler.loss_scale if scaler else 1.0, iteration, routing_keys=keys)
-        names = ("lm_loss", "aux_loss", "z_loss", "kd_loss") if "kd_loss" in out else ("lm_loss", "aux_loss", "z_loss")
-        values = torch.stack([out[name].float() for name in names])
-        values = torch.cat([values, self.balance_losses().to(values.device)])
-        dist.all_reduce(values, group=self.state.pp_group)  # lm, kd: the last stage's; aux, z, balance: every stage's
+        losses = StepLosses.of(out).extended(self.balance_losses())
+        dist.all_reduce(losses.values, group=self.state.pp_group)  # lm, kd: the last stage's; the rest every stage's
         all_reduce_tied_embedding_grads(self.model, self.embedding_group)
-        values, balance = values[:len(names)], values[len(names):]
-        lm_loss, aux_loss, z_loss, *kd = values
-        loss = self.loss_function.total(lm_loss, aux_loss, z_loss, kd[0] if kd else None)
-        return torch.cat([torch.stack([loss, lm_loss, aux_loss, z_loss]), balance, values[3:]])  # values[3:]: kd
+        loss = self.loss_function.total(losses.get("lm_loss"), losses.get("aux_loss"), losses.get("z_loss"),
+                                        losses.get("kd_loss"))
+        return StepLosses.of({"loss": loss}).extended(losses)
 
     def eval_losses(self, sizes: list[int], read_batches: Callable[[list[int]], list[Batch]]) -> tuple[Tensor, Tensor]:
         """Per-round lm losses through the stages, `accumulation` rounds per schedule run. The schedule

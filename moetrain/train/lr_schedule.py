@@ -6,7 +6,7 @@ import math
 
 import torch
 
-STYLES = ("cosine", "linear", "constant")
+from moetrain.config import LR_DECAY_STYLES
 
 
 class LRSchedule:
@@ -21,8 +21,8 @@ class LRSchedule:
     """
 
     def __init__(self, max_lr: float, min_lr: float, warmup_iters: int, decay_iters: int, style: str = "cosine"):
-        if style not in STYLES:
-            raise ValueError(f"unknown LR decay style {style!r}; use one of {', '.join(STYLES)}")
+        if style not in LR_DECAY_STYLES:
+            raise ValueError(f"unknown LR decay style {style!r}; use one of {', '.join(LR_DECAY_STYLES)}")
         if min(max_lr, min_lr) < 0 or min(warmup_iters, decay_iters) < 0:
             raise ValueError(f"LR schedule values must be non-negative; got max_lr={max_lr}, min_lr={min_lr}, "
                              f"warmup_iters={warmup_iters}, decay_iters={decay_iters}")

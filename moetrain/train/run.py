@@ -33,9 +33,9 @@ from moetrain.parallel.zero import ZeroOptimizer
 from moetrain.train.distill import DistillationLoss, Distiller
 from moetrain.train.executor import LocalExecutor, PipelineExecutor
 from moetrain.train.host_memory import keep_freed_memory
+from moetrain.train.loss_scaler import LossScaler
 from moetrain.train.lr_schedule import LRSchedule
 from moetrain.train.optimizer import build_optimizer
-from moetrain.train.precision import LossScaler
 
 
 def resolve_device(name: str) -> torch.device:

@@ -24,7 +24,6 @@ from moetrain.config import Config
 from moetrain.data.blend import NO_ROWS
 from moetrain.parallel.data_parallel import clip_gradients, global_grad_norm
 from moetrain.parallel.parallelize import sync_expert_load
-from moetrain.plot import plot_metrics
 from moetrain.train.metrics import MetricsLogger, format_eval_line, format_train_line
 from moetrain.train.run import build_run
 
@@ -134,18 +133,17 @@ class Trainer:
 
     # -- one optimizer step -----------------------------------------------------------------
     def train_step(self) -> dict:
-        """Accumulate gradients over the micro-batches, then clip and step (or skip on overflow)."""
+        """Accumulate gradients over the micro-batches, then clip and step (or skip on overflow). Returns the
+        step's "losses" (name -> value: loss, lm_loss, aux_loss, z_loss, ...), "lr", "grad_norm", "skipped"."""
         tc = self.cfg.training
         lr = self.schedule.apply(self.optimizer, self.iteration)
         self.model.train()
         means = self.executor.forward_backward(self._next_batch, self.iteration, self.scaler,
                                                self.grad_sync.before_last_backward)
         if self.parallel.dp > 1:
-            dist.all_reduce(means, group=self.parallel.dp_group)
-            means /= self.parallel.dp
-        # one host sync per step (not four per micro-batch) for the logged values
-        balance = [f"balance/{name}" for name in self.executor.balance_types]
-        sums = dict(zip(("loss", "lm_loss", "aux_loss", "z_loss", *balance, "kd_loss"), means.tolist()))
+            dist.all_reduce(means.values, group=self.parallel.dp_group)
+            means.values.div_(self.parallel.dp)
+        losses = means.to_host()  # one host sync per step (not four per micro-batch) for the logged values
         self.grad_sync.reduce()
         held = self.grad_sync.held()
         overflow = self.scaler.unscale_([p for p, _ in held]) if self.scaler else False
@@ -154,7 +152,7 @@ class Trainer:
             norm = global_grad_norm(((p.grad, copies) for p, copies in held), world=self.parallel.distributed,
                                     device=self.parallel.comm_device)
             grad_norm = float(norm)  # the step's host sync; the norm (NaN from any rank) and loss are global
-            if not tc.check_for_nan_in_loss_and_grad or (math.isfinite(grad_norm) and math.isfinite(sums["loss"])):
+            if not tc.check_for_nan_in_loss_and_grad or (math.isfinite(grad_norm) and math.isfinite(losses["loss"])):
                 clip_gradients([p.grad for p, _ in held], tc.clip_grad if tc.clip_grad > 0 else math.inf, norm)
                 self.optimizer.step()
                 sync_expert_load(self.model, self.parallel)
@@ -169,15 +167,16 @@ class Trainer:
         self.non_finite_in_a_row = self.non_finite_in_a_row + 1 if guard_skip or scaler_exhausted else 0
         self.optimizer.zero_grad(set_to_none=True)
         self.iteration += 1
-        return {**sums, "lr": lr, "grad_norm": grad_norm, "skipped": not applied}
+        return {"losses": losses, "lr": lr, "grad_norm": grad_norm, "skipped": not applied}
 
     def _on_divergence(self, step: dict, bar) -> None:
         """After --max-skipped-steps non-finite steps in a row: rewind to the last good checkpoint, or stop."""
         tc = self.cfg.training
         save_dir = tc.save
         good = list_checkpoints(save_dir) if save_dir else []
-        where = (f"step {self.iteration}: loss {step['loss']:.4g}, grad norm {step['grad_norm']:.4g}, not finite "
-                 f"for {self.non_finite_in_a_row} steps in a row (--max-skipped-steps {tc.max_skipped_steps})")
+        where = (f"step {self.iteration}: loss {step['losses']['loss']:.4g}, grad norm {step['grad_norm']:.4g}, "
+                 f"not finite for {self.non_finite_in_a_row} steps in a row "
+                 f"(--max-skipped-steps {tc.max_skipped_steps})")
         if tc.rewind_on_divergence and self.rewinds < tc.max_rewinds and good:
             self.rewinds += 1
             diverged_at = self.iteration
@@ -268,7 +267,7 @@ class Trainer:
                 step_start = time.perf_counter()
                 step = self.train_step()
                 window_seconds += time.perf_counter() - step_start
-                losses.append(float("nan") if step["skipped"] else step["loss"])
+                losses.append(float("nan") if step["skipped"] else step["losses"]["loss"])
                 window_steps += 1
                 bar.update(1)
                 if self.iteration % tc.log_interval == 0 or self.iteration == tc.train_iters:
@@ -277,8 +276,9 @@ class Trainer:
                     self._print(format_train_line(record), bar)
                     window_seconds, window_steps = 0.0, 0
                 if self.non_finite_in_a_row:
-                    self._print(f"step {self.iteration}: loss {step['loss']:.4g}, grad norm {step['grad_norm']:.4g} "
-                                f"not finite; step skipped ({self.non_finite_in_a_row} in a row)", bar)
+                    self._print(f"step {self.iteration}: loss {step['losses']['loss']:.4g}, grad norm "
+                                f"{step['grad_norm']:.4g} not finite; step skipped "
+                                f"({self.non_finite_in_a_row} in a row)", bar)
                 if self.non_finite_in_a_row >= tc.max_skipped_steps and tc.check_for_nan_in_loss_and_grad:
                     self._on_divergence(step, bar)
                     continue
@@ -303,11 +303,13 @@ class Trainer:
                 self.save_lock.release()
 
     def _train_record(self, step: dict, tokens_per_s: float) -> dict:
+        """The metrics.jsonl record: the step's losses in their order, except kd_loss, which a distilling run
+        logs after lr, null once distillation stopped (the schema in docs/DESIGN.md)."""
         layers = self.executor.routing_summaries(training=True)
-        return {"type": "train", "step": self.iteration, "loss": step["loss"], "lm_loss": step["lm_loss"],
-                "aux_loss": step["aux_loss"], "z_loss": step["z_loss"],
-                **{key: value for key, value in step.items() if key.startswith("balance/")}, "lr": step["lr"],
-                **({"kd_loss": step.get("kd_loss")} if self.distiller is not None else {}),
+        losses = dict(step["losses"])
+        kd_loss = losses.pop("kd_loss", None)
+        return {"type": "train", "step": self.iteration, **losses, "lr": step["lr"],
+                **({"kd_loss": kd_loss} if self.distiller is not None else {}),
                 "grad_norm": step["grad_norm"], "tokens_per_s": tokens_per_s,
                 "loss_scale": self.scaler.loss_scale if self.scaler else None,
                 "skipped_steps": (self.scaler.skipped_steps if self.scaler else 0) + self.non_finite_skipped,
@@ -348,6 +350,8 @@ class Trainer:
     def _print_finish(self, path: str | None) -> None:
         if path is None or self.parallel.rank != 0:
             return
+        from moetrain.plot import plot_metrics  # here: matplotlib loads only in a process that writes a plot
+
         save_dir = self.cfg.training.save
         plots = plot_metrics(os.path.join(save_dir, "metrics.jsonl"), save_dir)
         self._print(f"checkpoint: {path}")
