@@ -3,7 +3,7 @@ bit-flipped (single-process and sharded formats), plus index.json entries pointi
 
 Each row says what happened and whether data was lost: a damaged checkpoint loaded as if it were good,
 the previous complete checkpoint no longer loading, or a restart resuming from anything older than the
-newest complete checkpoint. The cases are the ones tests/test_checkpoint_faults.py asserts.
+newest complete checkpoint. The cases are the ones tests/checkpoint/test_checkpoint_faults.py asserts.
 
     python benchmarks/faults.py            # 20 kills
     python benchmarks/faults.py --kills 5  # quicker, on a shared machine

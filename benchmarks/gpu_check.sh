@@ -50,8 +50,8 @@ if torch.cuda.is_available():
 EOF
 
 section "pytest -m cuda"
-timeout 200 "$PYTHON" -m pytest -q -m cuda -p no:cacheprovider tests/test_moe_cuda.py tests/test_zero_offload.py \
-    tests/test_gpu.py || fail pytest
+timeout 200 "$PYTHON" -m pytest -q -m cuda -p no:cacheprovider tests/moe/test_moe_cuda.py tests/parallel/test_zero_offload.py \
+    tests/train/test_gpu.py || fail pytest
 
 section "bf16 MoE rows (forward + backward, autocast over fp32 parameters)"
 timeout 130 "$PYTHON" benchmarks/moe_layer.py --device cuda --dtype bf16 --repeats 5 \

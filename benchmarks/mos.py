@@ -12,7 +12,7 @@ with the same seed, the same batches in the same order and the same LR schedule 
 Reported: validation loss (`Trainer.evaluate()`, the same held-out batches for all) and parameter counts of
 the three, and how much of the student's gap to the teacher distillation closes. Then the zero-shot table
 (moetrain's evaluation code, `moetrain eval`'s) for the models of moe_vs_dense (dense, moe, prmoe = the
-teacher) and the two students on the sample tasks in tests/data, with held-out perplexity. Those tasks are
+teacher) and the two students on the sample tasks in tests/fixtures, with held-out perplexity. Those tasks are
 a handful of examples each and these models are tiny: scores near chance are expected; the table shows the
 machinery, not a model ranking.
 
@@ -39,7 +39,7 @@ from moetrain.evaluation import LMScorer, evaluate_model, format_table, read_tas
 from moetrain.train.metrics import read_metrics
 from moetrain.train.trainer import Trainer
 
-DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
+DATA = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 TASKS = ("lambada", "piqa", "boolq", "race_h", "triviaqa", "webqs")
 
 
@@ -138,7 +138,7 @@ def main() -> None:
     for label, (trainer, _) in trained.items():
         scorer = LMScorer(trainer.model, trainer.tokenizer, batch_size=8)
         zero_shot[label] = evaluate_model(scorer, tasks, heldout)
-    print(f"\nzero-shot on tests/data ({', '.join(f'{t.name} {len(t.docs)}' for t in tasks)} examples; chance: "
+    print(f"\nzero-shot on tests/fixtures ({', '.join(f'{t.name} {len(t.docs)}' for t in tasks)} examples; chance: "
           "lambada 0, piqa/boolq 0.5, race_h 0.25, EM 0)")
     print(format_table(zero_shot))
 

@@ -2,7 +2,7 @@
 
     python -m moetrain.cli.reference [PATH]     # rewrite docs/flags.md (or PATH)
 
-tests/test_cli.py regenerates it and fails when the committed file differs.
+tests/cli/test_cli.py regenerates it and fails when the committed file differs.
 """
 
 from __future__ import annotations

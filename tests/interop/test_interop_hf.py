@@ -1,0 +1,269 @@
+"""Hugging Face export and import against transformers itself, on tiny random models made on the fly:
+every supported layout loads as its native class with moetrain's logits, round trips give back the same
+weights, imports of transformers-made models (grouped-query attention, untied output, sliding window)
+give transformers' logits, unsupported options are refused in one line, and an import fine-tunes."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shlex
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from moetrain.checkpoint import load_model
+from moetrain.cli import main
+from moetrain.config import Config, parse_train_args
+from moetrain.data import Tokenizer, build_tokenizer
+from moetrain.interop import export_hf, import_hf, save_model_checkpoint, train_command
+from moetrain.model import GPT
+from moetrain.train.trainer import Trainer
+from tests.helpers import write_corpus
+
+transformers.logging.set_verbosity_error()
+# torch's note when transformers builds an exported Qwen2-MoE's empty shared expert
+pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+VOCAB = 257  # the byte tokenizer: 256 bytes + <|endoftext|>
+SEQ = 64
+
+
+def tiny_llama_config(*, layers: int = 3, **moe) -> Config:
+    cfg = Config()
+    m = cfg.model
+    m.style, m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length = "llama", layers, 32, 4, SEQ
+    m.vocab_size, m.rope_theta, m.norm_eps = VOCAB, 5000.0, 1e-6
+    cfg.moe.num_experts, cfg.moe.expert_interval, cfg.moe.topk = [4], 1, 2
+    cfg.moe.drop_tokens, cfg.moe.top2_2nd_expert_sampling = False, False
+    for key, value in moe.items():
+        setattr(cfg.moe, key, value)
+    return cfg
+
+
+def make_checkpoint(path, cfg: Config, seed: int = 0) -> str:
+    torch.manual_seed(seed)
+    model = GPT(cfg.model, cfg.moe)
+    with torch.no_grad():
+        for _, layer in model.moe_layers():
+            if layer.router.expert_bias is not None:  # as after training: a bias that changes selection
+                layer.router.expert_bias.normal_(0.0, 0.05)
+            layer.router.wg.weight.normal_(0.0, 0.5)  # decisive routing: no near-ties between experts
+    save_model_checkpoint(str(path), cfg, model.state_dict(), build_tokenizer("byte"))
+    return str(path)
+
+
+def assert_same_logits(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    """Equal within 1e-4 relative to the largest logit (float32)."""
+    assert ours.shape == theirs.shape
+    assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+
+
+def compare(model, hf_model, lengths=(1, 7, SEQ)) -> None:
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for length in lengths:
+            tokens = torch.randint(0, VOCAB, (2, length), generator=generator)
+            assert_same_logits(model(tokens).logits, hf_model(tokens).logits)
+
+
+LAYOUTS = {
+    "mixtral": ({}, "MixtralForCausalLM"),
+    "mixtral-top3-untied": ({"topk": 3}, "MixtralForCausalLM"),
+    "qwen2-moe-top1": ({"topk": 1}, "Qwen2MoeForCausalLM"),
+    "qwen2-moe-interleaved": ({"expert_interval": 2, "layers": 4}, "Qwen2MoeForCausalLM"),
+    "qwen2-moe-dense-slot": ({"num_experts": [4, 0, 4]}, "Qwen2MoeForCausalLM"),
+    "qwen2-moe-gated-shared": ({"shared_expert_ffn_size": 24, "shared_expert_gate": True}, "Qwen2MoeForCausalLM"),
+    "qwen2-moe-pre-softmax": ({"topk": 3, "pre_softmax": True}, "Qwen2MoeForCausalLM"),
+    "ernie-shared": ({"num_shared_experts": 1, "expert_interval": 2, "layers": 4}, "Ernie4_5_MoeForCausalLM"),
+    "ernie-expert-bias": ({"expert_bias": True}, "Ernie4_5_MoeForCausalLM"),
+    "llama-dense": ({"num_experts": [1]}, "LlamaForCausalLM"),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_export_loads_natively_with_equal_logits_and_round_trips(tmp_path, layout):
+    options, architecture = LAYOUTS[layout]
+    cfg = tiny_llama_config(**options)
+    cfg.model.tie_embeddings = layout != "mixtral-top3-untied"
+    ckpt = make_checkpoint(tmp_path / "ckpt", cfg)
+    out = str(tmp_path / "hf")
+    assert export_hf(ckpt, out) == architecture
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf_model).__name__ == architecture
+    model, _, _ = load_model(ckpt)
+    compare(model, hf_model)
+
+    back_cfg, _ = import_hf(out, str(tmp_path / "back"))
+    back, _, saved_cfg = load_model(str(tmp_path / "back"))
+    original = model.state_dict()
+    assert back.state_dict().keys() == original.keys()
+    assert all(torch.equal(back.state_dict()[name], tensor) for name, tensor in original.items())
+    # the same layer layout and routing, not just the same tensors
+    fields = {"model": ("num_layers", "tie_embeddings", "rope_theta", "norm_eps"),
+              "moe": ("topk", "num_shared_experts", "expert_bias", "drop_tokens", "pre_softmax", "shared_expert_gate")
+              if cfg.moe.is_moe else ()}
+    for section, names in fields.items():
+        for name in names:
+            assert getattr(getattr(saved_cfg, section), name) == getattr(getattr(cfg, section), name)
+    assert saved_cfg.experts_per_layer() == cfg.experts_per_layer() == back_cfg.experts_per_layer()
+    compare(back, hf_model, lengths=(5,))
+
+
+def test_tokenizer_travels_both_ways(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "ckpt", tiny_llama_config())
+    out = str(tmp_path / "hf")
+    export_hf(ckpt, out)
+    text = "def f(x):\n    return x + 1  # héllo <|endoftext|>"
+    ours = Tokenizer.load(os.path.join(ckpt, "iter_0000000", "tokenizer.json"))
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert hf_tokenizer(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
+    assert hf_tokenizer.eos_token == "<|endoftext|>" and hf_tokenizer.eos_token_id == ours.eos_id
+    import_hf(out, str(tmp_path / "back"))
+    _, back_tokenizer, _ = load_model(str(tmp_path / "back"))
+    assert back_tokenizer.encode(text) == ours.encode(text) and back_tokenizer.eos_id == ours.eos_id
+
+
+def save_hf_model(path, config) -> None:
+    """A transformers-made model with random weights, and a tokenizer whose end-of-text token is </s>."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("gate.weight"):
+                param.normal_(0.0, 0.5)
+    model.save_pretrained(path)
+    tokenizer = build_tokenizer("byte")
+    backend = __import__("tokenizers").Tokenizer.from_str(tokenizer.to_json().replace("<|endoftext|>", "</s>"))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>").save_pretrained(path)
+
+
+def mixtral_config(**overrides):
+    settings = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                    max_position_embeddings=SEQ, tie_word_embeddings=False, rms_norm_eps=1e-5,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1e6}, eos_token_id=256)
+    return transformers.MixtralConfig(**(settings | overrides))
+
+
+def test_import_of_transformers_mixtral_with_grouped_query_attention(tmp_path):
+    hf_dir = str(tmp_path / "mixtral")
+    save_hf_model(hf_dir, mixtral_config())
+    cfg, _ = import_hf(hf_dir, str(tmp_path / "ckpt"))
+    assert cfg.experts_per_layer() == [4, 4] and cfg.moe.topk == 2 and not cfg.moe.drop_tokens
+    assert not cfg.model.tie_embeddings and cfg.model.ffn_hidden_size == 48
+    model, tokenizer, _ = load_model(str(tmp_path / "ckpt"))
+    assert tokenizer.eos_id == 256  # "</s>" ends documents in a Mixtral-style tokenizer
+    compare(model, transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval())
+
+
+def test_import_caps_a_sliding_window_at_the_sequence_length_it_matches(tmp_path):
+    hf_dir = str(tmp_path / "mixtral")
+    save_hf_model(hf_dir, mixtral_config(sliding_window=16))
+    with pytest.warns(UserWarning, match="sliding window of 16 tokens"):
+        cfg, _ = import_hf(hf_dir, str(tmp_path / "ckpt"))
+    assert cfg.model.seq_length == 16
+    model, _, _ = load_model(str(tmp_path / "ckpt"))
+    compare(model, transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval(), lengths=(3, 16))
+
+
+REFUSED = {
+    "gpt style": ({"style": "gpt"}, "GPT-style"),
+    "residual": ({"mlp_type": "residual"}, "residual MoE"),
+    "pyramid": ({"num_experts": [4, 8, 4]}, "pyramid expert counts"),
+    "sigmoid": ({"score_func": "sigmoid"}, "moe-score-func sigmoid"),
+    "dropping": ({"drop_tokens": True}, "capacity dropping.*--dropless"),
+    "sampling": ({"top2_2nd_expert_sampling": True}, "second-expert sampling.*--dropless"),
+    "top-1 shared": ({"topk": 1, "num_shared_experts": 1}, "top-1 routing with shared experts"),
+    "group-limited": ({"num_groups": 2, "group_topk": 1}, "group-limited routing"),
+    "scaling factor": ({"topk_scaling_factor": 2.5}, "top-k scaling factor"),
+    "gated shared with bias": ({"shared_expert_ffn_size": 8, "shared_expert_gate": True, "expert_bias": True},
+                               "no selection bias"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_export_refuses_what_no_hugging_face_class_computes(tmp_path, case):
+    options, message = REFUSED[case]
+    cfg = tiny_llama_config(**{k: v for k, v in options.items() if k != "style"})
+    cfg.model.style = options.get("style", "llama")
+    ckpt = make_checkpoint(tmp_path / "ckpt", cfg)
+    with pytest.raises(ValueError, match=message) as error:
+        export_hf(ckpt, str(tmp_path / "hf"))
+    assert "\n" not in str(error.value)
+    assert not os.path.exists(tmp_path / "hf")
+
+
+def test_dropless_exports_a_capacity_model_as_plain_top_k(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "ckpt", tiny_llama_config(drop_tokens=True, top2_2nd_expert_sampling=True))
+    out = str(tmp_path / "hf")
+    assert export_hf(ckpt, out, dropless=True) == "MixtralForCausalLM"
+    model, _, _ = load_model(ckpt)
+    for _, layer in model.moe_layers():  # what the export promises: the same model without dropping or sampling
+        layer.router.routing = dataclasses.replace(layer.router.routing, drop_tokens=False,
+                                                   top2_2nd_expert_sampling=False)
+    compare(model, transformers.AutoModelForCausalLM.from_pretrained(out).eval())
+
+
+def test_import_refusals_and_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        import_hf(str(tmp_path), str(tmp_path / "out"))
+    top1 = str(tmp_path / "top1")
+    save_hf_model(top1, mixtral_config(num_experts_per_tok=1))
+    with pytest.raises(ValueError, match="top-1 routing with renormalised weights"):
+        import_hf(top1, str(tmp_path / "out"))
+    gated = str(tmp_path / "gated")
+    save_hf_model(gated, transformers.Qwen2MoeConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+        shared_expert_intermediate_size=16, qkv_bias=False))
+    cfg, _ = import_hf(gated, str(tmp_path / "gated-ckpt"))  # Qwen2-MoE's gated shared expert imports
+    assert cfg.moe.shared_expert_gate and cfg.moe.shared_expert_ffn_size == 16
+    hf_gated = transformers.AutoModelForCausalLM.from_pretrained(gated).eval()
+    compare(load_model(str(tmp_path / "gated-ckpt"))[0], hf_gated, lengths=(5,))
+    os.remove(os.path.join(top1, "tokenizer.json"))
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        import_hf(top1, str(tmp_path / "out"))
+
+
+def test_cli_export_import_generate_eval_and_one_line_errors(tmp_path, capsys):
+    ckpt = make_checkpoint(tmp_path / "ckpt", tiny_llama_config())
+    out = str(tmp_path / "hf")
+    for argv in (["export", "--load", ckpt, "--format", "hf", "--out", out],
+                 ["import", "--from-hf", out, "--out", str(tmp_path / "back")],
+                 ["generate", "--load", str(tmp_path / "back"), "--max-new-tokens", "3", "--prompt", "ab"],
+                 ["eval", "--load", str(tmp_path / "back"), "--ppl", write_corpus(tmp_path), "--limit", "1",
+                  "--no-progress-bar", "--output", str(tmp_path / "eval.json")]):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 0
+    assert "moetrain train --load" in capsys.readouterr().out
+    for argv, message in ((["export", "--load", ckpt, "--out", out], "not empty"),
+                          (["import", "--from-hf", out, "--out", str(tmp_path / "back")], "already holds checkpoints"),
+                          (["import", "--from-hf", out, "--out", str(tmp_path / "b2"), "--topk", "1"],
+                           "drop the DeepSpeed options")):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert exited.value.code == 1 and message in err and "\n" not in err
+
+
+def test_imported_model_fine_tunes_with_the_printed_command(tmp_path):
+    hf_dir = str(tmp_path / "mixtral")
+    save_hf_model(hf_dir, mixtral_config(max_position_embeddings=16))
+    ckpt = str(tmp_path / "ckpt")
+    cfg, _ = import_hf(hf_dir, ckpt)
+    argv = shlex.split(train_command(ckpt, cfg))[2:]
+    tuned = parse_train_args(argv + ["--data-path", write_corpus(tmp_path), "--data-cache-dir", str(tmp_path / "cache"),
+                                     "--split", "80,20,0", "--micro-batch-size", "2", "--train-iters", "2",
+                                     "--lr-warmup-iters", "0", "--eval-iters", "1", "--save", str(tmp_path / "tuned"),
+                                     "--device", "cpu"])
+    tuned.training.progress_bar = False
+    trainer = Trainer(tuned, quiet=True)
+    assert trainer.iteration == 0
+    start, _, _ = load_model(ckpt)
+    assert all(torch.equal(trainer.model.state_dict()[name], tensor) for name, tensor in start.state_dict().items())
+    result = trainer.fit()
+    assert result.iteration == 2 and all(math.isfinite(loss) for loss in result.losses)
