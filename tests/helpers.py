@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moetrain.config import Config
+from moetrain.moe import MoE
 from moetrain.parallel.pieces import model_pieces
 from moetrain.train.trainer import Trainer
 
@@ -239,3 +240,11 @@ ROUTING_MODES = {
     "gated-shared-expert": dict(k=2, shared_expert_ffn_size=24, shared_expert_gate=True),
     "pad-to-capacity": dict(k=2, pad_expert_input_to_capacity=True, ffn_bias=True),
 }
+
+
+def routing_mode_layer(hidden: int, ffn: int, experts: int, **kwargs: Any) -> MoE:
+    """A seeded MoE with SwiGLU experts and DeepSpeed's random routing (RTS, second-expert sampling) off unless
+    `kwargs` (a ROUTING_MODES entry plus sizes) turns it on."""
+    torch.manual_seed(0)
+    kwargs = {"use_rts": False, "top2_2nd_expert_sampling": False, "activation": "swiglu", **kwargs}
+    return MoE(hidden, num_experts=experts, ffn_hidden_size=ffn, **kwargs)

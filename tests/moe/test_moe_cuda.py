@@ -12,7 +12,7 @@ import torch
 
 from moetrain.moe import MoE, grouped_gemm_backend
 from moetrain.moe.routing_noise import routing_key
-from tests.helpers import ROUTING_MODES
+from tests.helpers import ROUTING_MODES, routing_mode_layer
 
 pytestmark = [
     pytest.mark.cuda,
@@ -23,12 +23,7 @@ HIDDEN, FFN, EXPERTS, TOKENS = 256, 512, 8, 2048
 
 
 def _layer(**kwargs) -> MoE:
-    torch.manual_seed(0)
-    kwargs.setdefault("use_rts", False)
-    kwargs.setdefault("top2_2nd_expert_sampling", False)
-    kwargs.setdefault("activation", "swiglu")
-    return MoE(HIDDEN, num_experts=EXPERTS, ffn_hidden_size=FFN, capacity_factor=1.0, init_std=0.05,
-               **kwargs).cuda()
+    return routing_mode_layer(HIDDEN, FFN, EXPERTS, capacity_factor=1.0, init_std=0.05, **kwargs).cuda()
 
 
 def _step(layer: MoE, x: torch.Tensor, bf16: bool):

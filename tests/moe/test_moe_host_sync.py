@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from moetrain.moe import MoE
 from moetrain.moe.routing_noise import routing_key
-from tests.helpers import ROUTING_MODES, count_host_syncs, gloo_group, spawn
+from tests.helpers import ROUTING_MODES, count_host_syncs, gloo_group, routing_mode_layer, spawn
 
 
 def test_counter_sees_every_kind_of_host_sync():
@@ -44,12 +44,7 @@ def test_counter_sees_every_kind_of_host_sync():
 
 HIDDEN, FFN, EXPERTS, TOKENS = 16, 32, 8, 64
 def _layer(**kwargs) -> MoE:
-    torch.manual_seed(0)
-    kwargs.setdefault("use_rts", False)
-    kwargs.setdefault("top2_2nd_expert_sampling", False)
-    kwargs.setdefault("activation", "swiglu")
-    return MoE(HIDDEN, num_experts=EXPERTS, ffn_hidden_size=FFN, capacity_factor=0.5,
-               min_capacity=1, **kwargs)
+    return routing_mode_layer(HIDDEN, FFN, EXPERTS, capacity_factor=0.5, min_capacity=1, **kwargs)
 
 
 @pytest.mark.parametrize("mode", list(ROUTING_MODES))
