@@ -116,10 +116,21 @@ def read_model_config(load_dir: str) -> tuple[Config, Tokenizer]:
     return cfg, tokenizer
 
 
+ROTATION_RETRIES = 3
+
+
 def load_model(load_dir: str, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, Config]:
-    """Rebuild the whole model a checkpoint (of any layout) was trained with, its weights, and its tokenizer."""
-    path = resolve_checkpoint_dir(load_dir)
-    cfg, tokenizer = read_model_config(path)
-    model = GPT(cfg.model, cfg.moe, seed=0)  # the weights are loaded over it
-    model.load_state_dict(CheckpointReader(path, verify_extra_files=False, optimizer=False).model_state())
-    return model.to(device).eval(), tokenizer, cfg
+    """Rebuild the whole model a checkpoint (of any layout) was trained with, its weights, and its tokenizer.
+
+    `latest` is resolved once per attempt; when a running job rotates that checkpoint away while it is read
+    (its directory is gone), `latest` is read again, at most ROTATION_RETRIES times."""
+    for attempt in range(ROTATION_RETRIES + 1):
+        path = resolve_checkpoint_dir(load_dir)
+        try:
+            cfg, tokenizer = read_model_config(path)
+            model = GPT(cfg.model, cfg.moe, seed=0)  # the weights are loaded over it
+            model.load_state_dict(CheckpointReader(path, verify_extra_files=False, optimizer=False).model_state())
+            return model.to(device).eval(), tokenizer, cfg
+        except (FileNotFoundError, CheckpointError):
+            if os.path.isdir(path) or attempt == ROTATION_RETRIES:
+                raise

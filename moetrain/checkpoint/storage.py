@@ -284,8 +284,7 @@ def resolve_checkpoint_dir(load_dir: str, iteration: int | None = None) -> str:
     if not os.path.isfile(latest_path):
         raise FileNotFoundError(f"no checkpoint in {load_dir!r}: it has no '{LATEST_FILE}' file; "
                                 f"pass an iteration (available: {list_checkpoints(load_dir) or 'none'})")
-    with open(latest_path) as f:
-        name = f.read().strip()
+    name = read_latest(latest_path)
     if not ITER_DIR_RE.match(name):
         raise CheckpointError(f"{latest_path} holds {name[:40]!r}, not an iter_NNNNNNN name; "
                               f"rewrite it or pass an iteration")
@@ -298,6 +297,24 @@ def resolve_checkpoint_dir(load_dir: str, iteration: int | None = None) -> str:
     return path
 
 
+def read_latest(latest_path: str) -> str:
+    """The iter_* name a `latest` file holds; bytes that are not text are reported naming the file."""
+    with open(latest_path, "rb") as f:
+        raw = f.read(4096)
+    try:
+        return raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{latest_path} is corrupt (not text: {raw[:16]!r}...); rewrite it with the name of "
+                              f"a checkpoint (e.g. iter_0000100) or pass an iteration") from None
+
+
+def pickled_global(error: pickle.UnpicklingError) -> str | None:
+    """The Python object a weights_only load refused (an object pickled beside the tensors), or None when the
+    error is the file's bytes themselves not being a valid pickle (corruption)."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    return found.group(1) if found else None
+
+
 def load_state(path: str, mmap: bool = False) -> dict:
     """state.pt (weights_only); `mmap` maps its tensors (an optimizer state) instead of reading them, for a
     caller that wants only the plain data (the config)."""
@@ -308,14 +325,23 @@ def load_state(path: str, mmap: bool = False) -> dict:
     try:
         state = torch.load(state_path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
-        raise CheckpointError(f"{state_path} contains pickled objects other than tensors and plain data; "
-                              f"refusing to unpickle it (weights_only). Re-save it with plain types") from error
+        if pickled_global(error) is not None:
+            raise CheckpointError(f"{state_path} contains pickled objects other than tensors and plain data "
+                                  f"({pickled_global(error)}); refusing to unpickle it (weights_only). Re-save it with "
+                                  f"plain types") from None
+        raise CheckpointError(f"{state_path} is corrupt ({_unpickler_detail(error)}); {earlier_hint(path)}") from None
     except (RuntimeError, EOFError, OSError) as error:
         raise CheckpointError(f"{state_path} is corrupt or truncated ({_first_line(error)}); "
                               f"{earlier_hint(path)}") from error
     if not isinstance(state, dict) or not {"iteration", "optimizer", "extra"} <= state.keys():
         raise CheckpointError(f"{state_path} is not a moetrain checkpoint state (missing iteration/optimizer/extra)")
     return state
+
+
+def _unpickler_detail(error: pickle.UnpicklingError) -> str:
+    """The weights_only unpickler's own reason (e.g. "Unsupported operand 146"), without torch's advice around it."""
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
+    return found.group(1).strip() if found else _first_line(error)
 
 
 def _first_line(error: Exception) -> str:

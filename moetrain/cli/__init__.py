@@ -65,6 +65,14 @@ def run(command: str, argv: list[str]) -> int:
     return module.run(subparsers[command].parse_args(argv))
 
 
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0 (nan, inf and negatives are refused naming the flag)."""
+    value = float(text)
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def _without_launcher_rank(argv: list[str]) -> list[str]:
     """The deepspeed launcher runs ``moetrain --local_rank=N train ...``: drop that leading flag (the LOCAL_RANK it
     also sets picks the device)."""

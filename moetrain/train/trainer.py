@@ -69,7 +69,8 @@ class Trainer:
         if tc.load and not self._first_start_of_restartable_job(tc.load, tc.save):
             self._resume(tc.load)
         rank_zero = self.parallel.rank == 0
-        self.metrics = MetricsLogger(tc.save if rank_zero else None, tc.tensorboard_dir if rank_zero else None)
+        self.metrics = MetricsLogger(tc.save if rank_zero else None, tc.tensorboard_dir if rank_zero else None,
+                                     resumed_at=self.iteration or None)
 
     # -- checkpoints ------------------------------------------------------------------------
     def _lock_save_dir(self, save_dir: str | None) -> SaveDirLock | None:

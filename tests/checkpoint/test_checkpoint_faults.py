@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -274,3 +275,41 @@ def test_a_stale_lock_is_taken_over_and_released_after_the_run(tmp_path):
     assert json.loads((save_dir / LOCK_FILE).read_text())["pid"] == os.getpid()
     trainer.fit()
     assert not (save_dir / LOCK_FILE).exists()
+
+
+# ------------------------------------------------------------------------------------------ garbage files
+
+
+def test_a_latest_of_garbage_bytes_is_refused_naming_the_file(tmp_path):
+    write_two_checkpoints(str(tmp_path), sharded=False)
+    (tmp_path / "latest").write_bytes(bytes(range(128, 256)))
+    with pytest.raises(CheckpointError, match=f"^{tmp_path / 'latest'} is corrupt \\(not text"):
+        load_checkpoint(str(tmp_path))
+
+
+def test_a_state_pt_of_garbage_is_reported_as_corruption_not_as_pickled_objects(tmp_path):
+    write_two_checkpoints(str(tmp_path), sharded=False)
+    (tmp_path / "iter_0000002" / "state.pt").write_bytes(random.Random(0).randbytes(4096))
+    os.remove(tmp_path / "iter_0000002" / MANIFEST_FILE)  # not caught by the digest: by the reader itself
+    with pytest.raises(CheckpointError, match="state.pt is corrupt .*--load .*iter_0000001") as error:
+        load_checkpoint(str(tmp_path))
+    assert "pickled" not in str(error.value) and "\n" not in str(error.value)
+
+
+def test_generate_reading_a_checkpoint_that_a_rotation_removes_reads_the_new_latest(tmp_path, monkeypatch):
+    from moetrain.checkpoint import api
+
+    Trainer(tiny_config(tmp_path, train_iters=2, save_interval=1, keep_last_checkpoints=1), quiet=True).fit()
+    read_model_config = api.read_model_config
+    rotations = []
+
+    def rotated_while_reading(path):
+        if not rotations:  # the job publishes iteration 3 and removes 2 just after `latest` was resolved
+            rotations.append(path)
+            shutil.copytree(tmp_path / "run" / "iter_0000002", tmp_path / "run" / "iter_0000003")
+            (tmp_path / "run" / "latest").write_text("iter_0000003\n")
+            shutil.rmtree(tmp_path / "run" / "iter_0000002")
+        return read_model_config(path)
+    monkeypatch.setattr(api, "read_model_config", rotated_while_reading)
+    model, _, _ = api.load_model(str(tmp_path / "run"))
+    assert rotations == [str(tmp_path / "run" / "iter_0000002")] and model is not None
