@@ -18,12 +18,21 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from moetrain.checkpoint import CheckpointError, iter_dir_name, list_checkpoints, restore, restore_rng_state, save
+from moetrain.checkpoint import (
+    CheckpointError,
+    iter_dir_name,
+    list_checkpoints,
+    resolve_checkpoint_dir,
+    restore,
+    restore_rng_state,
+    save,
+)
 from moetrain.checkpoint.lock import SaveDirLock
 from moetrain.config import Config
 from moetrain.data.blend import NO_ROWS
 from moetrain.parallel.data_parallel import clip_gradients, global_grad_norm
 from moetrain.parallel.parallelize import sync_expert_load
+from moetrain.train.compatibility import check_loadable
 from moetrain.train.divergence import rewind_target
 from moetrain.train.metrics import MetricsLogger, format_eval_line, format_train_line
 from moetrain.train.run import build_run
@@ -101,15 +110,22 @@ class Trainer:
         return True
 
     def _resume(self, load_dir: str, *, rewinding: bool = False) -> None:
-        restored = restore(load_dir, self.model, self.optimizer, self.parallel)
-        if restored.fresh_start:
+        tc = self.cfg.training
+        path = resolve_checkpoint_dir(load_dir)
+        if not rewinding:  # --load: trained like this run (--finetune: weights only, into any model they fit)
+            check_loadable(path, self.cfg, self.tokenizer, tc.finetune)
+        finetune = tc.finetune and not rewinding
+        restored = restore(path, self.model, self.optimizer, self.parallel,
+                           load_optimizer=rewinding or (tc.load_optim and not finetune))
+        if restored.fresh_start or finetune:
             self._print(f"initialised from the weights in {restored.path}; optimizer, schedule and data start afresh")
             return
         extra = restored.extra
         if self.scaler is not None and "loss_scaler" in extra:
             self.scaler.load_state_dict(extra["loss_scaler"])
         self.train_data.load_state_dict(extra["data"])
-        restore_rng_state(restored.rng)
+        if rewinding or tc.load_rng:
+            restore_rng_state(restored.rng)
         if self.distiller is not None and "distill" in extra:
             self.distiller.load_state_dict(extra["distill"])  # a stopped distillation stays stopped
         if not rewinding:  # a rewind keeps this run's counts: its skipped steps and rewinds happened
