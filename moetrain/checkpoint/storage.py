@@ -19,6 +19,8 @@ one-line CheckpointError. One process writes to a given ``save_dir`` at a time (
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import pickle
@@ -139,13 +141,32 @@ def fsync_path(path: str) -> None:
 
 
 def _write_latest(save_dir: str, name: str) -> None:
+    """Point `latest` at `name` atomically. On failure (disk full) the temp file is removed and the error says
+    that the checkpoint itself is complete, and what `latest` still names."""
     tmp_path = os.path.join(save_dir, f"{TMP_PREFIX}{LATEST_FILE}")
-    with open(tmp_path, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_path, os.path.join(save_dir, LATEST_FILE))
-    fsync_path(save_dir)
+    try:
+        with open(tmp_path, "w") as f:
+            f.write(name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, os.path.join(save_dir, LATEST_FILE))
+        fsync_path(save_dir)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.remove(tmp_path)
+        raise CheckpointWriteError(
+            f"checkpoint {os.path.join(save_dir, name)} is complete, but {os.path.join(save_dir, LATEST_FILE)} could "
+            f"not be updated ({error.strerror or error}); {_latest_names(save_dir)}. Free disk space and resume with "
+            f"--load {os.path.join(save_dir, name)}") from None
+
+
+def _latest_names(save_dir: str) -> str:
+    """What `latest` names now, for a message after a failed write."""
+    latest = os.path.join(save_dir, LATEST_FILE)
+    if not os.path.isfile(latest):
+        return "there is no `latest` yet"
+    with open(latest, "rb") as f:
+        return f"`latest` still names the complete {f.read(64).decode('utf-8', 'replace').strip()}"
 
 
 def _remove_older(save_dir: str, iteration: int, keep_last: int) -> None:
@@ -202,12 +223,11 @@ def save_checkpoint(
 
 def write_failed(save_dir: str, iteration: int, error: Exception) -> CheckpointWriteError:
     """Remove the half-written hidden directory; say what is still intact and what to do."""
+    if isinstance(error, CheckpointWriteError):  # already says what happened (`latest` not updated)
+        return error
     shutil.rmtree(os.path.join(save_dir, TMP_PREFIX + iter_dir_name(iteration)), ignore_errors=True)
-    latest = os.path.join(save_dir, LATEST_FILE)
-    kept = "no earlier checkpoint exists"
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            kept = f"`latest` still names the complete {f.read().strip()}"
+    kept = _latest_names(save_dir) if os.path.isfile(os.path.join(save_dir, LATEST_FILE)) \
+        else "no earlier checkpoint exists"
     return CheckpointWriteError(f"could not write checkpoint {iter_dir_name(iteration)} in {save_dir} "
                            f"({getattr(error, 'strerror', None) or error}); {kept}. Free disk space (or lower "
                            f"--keep-last-checkpoints) and resume with --load {save_dir}")
@@ -226,12 +246,29 @@ def prepare_tmp_dir(save_dir: str, iteration: int) -> str:
 
 def write_state(tmp_dir: str, state: dict, files: dict[str, str]) -> dict[str, str]:
     """state.pt and the extra text files, each flushed to disk; return their digests."""
-    with open(os.path.join(tmp_dir, STATE_FILE), "wb") as f:
-        torch.save(state, f)
+    state_path = os.path.join(tmp_dir, STATE_FILE)
+    try:
+        with open(state_path, "wb") as f:
+            torch.save(state, f)
+    except RuntimeError as error:  # torch.save's zip writer reports a failed write so ("unexpected pos ...")
+        code = _write_errno(tmp_dir)
+        raise OSError(code, f"{os.strerror(code)} writing {STATE_FILE}: {_first_line(error)}") from error
     for file_name, text in files.items():
         with open(os.path.join(tmp_dir, file_name), "w", encoding="utf-8") as f:
             f.write(text)
     return {name: fsync_and_digest(os.path.join(tmp_dir, name)) for name in (STATE_FILE, *files)}
+
+
+LOW_DISK_BYTES = 16 << 20  # less free space than this where a write failed: the disk is full
+
+
+def _write_errno(directory: str) -> int:
+    """ENOSPC when the file system of `directory` is (nearly) full, else EIO: for writers that do not say."""
+    try:
+        stats = os.statvfs(directory)
+    except OSError:
+        return errno.EIO
+    return errno.ENOSPC if stats.f_bavail * stats.f_frsize < LOW_DISK_BYTES else errno.EIO
 
 
 def fsync_and_digest(path: str) -> str:

@@ -9,6 +9,7 @@ functions, so ``moetrain --help`` loads no torch.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import os
@@ -97,6 +98,12 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError, CheckpointError, TrainingDiverged) as error:
         # Bad input: one clear line, not a traceback (ConfigError, DataError, CheckpointError ...).
         sys.exit(report_error(f"moetrain {argv[0]}: error: {error}"))
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {error.filename}" if error.filename else ""
+        sys.exit(report_error(f"moetrain {argv[0]}: error: {error.strerror}{where}; free disk space (a checkpoint "
+                              f"run resumes with --load)"))
     sys.exit(code)
 
 

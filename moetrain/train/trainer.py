@@ -12,6 +12,7 @@ import contextlib
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -399,9 +400,14 @@ class Trainer:
         from moetrain.plot import plot_metrics  # here: matplotlib loads only in a process that writes a plot
 
         save_dir = self.cfg.training.save
-        plots = plot_metrics(os.path.join(save_dir, "metrics.jsonl"), save_dir)
+        try:
+            plots = ", ".join(plot_metrics(os.path.join(save_dir, "metrics.jsonl"), save_dir))
+        except OSError as error:  # the checkpoint is safe: a plot is no reason to fail the run
+            plots = "none"
+            warnings.warn(f"could not write the plots in {save_dir} ({error.strerror or error}); the checkpoint is "
+                          f"complete; `moetrain plot` draws them later", stacklevel=1)
         self._print(f"checkpoint: {path}")
-        self._print(f"metrics: {os.path.join(save_dir, 'metrics.jsonl')}; plots: {', '.join(plots)}")
+        self._print(f"metrics: {os.path.join(save_dir, 'metrics.jsonl')}; plots: {plots}")
         self._print(f"sample from it: moetrain generate --load {save_dir} --prompt \"def \"")
 
 

@@ -235,6 +235,77 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_stops_with_a_clear_messag
     assert all(torch.equal(good.model_state[k], v) for k, v in after.model_state.items())
 
 
+class _FullDisk:
+    f_bavail, f_frsize = 0, 4096
+
+
+def test_torch_saves_runtime_error_on_a_full_disk_is_a_one_line_no_space_error(tmp_path, monkeypatch):
+    write_two_checkpoints(str(tmp_path), sharded=False)
+
+    def zip_writer_failed(*args, **kwargs):  # what torch.save raises when the disk fills under it
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1344 vs 1232")
+    monkeypatch.setattr(storage.torch, "save", zip_writer_failed)
+    monkeypatch.setattr(storage.os, "statvfs", lambda path: _FullDisk())
+    model, optimizer = _tiny_model()
+    with pytest.raises(CheckpointError, match=r"^could not write checkpoint iter_0000003 .*\(No space left on device "
+                                              r"writing state.pt: .*unexpected pos.*still names the complete "
+                                              r"iter_0000002") as error:
+        save_checkpoint(str(tmp_path), 3, model_state=model.state_dict(), optimizer_state=optimizer.state_dict(),
+                        extra={})
+    assert "\n" not in str(error.value)
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000001", "iter_0000002", "latest"]
+
+
+def test_a_full_disk_when_only_latest_fails_says_the_checkpoint_is_complete(tmp_path, monkeypatch):
+    write_two_checkpoints(str(tmp_path), sharded=False)
+
+    def no_room_for_latest(path, *args, **kwargs):
+        if os.path.basename(path) == storage.TMP_PREFIX + storage.LATEST_FILE:
+            with open(path, "w"):  # created, then the write fails
+                pass
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        return open(path, *args, **kwargs)
+    monkeypatch.setattr(storage, "open", no_room_for_latest, raising=False)
+    model, optimizer = _tiny_model()
+    with pytest.raises(CheckpointError, match=f"^checkpoint {tmp_path / 'iter_0000003'} is complete, but "
+                                              f"{tmp_path / 'latest'} could not be updated \\(No space left on device"
+                                              f"\\); `latest` still names the complete iter_0000002"):
+        save_checkpoint(str(tmp_path), 3, model_state=model.state_dict(), optimizer_state=optimizer.state_dict(),
+                        extra={}, keep_last=1)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000001", "iter_0000002", "iter_0000003", "latest"]  # no rotation
+    assert load_checkpoint(str(tmp_path / "iter_0000003")).iteration == 3
+
+
+def test_a_plot_that_fails_after_a_good_save_is_a_warning(tmp_path, monkeypatch):
+    import moetrain.plot
+
+    monkeypatch.setattr(moetrain.plot, "plot_metrics", _disk_full)
+    trainer = Trainer(tiny_config(tmp_path, train_iters=1), quiet=False)
+    with pytest.warns(UserWarning, match="could not write the plots .*No space left on device.*checkpoint is complete"):
+        trainer.fit()
+    assert load_checkpoint(str(tmp_path / "run")).iteration == 1
+
+
+def test_a_full_disk_outside_a_checkpoint_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    from moetrain.cli import main
+    from moetrain.train.metrics import MetricsLogger
+
+    def full(self, record):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "run" / "metrics.jsonl"))
+    monkeypatch.setattr(MetricsLogger, "log", full)
+    cfg = tiny_config(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+              "--micro-batch-size", "2", "--num-experts", "4", "--train-iters", "1", "--no-progress-bar",
+              "--data-path", cfg.data.data_path[0], "--split", "80,20,0", "--tokenizer-type", "byte",
+              "--data-cache-dir", cfg.data.cache_dir, "--save", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exited.value.code == 1
+    assert err == (f"moetrain train: error: No space left on device writing {tmp_path / 'run' / 'metrics.jsonl'}; "
+                   f"free disk space (a checkpoint run resumes with --load)")
+
+
 def test_a_full_disk_during_a_sharded_save(tmp_path, monkeypatch):
     import moetrain.checkpoint.sharded as sharded
 
