@@ -35,6 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from moetrain.checkpoint.integrity import (
+    MANIFEST_FILE,
     CheckpointError,
     CheckpointWriteError,
     earlier_hint,
@@ -327,11 +328,34 @@ def resolve_checkpoint_dir(load_dir: str, iteration: int | None = None) -> str:
                               f"rewrite it or pass an iteration")
     path = os.path.join(load_dir, name)
     if not os.path.isdir(path):
-        hint = ""
-        if os.path.isdir(os.path.join(load_dir, REPLACED_PREFIX + name)):
-            hint = f" (a crash interrupted re-saving it; rename {REPLACED_PREFIX + name} back to {name})"
-        raise FileNotFoundError(f"{latest_path} names {name}, which is missing{hint}")
+        replaced = os.path.join(load_dir, REPLACED_PREFIX + name)
+        if _complete(replaced):  # a crash between the two renames of a re-save: read the complete original
+            return replaced
+        raise FileNotFoundError(f"{latest_path} names {name}, which is missing")
     return path
+
+
+def _complete(path: str) -> bool:
+    """Whether `path` is a published checkpoint directory (its manifest, state and weights all there)."""
+    return all(os.path.isfile(os.path.join(path, f)) for f in (MANIFEST_FILE, STATE_FILE)) and \
+        any(os.path.isfile(os.path.join(path, f)) for f in (MODEL_FILE, SHARD_INDEX_FILE))
+
+
+def recover_interrupted_resave(save_dir: str) -> str | None:
+    """Undo a re-save that a crash cut between its two renames (`latest` names iter_X, iter_X is missing and
+    .replaced-iter_X is complete): rename the original back; return its name, or None when nothing was cut.
+    Only the process holding the save directory's lock may call it (a live writer is between the renames)."""
+    latest = os.path.join(save_dir, LATEST_FILE)
+    try:
+        name = read_latest(latest) if os.path.isfile(latest) else ""
+    except CheckpointError:
+        return None
+    replaced = os.path.join(save_dir, REPLACED_PREFIX + name)
+    if not ITER_DIR_RE.match(name) or os.path.isdir(os.path.join(save_dir, name)) or not _complete(replaced):
+        return None
+    os.replace(replaced, os.path.join(save_dir, name))
+    fsync_path(save_dir)
+    return name
 
 
 def read_latest(latest_path: str) -> str:

@@ -384,3 +384,24 @@ def test_generate_reading_a_checkpoint_that_a_rotation_removes_reads_the_new_lat
     monkeypatch.setattr(api, "read_model_config", rotated_while_reading)
     model, _, _ = api.load_model(str(tmp_path / "run"))
     assert rotations == [str(tmp_path / "run" / "iter_0000002")] and model is not None
+
+
+# ------------------------------------------------------------------------------------------ interrupted re-save
+
+
+def test_a_re_save_cut_between_its_renames_recovers_without_a_hand(tmp_path):
+    Trainer(tiny_config(tmp_path, train_iters=2, save_interval=1), quiet=True).fit()
+    run = tmp_path / "run"
+    saved = load_checkpoint(str(run))
+    # a re-save of iteration 2 killed after moving the original aside, before renaming the new one in
+    os.replace(run / "iter_0000002", run / (storage.REPLACED_PREFIX + "iter_0000002"))
+    (run / (storage.TMP_PREFIX + "iter_0000002")).mkdir()
+    reader_view = load_checkpoint(str(run))  # a reader (generate) reads the complete original where it is
+    assert reader_view.iteration == 2 and reader_view.path.endswith(storage.REPLACED_PREFIX + "iter_0000002")
+    with pytest.warns(UserWarning, match="a crash interrupted re-saving iter_0000002 .* restored the complete"):
+        resumed = Trainer(tiny_config(tmp_path, train_iters=3, load=str(run)), quiet=True)  # a --max-restarts loop
+    assert resumed.iteration == 2 and (run / "iter_0000002").is_dir()
+    assert not (run / (storage.REPLACED_PREFIX + "iter_0000002")).exists()
+    assert all(torch.equal(v, load_checkpoint(str(run)).model_state[k]) for k, v in saved.model_state.items())
+    resumed.fit()
+    assert load_checkpoint(str(run)).iteration == 3
