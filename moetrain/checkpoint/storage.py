@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 
 from moetrain.checkpoint.integrity import (
     MANIFEST_FILE,
+    WITH_MANIFEST_KEY,
     CheckpointError,
     CheckpointWriteError,
     earlier_hint,
@@ -208,7 +209,7 @@ def save_checkpoint(
         if os.path.basename(name) != name or name in (MODEL_FILE, STATE_FILE) or name.startswith("."):
             raise ValueError(f"extra checkpoint file name {name!r} must be a plain file name other than "
                              f"{MODEL_FILE} and {STATE_FILE}")
-    state = {"iteration": iteration, "optimizer": optimizer_state, "extra": extra}
+    state = {"iteration": iteration, "optimizer": optimizer_state, "extra": extra, WITH_MANIFEST_KEY: True}
     check_weights_only_safe(state, "checkpoint state")
     tensors, aliases = split_shared(model_state)
 

@@ -153,8 +153,24 @@ def test_a_damaged_file_is_refused_naming_it(tmp_path, file, how, sharded):
         assert "iter_0000001" in message  # names the checkpoint to load instead
 
 
-def test_checkpoints_without_a_manifest_still_load(tmp_path):
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_checkpoint_that_lost_its_manifest_is_refused_in_one_line(tmp_path, sharded):
+    # the case: manifest.json deleted, then one bit of the weights flipped
+    write_two_checkpoints(str(tmp_path), sharded=sharded)
+    os.remove(tmp_path / "iter_0000002" / MANIFEST_FILE)
+    damage(str(tmp_path / "iter_0000002" / ("shard-00000.safetensors" if sharded else "model.safetensors")), "bitflip")
+    with pytest.raises(CheckpointError, match=f"^{tmp_path / 'iter_0000002'} was written with a manifest.json and "
+                                              f"has lost it, so none of its files can be checked; load an earlier "
+                                              f"checkpoint, e.g. --load {tmp_path / 'iter_0000001'}$"):
+        load_checkpoint(str(tmp_path))
+
+
+def test_checkpoints_from_before_manifests_still_load(tmp_path):
     write_two_checkpoints(str(tmp_path), sharded=True)
+    state_path = tmp_path / "iter_0000002" / "state.pt"
+    state = torch.load(state_path, weights_only=True)
+    del state["with_manifest"]  # as written before manifests (tests/fixtures has such checkpoints too)
+    torch.save(state, state_path)
     os.remove(tmp_path / "iter_0000002" / MANIFEST_FILE)
     assert load_checkpoint(str(tmp_path)).iteration == 2
 
