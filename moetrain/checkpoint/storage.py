@@ -6,7 +6,8 @@ model.safetensors, see moetrain.checkpoint.sharded)::
     latest                 text file naming the newest complete checkpoint, e.g. "iter_0000100"
     iter_0000100/
         model.safetensors  model weights (tied tensors stored once, see split_shared)
-        state.pt           {"iteration", "optimizer", "extra"}; only tensors, numbers, strings, containers
+        state.pt           {"iteration", "optimizer", "extra", "with_manifest"}; only tensors, numbers, strings,
+                           containers
         tokenizer.json ... extra text files given by the caller
         manifest.json      sha256 of every file above, written last (see moetrain.checkpoint.integrity)
 
