@@ -32,6 +32,7 @@ from moetrain.checkpoint.lock import SaveDirLock
 from moetrain.config import Config
 from moetrain.data.blend import NO_ROWS
 from moetrain.parallel.data_parallel import clip_gradients, global_grad_norm
+from moetrain.parallel.mesh import leave_job
 from moetrain.parallel.parallelize import sync_expert_load
 from moetrain.train.compatibility import check_loadable
 from moetrain.train.divergence import rewind_target
@@ -412,5 +413,10 @@ class Trainer:
 
 
 def train(cfg: Config, *, quiet: bool = False) -> TrainResult:
-    return Trainer(cfg, quiet=quiet).fit()
+    """Train `cfg` to its end; a distributed run then leaves its job cleanly (mesh.leave_job)."""
+    trainer = Trainer(cfg, quiet=quiet)
+    result = trainer.fit()
+    del trainer  # its groups (ParallelState, the mesh, MoE layers) go with leave_job's collection
+    leave_job()
+    return result
 
