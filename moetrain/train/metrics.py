@@ -102,8 +102,11 @@ class MetricsLogger:
                              f"got type={record.get('type')!r}, step={record.get('step')!r}")
         line = json.dumps(_to_json(record, "record"), allow_nan=False)
         if self._file is not None:
-            self._file.write(line + "\n")
-            self._file.flush()
+            try:
+                self._file.write(line + "\n")
+                self._file.flush()
+            except OSError as error:  # a full disk: name the file (a write's error does not)
+                raise OSError(error.errno, error.strerror, self.path) from None
         if self._writer is not None:
             self._write_scalars(record)
 
