@@ -334,7 +334,7 @@ class Trainer:
         """A run that ends inside a non-finite streak, or whose final evaluation is not finite, is not finished:
         it raises (exit 1) and writes nothing."""
         if self.non_finite_in_a_row:
-            what = f"the last {self.non_finite_in_a_row} steps were not finite"
+            what = f"the run ended inside a non-finite streak ({self.non_finite_in_a_row} in a row)"
         elif final_eval is not None and not math.isfinite(final_eval["eval_loss"]):
             what = f"the final evaluation loss is {final_eval['eval_loss']}"
         else:
