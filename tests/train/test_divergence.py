@@ -234,8 +234,8 @@ def test_fp16_stops_a_diverging_run_the_same_way(tmp_path):
 def test_a_run_ending_inside_a_streak_or_with_a_nan_eval_is_not_saved(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, train_iters=3), quiet=True)
     poison_steps(trainer, {2})
-    with pytest.raises(TrainingDiverged, match=r"^step 3: the run ended inside a non-finite streak \(1 in a row\); stopped without saving, "
-                                               "no checkpoint was written"):
+    with pytest.raises(TrainingDiverged, match=r"^step 3: the run ended inside a non-finite streak \(1 in a row\); "
+                                               r"stopped without saving, no checkpoint was written"):
         trainer.fit()
     assert not (tmp_path / "run" / "latest").exists()
     trainer = Trainer(tiny_config(tmp_path, train_iters=2, save="nan-eval"), quiet=True)
