@@ -17,7 +17,7 @@ from torch import nn
 
 from moetrain.checkpoint.integrity import read_manifest, verify_file
 from moetrain.checkpoint.layout import OPTIMIZER_PARAM_NAMES, optimizer_param_names
-from moetrain.checkpoint.reader import CheckpointReader, load_into
+from moetrain.checkpoint.reader import CheckpointReader, load_into, load_model_into
 from moetrain.checkpoint.rng import capture_rng_state, rank_rng_state
 from moetrain.checkpoint.sharded import save_sharded
 from moetrain.checkpoint.storage import CheckpointError, load_state, resolve_checkpoint_dir, save_checkpoint
@@ -73,15 +73,19 @@ class Restored:
     rng: dict | None  # this rank's saved RNG state (None for a fresh start)
 
 
-def restore(load_dir: str, model: nn.Module, optimizer, state: ParallelState) -> Restored:
-    """Load a checkpoint of any layout into this rank's model and optimizer.
+def restore(load_dir: str, model: nn.Module, optimizer, state: ParallelState, *,
+            load_optimizer: bool = True) -> Restored:
+    """Load a checkpoint of any layout into this rank's model and optimizer (`load_optimizer` False: the
+    model only, the optimizer left as it is).
 
     Same layout in one process: loaded as saved (bit-exact). Otherwise each rank reads its pieces.
     """
-    reader = CheckpointReader(resolve_checkpoint_dir(load_dir))
+    reader = CheckpointReader(resolve_checkpoint_dir(load_dir), optimizer=load_optimizer)
     extra = reader.state["extra"]
     fresh_start = "data" not in extra
-    if reader.sharded or _sharded(state, optimizer):
+    if not load_optimizer:
+        load_model_into(reader, model)
+    elif reader.sharded or _sharded(state, optimizer):
         load_into(reader, model, optimizer)
     else:
         try:
@@ -116,10 +120,21 @@ def read_model_config(load_dir: str) -> tuple[Config, Tokenizer]:
     return cfg, tokenizer
 
 
+ROTATION_RETRIES = 3
+
+
 def load_model(load_dir: str, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, Config]:
-    """Rebuild the whole model a checkpoint (of any layout) was trained with, its weights, and its tokenizer."""
-    path = resolve_checkpoint_dir(load_dir)
-    cfg, tokenizer = read_model_config(path)
-    model = GPT(cfg.model, cfg.moe, seed=0)  # the weights are loaded over it
-    model.load_state_dict(CheckpointReader(path, verify_extra_files=False, optimizer=False).model_state())
-    return model.to(device).eval(), tokenizer, cfg
+    """Rebuild the whole model a checkpoint (of any layout) was trained with, its weights, and its tokenizer.
+
+    `latest` is resolved once per attempt; when a running job rotates that checkpoint away while it is read
+    (its directory is gone), `latest` is read again, at most ROTATION_RETRIES times."""
+    for attempt in range(ROTATION_RETRIES + 1):
+        path = resolve_checkpoint_dir(load_dir)
+        try:
+            cfg, tokenizer = read_model_config(path)
+            model = GPT(cfg.model, cfg.moe, seed=0)  # the weights are loaded over it
+            model.load_state_dict(CheckpointReader(path, verify_extra_files=False, optimizer=False).model_state())
+            return model.to(device).eval(), tokenizer, cfg
+        except (FileNotFoundError, CheckpointError):
+            if os.path.isdir(path) or attempt == ROTATION_RETRIES:
+                raise

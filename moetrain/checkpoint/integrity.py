@@ -3,7 +3,8 @@
 ``manifest.json`` lists a sha256 digest of every other file of a checkpoint. It is written after all
 of them, just before the directory is published, so a bit flip or truncation of any file later (bad
 disk, a copy cut short) is reported naming the file instead of loading garbage. Checkpoints written
-before manifests existed have none and load unchecked.
+before manifests existed have none and load unchecked; state.pt of every later one says it was written
+with a manifest (WITH_MANIFEST_KEY), so deleting the manifest does not turn the checks off.
 
 A digest is the sha256 of the sha256s of the file's 16 MiB chunks, written ``chunked-sha256:<hex>``:
 as strong as one sha256 of the whole file, but its chunks are hashed on all cores at once (hashlib
@@ -20,6 +21,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 MANIFEST_FILE = "manifest.json"
+# state.pt's mark of a checkpoint written with a manifest: one that has lost it is refused, not read unchecked
+WITH_MANIFEST_KEY = "with_manifest"
 CHUNK_BYTES = 16 << 20
 CHUNKED_PREFIX = "chunked-sha256:"
 MAX_HASHING_THREADS = 16  # past this, memory bandwidth is the limit; each holds one chunk in memory

@@ -10,7 +10,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
-from moetrain.checkpoint.integrity import check_inside, earlier_hint, read_manifest, verify_file
+from moetrain.checkpoint.integrity import (
+    MANIFEST_FILE,
+    WITH_MANIFEST_KEY,
+    check_inside,
+    earlier_hint,
+    read_manifest,
+    verify_file,
+)
 from moetrain.checkpoint.layout import (
     OPTIMIZER_PARAM_NAMES,
     holds_optimizer_state,
@@ -70,6 +77,9 @@ class CheckpointReader:
                             json.loads((model_file.metadata() or {}).get(ALIASES_KEY, "{}")).items()}
             self._model_keys = {f"model/{key}" for key in model_file.keys()}
             self._optimizer = self._named_optimizer_state()
+        if self.manifest is None and self.state.get(WITH_MANIFEST_KEY):
+            raise CheckpointError(f"{path} was written with a {MANIFEST_FILE} and has lost it, so none of its files "
+                                  f"can be checked; {earlier_hint(path)}")
 
     def _read_index(self) -> tuple[dict[str, list[dict]], dict[str, str]]:
         """index.json's tensors and aliases; refused if it names a file outside the checkpoint."""

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
-from moetrain.checkpoint.integrity import CheckpointWriteError
+from moetrain.checkpoint.integrity import WITH_MANIFEST_KEY, CheckpointWriteError
 from moetrain.checkpoint.layout import local_entries
 from moetrain.checkpoint.storage import (
     SHARD_INDEX_FILE,
@@ -113,7 +113,7 @@ def _write_index_and_publish(save_dir: str, iteration: int, tmp_dir: str, writer
         f.flush()
         os.fsync(f.fileno())
     full_state = {"iteration": iteration, "optimizer": {},
-                  "extra": {**extra, "rng_per_rank": [rng for _, _, rng in everyone]}}
+                  "extra": {**extra, "rng_per_rank": [rng for _, _, rng in everyone]}, WITH_MANIFEST_KEY: True}
     check_weights_only_safe(full_state, "checkpoint state")
     publish(save_dir, iteration, keep_last, {**digests, **write_state(tmp_dir, full_state, files or {})})
 

@@ -6,7 +6,8 @@ model.safetensors, see moetrain.checkpoint.sharded)::
     latest                 text file naming the newest complete checkpoint, e.g. "iter_0000100"
     iter_0000100/
         model.safetensors  model weights (tied tensors stored once, see split_shared)
-        state.pt           {"iteration", "optimizer", "extra"}; only tensors, numbers, strings, containers
+        state.pt           {"iteration", "optimizer", "extra", "with_manifest"}; only tensors, numbers, strings,
+                           containers
         tokenizer.json ... extra text files given by the caller
         manifest.json      sha256 of every file above, written last (see moetrain.checkpoint.integrity)
 
@@ -19,6 +20,8 @@ one-line CheckpointError. One process writes to a given ``save_dir`` at a time (
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import pickle
@@ -33,6 +36,8 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from moetrain.checkpoint.integrity import (
+    MANIFEST_FILE,
+    WITH_MANIFEST_KEY,
     CheckpointError,
     CheckpointWriteError,
     earlier_hint,
@@ -139,13 +144,32 @@ def fsync_path(path: str) -> None:
 
 
 def _write_latest(save_dir: str, name: str) -> None:
+    """Point `latest` at `name` atomically. On failure (disk full) the temp file is removed and the error says
+    that the checkpoint itself is complete, and what `latest` still names."""
     tmp_path = os.path.join(save_dir, f"{TMP_PREFIX}{LATEST_FILE}")
-    with open(tmp_path, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_path, os.path.join(save_dir, LATEST_FILE))
-    fsync_path(save_dir)
+    try:
+        with open(tmp_path, "w") as f:
+            f.write(name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, os.path.join(save_dir, LATEST_FILE))
+        fsync_path(save_dir)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.remove(tmp_path)
+        raise CheckpointWriteError(
+            f"checkpoint {os.path.join(save_dir, name)} is complete, but {os.path.join(save_dir, LATEST_FILE)} could "
+            f"not be updated ({error.strerror or error}); {_latest_names(save_dir)}. Free disk space and resume with "
+            f"--load {os.path.join(save_dir, name)}") from None
+
+
+def _latest_names(save_dir: str) -> str:
+    """What `latest` names now, for a message after a failed write."""
+    latest = os.path.join(save_dir, LATEST_FILE)
+    if not os.path.isfile(latest):
+        return "there is no `latest` yet"
+    with open(latest, "rb") as f:
+        return f"`latest` still names the complete {f.read(64).decode('utf-8', 'replace').strip()}"
 
 
 def _remove_older(save_dir: str, iteration: int, keep_last: int) -> None:
@@ -186,7 +210,7 @@ def save_checkpoint(
         if os.path.basename(name) != name or name in (MODEL_FILE, STATE_FILE) or name.startswith("."):
             raise ValueError(f"extra checkpoint file name {name!r} must be a plain file name other than "
                              f"{MODEL_FILE} and {STATE_FILE}")
-    state = {"iteration": iteration, "optimizer": optimizer_state, "extra": extra}
+    state = {"iteration": iteration, "optimizer": optimizer_state, "extra": extra, WITH_MANIFEST_KEY: True}
     check_weights_only_safe(state, "checkpoint state")
     tensors, aliases = split_shared(model_state)
 
@@ -202,12 +226,11 @@ def save_checkpoint(
 
 def write_failed(save_dir: str, iteration: int, error: Exception) -> CheckpointWriteError:
     """Remove the half-written hidden directory; say what is still intact and what to do."""
+    if isinstance(error, CheckpointWriteError):  # already says what happened (`latest` not updated)
+        return error
     shutil.rmtree(os.path.join(save_dir, TMP_PREFIX + iter_dir_name(iteration)), ignore_errors=True)
-    latest = os.path.join(save_dir, LATEST_FILE)
-    kept = "no earlier checkpoint exists"
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            kept = f"`latest` still names the complete {f.read().strip()}"
+    kept = _latest_names(save_dir) if os.path.isfile(os.path.join(save_dir, LATEST_FILE)) \
+        else "no earlier checkpoint exists"
     return CheckpointWriteError(f"could not write checkpoint {iter_dir_name(iteration)} in {save_dir} "
                            f"({getattr(error, 'strerror', None) or error}); {kept}. Free disk space (or lower "
                            f"--keep-last-checkpoints) and resume with --load {save_dir}")
@@ -226,12 +249,29 @@ def prepare_tmp_dir(save_dir: str, iteration: int) -> str:
 
 def write_state(tmp_dir: str, state: dict, files: dict[str, str]) -> dict[str, str]:
     """state.pt and the extra text files, each flushed to disk; return their digests."""
-    with open(os.path.join(tmp_dir, STATE_FILE), "wb") as f:
-        torch.save(state, f)
+    state_path = os.path.join(tmp_dir, STATE_FILE)
+    try:
+        with open(state_path, "wb") as f:
+            torch.save(state, f)
+    except RuntimeError as error:  # torch.save's zip writer reports a failed write so ("unexpected pos ...")
+        code = _write_errno(tmp_dir)
+        raise OSError(code, f"{os.strerror(code)} writing {STATE_FILE}: {_first_line(error)}") from error
     for file_name, text in files.items():
         with open(os.path.join(tmp_dir, file_name), "w", encoding="utf-8") as f:
             f.write(text)
     return {name: fsync_and_digest(os.path.join(tmp_dir, name)) for name in (STATE_FILE, *files)}
+
+
+LOW_DISK_BYTES = 16 << 20  # less free space than this where a write failed: the disk is full
+
+
+def _write_errno(directory: str) -> int:
+    """ENOSPC when the file system of `directory` is (nearly) full, else EIO: for writers that do not say."""
+    try:
+        stats = os.statvfs(directory)
+    except OSError:
+        return errno.EIO
+    return errno.ENOSPC if stats.f_bavail * stats.f_frsize < LOW_DISK_BYTES else errno.EIO
 
 
 def fsync_and_digest(path: str) -> str:
@@ -284,18 +324,58 @@ def resolve_checkpoint_dir(load_dir: str, iteration: int | None = None) -> str:
     if not os.path.isfile(latest_path):
         raise FileNotFoundError(f"no checkpoint in {load_dir!r}: it has no '{LATEST_FILE}' file; "
                                 f"pass an iteration (available: {list_checkpoints(load_dir) or 'none'})")
-    with open(latest_path) as f:
-        name = f.read().strip()
+    name = read_latest(latest_path)
     if not ITER_DIR_RE.match(name):
         raise CheckpointError(f"{latest_path} holds {name[:40]!r}, not an iter_NNNNNNN name; "
                               f"rewrite it or pass an iteration")
     path = os.path.join(load_dir, name)
     if not os.path.isdir(path):
-        hint = ""
-        if os.path.isdir(os.path.join(load_dir, REPLACED_PREFIX + name)):
-            hint = f" (a crash interrupted re-saving it; rename {REPLACED_PREFIX + name} back to {name})"
-        raise FileNotFoundError(f"{latest_path} names {name}, which is missing{hint}")
+        replaced = os.path.join(load_dir, REPLACED_PREFIX + name)
+        if _complete(replaced):  # a crash between the two renames of a re-save: read the complete original
+            return replaced
+        raise FileNotFoundError(f"{latest_path} names {name}, which is missing")
     return path
+
+
+def _complete(path: str) -> bool:
+    """Whether `path` is a published checkpoint directory (its manifest, state and weights all there)."""
+    return all(os.path.isfile(os.path.join(path, f)) for f in (MANIFEST_FILE, STATE_FILE)) and \
+        any(os.path.isfile(os.path.join(path, f)) for f in (MODEL_FILE, SHARD_INDEX_FILE))
+
+
+def recover_interrupted_resave(save_dir: str) -> str | None:
+    """Undo a re-save that a crash cut between its two renames (`latest` names iter_X, iter_X is missing and
+    .replaced-iter_X is complete): rename the original back; return its name, or None when nothing was cut.
+    Only the process holding the save directory's lock may call it (a live writer is between the renames)."""
+    latest = os.path.join(save_dir, LATEST_FILE)
+    try:
+        name = read_latest(latest) if os.path.isfile(latest) else ""
+    except CheckpointError:
+        return None
+    replaced = os.path.join(save_dir, REPLACED_PREFIX + name)
+    if not ITER_DIR_RE.match(name) or os.path.isdir(os.path.join(save_dir, name)) or not _complete(replaced):
+        return None
+    os.replace(replaced, os.path.join(save_dir, name))
+    fsync_path(save_dir)
+    return name
+
+
+def read_latest(latest_path: str) -> str:
+    """The iter_* name a `latest` file holds; bytes that are not text are reported naming the file."""
+    with open(latest_path, "rb") as f:
+        raw = f.read(4096)
+    try:
+        return raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{latest_path} is corrupt (not text: {raw[:16]!r}...); rewrite it with the name of "
+                              f"a checkpoint (e.g. iter_0000100) or pass an iteration") from None
+
+
+def pickled_global(error: pickle.UnpicklingError) -> str | None:
+    """The Python object a weights_only load refused (an object pickled beside the tensors), or None when the
+    error is the file's bytes themselves not being a valid pickle (corruption)."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    return found.group(1) if found else None
 
 
 def load_state(path: str, mmap: bool = False) -> dict:
@@ -308,14 +388,23 @@ def load_state(path: str, mmap: bool = False) -> dict:
     try:
         state = torch.load(state_path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
-        raise CheckpointError(f"{state_path} contains pickled objects other than tensors and plain data; "
-                              f"refusing to unpickle it (weights_only). Re-save it with plain types") from error
+        if pickled_global(error) is not None:
+            raise CheckpointError(f"{state_path} contains pickled objects other than tensors and plain data "
+                                  f"({pickled_global(error)}); refusing to unpickle it (weights_only). Re-save it with "
+                                  f"plain types") from None
+        raise CheckpointError(f"{state_path} is corrupt ({_unpickler_detail(error)}); {earlier_hint(path)}") from None
     except (RuntimeError, EOFError, OSError) as error:
         raise CheckpointError(f"{state_path} is corrupt or truncated ({_first_line(error)}); "
                               f"{earlier_hint(path)}") from error
     if not isinstance(state, dict) or not {"iteration", "optimizer", "extra"} <= state.keys():
         raise CheckpointError(f"{state_path} is not a moetrain checkpoint state (missing iteration/optimizer/extra)")
     return state
+
+
+def _unpickler_detail(error: pickle.UnpicklingError) -> str:
+    """The weights_only unpickler's own reason (e.g. "Unsupported operand 146"), without torch's advice around it."""
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
+    return found.group(1).strip() if found else _first_line(error)
 
 
 def _first_line(error: Exception) -> str:

@@ -9,6 +9,7 @@ functions, so ``moetrain --help`` loads no torch.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import os
@@ -65,6 +66,14 @@ def run(command: str, argv: list[str]) -> int:
     return module.run(subparsers[command].parse_args(argv))
 
 
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0 (nan, inf and negatives are refused naming the flag)."""
+    value = float(text)
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def _without_launcher_rank(argv: list[str]) -> list[str]:
     """The deepspeed launcher runs ``moetrain --local_rank=N train ...``: drop that leading flag (the LOCAL_RANK it
     also sets picks the device)."""
@@ -89,6 +98,12 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError, CheckpointError, TrainingDiverged) as error:
         # Bad input: one clear line, not a traceback (ConfigError, DataError, CheckpointError ...).
         sys.exit(report_error(f"moetrain {argv[0]}: error: {error}"))
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {error.filename}" if error.filename else ""
+        sys.exit(report_error(f"moetrain {argv[0]}: error: {error.strerror}{where}; free disk space (a checkpoint "
+                              f"run resumes with --load)"))
     sys.exit(code)
 
 

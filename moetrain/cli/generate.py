@@ -8,11 +8,13 @@ SUMMARY = "sample text from a checkpoint"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from moetrain.cli import non_negative_float
+
     parser.description = __doc__
     parser.add_argument("--load", required=True, help="checkpoint directory (a --save directory)")
     parser.add_argument("--prompt", default="", help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=100)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--num-samples", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1234)

@@ -25,9 +25,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="moetrain checkpoint directory to create")
     deepspeed = parser.add_argument_group(
         "DeepSpeed checkpoints", "the model and MoE flags below override the Megatron args stored in the checkpoint")
-    deepspeed.add_argument("--trust-checkpoint", action="store_true",
-                           help="allow a full unpickle of the checkpoint: Megatron stores RNG states (numpy "
-                                "objects) beside the weights, and unpickling can run code from the file")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="allow a full unpickle of the checkpoint: Megatron stores RNG states (numpy objects) "
+                             "beside the weights, a pytorch_model.bin may hold objects, and unpickling can run "
+                             "code from the file")
     deepspeed.add_argument("--tokenizer", metavar="FILE", help="tokenizers JSON the model was trained with")
     deepspeed.add_argument("--vocab-file", help="or GPT-2's vocab.json ...")
     deepspeed.add_argument("--merge-file", help="... and merges.txt")
@@ -52,11 +53,11 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = given_fields(args)
     if args.from_hf:
-        if overrides or args.tokenizer or args.vocab_file or args.trust_checkpoint:
+        if overrides or args.tokenizer or args.vocab_file:
             raise ValueError("--from-hf takes everything from the model directory; drop the DeepSpeed options")
         from moetrain.interop.hf import import_hf
 
-        cfg, path = import_hf(args.from_hf, args.out)
+        cfg, path = import_hf(args.from_hf, args.out, trust_checkpoint=args.trust_checkpoint)
     else:
         from moetrain.interop.deepspeed import import_deepspeed
 

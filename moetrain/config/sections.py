@@ -318,6 +318,13 @@ class TrainingConfig:
     save: str | None = option("runs/default", "--save", group="logging", help="checkpoint and metrics directory",
                               switches=(switch("--no-save", None, help="write no checkpoints"),))
     load: str | None = option(None, "--load", group="logging", help="checkpoint directory to resume from")
+    finetune: bool = option(False, group="logging", switches=(switch(
+        "--finetune", True, help="--load only the checkpoint's weights (into a model whose flags may differ from "
+                                 "its own, as long as the weights fit): iteration 0, fresh optimizer, data and RNG"),))
+    load_optim: bool = option(True, group="logging", switches=(switch(
+        "--no-load-optim", False, help="resume without the checkpoint's optimizer state (fresh AdamW moments)"),))
+    load_rng: bool = option(True, group="logging", switches=(switch(
+        "--no-load-rng", False, help="resume without the checkpoint's RNG states"),))
     save_interval: int = option(0, "--save-interval", group="logging",
                                 help="steps between checkpoints; 0: only at the end")
     keep_last_checkpoints: int | None = option(3, "--keep-last-checkpoints", type=_keep_count, group="logging",

@@ -7,9 +7,11 @@ size left to DeepSpeed's rule is checked as it will be derived.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from typing import TYPE_CHECKING
 
-from moetrain.config.option import ConfigError, check, check_choice
+from moetrain.config.option import ConfigError, check, check_choice, option_of
 from moetrain.data import DataError
 from moetrain.data.loader import parse_split
 from moetrain.data.tokenizer import check_tokenizer_files, resolve_tokenizer_kind
@@ -58,6 +60,7 @@ def _derived_micro_batch(cfg: Config, world_size: int) -> int:
 
 def validate(cfg: Config, world_size: int = 1) -> None:
     """Raise ConfigError for the first inconsistent option, before any work is done; cfg is not changed."""
+    _check_finite(cfg)
     _validate_model(cfg.model)
     _validate_moe(cfg.moe, cfg.model)
     _validate_data(cfg.data)
@@ -65,6 +68,20 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _validate_training(cfg.training)
     _validate_parallel(cfg, world_size)
     _validate_distill(cfg.distill, cfg.parallel.tensor_parallel_size)
+
+
+def _check_finite(cfg: Config) -> None:
+    """Every float option (alone or in a list) is a finite number: `--lr inf` or `nan` would train on NaN."""
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for field in dataclasses.fields(values):
+            value = getattr(values, field.name)
+            numbers = value if isinstance(value, (list, tuple)) else [value]
+            bad = next((v for v in numbers if isinstance(v, float) and not math.isfinite(v)), None)
+            if bad is not None:
+                spec = option_of(field)
+                flag = spec.flag_names()[0] if spec is not None and spec.flag_names() else field.name
+                raise ConfigError(f"{flag} must be a finite number, got {bad}")
 
 
 def _validate_model(model: ModelConfig) -> None:
@@ -147,6 +164,10 @@ def _validate_training(training: TrainingConfig) -> None:
     if training.global_batch_size is not None:
         check_at_least("--global-batch-size", training.global_batch_size, 1)
     check_at_least("--train-iters", training.train_iters, 1)
+    check(0 <= training.seed < 2**32, f"--seed must be between 0 and 2**32 - 1, got {training.seed}")
+    if training.save is not None:
+        check(not os.path.exists(training.save) or os.path.isdir(training.save),
+              f"--save {training.save} is a file, not a directory; name a directory for the checkpoints")
     check_positive("--lr", training.lr)
     check_at_least("--min-lr", training.min_lr, 0)
     check_choice(training, "lr_decay_style")

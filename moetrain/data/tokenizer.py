@@ -4,7 +4,9 @@ JSON file."""
 import base64
 import json
 import os
-from collections.abc import Iterable
+import re
+import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import tokenizers
@@ -156,8 +158,46 @@ def _trained_bpe(texts: Iterable[str] | None, vocab_size: int) -> Tokenizer:
     backend = _byte_level(models.BPE())
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(texts, trainer)
+    backend.train_from_iterator(_with_progress(training_pieces(texts)), trainer)
     return Tokenizer(backend)
+
+
+# The BPE trainer's cost grows with the square of a pre-token's length (a 1M-character line without whitespace
+# took minutes), so training sees runs of non-whitespace cut into pieces of at most this many characters:
+# linear in the input, and only merges longer than this (no useful token) are lost. Encoding is unchanged.
+MAX_PRETOKEN_CHARS = 128
+_LONG_RUN = re.compile(rf"\S{{{MAX_PRETOKEN_CHARS + 1},}}")
+PROGRESS_CHARS = 64_000_000  # a line on stderr per this many characters of training text read
+
+
+def training_pieces(texts: Iterable[str]) -> Iterator[str]:
+    """`texts`, each run of more than MAX_PRETOKEN_CHARS non-whitespace characters cut into pieces of at most
+    that many (a piece is a text of its own to the trainer, so no pre-token spans two)."""
+    for text in texts:
+        start = 0
+        for run in _LONG_RUN.finditer(text):
+            if run.start() > start:
+                yield text[start:run.start()]
+            yield from (text[i:min(i + MAX_PRETOKEN_CHARS, run.end())]
+                        for i in range(run.start(), run.end(), MAX_PRETOKEN_CHARS))
+            start = run.end()
+        if start == 0:
+            yield text
+        elif start < len(text):
+            yield text[start:]
+
+
+def _with_progress(pieces: Iterable[str]) -> Iterator[str]:
+    """The pieces, with a line on stderr each PROGRESS_CHARS characters (a long input shows it is moving)."""
+    read, reported = 0, 0
+    for piece in pieces:
+        read += len(piece)
+        if read - reported >= PROGRESS_CHARS:
+            reported = read
+            print(f"bpe tokenizer: {read:,} characters read", file=sys.stderr, flush=True)
+        yield piece
+    if reported:
+        print(f"bpe tokenizer: learning merges from {read:,} characters", file=sys.stderr, flush=True)
 
 
 class _Encoding:

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moetrain.checkpoint.storage import CheckpointError
+from moetrain.checkpoint.storage import CheckpointError, pickled_global
 from moetrain.config import Config, field_flags
 from moetrain.config.parser import FieldFlags
 from moetrain.data import Tokenizer
@@ -113,11 +113,12 @@ def _load(path: str, trust_checkpoint: bool) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        refused = pickled_global(error)
+        if refused is None:
+            raise CheckpointError(f"{path} is corrupt (not a valid pickle)") from None
         if not trust_checkpoint:
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-            what = f" ({found.group(1)})" if found else ""
             raise CheckpointError(
-                f"{path} holds pickled Python objects besides tensors and plain data{what}, e.g. Megatron's RNG "
+                f"{path} holds pickled Python objects besides tensors and plain data ({refused}), e.g. Megatron's RNG "
                 "states; unpickling them can run code stored in the file. If you trust its source, pass "
                 "--trust-checkpoint") from None
     except (RuntimeError, EOFError, OSError) as error:

@@ -32,7 +32,9 @@ same function. transformers is an optional dependency: `pip install "moetrain[hf
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import pickle
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moetrain.checkpoint import load_model
+from moetrain.checkpoint import CheckpointError, load_model
 from moetrain.config import Config
 from moetrain.data import DataError, Tokenizer
 from moetrain.interop.checkpoint import check_new_checkpoint_dir, save_model_checkpoint
@@ -318,6 +320,23 @@ def _quiet_empty_shared_expert():
         yield
 
 
+@contextlib.contextmanager
+def _pickles_trusted(transformers: Any, trusted: bool):
+    """A trusted import unpickles pytorch_model.bin in full. transformers 5 drops from_pretrained's
+    weights_only on its way to torch.load (its load_state_dict is called with the default, True), so the
+    trusted choice is handed to that function itself for the duration of the load."""
+    if not trusted:
+        yield
+        return
+    utils = transformers.modeling_utils
+    original = utils.load_state_dict
+    utils.load_state_dict = functools.partial(original, weights_only=False)
+    try:
+        yield
+    finally:
+        utils.load_state_dict = original
+
+
 def _tokenizers_backend(tokenizer: Tokenizer) -> Any:
     import tokenizers
 
@@ -391,8 +410,9 @@ def _moetrain_config(hf_config: Any, target: _Target) -> Config:
     return cfg
 
 
-def import_hf(hf_dir: str, out_dir: str) -> tuple[Config, str]:
-    """Convert a local transformers model directory into a moetrain checkpoint; return its config and path."""
+def import_hf(hf_dir: str, out_dir: str, trust_checkpoint: bool = False) -> tuple[Config, str]:
+    """Convert a local transformers model directory into a moetrain checkpoint; return its config and path.
+    A pickled weights file (pytorch_model.bin) is read weights_only unless `trust_checkpoint`."""
     transformers = _transformers()
     check_new_checkpoint_dir(out_dir)
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):
@@ -415,8 +435,14 @@ def import_hf(hf_dir: str, out_dir: str) -> tuple[Config, str]:
     if isinstance(eos, int) and eos != tokenizer.eos_id:
         warnings.warn(f"config.json names end-of-text id {eos} but moetrain ends documents with id "
                       f"{tokenizer.eos_id}; fine-tuning data will use {tokenizer.eos_id}")
-    with _quiet_empty_shared_expert():
-        hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, local_files_only=True)
+    try:
+        with _quiet_empty_shared_expert(), _pickles_trusted(transformers, trust_checkpoint):
+            hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
+                                                                         local_files_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"the weights in {hf_dir} are pickled Python objects besides tensors; unpickling them "
+                              "can run code stored in the file. If you trust its source, pass --trust-checkpoint "
+                              "(or save the model as safetensors)") from None
     state = _from_hf_state(cfg, hf_config, hf_model.state_dict(), target)
     if target is ERNIE and cfg.moe.is_moe:
         cfg.moe.expert_bias = any(bool(state[f"blocks.{i}.ffn.router.expert_bias"].any())

@@ -15,6 +15,8 @@ A token `mask` ([S] bool, False for padding) keeps tokens out of both P and f.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -115,15 +117,25 @@ def global_loss(probs: Tensor, indices: Tensor, group: dist.ProcessGroup | None,
 def sinkhorn(logits: Tensor, mask: Tensor | None = None, iterations: int = SINKHORN_ITERATIONS) -> Tensor:
     """Doubly normalised exp(logits) (Sinkhorn-Knopp, Megatron-Core's sinkhorn routing): rows and
     columns scaled alternately so every expert receives the same total mass. Rows of padding
-    (mask False) hold no mass. No gradient."""
+    (mask False) hold no mass. No gradient.
+
+    Computed in log space (float32 at least): the row and column scales are log-sum-exps, so no token's
+    exp(logit) underflows however far its logits sit below another token's (one shift by the batch's
+    largest logit left such a row all zeros, never normalised, and routed it wrongly). A sharp gate
+    (logits spread over hundreds) needs more than the default iterations to reach the exact assignment."""
     with torch.no_grad():
-        cost = torch.exp(logits - logits.max())
+        log_cost = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if mask is not None:
-            cost = cost * mask.unsqueeze(1)
-        num_tokens, num_experts = cost.shape
-        row = cost.new_ones(num_tokens)
-        col = cost.new_ones(num_experts)
+            log_cost = log_cost.masked_fill(~mask.unsqueeze(1), float("-inf"))
+        num_tokens, num_experts = log_cost.shape
+        # rows share the mass equally among the tokens that count (a tensor: no host sync)
+        log_tokens = torch.log(mask.sum().clamp(min=1).to(log_cost.dtype)) if mask is not None \
+            else math.log(num_tokens)
+        log_row = log_cost.new_zeros(num_tokens, 1)
+        log_col = log_cost.new_zeros(1, num_experts)
         for _ in range(iterations):
-            row = 1.0 / (num_tokens * ((cost * col).sum(1) + 1e-8))
-            col = 1.0 / (num_experts * ((cost * row.unsqueeze(1)).sum(0) + 1e-8))
-        return cost * row.unsqueeze(1) * col
+            log_row = -log_tokens - torch.logsumexp(log_cost + log_col, dim=1, keepdim=True)
+            if mask is not None:  # a padding row's sum is 0: its scale stays finite, its mass 0
+                log_row = log_row.masked_fill(~mask.unsqueeze(1), 0.0)
+            log_col = -math.log(num_experts) - torch.logsumexp(log_cost + log_row, dim=0, keepdim=True)
+        return torch.exp(log_cost + log_row + log_col)

@@ -8,6 +8,7 @@ tensor-parallel group (the seed guides' mode): ep = tp and expert gradients redu
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 from dataclasses import dataclass, field
@@ -136,6 +137,19 @@ def init_parallel(pc: ParallelConfig, device: torch.device | str) -> ParallelSta
     for size in (d for d in range(1, ep + 1) if ep % d == 0):
         state.expert_groups[size] = _expert_groups(state, layout, size)
     return state
+
+
+def leave_job() -> None:
+    """End this process's part in a finished distributed run: wait for every rank (none tears its groups down
+    under another's last collective), then destroy the process groups. Left to interpreter exit, their
+    threads were still running when the C++ objects went away, and a finished job aborted
+    (`terminate called without an active exception`, SIGABRT) now and then. The caller drops its own
+    references to the groups first (the run's objects); the collection here then frees them while the
+    interpreter is whole."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+        gc.collect()
 
 
 def _attempt_store(timeout: timedelta) -> dist.Store | None:

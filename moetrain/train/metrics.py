@@ -49,6 +49,29 @@ def _ends_mid_line(path: str) -> bool:
         return f.read(1) != b"\n"
 
 
+def _drop_records_after(path: str, step: int) -> None:
+    """Remove the records of steps after `step` (logged by a run that crashed past its last checkpoint, which
+    the resumed run logs again), rewriting the file atomically; lines that are no record stay."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+
+    def after(line: str) -> bool:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return False
+        return isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step
+    kept = [line for line in lines if not after(line)]
+    if len(kept) == len(lines):
+        return
+    tmp_path = path + ".tmp"
+    with open(tmp_path, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp_path, path)
+
+
 class MetricsLogger:
     """Append records to ``save_dir/metrics.jsonl`` (flushed per record) and mirror scalars to TensorBoard.
 
@@ -57,12 +80,15 @@ class MetricsLogger:
     ``{type}/moe_layer_{i}/{drop_fraction|max_over_min|experts_used}``.
     """
 
-    def __init__(self, save_dir: str | None, tensorboard_dir: str | None = None):
+    def __init__(self, save_dir: str | None, tensorboard_dir: str | None = None, resumed_at: int | None = None):
+        """`resumed_at`: the step a resumed run continues from; records past it are dropped first."""
         self.path = None
         self._file = None
         if save_dir is not None:
             os.makedirs(save_dir, exist_ok=True)
             self.path = os.path.join(save_dir, METRICS_FILE)
+            if resumed_at is not None:
+                _drop_records_after(self.path, resumed_at)
             needs_newline = _ends_mid_line(self.path)
             self._file = open(self.path, "a", encoding="utf-8")
             if needs_newline:
@@ -76,8 +102,11 @@ class MetricsLogger:
                              f"got type={record.get('type')!r}, step={record.get('step')!r}")
         line = json.dumps(_to_json(record, "record"), allow_nan=False)
         if self._file is not None:
-            self._file.write(line + "\n")
-            self._file.flush()
+            try:
+                self._file.write(line + "\n")
+                self._file.flush()
+            except OSError as error:  # a full disk: name the file (a write's error does not)
+                raise OSError(error.errno, error.strerror, self.path) from None
         if self._writer is not None:
             self._write_scalars(record)
 

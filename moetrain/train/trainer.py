@@ -12,18 +12,30 @@ import contextlib
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from moetrain.checkpoint import CheckpointError, iter_dir_name, list_checkpoints, restore, restore_rng_state, save
+from moetrain.checkpoint import (
+    CheckpointError,
+    iter_dir_name,
+    list_checkpoints,
+    resolve_checkpoint_dir,
+    restore,
+    restore_rng_state,
+    save,
+)
 from moetrain.checkpoint.lock import SaveDirLock
 from moetrain.config import Config
 from moetrain.data.blend import NO_ROWS
 from moetrain.parallel.data_parallel import clip_gradients, global_grad_norm
+from moetrain.parallel.mesh import leave_job
 from moetrain.parallel.parallelize import sync_expert_load
+from moetrain.train.compatibility import check_loadable
+from moetrain.train.divergence import rewind_target
 from moetrain.train.metrics import MetricsLogger, format_eval_line, format_train_line
 from moetrain.train.run import build_run
 
@@ -39,6 +51,7 @@ class TrainResult:
 # The non-finite guard's state, saved with each checkpoint so a resumed run stops (or rewinds) when the
 # uninterrupted one would: consecutive skipped steps, all skipped steps, rewinds against --max-rewinds.
 GUARD_STATE = ("non_finite_in_a_row", "non_finite_skipped", "rewinds")
+DIVERGENCE_ADVICE = "Lower --lr, set --clip-grad, use --bf16 instead of --fp16"
 
 
 class TrainingDiverged(RuntimeError):
@@ -60,12 +73,15 @@ class Trainer:
         self.non_finite_in_a_row = 0  # consecutive steps skipped by the non-finite guard
         self.non_finite_skipped = 0
         self.rewinds = 0
+        self.streak_start = 0  # the iteration whose weights the open non-finite streak started from
+        self.rewound_to: set[int] = set()  # checkpoints a rewind went back to (never chosen twice)
         tc = cfg.training
         self.save_lock = self._lock_save_dir(tc.save)
         if tc.load and not self._first_start_of_restartable_job(tc.load, tc.save):
             self._resume(tc.load)
         rank_zero = self.parallel.rank == 0
-        self.metrics = MetricsLogger(tc.save if rank_zero else None, tc.tensorboard_dir if rank_zero else None)
+        self.metrics = MetricsLogger(tc.save if rank_zero else None, tc.tensorboard_dir if rank_zero else None,
+                                     resumed_at=self.iteration or None)
 
     # -- checkpoints ------------------------------------------------------------------------
     def _lock_save_dir(self, save_dir: str | None) -> SaveDirLock | None:
@@ -96,15 +112,22 @@ class Trainer:
         return True
 
     def _resume(self, load_dir: str, *, rewinding: bool = False) -> None:
-        restored = restore(load_dir, self.model, self.optimizer, self.parallel)
-        if restored.fresh_start:
+        tc = self.cfg.training
+        path = resolve_checkpoint_dir(load_dir)
+        if not rewinding:  # --load: trained like this run (--finetune: weights only, into any model they fit)
+            check_loadable(path, self.cfg, self.tokenizer, tc.finetune)
+        finetune = tc.finetune and not rewinding
+        restored = restore(path, self.model, self.optimizer, self.parallel,
+                           load_optimizer=rewinding or (tc.load_optim and not finetune))
+        if restored.fresh_start or finetune:
             self._print(f"initialised from the weights in {restored.path}; optimizer, schedule and data start afresh")
             return
         extra = restored.extra
         if self.scaler is not None and "loss_scaler" in extra:
             self.scaler.load_state_dict(extra["loss_scaler"])
         self.train_data.load_state_dict(extra["data"])
-        restore_rng_state(restored.rng)
+        if rewinding or tc.load_rng:
+            restore_rng_state(restored.rng)
         if self.distiller is not None and "distill" in extra:
             self.distiller.load_state_dict(extra["distill"])  # a stopped distillation stays stopped
         if not rewinding:  # a rewind keeps this run's counts: its skipped steps and rewinds happened
@@ -121,7 +144,7 @@ class Trainer:
             extra["loss_scaler"] = self.scaler.state_dict()
         if self.distiller is not None:
             extra["distill"] = self.distiller.state_dict()
-        extra["guard"] = {name: getattr(self, name) for name in GUARD_STATE}
+        extra["guard"] = {**{name: getattr(self, name) for name in GUARD_STATE}, "rewound_to": sorted(self.rewound_to)}
         return save(save_dir, self.iteration, self.model, self.optimizer, self.parallel, extra=extra,
                     files={"tokenizer.json": self.tokenizer.to_json()},
                     keep_last=self.cfg.training.keep_last_checkpoints)
@@ -130,6 +153,7 @@ class Trainer:
         """The non-finite guard's counts (0 from a checkpoint written before they were saved)."""
         for name in GUARD_STATE:
             setattr(self, name, int(guard.get(name, 0)))
+        self.rewound_to = {int(it) for it in guard.get("rewound_to", [])}
 
     # -- one optimizer step -----------------------------------------------------------------
     def train_step(self) -> dict:
@@ -158,29 +182,35 @@ class Trainer:
                 sync_expert_load(self.model, self.parallel)
                 self.model.update_expert_biases()
                 applied = True
-        # fp16 overflow is the scaler's to skip while it can still lower the scale; at its floor it is divergence
-        scaler_exhausted = overflow and (not self.scaler.dynamic or self.scaler.loss_scale <= self.scaler.min_scale)
+        # fp16 overflow is the scaler's to skip while it can still lower the scale; at its floor, or with the
+        # (unscaled) loss itself non-finite, which no scale mends, it is divergence
+        scaler_exhausted = overflow and (not self.scaler.dynamic or self.scaler.loss_scale <= self.scaler.min_scale
+                                         or not math.isfinite(losses["loss"]))
         if self.scaler:
             self.scaler.update(overflow)
         guard_skip = not applied and not overflow
         self.non_finite_skipped += guard_skip
+        if (guard_skip or scaler_exhausted) and not self.non_finite_in_a_row:
+            self.streak_start = self.iteration
         self.non_finite_in_a_row = self.non_finite_in_a_row + 1 if guard_skip or scaler_exhausted else 0
         self.optimizer.zero_grad(set_to_none=True)
         self.iteration += 1
         return {"losses": losses, "lr": lr, "grad_norm": grad_norm, "skipped": not applied}
 
     def _on_divergence(self, step: dict, bar) -> None:
-        """After --max-skipped-steps non-finite steps in a row: rewind to the last good checkpoint, or stop."""
+        """After --max-skipped-steps non-finite steps in a row: rewind to the newest checkpoint from before the
+        streak not rewound to already (divergence.rewind_target), or stop."""
         tc = self.cfg.training
         save_dir = tc.save
-        good = list_checkpoints(save_dir) if save_dir else []
+        target = rewind_target(save_dir, self.streak_start, frozenset(self.rewound_to))
         where = (f"step {self.iteration}: loss {step['losses']['loss']:.4g}, grad norm {step['grad_norm']:.4g}, "
                  f"not finite for {self.non_finite_in_a_row} steps in a row "
                  f"(--max-skipped-steps {tc.max_skipped_steps})")
-        if tc.rewind_on_divergence and self.rewinds < tc.max_rewinds and good:
+        if tc.rewind_on_divergence and self.rewinds < tc.max_rewinds and target is not None:
             self.rewinds += 1
+            self.rewound_to.add(target)
             diverged_at = self.iteration
-            self._resume(save_dir, rewinding=True)
+            self._resume(os.path.join(save_dir, iter_dir_name(target)), rewinding=True)
             for _ in range(tc.rewind_on_divergence * self.accumulation):
                 self.train_data.next_batch(tc.micro_batch_size * self.parallel.dp, rows=NO_ROWS)
             self.non_finite_in_a_row = 0
@@ -191,9 +221,14 @@ class Trainer:
             self._print(f"{where}; rewound to iteration {self.iteration} and skipped the next "
                         f"{tc.rewind_on_divergence} batches (rewind {self.rewinds} of {tc.max_rewinds})", bar)
             return
-        kept = f"`latest` still names {iter_dir_name(good[-1])}" if good else "no checkpoint was written"
-        raise TrainingDiverged(f"{where}; stopped without saving, {kept}. Lower --lr, set --clip-grad, use --bf16 "
-                               f"instead of --fp16, or pass --rewind-on-divergence K")
+        raise TrainingDiverged(f"{where}; {self._stopped_without_saving()}. {DIVERGENCE_ADVICE}, or pass "
+                               f"--rewind-on-divergence K")
+
+    def _stopped_without_saving(self) -> str:
+        """Where a stopped run left its last good weights: the newest checkpoint from before the streak."""
+        good = rewind_target(self.cfg.training.save, self.streak_start if self.non_finite_in_a_row else self.iteration)
+        kept = f"the last good checkpoint is {iter_dir_name(good)}" if good is not None else "no checkpoint was written"
+        return f"stopped without saving, {kept}"
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This data-parallel rank's rows of the next global micro-batch. Every rank advances by the whole
@@ -286,12 +321,25 @@ class Trainer:
                         and self.iteration < tc.train_iters:
                     last_eval = self._log_eval(bar)
                 if tc.save_interval and self.iteration % tc.save_interval == 0 \
-                        and self.iteration < tc.train_iters:
-                    self.save()
-            last_eval = self._log_eval(bar) or last_eval
+                        and self.iteration < tc.train_iters and not self.non_finite_in_a_row:
+                    self.save()  # never during a non-finite streak: it would rotate the last good checkpoint away
+            final_eval = self._log_eval(bar)
+            self._refuse_a_non_finite_end(final_eval)
+            last_eval = final_eval or last_eval
             path = self.save()
         self._print_finish(path)
         return TrainResult(self.iteration, last_eval["eval_loss"] if last_eval else None, tc.save, losses)
+
+    def _refuse_a_non_finite_end(self, final_eval: dict | None) -> None:
+        """A run that ends inside a non-finite streak, or whose final evaluation is not finite, is not finished:
+        it raises (exit 1) and writes nothing."""
+        if self.non_finite_in_a_row:
+            what = f"the run ended inside a non-finite streak ({self.non_finite_in_a_row} in a row)"
+        elif final_eval is not None and not math.isfinite(final_eval["eval_loss"]):
+            what = f"the final evaluation loss is {final_eval['eval_loss']}"
+        else:
+            return
+        raise TrainingDiverged(f"step {self.iteration}: {what}; {self._stopped_without_saving()}. {DIVERGENCE_ADVICE}")
 
     @contextlib.contextmanager
     def _holding_save_lock(self):
@@ -353,12 +401,22 @@ class Trainer:
         from moetrain.plot import plot_metrics  # here: matplotlib loads only in a process that writes a plot
 
         save_dir = self.cfg.training.save
-        plots = plot_metrics(os.path.join(save_dir, "metrics.jsonl"), save_dir)
+        try:
+            plots = ", ".join(plot_metrics(os.path.join(save_dir, "metrics.jsonl"), save_dir))
+        except OSError as error:  # the checkpoint is safe: a plot is no reason to fail the run
+            plots = "none"
+            warnings.warn(f"could not write the plots in {save_dir} ({error.strerror or error}); the checkpoint is "
+                          f"complete; `moetrain plot` draws them later", stacklevel=1)
         self._print(f"checkpoint: {path}")
-        self._print(f"metrics: {os.path.join(save_dir, 'metrics.jsonl')}; plots: {', '.join(plots)}")
+        self._print(f"metrics: {os.path.join(save_dir, 'metrics.jsonl')}; plots: {plots}")
         self._print(f"sample from it: moetrain generate --load {save_dir} --prompt \"def \"")
 
 
 def train(cfg: Config, *, quiet: bool = False) -> TrainResult:
-    return Trainer(cfg, quiet=quiet).fit()
+    """Train `cfg` to its end; a distributed run then leaves its job cleanly (mesh.leave_job)."""
+    trainer = Trainer(cfg, quiet=quiet)
+    result = trainer.fit()
+    del trainer  # its groups (ParallelState, the mesh, MoE layers) go with leave_job's collection
+    leave_job()
+    return result
 

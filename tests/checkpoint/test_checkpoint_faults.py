@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -152,8 +153,24 @@ def test_a_damaged_file_is_refused_naming_it(tmp_path, file, how, sharded):
         assert "iter_0000001" in message  # names the checkpoint to load instead
 
 
-def test_checkpoints_without_a_manifest_still_load(tmp_path):
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_checkpoint_that_lost_its_manifest_is_refused_in_one_line(tmp_path, sharded):
+    # the case: manifest.json deleted, then one bit of the weights flipped
+    write_two_checkpoints(str(tmp_path), sharded=sharded)
+    os.remove(tmp_path / "iter_0000002" / MANIFEST_FILE)
+    damage(str(tmp_path / "iter_0000002" / ("shard-00000.safetensors" if sharded else "model.safetensors")), "bitflip")
+    with pytest.raises(CheckpointError, match=f"^{tmp_path / 'iter_0000002'} was written with a manifest.json and "
+                                              f"has lost it, so none of its files can be checked; load an earlier "
+                                              f"checkpoint, e.g. --load {tmp_path / 'iter_0000001'}$"):
+        load_checkpoint(str(tmp_path))
+
+
+def test_checkpoints_from_before_manifests_still_load(tmp_path):
     write_two_checkpoints(str(tmp_path), sharded=True)
+    state_path = tmp_path / "iter_0000002" / "state.pt"
+    state = torch.load(state_path, weights_only=True)
+    del state["with_manifest"]  # as written before manifests (tests/fixtures has such checkpoints too)
+    torch.save(state, state_path)
     os.remove(tmp_path / "iter_0000002" / MANIFEST_FILE)
     assert load_checkpoint(str(tmp_path)).iteration == 2
 
@@ -234,6 +251,77 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_stops_with_a_clear_messag
     assert all(torch.equal(good.model_state[k], v) for k, v in after.model_state.items())
 
 
+class _FullDisk:
+    f_bavail, f_frsize = 0, 4096
+
+
+def test_torch_saves_runtime_error_on_a_full_disk_is_a_one_line_no_space_error(tmp_path, monkeypatch):
+    write_two_checkpoints(str(tmp_path), sharded=False)
+
+    def zip_writer_failed(*args, **kwargs):  # what torch.save raises when the disk fills under it
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1344 vs 1232")
+    monkeypatch.setattr(storage.torch, "save", zip_writer_failed)
+    monkeypatch.setattr(storage.os, "statvfs", lambda path: _FullDisk())
+    model, optimizer = _tiny_model()
+    with pytest.raises(CheckpointError, match=r"^could not write checkpoint iter_0000003 .*\(No space left on device "
+                                              r"writing state.pt: .*unexpected pos.*still names the complete "
+                                              r"iter_0000002") as error:
+        save_checkpoint(str(tmp_path), 3, model_state=model.state_dict(), optimizer_state=optimizer.state_dict(),
+                        extra={})
+    assert "\n" not in str(error.value)
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000001", "iter_0000002", "latest"]
+
+
+def test_a_full_disk_when_only_latest_fails_says_the_checkpoint_is_complete(tmp_path, monkeypatch):
+    write_two_checkpoints(str(tmp_path), sharded=False)
+
+    def no_room_for_latest(path, *args, **kwargs):
+        if os.path.basename(path) == storage.TMP_PREFIX + storage.LATEST_FILE:
+            with open(path, "w"):  # created, then the write fails
+                pass
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        return open(path, *args, **kwargs)
+    monkeypatch.setattr(storage, "open", no_room_for_latest, raising=False)
+    model, optimizer = _tiny_model()
+    with pytest.raises(CheckpointError, match=f"^checkpoint {tmp_path / 'iter_0000003'} is complete, but "
+                                              f"{tmp_path / 'latest'} could not be updated \\(No space left on device"
+                                              f"\\); `latest` still names the complete iter_0000002"):
+        save_checkpoint(str(tmp_path), 3, model_state=model.state_dict(), optimizer_state=optimizer.state_dict(),
+                        extra={}, keep_last=1)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000001", "iter_0000002", "iter_0000003", "latest"]  # no rotation
+    assert load_checkpoint(str(tmp_path / "iter_0000003")).iteration == 3
+
+
+def test_a_plot_that_fails_after_a_good_save_is_a_warning(tmp_path, monkeypatch):
+    import moetrain.plot
+
+    monkeypatch.setattr(moetrain.plot, "plot_metrics", _disk_full)
+    trainer = Trainer(tiny_config(tmp_path, train_iters=1), quiet=False)
+    with pytest.warns(UserWarning, match="could not write the plots .*No space left on device.*checkpoint is complete"):
+        trainer.fit()
+    assert load_checkpoint(str(tmp_path / "run")).iteration == 1
+
+
+def test_a_full_disk_outside_a_checkpoint_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    from moetrain.cli import main
+    from moetrain.train.metrics import MetricsLogger
+
+    def full(self, record):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "run" / "metrics.jsonl"))
+    monkeypatch.setattr(MetricsLogger, "log", full)
+    cfg = tiny_config(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+              "--micro-batch-size", "2", "--num-experts", "4", "--train-iters", "1", "--no-progress-bar",
+              "--data-path", cfg.data.data_path[0], "--split", "80,20,0", "--tokenizer-type", "byte",
+              "--data-cache-dir", cfg.data.cache_dir, "--save", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exited.value.code == 1
+    assert err == (f"moetrain train: error: No space left on device writing {tmp_path / 'run' / 'metrics.jsonl'}; "
+                   f"free disk space (a checkpoint run resumes with --load)")
+
+
 def test_a_full_disk_during_a_sharded_save(tmp_path, monkeypatch):
     import moetrain.checkpoint.sharded as sharded
 
@@ -274,3 +362,62 @@ def test_a_stale_lock_is_taken_over_and_released_after_the_run(tmp_path):
     assert json.loads((save_dir / LOCK_FILE).read_text())["pid"] == os.getpid()
     trainer.fit()
     assert not (save_dir / LOCK_FILE).exists()
+
+
+# ------------------------------------------------------------------------------------------ garbage files
+
+
+def test_a_latest_of_garbage_bytes_is_refused_naming_the_file(tmp_path):
+    write_two_checkpoints(str(tmp_path), sharded=False)
+    (tmp_path / "latest").write_bytes(bytes(range(128, 256)))
+    with pytest.raises(CheckpointError, match=f"^{tmp_path / 'latest'} is corrupt \\(not text"):
+        load_checkpoint(str(tmp_path))
+
+
+def test_a_state_pt_of_garbage_is_reported_as_corruption_not_as_pickled_objects(tmp_path):
+    write_two_checkpoints(str(tmp_path), sharded=False)
+    (tmp_path / "iter_0000002" / "state.pt").write_bytes(random.Random(0).randbytes(4096))
+    os.remove(tmp_path / "iter_0000002" / MANIFEST_FILE)  # not caught by the digest: by the reader itself
+    with pytest.raises(CheckpointError, match="state.pt is corrupt .*--load .*iter_0000001") as error:
+        load_checkpoint(str(tmp_path))
+    assert "pickled" not in str(error.value) and "\n" not in str(error.value)
+
+
+def test_generate_reading_a_checkpoint_that_a_rotation_removes_reads_the_new_latest(tmp_path, monkeypatch):
+    from moetrain.checkpoint import api
+
+    Trainer(tiny_config(tmp_path, train_iters=2, save_interval=1, keep_last_checkpoints=1), quiet=True).fit()
+    read_model_config = api.read_model_config
+    rotations = []
+
+    def rotated_while_reading(path):
+        if not rotations:  # the job publishes iteration 3 and removes 2 just after `latest` was resolved
+            rotations.append(path)
+            shutil.copytree(tmp_path / "run" / "iter_0000002", tmp_path / "run" / "iter_0000003")
+            (tmp_path / "run" / "latest").write_text("iter_0000003\n")
+            shutil.rmtree(tmp_path / "run" / "iter_0000002")
+        return read_model_config(path)
+    monkeypatch.setattr(api, "read_model_config", rotated_while_reading)
+    model, _, _ = api.load_model(str(tmp_path / "run"))
+    assert rotations == [str(tmp_path / "run" / "iter_0000002")] and model is not None
+
+
+# ------------------------------------------------------------------------------------------ interrupted re-save
+
+
+def test_a_re_save_cut_between_its_renames_recovers_without_a_hand(tmp_path):
+    Trainer(tiny_config(tmp_path, train_iters=2, save_interval=1), quiet=True).fit()
+    run = tmp_path / "run"
+    saved = load_checkpoint(str(run))
+    # a re-save of iteration 2 killed after moving the original aside, before renaming the new one in
+    os.replace(run / "iter_0000002", run / (storage.REPLACED_PREFIX + "iter_0000002"))
+    (run / (storage.TMP_PREFIX + "iter_0000002")).mkdir()
+    reader_view = load_checkpoint(str(run))  # a reader (generate) reads the complete original where it is
+    assert reader_view.iteration == 2 and reader_view.path.endswith(storage.REPLACED_PREFIX + "iter_0000002")
+    with pytest.warns(UserWarning, match="a crash interrupted re-saving iter_0000002 .* restored the complete"):
+        resumed = Trainer(tiny_config(tmp_path, train_iters=3, load=str(run)), quiet=True)  # a --max-restarts loop
+    assert resumed.iteration == 2 and (run / "iter_0000002").is_dir()
+    assert not (run / (storage.REPLACED_PREFIX + "iter_0000002")).exists()
+    assert all(torch.equal(v, load_checkpoint(str(run)).model_state[k]) for k, v in saved.model_state.items())
+    resumed.fit()
+    assert load_checkpoint(str(run)).iteration == 3

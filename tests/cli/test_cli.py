@@ -273,3 +273,9 @@ def test_rank_0_waits_for_the_launchers_other_workers_before_it_exits():
     waited, late_exit = done.stdout.split()
     assert late_exit == "0"  # the other worker had exited when rank 0 returned
     assert 1.5 < float(waited) < 20.0
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "inf"])
+def test_generate_refuses_a_temperature_that_is_no_finite_non_negative_number(capsys, value):
+    code, _, err = run_main(capsys, "generate", "--load", "nowhere", "--temperature", value)
+    assert code == 2 and f"argument --temperature: must be a finite number >= 0, got {value}" in err

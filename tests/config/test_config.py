@@ -653,3 +653,20 @@ def test_a_five_step_deepspeed_json_run_needs_no_warmup_flag(tmp_path) -> None:
     cfg = parse_train_args(["--deepspeed_config", str(path), "--train-iters", "5"])
     cfg.validate()
     assert cfg.training.warmup_iters() == 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--moe-aux-loss-coeff", "nan"], "--moe-loss-coeff must be a finite number, got nan"),
+    (["--seed", "-1"], "--seed must be between 0 and 2**32 - 1, got -1"),
+], ids=["lr-inf", "coeff-nan", "seed"])
+def test_nonsense_numbers_are_refused_naming_the_flag(argv, message):
+    with pytest.raises(ConfigError) as error:
+        parse_train_args(argv).validate()
+    assert str(error.value) == message
+
+
+def test_save_naming_a_file_is_refused_naming_it(tmp_path):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ConfigError, match=f"^--save {tmp_path / 'afile'} is a file, not a directory"):
+        parse_train_args(["--save", str(tmp_path / "afile")]).validate()

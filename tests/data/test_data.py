@@ -436,3 +436,21 @@ def test_too_little_data_for_seq_length(tmp_path):
     with pytest.raises(DataError, match="train split has .* tokens, needs at least 101"):
         load_training_data([str(tmp_path / "tiny.jsonl")], tokenizer_type="byte", seq_length=100, split="1,0",
                            cache_dir=str(tmp_path))
+
+
+def test_bpe_training_cuts_over_long_pre_tokens_and_stays_linear(capsys, monkeypatch):
+    # the case at test size: one line of 200k characters without whitespace (quadratic before: minutes)
+    from moetrain.data import tokenizer as tokenizer_module
+
+    line = "x" * 200_000
+    pieces = list(tokenizer_module.training_pieces(["a few words " + line + " and more"]))
+    assert "".join(pieces) == "a few words " + line + " and more"
+    assert max(len(p) for p in pieces) <= tokenizer_module.MAX_PRETOKEN_CHARS
+    assert len(pieces) == 2 + -(-200_000 // tokenizer_module.MAX_PRETOKEN_CHARS)
+    assert list(tokenizer_module.training_pieces(["short words only"])) == ["short words only"]
+    monkeypatch.setattr(tokenizer_module, "PROGRESS_CHARS", 50_000)
+    tokenizer = build_tokenizer("bpe", texts=[line], vocab_size=300)
+    assert tokenizer.decode(tokenizer.encode(line)) == line and len(tokenizer.encode(line)) < 200_000 // 64
+    progress = capsys.readouterr().err.splitlines()
+    assert progress[0] == "bpe tokenizer: 50,048 characters read"  # the first piece past 50,000 (391 x 128)
+    assert progress[-1] == "bpe tokenizer: learning merges from 200,000 characters"

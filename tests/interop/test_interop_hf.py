@@ -10,6 +10,7 @@ import math
 import os
 import shlex
 
+import numpy
 import pytest
 import torch
 
@@ -267,3 +268,20 @@ def test_imported_model_fine_tunes_with_the_printed_command(tmp_path):
     assert all(torch.equal(trainer.model.state_dict()[name], tensor) for name, tensor in start.state_dict().items())
     result = trainer.fit()
     assert result.iteration == 2 and all(math.isfinite(loss) for loss in result.losses)
+
+
+def test_import_refuses_a_pickled_pytorch_model_bin_unless_trusted(tmp_path, capsys):
+    hf_dir = tmp_path / "mixtral"
+    save_hf_model(str(hf_dir), mixtral_config())
+    weights = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir)).state_dict()
+    os.remove(hf_dir / "model.safetensors")
+    torch.save({**weights, "training_state": numpy.float64(1.0)}, hf_dir / "pytorch_model.bin")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main(["import", "--from-hf", str(hf_dir), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exited.value.code == 1 and err.startswith("moetrain import: error: the weights in ")
+    assert "pass --trust-checkpoint" in err and "Traceback" not in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main(["import", "--from-hf", str(hf_dir), "--out", str(tmp_path / "out"), "--trust-checkpoint"])
+    assert exited.value.code == 0

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from moetrain.config import ConfigError, parse_train_args
 from moetrain.moe import MoE
-from moetrain.moe.balance import sinkhorn
+from moetrain.moe.balance import SINKHORN_ITERATIONS, sinkhorn
 from moetrain.moe.router import Router
 from moetrain.moe.routing_config import RoutingConfig
 from tests.helpers import gloo_group, spawn
@@ -479,3 +479,31 @@ def test_gpt_token_mask_makes_right_padding_invisible_to_routing():
     torch.testing.assert_close(got.aux_loss, want.aux_loss)
     unmasked = model(padded)  # without the mask the padding takes capacity and changes the real tokens' outputs
     assert not torch.allclose(unmasked.logits[:, :10], want.logits)
+
+
+def _spread_logits(scale: float) -> torch.Tensor:
+    """256 tokens x 8 experts whose rows sit at very different heights (max ~27 at scale 1), as a trained
+    gate's logits do: a row far below the batch's largest logit must still be normalised."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(256, 8, generator=generator) * torch.rand(256, 1, generator=generator) * 8
+    return (logits + torch.randn(256, 1, generator=generator) * 6) * scale
+
+
+@pytest.mark.parametrize("logits,iterations", [
+    (torch.tensor([[41.0, 40.0], [0.0, 1.0], [-1.0, -0.5], [-3.0, 1.0]]), SINKHORN_ITERATIONS),
+    (_spread_logits(1.0), SINKHORN_ITERATIONS),
+    (_spread_logits(10.0), 500),
+], ids=["issue-4-tokens", "spread", "spread-sharp-gate"])
+def test_sinkhorn_matches_exact_float64_sinkhorn_on_spread_logits(logits, iterations):
+    balanced = sinkhorn(logits, iterations=iterations)
+    assert torch.isfinite(balanced).all()
+    assert torch.equal(balanced.argmax(1), _reference_sinkhorn(logits).argmax(1))
+    torch.testing.assert_close(balanced.sum(1), torch.full((logits.shape[0],), 1 / logits.shape[0]))
+
+
+def test_sinkhorn_gives_padding_rows_no_mass():
+    logits = _spread_logits(1.0)[:16]
+    mask = torch.arange(16) % 3 != 0
+    balanced = sinkhorn(logits, mask)
+    assert torch.equal(balanced[~mask], torch.zeros_like(balanced[~mask]))
+    torch.testing.assert_close(balanced[mask], sinkhorn(logits[mask]))

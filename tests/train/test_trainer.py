@@ -328,3 +328,13 @@ def test_host_memory_freed_pages_are_reused_not_faulted_in_again(opt_out):
         assert not applied and fewest > 8000
     else:
         assert applied and most < 1000
+
+
+def test_a_resume_drops_the_records_logged_past_its_checkpoint(tmp_path):
+    # a run saved at step 2 that crashed after logging steps 3 and 4: the resumed run logs 3 and 4 once
+    Trainer(tiny_config(tmp_path, train_iters=4, save_interval=2), quiet=True).fit()
+    shutil.rmtree(tmp_path / "run" / "iter_0000004")
+    (tmp_path / "run" / "latest").write_text("iter_0000002\n")
+    Trainer(tiny_config(tmp_path, train_iters=4, load=str(tmp_path / "run")), quiet=True).fit()
+    steps = [r["step"] for r in read_records(tmp_path / "run") if r["type"] == "train"]
+    assert steps == [1, 2, 3, 4]

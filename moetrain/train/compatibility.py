@@ -1,0 +1,85 @@
+"""Whether a checkpoint may be resumed by this run: the same function of the weights, the same token ids.
+
+Restoring compares tensor shapes only, and many changes keep every shape: another head count splits the
+same projections into other heads, another top-k or score function routes the same experts otherwise,
+another tokenizer of the same size permutes the ids. Each such run would train on silently wrong
+weights, so a resume compares the saved config and tokenizer with the run's and refuses a difference in
+one line that lists it. `--finetune` is the deliberate way to load weights into another model (Megatron
+skips its checkpoint-args check under --finetune too); tied and untied output layers stay refused, as
+the weights cannot say which of two heads to keep.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from moetrain.checkpoint import read_model_config
+from moetrain.config import Config, ConfigError
+from moetrain.data import Tokenizer
+
+# flag -> what it sets that changes the function the weights compute (sizes that shapes alone do not pin)
+ARCHITECTURE: dict[str, Callable[[Config], Any]] = {
+    "--model-style": lambda c: c.model.style,
+    "--num-layers": lambda c: c.model.num_layers,
+    "--hidden-size": lambda c: c.model.hidden_size,
+    "--num-attention-heads": lambda c: c.model.num_attention_heads,
+    "--ffn-hidden-size": lambda c: c.model.ffn_size(),
+    "--rope-theta": lambda c: c.model.rope_theta if c.model.style == "llama" else None,
+    "--norm-epsilon": lambda c: c.model.norm_eps,
+    "--num-experts / --expert-interval": lambda c: c.experts_per_layer(),
+    "--topk": lambda c: c.moe.topk if c.moe.is_moe else None,
+    "--mlp-type": lambda c: c.moe.mlp_type,
+    "--moe-score-func": lambda c: c.moe.score_func,
+    "--moe-router-pre-softmax": lambda c: c.moe.pre_softmax,
+    "--moe-router-topk-scaling-factor": lambda c: c.moe.topk_scaling_factor,
+    "--moe-router-num-groups": lambda c: c.moe.num_groups,
+    "--moe-router-group-topk": lambda c: c.moe.group_topk,
+    "--num-shared-experts": lambda c: c.moe.num_shared_experts,
+    "--moe-ffn-hidden-size": lambda c: c.moe.expert_ffn_size(c.model),
+    "--moe-shared-expert-intermediate-size": lambda c: c.moe.shared_expert_ffn_size,
+    "--moe-shared-expert-gate": lambda c: c.moe.shared_expert_gate,
+}
+TIE_FLAG = "--untie-embeddings-and-output-weights"
+
+
+def check_loadable(path: str, cfg: Config, tokenizer: Tokenizer, finetune: bool) -> None:
+    """Refuse to resume (or, with `finetune`, to load the weights of) the checkpoint at `path` into this run
+    where it was trained otherwise (check_resumable, check_tied_alike)."""
+    saved, saved_tokenizer = read_model_config(path)
+    if finetune:
+        check_tied_alike(saved, cfg, path)
+    else:
+        check_resumable(saved, saved_tokenizer, cfg, tokenizer, path)
+
+
+def check_tied_alike(saved: Config, cfg: Config, path: str) -> None:
+    """Tied and untied output layers are no deliberate difference --finetune could allow."""
+    if saved.model.tie_embeddings != cfg.model.tie_embeddings:
+        saved_how = "ties its output layer to the embedding" if saved.model.tie_embeddings else \
+            f"has its own output layer ({TIE_FLAG})"
+        fix = f"drop {TIE_FLAG}" if saved.model.tie_embeddings else f"pass {TIE_FLAG}"
+        raise ConfigError(f"checkpoint {path} {saved_how} and this run does not; {fix}")
+
+
+def check_resumable(saved: Config, saved_tokenizer: Tokenizer, cfg: Config, tokenizer: Tokenizer,
+                    path: str) -> None:
+    """Raise a one-line ConfigError listing every architecture flag and the tokenizer that differ between
+    the checkpoint at `path` and this run."""
+    check_tied_alike(saved, cfg, path)
+    differences = [f"{flag} {get(saved)} (checkpoint) vs {get(cfg)} (this run)"
+                   for flag, get in ARCHITECTURE.items() if get(saved) != get(cfg)]
+    if not same_token_ids(saved_tokenizer, tokenizer):
+        differences.append(f"the tokenizer ({saved_tokenizer.vocab_size} tokens in the checkpoint's tokenizer.json, "
+                           f"{tokenizer.vocab_size} in this run's, ids differ)")
+    if differences:
+        raise ConfigError(f"checkpoint {path} was trained otherwise: {'; '.join(differences)}. Resume with its flags "
+                          f"and tokenizer, or pass --finetune to load only its weights into this model deliberately")
+
+
+def same_token_ids(a: Tokenizer, b: Tokenizer) -> bool:
+    """Whether both tokenizers give every id the same text (so the same text the same ids)."""
+    if a.vocab_size != b.vocab_size or a.eos_id != b.eos_id:
+        return False
+    ids = list(range(a.vocab_size))
+    return a.decode(ids) == b.decode(ids)
