@@ -9,6 +9,7 @@ DeepSpeed's rule, the vocabulary) are filled by ``resolve``, which returns a new
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import dataclasses
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from moetrain.precision import PRECISIONS
 
 LR_DECAY_STYLES = ("cosine", "linear", "constant")  # each computed by moetrain.train.lr_schedule.LRSchedule
 MODEL_STYLES = ("gpt", "llama")
+QK_NORMS = (None, "head", "projection")
 MLP_TYPES = ("standard", "residual")
 RECOMPUTE_GRANULARITIES = (None, "full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
@@ -35,6 +37,32 @@ ZERO_STAGES = (0, 1, 2, 3)
 
 def _none_or_str(text: str) -> str | None:
     return None if text in ("None", "none") else text
+
+
+def _layer_pattern_token(text: str) -> list[int]:
+    """One token of --moe-layer-freq: an integer, or Megatron-Core's Python list expression such as
+    "([0]*3+[1]*58)" or "[1,0,1,0]", read by walking its syntax tree (lists, integers, + and *), never eval."""
+    def value(node: ast.AST) -> int | list[int]:
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return node.value
+        if isinstance(node, ast.List):
+            items = [value(item) for item in node.elts]
+            if all(isinstance(item, int) for item in items):
+                return items
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            left, right = value(node.left), value(node.right)
+            if isinstance(node.op, ast.Add) and isinstance(left, list) and isinstance(right, list):
+                return left + right
+            if isinstance(node.op, ast.Mult) and isinstance(left, list) != isinstance(right, list):
+                return left * right
+        raise ValueError(text)
+
+    try:
+        pattern = value(ast.parse(text.strip(), mode="eval").body)
+    except (SyntaxError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"expects an integer or a list of 0/1 per layer like '([0]*3+[1]*58)', got {text!r}") from None
+    return [pattern] if isinstance(pattern, int) else pattern
 
 
 def _expert_counts_token(text: str) -> list[int]:
@@ -77,6 +105,7 @@ def _data_impl(text: str) -> str:
 # RoutingConfig fields (DeepSpeed's names) whose MoEConfig field, and so flag, is named otherwise
 _ROUTING_FIELDS_RENAMED = {"k": "topk", "capacity_factor": "train_capacity_factor"}
 _EXPERT_COUNTS = {"nargs": "+", "type": _expert_counts_token, "convert": _flatten_expert_counts, "metavar": "N"}
+_LAYER_PATTERN = {"nargs": "+", "type": _layer_pattern_token, "convert": _flatten_expert_counts, "metavar": "P"}
 _TEACHER = "checked against the teacher checkpoint"
 
 
@@ -98,6 +127,18 @@ class ModelConfig:
     hidden_dropout: float = option(0.0, "--hidden-dropout", help="dropout after attention and FFN")
     attention_dropout: float = option(0.0, "--attention-dropout", help="dropout on attention probabilities")
     init_method_std: float = option(0.02, "--init-method-std", help="std of the normal weight init")
+    num_query_groups: int | None = option(
+        None, "--num-query-groups", help="key/value heads, each shared by a group of query heads (grouped-query "
+                                         "attention), a divisor of --num-attention-heads; unset: one per query head")
+    kv_channels: int | None = option(None, "--kv-channels",
+                                     help="width of each attention head; unset: --hidden-size / --num-attention-heads")
+    qk_norm: str | None = option(
+        None, "--qk-norm", type=_none_or_str, choices=QK_NORMS,
+        help="RMSNorm of queries and keys before RoPE: head (each head over its own width, shared weights: Qwen3, "
+             "GLM-4.5) or projection (the whole query and key projections: OLMoE); None: off",
+        switches=(switch("--qk-layernorm", "head", help="Megatron-Core's name for --qk-norm head"),))
+    rotary_percent: float = option(1.0, "--rotary-percent",
+                                   help="fraction of each head's dimensions RoPE rotates (the first ones; GLM: 0.5)")
     rope_theta: float = option(10000.0, "--rope-theta", help="RoPE base (llama style)")
     norm_eps: float = option(1e-5, "--norm-epsilon", "--layernorm-epsilon", help="LayerNorm / RMSNorm epsilon")
     tie_embeddings: bool = option(True, switches=(switch(
@@ -120,6 +161,17 @@ class ModelConfig:
         max_position_embeddings, which may exceed the training length)."""
         return self.max_position_embeddings or self.seq_length
 
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    def kv_heads(self) -> int:
+        """Key/value heads: the query groups, one per query head without grouped-query attention."""
+        return self.num_query_groups or self.num_attention_heads
+
+    def rotary_dim(self) -> int:
+        """Dimensions of each head that RoPE rotates (an even number)."""
+        return int(self.head_dim() * self.rotary_percent) // 2 * 2
+
     def ffn_size(self) -> int:
         """Dense FFN width: 4h for GPT; for llama 8h/3 (SwiGLU's 3 matrices then hold as many parameters as
         GELU's 2 at 4h), rounded up to a multiple of 64."""
@@ -137,6 +189,10 @@ class MoEConfig:
                                          "'[8, 8, 16, 16]'); 0 or 1 means a dense layer")
     expert_interval: int = option(2, "--expert-interval", "--moe-layer-interval",
                                   help="MoE in every N-th layer (0-based layers N-1, 2N-1, ...)")
+    moe_layer_freq: list[int] | None = option(
+        None, "--moe-layer-freq", **_LAYER_PATTERN,
+        help="Megatron-Core's MoE layer placement, instead of --expert-interval: an integer N (layers 0, N, 2N, ...) "
+             "or one 0/1 per layer, e.g. '([0]*3+[1]*58)' for three dense layers first")
     topk: int = option(1, "--topk", "--num-experts-per-token", "--moe-top-k", "--moe-router-topk",
                       help="experts each token is routed to")
     mlp_type: str = option("standard", "--mlp-type", choices=MLP_TYPES,
@@ -213,21 +269,36 @@ class MoEConfig:
     def experts_per_layer(self, num_layers: int) -> list[int]:
         """Expert count of every layer, 0 for dense ones.
 
-        MoE layers are the 0-based layers interval-1, 2*interval-1, ... as in Megatron-DeepSpeed; one
-        count applies to all of them, a list (pyramid) gives one count per MoE layer in order.
+        MoE layers are the 0-based layers interval-1, 2*interval-1, ... as in Megatron-DeepSpeed, or those
+        --moe-layer-freq marks; one count applies to all of them, a list (pyramid) gives one count per MoE
+        layer in order.
         """
-        validation.check_at_least("--expert-interval", self.expert_interval, 1)
-        moe_layers = range(self.expert_interval - 1, num_layers, self.expert_interval)
+        moe_layers = self.moe_layer_indices(num_layers)
+        placement = f"--expert-interval {self.expert_interval}" if self.moe_layer_freq is None else "--moe-layer-freq"
         counts = self.num_experts * len(moe_layers) if len(self.num_experts) == 1 else self.num_experts
         check(len(counts) == len(moe_layers),
               f"--num-experts lists {len(self.num_experts)} counts but --num-layers {num_layers} with "
-              f"--expert-interval {self.expert_interval} has {len(moe_layers)} MoE layers; "
+              f"{placement} has {len(moe_layers)} MoE layers; "
               f"give 1 count or {len(moe_layers)}, one per MoE layer in order as Megatron-DeepSpeed expects "
               f"(layers {', '.join(map(str, moe_layers[:3]))}{', ...' if len(moe_layers) > 3 else ''})")
         per_layer = [0] * num_layers
         for layer, count in zip(moe_layers, counts, strict=True):
             per_layer[layer] = count if count > 1 else 0
         return per_layer
+
+    def moe_layer_indices(self, num_layers: int) -> list[int] | range:
+        """The layers that may hold experts: by --moe-layer-freq when given, else by --expert-interval."""
+        freq = self.moe_layer_freq
+        if freq is None:
+            validation.check_at_least("--expert-interval", self.expert_interval, 1)
+            return range(self.expert_interval - 1, num_layers, self.expert_interval)
+        if len(freq) == 1 and num_layers > 1:
+            validation.check_at_least("--moe-layer-freq", freq[0], 1)
+            return range(0, num_layers, freq[0])
+        check(len(freq) == num_layers and set(freq) <= {0, 1},
+              f"--moe-layer-freq lists {len(freq)} entries {sorted(set(freq))} for --num-layers {num_layers}; "
+              f"give one 0 (dense) or 1 (MoE) per layer")
+        return [layer for layer, moe in enumerate(freq) if moe]
 
     def num_moe_layers(self, num_layers: int) -> int:
         """Layers that hold experts (a pyramid entry of 0 or 1 leaves its layer dense)."""

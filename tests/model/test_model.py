@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moetrain.attention import apply_rope, rope_tables
 from moetrain.config import Config, ModelConfig, MoEConfig
-from moetrain.model import GPT, Block, RMSNorm, apply_rope, rope_tables
+from moetrain.model import GPT, Block
 from moetrain.moe import MLP, MoE
+from moetrain.norm import RMSNorm
 
 VOCAB, HIDDEN, HEADS, SEQ = 50, 32, 4, 16
 
@@ -379,12 +381,12 @@ def test_tp_plan_splits_attention_and_dense_mlps_but_not_routed_experts(style):
     model = build(style, model_overrides={"num_layers": 4}, expert_interval=2, mlp_type="residual",
                   num_shared_experts=1)
     plan = model.tp_plan()
-    fused = 2 if style == "llama" else 1
+    fused = (1, 1) if style == "llama" else (1,)
     for i in range(4):
-        assert plan[f"blocks.{i}.attn.qkv"] == ("column", 3) and plan[f"blocks.{i}.attn.proj"] == ("row", 1)
-    assert plan["blocks.0.ffn.fc1"] == ("column", fused) and plan["blocks.0.ffn.fc2"] == ("row", 1)  # dense layer
+        assert plan[f"blocks.{i}.attn.qkv"] == ("column", (4, 4, 4)) and plan[f"blocks.{i}.attn.proj"] == ("row", (1,))
+    assert plan["blocks.0.ffn.fc1"] == ("column", fused) and plan["blocks.0.ffn.fc2"] == ("row", (1,))  # dense layer
     for mlp in ("blocks.1.ffn.mlp", "blocks.1.ffn.shared_experts"):  # PR-MoE residual MLP, shared experts
-        assert plan[f"{mlp}.fc1"] == ("column", fused) and plan[f"{mlp}.fc2"] == ("row", 1)
+        assert plan[f"{mlp}.fc1"] == ("column", fused) and plan[f"{mlp}.fc2"] == ("row", (1,))
     assert not any(".experts" in name for name in plan)
     assert all(isinstance(model.get_submodule(name), nn.Linear) for name in plan)
 
