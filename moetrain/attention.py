@@ -52,7 +52,7 @@ class Attention(nn.Module):
         self.num_heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim()
         bias = cfg.style == "gpt"
         q_width, kv_width = self.num_heads * self.head_dim, self.kv_heads * self.head_dim
-        self.qkv = nn.Linear(cfg.hidden_size, q_width + 2 * kv_width, bias=bias)
+        self.qkv = nn.Linear(cfg.hidden_size, q_width + 2 * kv_width, bias=bias or cfg.add_qkv_bias)
         self.proj = nn.Linear(q_width, cfg.hidden_size, bias=bias)
         self.qk_norm = cfg.qk_norm
         widths = {"head": (self.head_dim, self.head_dim), "projection": (q_width, kv_width)}.get(cfg.qk_norm)

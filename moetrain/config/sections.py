@@ -137,6 +137,8 @@ class ModelConfig:
         help="RMSNorm of queries and keys before RoPE: head (each head over its own width, shared weights: Qwen3, "
              "GLM-4.5) or projection (the whole query and key projections: OLMoE); None: off",
         switches=(switch("--qk-layernorm", "head", help="Megatron-Core's name for --qk-norm head"),))
+    add_qkv_bias: bool = option(False, switches=(switch(
+        "--add-qkv-bias", True, help="llama style: biases on the query, key and value projections (Qwen2, GLM-4.5)"),))
     rotary_percent: float = option(1.0, "--rotary-percent",
                                    help="fraction of each head's dimensions RoPE rotates (the first ones; GLM: 0.5)")
     rope_theta: float = option(10000.0, "--rope-theta", help="RoPE base (llama style)")

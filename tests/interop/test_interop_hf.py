@@ -31,11 +31,13 @@ VOCAB = 257  # the byte tokenizer: 256 bytes + <|endoftext|>
 SEQ = 64
 
 
-def tiny_llama_config(*, layers: int = 3, **moe) -> Config:
+def tiny_llama_config(*, layers: int = 3, model: dict | None = None, **moe) -> Config:
     cfg = Config()
     m = cfg.model
     m.style, m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length = "llama", layers, 32, 4, SEQ
     m.vocab_size, m.rope_theta, m.norm_eps = VOCAB, 5000.0, 1e-6
+    for key, value in (model or {}).items():
+        setattr(m, key, value)
     cfg.moe.num_experts, cfg.moe.expert_interval, cfg.moe.topk = [4], 1, 2
     cfg.moe.drop_tokens, cfg.moe.top2_2nd_expert_sampling = False, False
     for key, value in moe.items():
@@ -51,6 +53,9 @@ def make_checkpoint(path, cfg: Config, seed: int = 0) -> str:
             if layer.router.expert_bias is not None:  # as after training: a bias that changes selection
                 layer.router.expert_bias.normal_(0.0, 0.05)
             layer.router.wg.weight.normal_(0.0, 0.5)  # decisive routing: no near-ties between experts
+        for name, param in model.named_parameters():
+            if name.endswith(("qkv.bias", "q_norm.weight", "k_norm.weight")):  # not their zero / one start
+                param.normal_(1.0 if "norm" in name else 0.0, 0.3)
     save_model_checkpoint(str(path), cfg, model.state_dict(), build_tokenizer("byte"))
     return str(path)
 
@@ -80,6 +85,15 @@ LAYOUTS = {
     "ernie-shared": ({"num_shared_experts": 1, "expert_interval": 2, "layers": 4}, "Ernie4_5_MoeForCausalLM"),
     "ernie-expert-bias": ({"expert_bias": True}, "Ernie4_5_MoeForCausalLM"),
     "llama-dense": ({"num_experts": [1]}, "LlamaForCausalLM"),
+    "llama-grouped-query": ({"num_experts": [1], "model": {"num_query_groups": 2}}, "LlamaForCausalLM"),
+    "qwen3-moe": ({"model": {"qk_norm": "head", "num_query_groups": 2, "kv_channels": 16},
+                   "moe_layer_freq": [0, 1, 1]}, "Qwen3MoeForCausalLM"),
+    "qwen3-moe-pre-softmax": ({"model": {"qk_norm": "head"}, "pre_softmax": True}, "Qwen3MoeForCausalLM"),
+    "olmoe": ({"model": {"qk_norm": "projection", "num_query_groups": 2}, "pre_softmax": True}, "OlmoeForCausalLM"),
+    "glm4-moe": ({"model": {"qk_norm": "head", "rotary_percent": 0.5, "num_query_groups": 2, "add_qkv_bias": True},
+                  "moe_layer_freq": [0, 1, 1], "score_func": "sigmoid", "expert_bias": True, "num_shared_experts": 1,
+                  "num_groups": 2, "group_topk": 1, "topk_scaling_factor": 2.5}, "Glm4MoeForCausalLM"),
+    "glm4-moe-no-shared": ({"model": {"rotary_percent": 0.5}, "score_func": "sigmoid"}, "Glm4MoeForCausalLM"),
 }
 
 
@@ -102,9 +116,10 @@ def test_export_loads_natively_with_equal_logits_and_round_trips(tmp_path, layou
     assert back.state_dict().keys() == original.keys()
     assert all(torch.equal(back.state_dict()[name], tensor) for name, tensor in original.items())
     # the same layer layout and routing, not just the same tensors
-    fields = {"model": ("num_layers", "tie_embeddings", "rope_theta", "norm_eps"),
-              "moe": ("topk", "num_shared_experts", "expert_bias", "drop_tokens", "pre_softmax", "shared_expert_gate")
-              if cfg.moe.is_moe else ()}
+    fields = {"model": ("num_layers", "tie_embeddings", "rope_theta", "norm_eps", "num_query_groups", "kv_channels",
+                        "qk_norm", "rotary_percent", "add_qkv_bias"),
+              "moe": ("topk", "num_shared_experts", "expert_bias", "drop_tokens", "pre_softmax", "shared_expert_gate",
+                      "score_func", "num_groups", "group_topk", "topk_scaling_factor") if cfg.moe.is_moe else ()}
     for section, names in fields.items():
         for name in names:
             assert getattr(getattr(saved_cfg, section), name) == getattr(getattr(cfg, section), name)
@@ -126,10 +141,10 @@ def test_tokenizer_travels_both_ways(tmp_path):
     assert back_tokenizer.encode(text) == ours.encode(text) and back_tokenizer.eos_id == ours.eos_id
 
 
-def save_hf_model(path, config) -> None:
-    """A transformers-made model with random weights, and a tokenizer whose end-of-text token is </s>."""
+def save_hf_model(path, config, model=None) -> None:
+    """A transformers-made model with random weights (or `model`), and a tokenizer whose end-of-text token is </s>."""
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config)
+    model = model if model is not None else transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("gate.weight"):
@@ -159,6 +174,52 @@ def test_import_of_transformers_mixtral_with_grouped_query_attention(tmp_path):
     compare(model, transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval())
 
 
+def random_biases(model) -> None:
+    """Selection biases and attention biases that matter (transformers starts them at zero)."""
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name.endswith(("e_score_correction_bias", "proj.bias")):
+                tensor.normal_(0.0, 0.05 if "correction" in name else 0.5)
+
+
+SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=SEQ, tie_word_embeddings=False,
+             rope_parameters={"rope_type": "default", "rope_theta": 1e4}, eos_token_id=256)
+FAMILIES = {  # tiny random configs of the open MoE families, as their Hub configs set them
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**SMALL, num_experts=4, moe_intermediate_size=16, head_dim=16,
+                                                     norm_topk_prob=True, mlp_only_layers=[0]),
+    "qwen3_moe-unnormalised": lambda: transformers.Qwen3MoeConfig(**SMALL, num_experts=4, moe_intermediate_size=16,
+                                                                  norm_topk_prob=False, decoder_sparse_step=1),
+    "olmoe": lambda: transformers.OlmoeConfig(**SMALL, num_experts=4, norm_topk_prob=False),
+    "glm4_moe": lambda: transformers.Glm4MoeConfig(
+        **SMALL | {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+        n_routed_experts=4, moe_intermediate_size=16, n_shared_experts=1, n_group=2, topk_group=1,
+        routed_scaling_factor=2.5, first_k_dense_replace=1, use_qk_norm=True, attention_bias=True, head_dim=16),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_open_moe_families_import_with_transformers_logits_and_export_back(tmp_path, family):
+    hf_dir = str(tmp_path / "hf")
+    torch.manual_seed(0)
+    hf_model = transformers.AutoModelForCausalLM.from_config(FAMILIES[family]())
+    random_biases(hf_model)
+    save_hf_model(hf_dir, hf_model.config, hf_model)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    import_hf(hf_dir, str(tmp_path / "ckpt"))
+    model, _, _ = load_model(str(tmp_path / "ckpt"))
+    tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours, theirs = model(tokens).logits, hf_model(tokens).logits
+    assert (ours - theirs).abs().max() <= 1e-4
+    compare(model, hf_model)
+    out = str(tmp_path / "back")
+    assert export_hf(str(tmp_path / "ckpt"), out) == type(hf_model).__name__
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert exported.config.model_type == hf_model.config.model_type
+    assert all(torch.equal(exported.state_dict()[name], tensor) for name, tensor in hf_model.state_dict().items())
+
+
 def test_import_caps_a_sliding_window_at_the_sequence_length_it_matches(tmp_path):
     hf_dir = str(tmp_path / "mixtral")
     save_hf_model(hf_dir, mixtral_config(sliding_window=16))
@@ -173,7 +234,7 @@ REFUSED = {
     "gpt style": ({"style": "gpt"}, "GPT-style"),
     "residual": ({"mlp_type": "residual"}, "residual MoE"),
     "pyramid": ({"num_experts": [4, 8, 4]}, "pyramid expert counts"),
-    "sigmoid": ({"score_func": "sigmoid"}, "moe-score-func sigmoid"),
+    "sigmoid top-1": ({"score_func": "sigmoid", "topk": 1}, "sigmoid routing"),
     "dropping": ({"drop_tokens": True}, "capacity dropping.*--dropless"),
     "sampling": ({"top2_2nd_expert_sampling": True}, "second-expert sampling.*--dropless"),
     "top-1 shared": ({"topk": 1, "num_shared_experts": 1}, "top-1 routing with shared experts"),
