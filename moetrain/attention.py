@@ -7,6 +7,7 @@ key projections), GLM-4.5 (RoPE over the first half of each head only).
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,14 +21,48 @@ if TYPE_CHECKING:
     from moetrain.config import ModelConfig
 
 
-def rope_tables(seq_length: int, rotary_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos and signed sin of the rotary angles over the rotated dimensions, [T, rotary_dim]: (cos, cos) and
-    (-sin, sin) per (first half, second half), so apply_rope is two full-width products instead of four
-    half-width ones."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
-    angles = torch.outer(torch.arange(seq_length, dtype=torch.float32), inv_freq)
-    cos, sin = angles.cos(), angles.sin()
+def rope_tables(cfg: ModelConfig, rotary_dim: int) -> tuple[Tensor, Tensor]:
+    """cos and signed sin of the rotary angles over the rotated dimensions, [positions, rotary_dim]: (cos, cos)
+    and (-sin, sin) per (first half, second half), so apply_rope is two full-width products instead of four
+    half-width ones. With --rope-scaling the frequencies are stretched and the tables scaled (yarn)."""
+    inv_freq, magnitude = rope_frequencies(cfg, rotary_dim)
+    angles = torch.outer(torch.arange(cfg.positions(), dtype=torch.float32), inv_freq)
+    cos, sin = angles.cos() * magnitude, angles.sin() * magnitude
     return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+
+
+def yarn_mscale(factor: float, coefficient: float | None = 1.0) -> float:
+    """YaRN's attention temperature: 0.1 * coefficient * ln(factor) + 1 (1 without stretching)."""
+    return 1.0 if factor <= 1 else 0.1 * (coefficient or 0.0) * math.log(factor) + 1.0
+
+
+def rope_frequencies(cfg: ModelConfig, rotary_dim: int) -> tuple[Tensor, float]:
+    """The rotation frequency of each pair of dimensions, and the factor the cos/sin tables are scaled by.
+
+    yarn (Peng et al. 2023): frequencies that turn fewer than --beta-slow times over the original context are
+    divided by the factor, those turning more than --beta-fast times kept, a linear ramp between (over the
+    whole dimensions the bounds land on); tables scaled by the ratio of the two mscales (DeepSeek) or by
+    yarn_mscale(factor). llama3: wavelengths longer than original / --low-freq-factor divided by the factor,
+    shorter than original / --high-freq-factor kept, a smooth blend between."""
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim
+    inv_freq = 1.0 / cfg.rope_theta ** exponents
+    factor, original = cfg.rope_scaling_factor, cfg.original_positions()
+    if cfg.rope_scaling == "yarn":
+        def pair_at(rotations: float) -> float:  # the pair index turning `rotations` times over the original context
+            return rotary_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+
+        low, high = max(math.floor(pair_at(cfg.beta_fast)), 0), min(math.ceil(pair_at(cfg.beta_slow)), rotary_dim - 1)
+        ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
+        inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+        if cfg.mscale and cfg.mscale_all_dim:
+            return inv_freq, yarn_mscale(factor, cfg.mscale) / yarn_mscale(factor, cfg.mscale_all_dim)
+        return inv_freq, yarn_mscale(factor)
+    if cfg.rope_scaling == "llama3":
+        wavelength = 2 * math.pi / inv_freq
+        low, high = cfg.low_freq_factor, cfg.high_freq_factor
+        smooth = ((original / wavelength - low) / (high - low)).clamp(0, 1)
+        return inv_freq / factor * (1 - smooth) + inv_freq * smooth, 1.0
+    return inv_freq, 1.0
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

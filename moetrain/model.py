@@ -289,7 +289,7 @@ class GPT(nn.Module):
             for _, buffer in module.named_buffers(recurse=False):
                 buffer.zero_()
         if self.cfg.style == "llama":
-            cos, sin = rope_tables(self.cfg.positions(), self.cfg.rotary_dim(), self.cfg.rope_theta)
+            cos, sin = rope_tables(self.cfg, self.cfg.rotary_dim())
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
         for _, moe in self.moe_layers():

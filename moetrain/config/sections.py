@@ -25,6 +25,7 @@ from moetrain.precision import PRECISIONS
 LR_DECAY_STYLES = ("cosine", "linear", "constant")  # each computed by moetrain.train.lr_schedule.LRSchedule
 MODEL_STYLES = ("gpt", "llama")
 QK_NORMS = (None, "head", "projection")
+ROPE_SCALINGS = (None, "yarn", "llama3")
 MLP_TYPES = ("standard", "residual")
 RECOMPUTE_GRANULARITIES = (None, "full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
@@ -142,6 +143,27 @@ class ModelConfig:
     rotary_percent: float = option(1.0, "--rotary-percent",
                                    help="fraction of each head's dimensions RoPE rotates (the first ones; GLM: 0.5)")
     rope_theta: float = option(10000.0, "--rope-theta", help="RoPE base (llama style)")
+    rope_scaling: str | None = option(
+        None, "--rope-scaling", type=_none_or_str, choices=ROPE_SCALINGS,
+        help="stretch RoPE beyond the length the model was trained at: yarn (DeepSeek-V3, GLM, Qwen3) or llama3 "
+             "(Llama 3.1); None: plain RoPE")
+    rope_scaling_factor: float = option(1.0, "--rope-scaling-factor",
+                                        help="new context length / --original-max-position-embeddings")
+    original_max_position_embeddings: int | None = option(
+        None, "--original-max-position-embeddings",
+        help="the context length before scaling; unset: --max-position-embeddings / --rope-scaling-factor")
+    beta_fast: float = option(32.0, "--beta-fast",
+                              help="yarn: rotations per context above which a frequency is kept")
+    beta_slow: float = option(1.0, "--beta-slow",
+                              help="yarn: rotations per context below which a frequency is interpolated")
+    mscale: float | None = option(None, "--mscale",
+                                  help="yarn: attention temperature coefficient (DeepSeek's mscale)")
+    mscale_all_dim: float | None = option(None, "--mscale-all-dim",
+                                          help="yarn: DeepSeek's mscale_all_dim (also scales MLA's softmax)")
+    low_freq_factor: float = option(1.0, "--low-freq-factor",
+                                    help="llama3: wavelengths above original length / this are interpolated")
+    high_freq_factor: float = option(4.0, "--high-freq-factor",
+                                     help="llama3: wavelengths below original length / this are kept")
     norm_eps: float = option(1e-5, "--norm-epsilon", "--layernorm-epsilon", help="LayerNorm / RMSNorm epsilon")
     tie_embeddings: bool = option(True, switches=(switch(
         "--untie-embeddings-and-output-weights", False,
@@ -169,6 +191,10 @@ class ModelConfig:
     def kv_heads(self) -> int:
         """Key/value heads: the query groups, one per query head without grouped-query attention."""
         return self.num_query_groups or self.num_attention_heads
+
+    def original_positions(self) -> int:
+        """The context length RoPE scaling stretches from."""
+        return self.original_max_position_embeddings or round(self.positions() / self.rope_scaling_factor)
 
     def rotary_dim(self) -> int:
         """Dimensions of each head that RoPE rotates (an even number)."""

@@ -101,6 +101,13 @@ def _validate_attention(model: ModelConfig) -> None:
         check(model.num_attention_heads % model.num_query_groups == 0,
               f"--num-query-groups {model.num_query_groups} does not divide --num-attention-heads "
               f"{model.num_attention_heads}; use a divisor of the head count")
+    check_choice(model, "rope_scaling")
+    if model.rope_scaling:
+        check(model.style == "llama", f"--rope-scaling {model.rope_scaling} scales RoPE; use --model-style llama")
+        check(model.rope_scaling_factor >= 1.0, f"--rope-scaling-factor must be at least 1, got "
+                                                f"{model.rope_scaling_factor}")
+        check(model.rope_scaling != "llama3" or model.high_freq_factor > model.low_freq_factor > 0,
+              f"--high-freq-factor {model.high_freq_factor} must exceed --low-freq-factor {model.low_freq_factor} > 0")
     check(0.0 < model.rotary_percent <= 1.0, f"--rotary-percent must be in (0, 1], got {model.rotary_percent}")
     if model.style == "llama":
         check(model.rotary_dim() >= 2, f"--rotary-percent {model.rotary_percent} of head dimension "

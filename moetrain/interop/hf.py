@@ -201,7 +201,7 @@ def _hf_config(cfg: Config, target: _Target, eos_id: int) -> Any:
     model, moe = cfg.model, cfg.moe
     experts_per_layer = cfg.experts_per_layer()
     moe_layers = [i for i, count in enumerate(experts_per_layer) if count]
-    rope = {"rope_type": "default", "rope_theta": model.rope_theta}
+    rope = _rope_parameters(cfg)
     if target.partial_rotary:
         rope["partial_rotary_factor"] = model.rotary_percent
     common = dict(
@@ -256,6 +256,35 @@ def _hf_config(cfg: Config, target: _Target, eos_id: int) -> Any:
     if _moe_layers(target, hf_config) != [bool(count) for count in experts_per_layer]:
         raise ValueError(f"MoE layers {moe_layers} of {model.num_layers} cannot be expressed in {target.architecture}")
     return hf_config
+
+
+def _rope_parameters(cfg: Config) -> dict[str, Any]:
+    """transformers' rope_parameters for cfg's RoPE and its scaling."""
+    model = cfg.model
+    rope: dict[str, Any] = {"rope_type": model.rope_scaling or "default", "rope_theta": model.rope_theta}
+    if model.rope_scaling:
+        rope |= {"factor": model.rope_scaling_factor, "original_max_position_embeddings": model.original_positions()}
+    if model.rope_scaling == "yarn":
+        rope |= {"beta_fast": model.beta_fast, "beta_slow": model.beta_slow, "truncate": True}
+        rope |= {name: getattr(model, name) for name in ("mscale", "mscale_all_dim") if getattr(model, name)}
+    elif model.rope_scaling == "llama3":
+        rope |= {"low_freq_factor": model.low_freq_factor, "high_freq_factor": model.high_freq_factor}
+    return rope
+
+
+def _read_rope_scaling(rope: dict[str, Any], cfg: Config) -> None:
+    """cfg's --rope-scaling options from transformers' rope_parameters."""
+    model = cfg.model
+    model.rope_scaling = None if rope.get("rope_type", "default") == "default" else rope["rope_type"]
+    if model.rope_scaling is None:
+        return
+    model.rope_scaling_factor = float(rope["factor"])
+    model.original_max_position_embeddings = rope.get("original_max_position_embeddings")
+    if model.rope_scaling == "yarn":
+        model.beta_fast, model.beta_slow = float(rope.get("beta_fast") or 32), float(rope.get("beta_slow") or 1)
+        model.mscale, model.mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+    else:
+        model.low_freq_factor, model.high_freq_factor = rope["low_freq_factor"], rope["high_freq_factor"]
 
 
 def _shared_width(cfg: Config) -> int:
@@ -472,8 +501,11 @@ def _check_importable(hf_config: Any, target: _Target, where: str) -> None:
     if head_dim * hf_config.num_attention_heads != hf_config.hidden_size and not target.head_dim:
         refuse(f"head_dim {head_dim} x {hf_config.num_attention_heads} heads != hidden_size {hf_config.hidden_size}")
     rope = getattr(hf_config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        refuse(f"rope_parameters.rope_type {rope['rope_type']!r} (RoPE scaling)")
+    if rope.get("rope_type", "default") not in ("default", "yarn", "llama3"):
+        refuse(f"rope_parameters.rope_type {rope['rope_type']!r} (moetrain scales RoPE by yarn or llama3)")
+    if rope.get("rope_type") == "yarn" and (rope.get("truncate") is False or rope.get("attention_factor")):
+        refuse("rope_parameters.truncate = false or attention_factor (moetrain's yarn truncates the ramp bounds "
+               "and derives the attention factor)")
     if _rotary_fraction(hf_config) != 1.0 and not target.partial_rotary:
         refuse(f"partial_rotary_factor {_rotary_fraction(hf_config)}")
     biases = ("mlp_bias", "use_bias") + (() if target.qkv_bias else ("qkv_bias", "attention_bias"))
@@ -517,6 +549,7 @@ def _moetrain_config(hf_config: Any, target: _Target) -> Config:
                       f"window, so the import uses --seq-length {window}, where both compute the same")
         model.seq_length = window
     model.norm_eps, model.rope_theta = hf_config.rms_norm_eps, float(hf_config.rope_parameters["rope_theta"])
+    _read_rope_scaling(hf_config.rope_parameters, cfg)
     model.tie_embeddings = bool(hf_config.tie_word_embeddings)
     model.init_method_std = hf_config.initializer_range
     model.attention_dropout = float(getattr(hf_config, "attention_dropout", 0.0))

@@ -185,14 +185,20 @@ def random_biases(model) -> None:
 SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=SEQ, tie_word_embeddings=False,
              rope_parameters={"rope_type": "default", "rope_theta": 1e4}, eos_token_id=256)
+YARN = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 16}
 FAMILIES = {  # tiny random configs of the open MoE families, as their Hub configs set them
     "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**SMALL, num_experts=4, moe_intermediate_size=16, head_dim=16,
                                                      norm_topk_prob=True, mlp_only_layers=[0]),
     "qwen3_moe-unnormalised": lambda: transformers.Qwen3MoeConfig(**SMALL, num_experts=4, moe_intermediate_size=16,
                                                                   norm_topk_prob=False, decoder_sparse_step=1),
     "olmoe": lambda: transformers.OlmoeConfig(**SMALL, num_experts=4, norm_topk_prob=False),
+    "qwen3_moe-yarn": lambda: transformers.Qwen3MoeConfig(
+        **SMALL | {"rope_parameters": YARN}, num_experts=4, moe_intermediate_size=16, norm_topk_prob=True),
+    "llama-llama3": lambda: transformers.LlamaConfig(**SMALL | {"rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 16,
+        "low_freq_factor": 1.0, "high_freq_factor": 4.0}}),
     "glm4_moe": lambda: transformers.Glm4MoeConfig(
-        **SMALL | {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+        **SMALL | {"rope_parameters": YARN | {"partial_rotary_factor": 0.5, "mscale": 1.0, "mscale_all_dim": 0.5}},
         n_routed_experts=4, moe_intermediate_size=16, n_shared_experts=1, n_group=2, topk_group=1,
         routed_scaling_factor=2.5, first_k_dense_replace=1, use_qk_norm=True, attention_bias=True, head_dim=16),
 }

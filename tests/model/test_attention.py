@@ -106,6 +106,8 @@ def test_layer_pattern_is_read_without_eval_and_places_dense_layers_first():
     (["--model-style", "gpt", "--rotary-percent", "0.5"], "applies to RoPE"),
     (["--qk-norm", "projection", "--tensor-parallel-size", "2"], "tensor parallelism splits"),
     (["--num-query-groups", "1", "--tensor-parallel-size", "2"], "whole key/value heads"),
+    (["--rope-scaling", "yarn", "--rope-scaling-factor", "0.5"], "--rope-scaling-factor must be at least 1"),
+    (["--rope-scaling", "llama3", "--low-freq-factor", "4"], "--high-freq-factor 4.0 must exceed"),
 ])
 def test_attention_options_are_refused_in_one_line(flags, message):
     cfg = parse_train_args(["--model-style", "llama", "--num-experts", "1", *flags])
