@@ -11,10 +11,12 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from moetrain.comm import copy_to_group
 from moetrain.norm import RMSNorm
 
 if TYPE_CHECKING:
@@ -77,13 +79,40 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos.to(x.dtype) + swapped * sin.to(x.dtype)
 
 
-class Attention(nn.Module):
+class CausalAttention(nn.Module):
+    """What every attention layout shares: the causal core (dropout, selective recomputation) and the output
+    projection `proj`, applied to [B, heads, T, d] queries, keys and values."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.dropout = cfg.attention_dropout
+        self.recompute_core = cfg.recompute_granularity == "selective"
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, rope: tuple[Tensor, Tensor] | None,
+               scale: float | None = None) -> Tensor:
+        """Queries and keys (RoPE applied here when `rope` is given), values -> the output projection."""
+        batch, _, seq, _ = q.shape
+        if rope is not None:
+            cos, sin = rope[0][:seq], rope[1][:seq]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.recompute_core and torch.is_grad_enabled():  # selective: keep q, k, v, not the core's buffers
+            out = checkpoint(self._core, q, k, v, scale, use_reentrant=False)
+        else:
+            out = self._core(q, k, v, scale)
+        return self.proj(out.transpose(1, 2).reshape(batch, seq, -1))  # -1: local heads under TP
+
+    def _core(self, q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1],
+                                              dropout_p=self.dropout if self.training else 0.0)
+
+
+class Attention(CausalAttention):
     """Causal self-attention over `num_heads` query heads sharing `kv_heads` key/value heads. The fused `qkv`
     holds the query rows, then the key rows, then the value rows; under tensor parallelism a rank holds whole
     heads of each part, and the forward takes the local head counts from those rows."""
 
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
+        super().__init__(cfg)
         self.num_heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim()
         bias = cfg.style == "gpt"
         q_width, kv_width = self.num_heads * self.head_dim, self.kv_heads * self.head_dim
@@ -92,8 +121,6 @@ class Attention(nn.Module):
         self.qk_norm = cfg.qk_norm
         widths = {"head": (self.head_dim, self.head_dim), "projection": (q_width, kv_width)}.get(cfg.qk_norm)
         self.q_norm, self.k_norm = (RMSNorm(w, cfg.norm_eps) for w in widths) if widths else (None, None)
-        self.dropout = cfg.attention_dropout
-        self.recompute_core = cfg.recompute_granularity == "selective"
 
     def qkv_parts(self) -> tuple[int, int, int]:
         """Heads of the query, key and value parts of `qkv`, which tensor parallelism splits part by part."""
@@ -113,19 +140,55 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return self.attend(q, k, v, rope)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, rope: tuple[Tensor, Tensor] | None,
-                scale: float | None = None) -> Tensor:
-        """[B, heads, T, d] queries and keys (RoPE applied here), values -> the output projection."""
-        batch, _, seq, _ = q.shape
-        if rope is not None:
-            cos, sin = rope[0][:seq], rope[1][:seq]
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.recompute_core and torch.is_grad_enabled():  # selective: keep q, k, v, not the core's buffers
-            out = checkpoint(self._core, q, k, v, scale, use_reentrant=False)
-        else:
-            out = self._core(q, k, v, scale)
-        return self.proj(out.transpose(1, 2).reshape(batch, seq, -1))  # -1: local heads under TP
 
-    def _core(self, q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1],
-                                              dropout_p=self.dropout if self.training else 0.0)
+class LatentAttention(CausalAttention):
+    """Multi-head Latent Attention (DeepSeek-V2): each token's keys and values come up from one RMS-normed
+    latent of --kv-lora-rank dimensions (`kv_down` -> `kv_norm` -> `kv_up`), queries from a low-rank path
+    (`q_down` -> `q_norm` -> `q_up`) or one projection (`q_proj`). A query/key head is --qk-head-dim
+    dimensions without position, then --qk-pos-emb-head-dim rotated by RoPE, the key's rotated part shared by
+    all heads (it comes from `kv_down` beside the latent); values are --v-head-dim wide. Softmax scale
+    1/sqrt(qk-head-dim + qk-pos-emb-head-dim), times yarn's mscale(factor, mscale_all_dim)^2 under yarn
+    scaling (DeepSeek-V3). Tensor parallelism splits `q_up` / `q_proj` and `kv_up` by whole heads and `proj`
+    by rows; the down projections and norms stay whole, and the shared rotary key's gradient is summed over the
+    ranks (`shared_key_group`), as each uses it for its own heads."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        heads, hidden = cfg.num_attention_heads, cfg.hidden_size
+        self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_head_dim, cfg.qk_pos_emb_head_dim, cfg.v_head_dim
+        self.latent_dim = cfg.kv_lora_rank
+        query_width = heads * (self.nope_dim + self.rope_dim)
+        self.low_rank_query = bool(cfg.q_lora_rank)
+        if self.low_rank_query:
+            self.q_down = nn.Linear(hidden, cfg.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.q_up = nn.Linear(cfg.q_lora_rank, query_width, bias=False)
+        else:
+            self.q_proj = nn.Linear(hidden, query_width, bias=False)
+        self.kv_down = nn.Linear(hidden, self.latent_dim + self.rope_dim, bias=False)
+        self.kv_norm = RMSNorm(self.latent_dim, cfg.norm_eps)
+        self.kv_up = nn.Linear(self.latent_dim, heads * (self.nope_dim + self.v_dim), bias=False)
+        self.proj = nn.Linear(heads * self.v_dim, hidden, bias=False)
+        self.shared_key_group: dist.ProcessGroup | None = None  # tensor parallelism: the ranks sharing k_rope
+        self.scale = (self.nope_dim + self.rope_dim) ** -0.5
+        if cfg.rope_scaling == "yarn" and cfg.mscale_all_dim:
+            self.scale *= yarn_mscale(cfg.rope_scaling_factor, cfg.mscale_all_dim) ** 2
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
+        batch, seq, _ = x.shape
+        q = self.q_up(self.q_norm(self.q_down(x))) if self.low_rank_query else self.q_proj(x)
+        q = q.view(batch, seq, -1, self.nope_dim + self.rope_dim).transpose(1, 2)  # -1: local heads under TP
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        latent, k_rope = self.kv_down(x).split([self.latent_dim, self.rope_dim], dim=-1)
+        kv = self.kv_up(self.kv_norm(latent)).view(batch, seq, -1, self.nope_dim + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        cos, sin = rope[0][:seq], rope[1][:seq]
+        k_rope = copy_to_group(k_rope, self.shared_key_group)  # each rank's heads use it: gradients summed
+        q_rope, k_rope = apply_rope(q_rope, cos, sin), apply_rope(k_rope.unsqueeze(1), cos, sin)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        k = torch.cat([k_nope, k_rope.expand(-1, k_nope.shape[1], -1, -1)], dim=-1)
+        return self.attend(q, k, v, None, self.scale)
+
+
+def make_attention(cfg: ModelConfig) -> CausalAttention:
+    return LatentAttention(cfg) if cfg.multi_latent_attention else Attention(cfg)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from moetrain.attention import Attention, rope_tables
+from moetrain.attention import Attention, LatentAttention, make_attention, rope_tables
 from moetrain.config import ModelConfig, MoEConfig
 from moetrain.lm_loss import linear_cross_entropy, plain_cross_entropy
 from moetrain.moe import MLP, MoE
@@ -57,7 +57,8 @@ class TPSplit(NamedTuple):
     """How tensor parallelism splits one linear (Megatron): by output rows or by input columns."""
 
     style: str  # "column": each rank keeps whole heads / FFN columns; "row": matching inputs, outputs summed;
-    # "head_norm": a norm every rank holds whole and applies to its own heads, its gradient summed over ranks
+    # "head_norm": a norm every rank holds whole and applies to its own heads, its gradient summed over ranks;
+    # "shared_key": MLA, whose rotary key every rank computes whole and uses for its own heads (summed likewise)
     parts: tuple[int, ...] = (1,)  # relative sizes of fused projections (q|k|v, gate|up), split part by part
 
 
@@ -79,7 +80,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, num_experts: int, layer_index: int = 0) -> None:
         super().__init__()
         self.norm1, self.norm2 = make_norm(cfg), make_norm(cfg)
-        self.attn = Attention(cfg)
+        self.attn = make_attention(cfg)
         activation = "gelu" if cfg.style == "gpt" else "swiglu"
         bias = cfg.style == "gpt"
         if num_experts > 1:
@@ -339,6 +340,10 @@ class GPT(nn.Module):
                 plan[f"{name}.qkv"], plan[f"{name}.proj"] = TPSplit("column", module.qkv_parts()), TPSplit("row")
                 if module.qk_norm == "head":
                     plan[f"{name}.q_norm"] = plan[f"{name}.k_norm"] = TPSplit("head_norm")
+            elif isinstance(module, LatentAttention):
+                query = "q_up" if module.low_rank_query else "q_proj"
+                plan[f"{name}.{query}"], plan[f"{name}.kv_up"] = TPSplit("column"), TPSplit("column")
+                plan[f"{name}.proj"], plan[name] = TPSplit("row"), TPSplit("shared_key")
             elif isinstance(module, MLP):
                 fused = (1, 1) if module.activation == "swiglu" else (1,)
                 plan[f"{name}.fc1"], plan[f"{name}.fc2"] = TPSplit("column", fused), TPSplit("row")

@@ -140,6 +140,17 @@ class ModelConfig:
         switches=(switch("--qk-layernorm", "head", help="Megatron-Core's name for --qk-norm head"),))
     add_qkv_bias: bool = option(False, switches=(switch(
         "--add-qkv-bias", True, help="llama style: biases on the query, key and value projections (Qwen2, GLM-4.5)"),))
+    multi_latent_attention: bool = option(False, switches=(switch(
+        "--multi-latent-attention", True,
+        help="Multi-head Latent Attention (DeepSeek-V2/V3): keys and values from one low-rank latent per token, "
+             "RoPE on a separate --qk-pos-emb-head-dim part shared by all heads"),))
+    q_lora_rank: int | None = option(None, "--q-lora-rank",
+                                     help="MLA: rank of the query's low-rank projection; unset: a full projection")
+    kv_lora_rank: int = option(32, "--kv-lora-rank", help="MLA: width of the key/value latent")
+    qk_head_dim: int = option(128, "--qk-head-dim", help="MLA: query/key dimensions per head without RoPE")
+    qk_pos_emb_head_dim: int = option(64, "--qk-pos-emb-head-dim",
+                                      help="MLA: query/key dimensions per head that RoPE rotates")
+    v_head_dim: int = option(128, "--v-head-dim", help="MLA: value dimensions per head")
     rotary_percent: float = option(1.0, "--rotary-percent",
                                    help="fraction of each head's dimensions RoPE rotates (the first ones; GLM: 0.5)")
     rope_theta: float = option(10000.0, "--rope-theta", help="RoPE base (llama style)")
@@ -197,7 +208,9 @@ class ModelConfig:
         return self.original_max_position_embeddings or round(self.positions() / self.rope_scaling_factor)
 
     def rotary_dim(self) -> int:
-        """Dimensions of each head that RoPE rotates (an even number)."""
+        """Dimensions of each head that RoPE rotates (an even number); MLA's rotary part."""
+        if self.multi_latent_attention:
+            return self.qk_pos_emb_head_dim
         return int(self.head_dim() * self.rotary_percent) // 2 * 2
 
     def ffn_size(self) -> int:

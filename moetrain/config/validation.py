@@ -79,7 +79,8 @@ def _validate_model(model: ModelConfig) -> None:
           f"{model.seq_length}; give at least the sequence length, or drop it")
     if model.ffn_hidden_size is not None:
         check_at_least("--ffn-hidden-size", model.ffn_hidden_size, 1)
-    check(model.kv_channels is not None or model.hidden_size % model.num_attention_heads == 0,
+    check(model.kv_channels is not None or model.multi_latent_attention
+          or model.hidden_size % model.num_attention_heads == 0,
           f"--hidden-size {model.hidden_size} is not divisible by --num-attention-heads "
           f"{model.num_attention_heads}; pick a head count that divides it, or set --kv-channels")
     _validate_attention(model)
@@ -101,6 +102,8 @@ def _validate_attention(model: ModelConfig) -> None:
         check(model.num_attention_heads % model.num_query_groups == 0,
               f"--num-query-groups {model.num_query_groups} does not divide --num-attention-heads "
               f"{model.num_attention_heads}; use a divisor of the head count")
+    if model.multi_latent_attention:
+        _validate_latent_attention(model)
     check_choice(model, "rope_scaling")
     if model.rope_scaling:
         check(model.style == "llama", f"--rope-scaling {model.rope_scaling} scales RoPE; use --model-style llama")
@@ -109,7 +112,7 @@ def _validate_attention(model: ModelConfig) -> None:
         check(model.rope_scaling != "llama3" or model.high_freq_factor > model.low_freq_factor > 0,
               f"--high-freq-factor {model.high_freq_factor} must exceed --low-freq-factor {model.low_freq_factor} > 0")
     check(0.0 < model.rotary_percent <= 1.0, f"--rotary-percent must be in (0, 1], got {model.rotary_percent}")
-    if model.style == "llama":
+    if model.style == "llama" and not model.multi_latent_attention:
         check(model.rotary_dim() >= 2, f"--rotary-percent {model.rotary_percent} of head dimension "
                                        f"{model.head_dim()} rotates no pair of dimensions; raise it")
         check(model.rotary_percent < 1.0 or model.head_dim() % 2 == 0,
@@ -117,6 +120,21 @@ def _validate_attention(model: ModelConfig) -> None:
               f"heads or --kv-channels")
     else:
         check(model.rotary_percent == 1.0, "--rotary-percent applies to RoPE; use --model-style llama or drop it")
+
+
+def _validate_latent_attention(model: ModelConfig) -> None:
+    check(model.style == "llama", "--multi-latent-attention uses RoPE and RMSNorm; use --model-style llama")
+    standard = (("--num-query-groups", model.num_query_groups), ("--kv-channels", model.kv_channels),
+                ("--qk-norm", model.qk_norm), ("--add-qkv-bias", model.add_qkv_bias),
+                ("--rotary-percent", model.rotary_percent != 1.0))
+    others = [flag for flag, used in standard if used]
+    check(not others, f"{others[0] if others else ''} does not apply to --multi-latent-attention (its heads are "
+                      "set by --qk-head-dim, --qk-pos-emb-head-dim, --v-head-dim); drop it")
+    for flag, value in (("--kv-lora-rank", model.kv_lora_rank), ("--qk-head-dim", model.qk_head_dim),
+                        ("--v-head-dim", model.v_head_dim), ("--q-lora-rank", model.q_lora_rank or 1)):
+        check_at_least(flag, value, 1)
+    check(model.qk_pos_emb_head_dim >= 2 and model.qk_pos_emb_head_dim % 2 == 0,
+          f"--qk-pos-emb-head-dim must be even and at least 2, got {model.qk_pos_emb_head_dim}")
 
 
 def _validate_moe(moe: MoEConfig, model: ModelConfig) -> None:

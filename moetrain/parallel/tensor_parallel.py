@@ -93,6 +93,8 @@ def apply_tensor_parallel(model: GPT, group: dist.ProcessGroup) -> None:
         linear = getattr(parent, attr)
         if split.style == "head_norm":
             setattr(parent, attr, HeadNormParallel(linear, group))
+        elif split.style == "shared_key":
+            linear.shared_key_group = group
         elif split.style == "column":
             setattr(parent, attr, ColumnParallelLinear(linear, group, parts=split.parts))
         else:

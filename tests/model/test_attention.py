@@ -87,6 +87,43 @@ def test_attention_equals_a_float64_reference(layout):
     torch.testing.assert_close(attn(x.unsqueeze(0), rope)[0], reference(attn, x, cfg), rtol=1e-6, atol=1e-7)
 
 
+def latent_reference(attn, x, cfg) -> torch.Tensor:
+    """float64 Multi-head Latent Attention, one head at a time, from the module's weights: queries (low-rank
+    or not), the normed key/value latent, RoPE on each head's last dimensions with the key's shared by all."""
+    nope, rot, vd, latent_dim = cfg.qk_head_dim, cfg.qk_pos_emb_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    w = {name: p.double() for name, p in attn.named_parameters()}
+    q = rms(x @ w["q_down.weight"].t(), w["q_norm.weight"]) @ w["q_up.weight"].t() if cfg.q_lora_rank \
+        else x @ w["q_proj.weight"].t()
+    down = x @ w["kv_down.weight"].t()
+    kv = rms(down[:, :latent_dim], w["kv_norm.weight"]) @ w["kv_up.weight"].t()
+    k_rope = rotate(down[:, latent_dim:], rot)
+    outputs = []
+    for h in range(cfg.num_attention_heads):
+        qh, kvh = q[:, h * (nope + rot):(h + 1) * (nope + rot)], kv[:, h * (nope + vd):(h + 1) * (nope + vd)]
+        scores = (qh[:, :nope] @ kvh[:, :nope].t() + rotate(qh[:, nope:], rot) @ k_rope.t()) / math.sqrt(nope + rot)
+        scores = scores.masked_fill(torch.ones(SEQ, SEQ, dtype=torch.bool).triu(1), -math.inf)
+        outputs.append(torch.softmax(scores, -1) @ kvh[:, nope:])
+    return torch.cat(outputs, -1) @ w["proj.weight"].t()
+
+
+@pytest.mark.parametrize("q_lora_rank", [None, 12], ids=["full-query", "low-rank-query"])
+def test_latent_attention_equals_a_float64_reference(q_lora_rank):
+    cfg = model_config(multi_latent_attention=True, q_lora_rank=q_lora_rank, kv_lora_rank=10, qk_head_dim=6,
+                       qk_pos_emb_head_dim=4, v_head_dim=5)
+    cfg_check = Config()
+    cfg_check.model, cfg_check.moe.num_experts = cfg, [1]
+    cfg_check.validate()
+    model = GPT(cfg, MoEConfig(num_experts=[1]), seed=0).double()
+    attn = model.blocks[0].attn
+    with torch.no_grad():
+        for norm in (attn.kv_norm, getattr(attn, "q_norm", None)):
+            if norm is not None:
+                norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(SEQ, HIDDEN, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    rope = (model.rope_cos.double(), model.rope_sin.double())
+    torch.testing.assert_close(attn(x.unsqueeze(0), rope)[0], latent_reference(attn, x, cfg), rtol=1e-6, atol=1e-7)
+
+
 def test_layer_pattern_is_read_without_eval_and_places_dense_layers_first():
     cfg = parse_train_args(["--num-layers", "5", "--moe-layer-freq", "([0]*2+[1]*3)", "--num-experts", "4"])
     assert cfg.moe.moe_layer_freq == [0, 0, 1, 1, 1] and cfg.experts_per_layer() == [0, 0, 4, 4, 4]
@@ -106,6 +143,7 @@ def test_layer_pattern_is_read_without_eval_and_places_dense_layers_first():
     (["--model-style", "gpt", "--rotary-percent", "0.5"], "applies to RoPE"),
     (["--qk-norm", "projection", "--tensor-parallel-size", "2"], "tensor parallelism splits"),
     (["--num-query-groups", "1", "--tensor-parallel-size", "2"], "whole key/value heads"),
+    (["--multi-latent-attention", "--num-query-groups", "2"], "--num-query-groups does not apply"),
     (["--rope-scaling", "yarn", "--rope-scaling-factor", "0.5"], "--rope-scaling-factor must be at least 1"),
     (["--rope-scaling", "llama3", "--low-freq-factor", "4"], "--high-freq-factor 4.0 must exceed"),
 ])
