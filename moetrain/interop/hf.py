@@ -52,7 +52,8 @@ from moetrain.config import Config
 from moetrain.data import DataError, Tokenizer
 from moetrain.interop.checkpoint import check_new_checkpoint_dir, save_model_checkpoint
 
-IMPORTABLE = ("llama", "mistral", "mixtral", "qwen2_moe", "ernie4_5_moe", "qwen3_moe", "olmoe", "glm4_moe")
+IMPORTABLE = ("llama", "mistral", "mixtral", "qwen2_moe", "ernie4_5_moe", "qwen3_moe", "olmoe", "glm4_moe",
+              "deepseek_v2", "deepseek_v3")
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class _Target:
     head_dim: bool = False  # a head width other than hidden / heads (config head_dim)
     qkv_bias: bool = False  # optional biases on q, k, v only
     partial_rotary: bool = False
+    latent: bool = False  # Multi-head Latent Attention
 
 
 LLAMA = _Target("LlamaForCausalLM", "llama", head_dim=True)
@@ -77,9 +79,13 @@ QWEN3_MOE = _Target("Qwen3MoeForCausalLM", "qwen3_moe", qk_norm=("head",), head_
 OLMOE = _Target("OlmoeForCausalLM", "olmoe", qk_norm=("projection",))
 GLM4_MOE = _Target("Glm4MoeForCausalLM", "glm4_moe", qk_norm=(None, "head"), head_dim=True, qkv_bias=True,
                    partial_rotary=True)
-_BY_MODEL_TYPE = {t.model_type: t for t in (LLAMA, MISTRAL, MIXTRAL, QWEN2_MOE, ERNIE, QWEN3_MOE, OLMOE, GLM4_MOE)}
-_SOFTMAX_TOPK = (QWEN2_MOE, QWEN3_MOE, OLMOE)  # softmax scores, norm_topk_prob: renormalised or not
-_SIGMOID_BIASED = (GLM4_MOE,)  # sigmoid scores, a selection-only bias, groups, routed_scaling_factor, shared experts
+DEEPSEEK_V2 = _Target("DeepseekV2ForCausalLM", "deepseek_v2", interleaved_rope=True, latent=True)
+DEEPSEEK_V3 = _Target("DeepseekV3ForCausalLM", "deepseek_v3", latent=True)  # exported with rope_interleave false
+_BY_MODEL_TYPE = {t.model_type: t for t in (LLAMA, MISTRAL, MIXTRAL, QWEN2_MOE, ERNIE, QWEN3_MOE, OLMOE, GLM4_MOE,
+                                            DEEPSEEK_V2, DEEPSEEK_V3)}
+_SOFTMAX_TOPK = (QWEN2_MOE, QWEN3_MOE, OLMOE, DEEPSEEK_V2)  # softmax scores, renormalised over the top-k or not
+_SIGMOID_BIASED = (GLM4_MOE, DEEPSEEK_V3)  # sigmoid scores, a selection-only bias, groups, routed_scaling_factor
+_FIRST_DENSE = (GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3)  # dense first_k_dense_replace layers, then MoE; shared experts
 
 
 def _transformers() -> Any:
@@ -126,6 +132,8 @@ def _moe_target(cfg: Config) -> _Target:
                          "or pass --dropless to export it with plain dropless top-k routing (its outputs then "
                          "differ from moetrain's where moetrain drops tokens or samples experts)")
     shared = bool(moe.num_shared_experts or moe.shared_expert_ffn_size)
+    if model.multi_latent_attention:
+        return _latent_target(cfg)
     if moe.score_func == "sigmoid":
         if moe.shared_expert_gate or moe.topk == 1:
             raise ValueError("sigmoid routing (--moe-score-func sigmoid) exports as GLM-4.5-MoE, which has no gated "
@@ -161,6 +169,22 @@ def _moe_target(cfg: Config) -> _Target:
     return QWEN2_MOE
 
 
+def _latent_target(cfg: Config) -> _Target:
+    """DeepSeek-V3 for sigmoid routing, DeepSeek-V2 for softmax (which never renormalises the top-k)."""
+    moe = cfg.moe
+    if moe.shared_expert_gate:
+        raise ValueError("DeepSeek-V2/V3, the classes with Multi-head Latent Attention, have no gated shared expert")
+    if moe.score_func == "sigmoid":
+        if moe.topk == 1:
+            raise ValueError("sigmoid routing with MLA exports as DeepSeek-V3, which renormalises the top-1 weight to "
+                             "1; use --topk 2 or more")
+        return DEEPSEEK_V3
+    if moe.expert_bias or (moe.topk > 1 and not moe.pre_softmax):
+        raise ValueError("softmax routing with MLA exports as DeepSeek-V2, which has no expert bias and never "
+                         "renormalises the top-k weights; use --moe-router-pre-softmax, or sigmoid scores (V3)")
+    return DEEPSEEK_V2
+
+
 def _check_attention(cfg: Config, target: _Target) -> None:
     """Refuse attention features the chosen class does not have."""
     model = cfg.model
@@ -168,7 +192,8 @@ def _check_attention(cfg: Config, target: _Target) -> None:
     features = ((f"--qk-norm {model.qk_norm}", model.qk_norm not in target.qk_norm, False),
                 (f"--kv-channels {model.kv_channels}", own_width, target.head_dim),
                 ("--add-qkv-bias", model.add_qkv_bias, target.qkv_bias),
-                (f"--rotary-percent {model.rotary_percent}", model.rotary_percent != 1.0, target.partial_rotary))
+                (f"--rotary-percent {model.rotary_percent}", model.rotary_percent != 1.0, target.partial_rotary),
+                ("--multi-latent-attention", model.multi_latent_attention, target.latent))
     missing = [what for what, used, held in features if used and not held]
     if missing:
         raise ValueError(f"{target.architecture}, the class this MoE layout exports as, has no {missing[0]}")
@@ -185,7 +210,7 @@ def _moe_layers(target: _Target, hf_config: Any) -> list[bool]:
     if target is ERNIE:
         return [(i + 1) % hf_config.moe_layer_interval == 0
                 and hf_config.moe_layer_start_index <= i <= hf_config.moe_layer_end_index for i in layers]
-    if target in _SIGMOID_BIASED:
+    if target in _FIRST_DENSE:
         return [i >= hf_config.first_k_dense_replace for i in layers]
     return [False for _ in layers]
 
@@ -212,6 +237,8 @@ def _hf_config(cfg: Config, target: _Target, eos_id: int) -> Any:
         bos_token_id=eos_id, eos_token_id=eos_id)
     if target.head_dim:
         common["head_dim"] = model.head_dim()
+    if target.latent:
+        common["head_dim"] = model.qk_pos_emb_head_dim  # the rotary width, as DeepSeek's configs carry it
     num_experts, expert_ffn = max(experts_per_layer), moe.expert_ffn_size(model)
     routing = dict(num_experts_per_tok=moe.topk, router_aux_loss_coef=moe.aux_loss_coeff)
     dense_layers = [i for i, count in enumerate(experts_per_layer) if not count]
@@ -236,10 +263,18 @@ def _hf_config(cfg: Config, target: _Target, eos_id: int) -> Any:
     elif target is OLMOE:
         specific = dict(intermediate_size=expert_ffn, num_experts=num_experts, norm_topk_prob=not moe.pre_softmax,
                         clip_qkv=None, attention_bias=False, **routing)
+    elif target in (DEEPSEEK_V2, DEEPSEEK_V3):
+        specific = dict(intermediate_size=model.ffn_size(), moe_intermediate_size=expert_ffn,
+                        n_routed_experts=num_experts, n_shared_experts=_shared_experts(cfg),
+                        first_k_dense_replace=len(dense_layers), q_lora_rank=model.q_lora_rank,
+                        kv_lora_rank=model.kv_lora_rank, qk_nope_head_dim=model.qk_head_dim,
+                        qk_rope_head_dim=model.qk_pos_emb_head_dim, v_head_dim=model.v_head_dim,
+                        routed_scaling_factor=moe.topk_scaling_factor or 1.0, n_group=moe.num_groups or 1,
+                        topk_group=moe.group_topk or 1, norm_topk_prob=target is DEEPSEEK_V3, attention_bias=False,
+                        **routing)
+        specific |= {"rope_interleave": False} if target is DEEPSEEK_V3 else {
+            "topk_method": "group_limited_greedy" if moe.num_groups else "greedy"}
     elif target is GLM4_MOE:
-        if dense_layers != list(range(len(dense_layers))):
-            raise ValueError(f"dense layers {dense_layers} are not the first layers; GLM-4.5-MoE has its dense layers "
-                             "first (first_k_dense_replace): use --moe-layer-freq '([0]*K+[1]*N)'")
         specific = dict(intermediate_size=model.ffn_size(), moe_intermediate_size=expert_ffn,
                         n_routed_experts=num_experts, n_shared_experts=_shared_experts(cfg),
                         n_group=moe.num_groups or 1, topk_group=moe.group_topk or 1, norm_topk_prob=True,
@@ -251,6 +286,9 @@ def _hf_config(cfg: Config, target: _Target, eos_id: int) -> Any:
                         moe_layer_interval=moe.expert_interval,
                         moe_layer_start_index=moe_layers[0], moe_layer_end_index=moe_layers[-1],
                         use_bias=False, router_aux_loss_coef=moe.aux_loss_coeff)
+    if target in _FIRST_DENSE and dense_layers != list(range(len(dense_layers))):
+        raise ValueError(f"dense layers {dense_layers} are not the first layers; {target.architecture} has its dense "
+                         "layers first (first_k_dense_replace): use --moe-layer-freq '([0]*K+[1]*N)'")
     config_class = getattr(_transformers(), target.architecture.replace("ForCausalLM", "Config"))
     hf_config = config_class(**common, **specific)
     if _moe_layers(target, hf_config) != [bool(count) for count in experts_per_layer]:
@@ -361,11 +399,33 @@ def _mlp_links(src: str, dst: str, width: int) -> list[_Link]:
             _same(src + "fc2.weight", dst + "down_proj.weight")]
 
 
-def _links(cfg: Config, target: _Target) -> list[_Link]:
-    """Every moetrain tensor of cfg's model and its transformers counterparts in `target`'s layout."""
+def _latent_links(cfg: Config, src: str, attn: str, interleaved: bool) -> list[_Link]:
+    """MLA's projections against DeepSeek's (q_a/q_b or q_proj, kv_a_proj_with_mqa, kv_b_proj), the rotary rows
+    of each query head and of the shared key reordered when transformers holds them interleaved."""
+    model = cfg.model
+    nope, rotary, latent = model.qk_head_dim, model.qk_pos_emb_head_dim, model.kv_lora_rank
+    turn = _rope_permutation(rotary) if interleaved else torch.arange(rotary)
+    query_order = _heads_order(model.num_attention_heads, torch.cat([torch.arange(nope), nope + turn]))
+    query = (_rows(src + "q_up.weight", (attn + "q_b_proj.weight",), [len(query_order)], [query_order]) if
+             model.q_lora_rank else _rows(src + "q_proj.weight", (attn + "q_proj.weight",), [len(query_order)],
+                                          [query_order]))
+    links = [query, _rows(src + "kv_down.weight", (attn + "kv_a_proj_with_mqa.weight",), [latent + rotary],
+                          [torch.cat([torch.arange(latent), latent + turn])]),
+             _same(src + "kv_norm.weight", attn + "kv_a_layernorm.weight"),
+             _same(src + "kv_up.weight", attn + "kv_b_proj.weight"), _same(src + "proj.weight", attn + "o_proj.weight")]
+    if model.q_lora_rank:
+        links += [_same(src + "q_down.weight", attn + "q_a_proj.weight"),
+                  _same(src + "q_norm.weight", attn + "q_a_layernorm.weight")]
+    return links
+
+
+def _links(cfg: Config, target: _Target, interleaved: bool | None = None) -> list[_Link]:
+    """Every moetrain tensor of cfg's model and its transformers counterparts in `target`'s layout (`interleaved`:
+    whether its RoPE turns adjacent pairs; None: the class's own default)."""
     model, moe = cfg.model, cfg.moe
+    interleaved = target.interleaved_rope if interleaved is None else interleaved
     heads, kv_heads, head_dim = model.num_attention_heads, model.kv_heads(), model.head_dim()
-    order = _rope_permutation(head_dim) if target.interleaved_rope else None
+    order = _rope_permutation(head_dim) if interleaved else None
     q_order, k_order = ((_heads_order(heads, order), _heads_order(kv_heads, order)) if order is not None
                         else (None, None))
     sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
@@ -375,10 +435,12 @@ def _links(cfg: Config, target: _Target) -> list[_Link]:
     for i, experts in enumerate(cfg.experts_per_layer()):
         src, dst = f"blocks.{i}.", f"model.layers.{i}."
         attn = dst + "self_attn."
-        links += [_rows(src + "attn.qkv.weight", tuple(attn + f"{name}_proj.weight" for name in "qkv"), sizes,
-                        [q_order, k_order, None]),
-                  _same(src + "attn.proj.weight", attn + "o_proj.weight"),
-                  _same(src + "norm1.weight", dst + "input_layernorm.weight"),
+        if model.multi_latent_attention:
+            links += _latent_links(cfg, src + "attn.", attn, interleaved)
+        else:
+            links += [_rows(src + "attn.qkv.weight", tuple(attn + f"{name}_proj.weight" for name in "qkv"), sizes,
+                            [q_order, k_order, None]), _same(src + "attn.proj.weight", attn + "o_proj.weight")]
+        links += [_same(src + "norm1.weight", dst + "input_layernorm.weight"),
                   _same(src + "norm2.weight", dst + "post_attention_layernorm.weight")]
         if model.add_qkv_bias:
             links.append(_rows(src + "attn.qkv.bias", tuple(attn + f"{name}_proj.bias" for name in "qkv"), sizes,
@@ -422,7 +484,7 @@ def _to_hf_state(cfg: Config, state: dict[str, Tensor], target: _Target) -> dict
         if experts and target is QWEN2_MOE and not cfg.moe.shared_expert_gate:  # zero width: adds exactly 0
             out |= _empty_mlp(dst + "shared_expert.", hidden)
             out[dst + "shared_expert_gate.weight"] = torch.zeros(1, hidden)
-        if experts and target in _SIGMOID_BIASED and not _shared_width(cfg):
+        if experts and target in _FIRST_DENSE and not _shared_width(cfg):
             out |= _empty_mlp(dst + "shared_experts.", hidden)
     return out
 
@@ -433,10 +495,10 @@ def _empty_mlp(prefix: str, hidden: int) -> dict[str, Tensor]:
             prefix + "down_proj.weight": torch.zeros(hidden, 0)}
 
 
-def _from_hf_state(cfg: Config, state: dict[str, Tensor], target: _Target) -> dict[str, Tensor]:
+def _from_hf_state(cfg: Config, state: dict[str, Tensor], target: _Target, interleaved: bool) -> dict[str, Tensor]:
     """The transformers model's in-memory state dict -> moetrain state dict."""
     return {link.ours: link.join(*(state[name] for name in link.theirs)).contiguous()
-            for link in _links(cfg, target)} | (
+            for link in _links(cfg, target, interleaved)} | (
         {"lm_head.weight": state["model.embed_tokens.weight"]} if cfg.model.tie_embeddings else {})
 
 
@@ -498,7 +560,7 @@ def _check_importable(hf_config: Any, target: _Target, where: str) -> None:
     if hf_config.hidden_act != "silu":
         refuse(f"hidden_act {hf_config.hidden_act!r} (moetrain's SwiGLU uses silu)")
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-    if head_dim * hf_config.num_attention_heads != hf_config.hidden_size and not target.head_dim:
+    if head_dim * hf_config.num_attention_heads != hf_config.hidden_size and not (target.head_dim or target.latent):
         refuse(f"head_dim {head_dim} x {hf_config.num_attention_heads} heads != hidden_size {hf_config.hidden_size}")
     rope = getattr(hf_config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") not in ("default", "yarn", "llama3"):
@@ -514,12 +576,28 @@ def _check_importable(hf_config: Any, target: _Target, where: str) -> None:
             refuse(f"{flag} = true (moetrain's llama style has no biases there)")
     if getattr(hf_config, "clip_qkv", None) is not None:
         refuse(f"clip_qkv {hf_config.clip_qkv}")
+    if target is DEEPSEEK_V2 and hf_config.topk_method not in ("greedy", "group_limited_greedy"):
+        refuse(f"topk_method {hf_config.topk_method!r} (moetrain routes greedy or group_limited_greedy)")
     k = getattr(hf_config, "num_experts_per_tok", 0) or 0
-    renormalised = True if target in (MIXTRAL, ERNIE) else getattr(hf_config, "norm_topk_prob", None)
+    renormalised = _renormalised(hf_config, target)
     pre_softmax = target in _SOFTMAX_TOPK and not renormalised and k > 1  # --moe-router-pre-softmax
     if renormalised is not None and bool(renormalised) != (k > 1) and not pre_softmax:
         refuse(f"top-{k} routing {'with' if renormalised else 'without'} renormalised weights, norm_topk_prob = "
                f"{str(bool(renormalised)).lower()} (moetrain renormalises exactly when k > 1)")
+
+
+def _renormalised(hf_config: Any, target: _Target) -> bool | None:
+    """Whether the class renormalises the top-k weights (None: it has no experts)."""
+    if target in (MIXTRAL, ERNIE):
+        return True
+    if target is DEEPSEEK_V2:  # whatever its config says
+        return False
+    return getattr(hf_config, "norm_topk_prob", None)
+
+
+def _interleaved(hf_config: Any, target: _Target) -> bool:
+    """Whether the model's RoPE turns adjacent pairs of dimensions (DeepSeek-V3: its rope_interleave)."""
+    return bool(getattr(hf_config, "rope_interleave", target.interleaved_rope))
 
 
 def _rotary_fraction(hf_config: Any) -> float:
@@ -534,10 +612,15 @@ def _moetrain_config(hf_config: Any, target: _Target) -> Config:
     model.num_layers, model.hidden_size = hf_config.num_hidden_layers, hf_config.hidden_size
     heads = hf_config.num_attention_heads
     model.num_attention_heads, model.vocab_size = heads, hf_config.vocab_size
-    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
-    model.num_query_groups = kv_heads if kv_heads != heads else None
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
-    model.kv_channels = head_dim if head_dim * heads != hf_config.hidden_size else None
+    if target.latent:
+        model.multi_latent_attention, model.q_lora_rank = True, hf_config.q_lora_rank
+        model.kv_lora_rank, model.qk_head_dim = hf_config.kv_lora_rank, hf_config.qk_nope_head_dim
+        model.qk_pos_emb_head_dim, model.v_head_dim = hf_config.qk_rope_head_dim, hf_config.v_head_dim
+    else:
+        kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+        model.num_query_groups = kv_heads if kv_heads != heads else None
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+        model.kv_channels = head_dim if head_dim * heads != hf_config.hidden_size else None
     model.qk_norm = "head" if target is GLM4_MOE and hf_config.use_qk_norm else target.qk_norm[0]
     model.rotary_percent = _rotary_fraction(hf_config)
     model.add_qkv_bias = bool(getattr(hf_config, "qkv_bias", False) or getattr(hf_config, "attention_bias", False))
@@ -572,15 +655,18 @@ def _moetrain_config(hf_config: Any, target: _Target) -> Config:
     if target is ERNIE:
         moe.num_shared_experts = hf_config.moe_num_shared_experts
     if target in _SOFTMAX_TOPK:
-        moe.pre_softmax = moe.topk > 1 and not hf_config.norm_topk_prob
+        moe.pre_softmax = moe.topk > 1 and not _renormalised(hf_config, target)
     if target is QWEN2_MOE and hf_config.shared_expert_intermediate_size:
         moe.shared_expert_ffn_size, moe.shared_expert_gate = hf_config.shared_expert_intermediate_size, True
-    if target in _SIGMOID_BIASED:
-        moe.score_func, moe.num_shared_experts = "sigmoid", hf_config.n_shared_experts or 0
-        if (hf_config.n_group or 1) > 1:
+    if target in _FIRST_DENSE:
+        moe.num_shared_experts = hf_config.n_shared_experts or 0
+        grouped = target is not DEEPSEEK_V2 or hf_config.topk_method == "group_limited_greedy"
+        if grouped and (hf_config.n_group or 1) > 1:
             moe.num_groups, moe.group_topk = hf_config.n_group, hf_config.topk_group
-        if hf_config.routed_scaling_factor != 1.0:
-            moe.topk_scaling_factor = float(hf_config.routed_scaling_factor)
+    if target in _SIGMOID_BIASED:
+        moe.score_func = "sigmoid"
+    if target in _FIRST_DENSE and hf_config.routed_scaling_factor != 1.0:
+        moe.topk_scaling_factor = float(hf_config.routed_scaling_factor)
     return cfg
 
 
@@ -612,4 +698,5 @@ def import_hf(hf_dir: str, out_dir: str) -> tuple[Config, str]:
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, local_files_only=True)
     hf_state = hf_model.state_dict()
     cfg.moe.expert_bias = cfg.moe.is_moe and _selection_bias(hf_config, hf_state, target)
-    return cfg, save_model_checkpoint(out_dir, cfg, _from_hf_state(cfg, hf_state, target), tokenizer)
+    state = _from_hf_state(cfg, hf_state, target, _interleaved(hf_config, target))
+    return cfg, save_model_checkpoint(out_dir, cfg, state, tokenizer)
