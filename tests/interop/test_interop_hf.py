@@ -193,7 +193,8 @@ SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_
              rope_parameters={"rope_type": "default", "rope_theta": 1e4}, eos_token_id=256)
 YARN = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 16}
 LATENT = dict(num_key_value_heads=4, n_routed_experts=4, moe_intermediate_size=16, n_shared_experts=1, n_group=2,
-              topk_group=1, first_k_dense_replace=1, kv_lora_rank=10, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5)
+              topk_group=1, first_k_dense_replace=1, kv_lora_rank=10, qk_nope_head_dim=6, qk_rope_head_dim=4,
+              v_head_dim=5)
 FAMILIES = {  # tiny random configs of the open MoE families, as their Hub configs set them
     "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**SMALL, num_experts=4, moe_intermediate_size=16, head_dim=16,
                                                      norm_topk_prob=True, mlp_only_layers=[0]),
