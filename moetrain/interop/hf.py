@@ -586,6 +586,32 @@ def _check_importable(hf_config: Any, target: _Target, where: str) -> None:
                f"{str(bool(renormalised)).lower()} (moetrain renormalises exactly when k > 1)")
 
 
+_MUP = "embedding_multiplier, residual_multiplier, attention_multiplier and logits_scaling (muP scalings)"
+_UNSUPPORTED = {  # MoE classes moetrain does not import: the config fields that compute something it lacks
+    "gpt_oss": "sinks (learned attention sinks), biased experts and attention, sliding-window layer_types and "
+               "swiglu_limit (a clamped SwiGLU)",
+    "granitemoe": _MUP, "granitemoeshared": _MUP, "granitemoe_swa": _MUP, "granitemoehybrid": _MUP,
+    "phimoe": "router_jitter_noise (SparseMixer routing) and LayerNorm with biases",
+    "dbrx": "attn_config.clip_qkv and LayerNorm without bias-free RMS",
+    "jetmoe": "moe_num_experts in attention (mixture-of-attention heads)",
+    "llama4": "attention_chunk_size and no_rope_layers (chunked attention, layers without RoPE)",
+    "deepseek_v32": "index_topk (the sparse-attention indexer)",
+    "switch_transformers": "is_encoder_decoder (an encoder-decoder)",
+    "nllb_moe": "is_encoder_decoder (an encoder-decoder)",
+}
+
+
+def _unsupported(hf_config: Any) -> str:
+    """What an unsupported class computes that moetrain does not, naming the config field."""
+    if hf_config.model_type in _UNSUPPORTED:
+        return _UNSUPPORTED[hf_config.model_type]
+    for field, what in (("layer_types", "layer_types (layers of several kinds)"), ("vision_config", "vision_config "
+                        "(a multimodal model)"), ("text_config", "text_config (a multimodal model)")):
+        if getattr(hf_config, field, None):
+            return what
+    return f"model_type {hf_config.model_type!r} (no key map to moetrain's layers)"
+
+
 def _renormalised(hf_config: Any, target: _Target) -> bool | None:
     """Whether the class renormalises the top-k weights (None: it has no experts)."""
     if target in (MIXTRAL, ERNIE):
@@ -683,7 +709,8 @@ def import_hf(hf_dir: str, out_dir: str) -> tuple[Config, str]:
     hf_config = transformers.AutoConfig.from_pretrained(hf_dir, local_files_only=True)
     target = _BY_MODEL_TYPE.get(hf_config.model_type)
     if target is None:
-        raise ValueError(f"{hf_dir} holds a {hf_config.model_type!r} model; import reads {', '.join(IMPORTABLE)}")
+        raise ValueError(f"{hf_dir} holds a {hf_config.model_type!r} model with {_unsupported(hf_config)}, which "
+                         f"moetrain cannot represent; import reads {', '.join(IMPORTABLE)}")
     _check_importable(hf_config, target, hf_dir)
     cfg = _moetrain_config(hf_config, target)
     try:

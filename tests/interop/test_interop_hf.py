@@ -312,6 +312,20 @@ def test_import_refusals_and_missing_files(tmp_path):
         import_hf(top1, str(tmp_path / "out"))
 
 
+UNSUPPORTED = {"gpt_oss": "sinks", "granitemoe": "embedding_multiplier", "phimoe": "router_jitter_noise",
+               "llama4_text": "layer_types", "jamba": "layer_types",
+               "qwen3_next": "layer_types"}
+
+
+@pytest.mark.parametrize("model_type", UNSUPPORTED)
+def test_import_refuses_other_moe_classes_naming_the_field(tmp_path, model_type):
+    transformers.AutoConfig.for_model(model_type).save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text(build_tokenizer("byte").to_json())
+    with pytest.raises(ValueError, match=UNSUPPORTED[model_type]) as error:
+        import_hf(str(tmp_path), str(tmp_path / "out"))
+    assert "\n" not in str(error.value) and "cannot represent" in str(error.value)
+
+
 def test_cli_export_import_generate_eval_and_one_line_errors(tmp_path, capsys):
     ckpt = make_checkpoint(tmp_path / "ckpt", tiny_llama_config())
     out = str(tmp_path / "hf")
