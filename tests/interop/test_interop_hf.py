@@ -22,7 +22,7 @@ from moetrain.data import Tokenizer, build_tokenizer
 from moetrain.interop import export_hf, import_hf, save_model_checkpoint, train_command
 from moetrain.model import GPT
 from moetrain.train.trainer import Trainer
-from tests.helpers import write_corpus
+from tests.helpers import reference, run_parallel, write_corpus
 
 transformers.logging.set_verbosity_error()
 # torch's note when transformers builds an exported Qwen2-MoE's empty shared expert
@@ -241,6 +241,36 @@ def test_open_moe_families_import_with_transformers_logits_and_export_back(tmp_p
     exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert exported.config.model_type == hf_model.config.model_type
     compare(exported, hf_model)  # DeepSeek-V3 goes out with rope_interleave false: other rows, the same function
+
+
+PARALLEL_LAYOUTS = {"ep2": {"expert_parallel_size": 2}, "pp2": {"pipeline_parallel_size": 2}}
+QUICK_LAYOUTS = {("qwen3_moe", "ep2"), ("olmoe", "pp2"), ("glm4_moe", "ep2"), ("deepseek_v2", "pp2"),
+                 ("deepseek_v3", "ep2")}  # each class in one layout; the rest of the matrix is marked slow
+
+
+@pytest.mark.parametrize("family, layout", [
+    pytest.param(family, layout, id=f"{family}-{layout}", marks=() if (family, layout) in QUICK_LAYOUTS
+                 else pytest.mark.slow)
+    for family in ("qwen3_moe", "olmoe", "glm4_moe", "deepseek_v2", "deepseek_v3") for layout in PARALLEL_LAYOUTS])
+def test_imported_open_moe_trains_and_loads_under_expert_and_pipeline_parallel(tmp_path, family, layout):
+    """5 steps from the import lower the loss; EP 2 or PP 2 starts from the same weights: the same first loss
+    (a function of every logit) as one process."""
+    hf_dir, ckpt = str(tmp_path / "hf"), str(tmp_path / "ckpt")
+    save_hf_model(hf_dir, FAMILIES[family]())
+    cfg, _ = import_hf(hf_dir, ckpt)
+    argv = shlex.split(train_command(ckpt, cfg))[2:]
+    cfg = parse_train_args(argv + ["--data-path", write_corpus(tmp_path), "--data-cache-dir", str(tmp_path / "cache"),
+                                   "--split", "80,20,0", "--micro-batch-size", "2", "--global-batch-size", "8",
+                                   "--train-iters", "5", "--lr", "3e-3", "--lr-warmup-iters", "0", "--eval-iters", "1",
+                                   "--eval-interval", "0", "--seq-length", "16", "--max-position-embeddings",
+                                   str(SEQ), "--no-save", "--device", "cpu", "--no-progress-bar"])
+    losses, _, _ = reference(cfg)
+    assert losses[-1] < losses[0]
+    cfg.training.train_iters = 1
+    for key, value in PARALLEL_LAYOUTS[layout].items():
+        setattr(cfg.parallel, key, value)
+    for rank, result in run_parallel(cfg, 2).items():
+        assert result["losses"][0] == pytest.approx(losses[0], rel=1e-5), rank
 
 
 def test_import_caps_a_sliding_window_at_the_sequence_length_it_matches(tmp_path):
