@@ -102,8 +102,13 @@ class CausalAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(batch, seq, -1))  # -1: local heads under TP
 
     def _core(self, q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1],
-                                              dropout_p=self.dropout if self.training else 0.0)
+        width = v.shape[-1]
+        if width != q.shape[-1]:  # MLA: the fused kernels need one head width (else a 3x slower fallback on a
+            wide = max(width, q.shape[-1])  # CPU); zero columns change no score and no output kept
+            q, k, v = (F.pad(t, (0, wide - t.shape[-1])) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1],
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return out[..., :width]
 
 
 class Attention(CausalAttention):
