@@ -20,11 +20,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from moetrain.attention import Attention, LatentAttention, make_attention, rope_tables
 from moetrain.config import ModelConfig, MoEConfig
 from moetrain.lm_loss import linear_cross_entropy, plain_cross_entropy
 from moetrain.moe import MLP, MoE
 from moetrain.moe.experts import GroupedExperts
 from moetrain.moe.stats import RoutingStats
+from moetrain.norm import RMSNorm
 
 
 @dataclass
@@ -51,28 +53,13 @@ class ModelOutput:
         return linear_cross_entropy(self.hidden, self.head_weight, targets)
 
 
-def rope_tables(seq_length: int, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos and signed sin of the rotary angles over a whole head, [T, head_dim]: (cos, cos) and (-sin, sin)
-    per (first half, second half), so apply_rope is two full-width products instead of four half-width ones."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(seq_length, dtype=torch.float32), inv_freq)
-    cos, sin = angles.cos(), angles.sin()
-    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (first half, second half) of each head, the Llama/Hugging Face layout:
-    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) = x * cos + (x2, x1) * signed sin."""
-    half = x.shape[-1] // 2
-    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.to(x.dtype) + swapped * sin.to(x.dtype)
-
-
 class TPSplit(NamedTuple):
     """How tensor parallelism splits one linear (Megatron): by output rows or by input columns."""
 
-    style: str  # "column": each rank keeps whole heads / FFN columns; "row": matching inputs, outputs summed
-    parts: int = 1  # fused projections (q|k|v, gate|up) are split part by part
+    style: str  # "column": each rank keeps whole heads / FFN columns; "row": matching inputs, outputs summed;
+    # "head_norm": a norm every rank holds whole and applies to its own heads, its gradient summed over ranks;
+    # "shared_key": MLA, whose rotary key every rank computes whole and uses for its own heads (summed likewise)
+    parts: tuple[int, ...] = (1,)  # relative sizes of fused projections (q|k|v, gate|up), split part by part
 
 
 def tied_weights(cfg: ModelConfig) -> dict[str, str]:
@@ -87,88 +74,13 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
 
 
-class RMSNorm(nn.Module):
-    """x / rms(x) * weight, as nn.RMSNorm (same parameter), with a hand-written backward: on a CPU, autograd
-    through F.rms_norm's pieces takes ~1.7x as long (BENCHMARKS.md, "Training throughput")."""
-
-    def __init__(self, hidden_size: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-
-    def forward(self, x: Tensor) -> Tensor:
-        # The function picks its own precision; autocast would lower its statistics to 16 bits.
-        with torch.autocast(x.device.type, enabled=False):
-            return _RMSNormFunction.apply(x, self.weight, self.eps)
-
-
-def _at_least_fp32(t: Tensor) -> Tensor:
-    return t.float() if t.element_size() < 4 else t
-
-
-class _RMSNormFunction(torch.autograd.Function):
-    """Keeps x and the per-row 1 / rms for backward; statistics in fp32 even for 16-bit inputs."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        wide = _at_least_fp32(x)
-        inv_rms = torch.rsqrt(torch.linalg.vecdot(wide, wide).div_(x.shape[-1]).add_(eps)).unsqueeze(-1)
-        ctx.save_for_backward(x, weight, inv_rms)
-        return (wide * inv_rms).mul_(weight).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        x, weight, inv_rms = ctx.saved_tensors
-        normed = _at_least_fp32(x) * inv_rms
-        grad_out = _at_least_fp32(grad_out)
-        grad_weight = (grad_out * normed).reshape(-1, x.shape[-1]).sum(0)
-        grad_normed = grad_out * weight
-        # d/dx of x * inv_rms: (g - normed * mean(g * normed)) * inv_rms, per row
-        mean_dot = torch.linalg.vecdot(grad_normed, normed).div_(x.shape[-1]).unsqueeze(-1)
-        grad_x = torch.addcmul(grad_normed, normed, mean_dot, value=-1).mul_(inv_rms)
-        return grad_x.to(x.dtype), grad_weight.to(weight.dtype), None
-
-
-class Attention(nn.Module):
-    """Causal self-attention over `num_heads` heads; under tensor parallelism a rank holds whole heads of them
-    (its share of qkv's rows), and the forward takes the local head count from those rows."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
-        self.use_rope = cfg.style == "llama"
-        bias = cfg.style == "gpt"
-        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=bias)
-        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=bias)
-        self.dropout = cfg.attention_dropout
-        self.recompute_core = cfg.recompute_granularity == "selective"
-
-    def _core(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                              dropout_p=self.dropout if self.training else 0.0)
-
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
-        batch, seq, _ = x.shape
-        q, k, v = self.qkv(x).view(batch, seq, 3, -1, self.head_dim).unbind(2)  # -1: local heads under TP
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        if rope is not None:
-            cos, sin = rope[0][:seq], rope[1][:seq]
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.recompute_core and torch.is_grad_enabled():  # selective: keep q, k, v, not the core's buffers
-            out = checkpoint(self._core, q, k, v, use_reentrant=False)
-        else:
-            out = self._core(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(batch, seq, -1))  # -1: local heads under TP
-
-
 class Block(nn.Module):
     """Pre-norm transformer block; the FFN is a dense MLP or an MoE layer."""
 
     def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, num_experts: int, layer_index: int = 0) -> None:
         super().__init__()
         self.norm1, self.norm2 = make_norm(cfg), make_norm(cfg)
-        self.attn = Attention(cfg)
+        self.attn = make_attention(cfg)
         activation = "gelu" if cfg.style == "gpt" else "swiglu"
         bias = cfg.style == "gpt"
         if num_experts > 1:
@@ -303,9 +215,8 @@ class GPT(nn.Module):
             if cfg.tie_embeddings:
                 self.lm_head.weight = self.tok_emb.weight
             if cfg.style == "llama":
-                head_dim = cfg.hidden_size // cfg.num_attention_heads
-                self.register_buffer("rope_cos", torch.empty(cfg.positions(), head_dim), persistent=False)
-                self.register_buffer("rope_sin", torch.empty(cfg.positions(), head_dim), persistent=False)
+                self.register_buffer("rope_cos", torch.empty(cfg.positions(), cfg.rotary_dim()), persistent=False)
+                self.register_buffer("rope_sin", torch.empty(cfg.positions(), cfg.rotary_dim()), persistent=False)
         if target.type != "meta":
             self.materialize(target)
 
@@ -379,7 +290,7 @@ class GPT(nn.Module):
             for _, buffer in module.named_buffers(recurse=False):
                 buffer.zero_()
         if self.cfg.style == "llama":
-            cos, sin = rope_tables(self.cfg.positions(), self.rope_cos.shape[-1], self.cfg.rope_theta)
+            cos, sin = rope_tables(self.cfg, self.cfg.rotary_dim())
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
         for _, moe in self.moe_layers():
@@ -420,15 +331,22 @@ class GPT(nn.Module):
         return tied_weights(self.cfg)
 
     def tp_plan(self) -> dict[str, TPSplit]:
-        """The linears tensor parallelism splits: each attention's q|k|v (by column, whole heads) and output
-        projection (by row), and each dense MLP (fc1 by column, fc2 by row); routed experts are not split."""
+        """The linears tensor parallelism splits: each attention's q|k|v (by column, whole heads and key/value
+        heads) and output projection (by row), and each dense MLP (fc1 by column, fc2 by row); routed experts
+        are not split. Per-head QK norms stay whole on every rank."""
         plan = {}
         for name, module in self.named_modules():
             if isinstance(module, Attention):
-                plan[f"{name}.qkv"], plan[f"{name}.proj"] = TPSplit("column", parts=3), TPSplit("row")
+                plan[f"{name}.qkv"], plan[f"{name}.proj"] = TPSplit("column", module.qkv_parts()), TPSplit("row")
+                if module.qk_norm == "head":
+                    plan[f"{name}.q_norm"] = plan[f"{name}.k_norm"] = TPSplit("head_norm")
+            elif isinstance(module, LatentAttention):
+                query = "q_up" if module.low_rank_query else "q_proj"
+                plan[f"{name}.{query}"], plan[f"{name}.kv_up"] = TPSplit("column"), TPSplit("column")
+                plan[f"{name}.proj"], plan[name] = TPSplit("row"), TPSplit("shared_key")
             elif isinstance(module, MLP):
-                fused = 2 if module.activation == "swiglu" else 1
-                plan[f"{name}.fc1"], plan[f"{name}.fc2"] = TPSplit("column", parts=fused), TPSplit("row")
+                fused = (1, 1) if module.activation == "swiglu" else (1,)
+                plan[f"{name}.fc1"], plan[f"{name}.fc2"] = TPSplit("column", fused), TPSplit("row")
         return plan
 
     def moe_layers(self) -> list[tuple[int, MoE]]:

@@ -20,7 +20,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.allow_abbrev = False
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--from-hf", metavar="DIR", help="local transformers model directory (Llama, Mistral, "
-                                                         "Mixtral, Qwen2-MoE, ERNIE-4.5-MoE)")
+                                                         "Mixtral, Qwen2-MoE, ERNIE-4.5-MoE, Qwen3-MoE, OLMoE, "
+                                                         "GLM-4.5-MoE)")
     source.add_argument("--from-deepspeed", metavar="DIR", help="Megatron-DeepSpeed checkpoint directory")
     parser.add_argument("--out", required=True, help="moetrain checkpoint directory to create")
     deepspeed = parser.add_argument_group(

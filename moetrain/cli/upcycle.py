@@ -21,6 +21,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expert-noise", type=float, default=0.0,
                         help="Gaussian noise on each expert copy, in standard deviations of the copied matrix, to "
                              "break the experts' symmetry (default: 0, an exact start)")
+    parser.add_argument("--granularity", "--moe-upcycling-granularity", type=int, default=1,
+                        help="granular upcycling (Megatron-Core's): cut the dense FFN into G pieces, one per expert, "
+                             "so experts are G times narrower; G must divide --topk and the expert counts "
+                             "(default: 1, whole copies)")
     parser.add_argument("--seed", type=int, default=1234, help="seed for the router and the noise")
     add_moe_args(parser)
 
@@ -34,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     for dest, value in given_fields(args).items():
         setattr(moe, dest.split(".")[1], value)
     cfg, path = upcycle(args.load, args.out, moe, router_init=args.router_init,
-                        router_init_std=args.router_init_std, expert_noise=args.expert_noise, seed=args.seed)
+                        router_init_std=args.router_init_std, expert_noise=args.expert_noise, seed=args.seed,
+                        granularity=args.granularity)
     if moe.drop_tokens:
         print("note: capacity dropping is on; tokens over capacity skip the FFN, so the first steps can lose more "
               "than the dense model (--disable-moe-token-dropping gives an exact start)")

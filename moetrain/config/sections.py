@@ -9,6 +9,7 @@ DeepSpeed's rule, the vocabulary) are filled by ``resolve``, which returns a new
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import dataclasses
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from moetrain.precision import PRECISIONS
 
 LR_DECAY_STYLES = ("cosine", "linear", "constant")  # each computed by moetrain.train.lr_schedule.LRSchedule
 MODEL_STYLES = ("gpt", "llama")
+QK_NORMS = (None, "head", "projection")
+ROPE_SCALINGS = (None, "yarn", "llama3")
 MLP_TYPES = ("standard", "residual")
 RECOMPUTE_GRANULARITIES = (None, "full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
@@ -35,6 +38,32 @@ ZERO_STAGES = (0, 1, 2, 3)
 
 def _none_or_str(text: str) -> str | None:
     return None if text in ("None", "none") else text
+
+
+def _layer_pattern_token(text: str) -> list[int]:
+    """One token of --moe-layer-freq: an integer, or Megatron-Core's Python list expression such as
+    "([0]*3+[1]*58)" or "[1,0,1,0]", read by walking its syntax tree (lists, integers, + and *), never eval."""
+    def value(node: ast.AST) -> int | list[int]:
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return node.value
+        if isinstance(node, ast.List):
+            items = [value(item) for item in node.elts]
+            if all(isinstance(item, int) for item in items):
+                return items
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            left, right = value(node.left), value(node.right)
+            if isinstance(node.op, ast.Add) and isinstance(left, list) and isinstance(right, list):
+                return left + right
+            if isinstance(node.op, ast.Mult) and isinstance(left, list) != isinstance(right, list):
+                return left * right
+        raise ValueError(text)
+
+    try:
+        pattern = value(ast.parse(text.strip(), mode="eval").body)
+    except (SyntaxError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"expects an integer or a list of 0/1 per layer like '([0]*3+[1]*58)', got {text!r}") from None
+    return [pattern] if isinstance(pattern, int) else pattern
 
 
 def _expert_counts_token(text: str) -> list[int]:
@@ -77,6 +106,7 @@ def _data_impl(text: str) -> str:
 # RoutingConfig fields (DeepSpeed's names) whose MoEConfig field, and so flag, is named otherwise
 _ROUTING_FIELDS_RENAMED = {"k": "topk", "capacity_factor": "train_capacity_factor"}
 _EXPERT_COUNTS = {"nargs": "+", "type": _expert_counts_token, "convert": _flatten_expert_counts, "metavar": "N"}
+_LAYER_PATTERN = {"nargs": "+", "type": _layer_pattern_token, "convert": _flatten_expert_counts, "metavar": "P"}
 _TEACHER = "checked against the teacher checkpoint"
 
 
@@ -98,7 +128,53 @@ class ModelConfig:
     hidden_dropout: float = option(0.0, "--hidden-dropout", help="dropout after attention and FFN")
     attention_dropout: float = option(0.0, "--attention-dropout", help="dropout on attention probabilities")
     init_method_std: float = option(0.02, "--init-method-std", help="std of the normal weight init")
+    num_query_groups: int | None = option(
+        None, "--num-query-groups", help="key/value heads, each shared by a group of query heads (grouped-query "
+                                         "attention), a divisor of --num-attention-heads; unset: one per query head")
+    kv_channels: int | None = option(None, "--kv-channels",
+                                     help="width of each attention head; unset: --hidden-size / --num-attention-heads")
+    qk_norm: str | None = option(
+        None, "--qk-norm", type=_none_or_str, choices=QK_NORMS,
+        help="RMSNorm of queries and keys before RoPE: head (each head over its own width, shared weights: Qwen3, "
+             "GLM-4.5) or projection (the whole query and key projections: OLMoE); None: off",
+        switches=(switch("--qk-layernorm", "head", help="Megatron-Core's name for --qk-norm head"),))
+    add_qkv_bias: bool = option(False, switches=(switch(
+        "--add-qkv-bias", True, help="llama style: biases on the query, key and value projections (Qwen2, GLM-4.5)"),))
+    multi_latent_attention: bool = option(False, switches=(switch(
+        "--multi-latent-attention", True,
+        help="Multi-head Latent Attention (DeepSeek-V2/V3): keys and values from one low-rank latent per token, "
+             "RoPE on a separate --qk-pos-emb-head-dim part shared by all heads"),))
+    q_lora_rank: int | None = option(None, "--q-lora-rank",
+                                     help="MLA: rank of the query's low-rank projection; unset: a full projection")
+    kv_lora_rank: int = option(32, "--kv-lora-rank", help="MLA: width of the key/value latent")
+    qk_head_dim: int = option(128, "--qk-head-dim", help="MLA: query/key dimensions per head without RoPE")
+    qk_pos_emb_head_dim: int = option(64, "--qk-pos-emb-head-dim",
+                                      help="MLA: query/key dimensions per head that RoPE rotates")
+    v_head_dim: int = option(128, "--v-head-dim", help="MLA: value dimensions per head")
+    rotary_percent: float = option(1.0, "--rotary-percent",
+                                   help="fraction of each head's dimensions RoPE rotates (the first ones; GLM: 0.5)")
     rope_theta: float = option(10000.0, "--rope-theta", help="RoPE base (llama style)")
+    rope_scaling: str | None = option(
+        None, "--rope-scaling", type=_none_or_str, choices=ROPE_SCALINGS,
+        help="stretch RoPE beyond the length the model was trained at: yarn (DeepSeek-V3, GLM, Qwen3) or llama3 "
+             "(Llama 3.1); None: plain RoPE")
+    rope_scaling_factor: float = option(1.0, "--rope-scaling-factor",
+                                        help="new context length / --original-max-position-embeddings")
+    original_max_position_embeddings: int | None = option(
+        None, "--original-max-position-embeddings",
+        help="the context length before scaling; unset: --max-position-embeddings / --rope-scaling-factor")
+    beta_fast: float = option(32.0, "--beta-fast",
+                              help="yarn: rotations per context above which a frequency is kept")
+    beta_slow: float = option(1.0, "--beta-slow",
+                              help="yarn: rotations per context below which a frequency is interpolated")
+    mscale: float | None = option(None, "--mscale",
+                                  help="yarn: attention temperature coefficient (DeepSeek's mscale)")
+    mscale_all_dim: float | None = option(None, "--mscale-all-dim",
+                                          help="yarn: DeepSeek's mscale_all_dim (also scales MLA's softmax)")
+    low_freq_factor: float = option(1.0, "--low-freq-factor",
+                                    help="llama3: wavelengths above original length / this are interpolated")
+    high_freq_factor: float = option(4.0, "--high-freq-factor",
+                                     help="llama3: wavelengths below original length / this are kept")
     norm_eps: float = option(1e-5, "--norm-epsilon", "--layernorm-epsilon", help="LayerNorm / RMSNorm epsilon")
     tie_embeddings: bool = option(True, switches=(switch(
         "--untie-embeddings-and-output-weights", False,
@@ -120,6 +196,23 @@ class ModelConfig:
         max_position_embeddings, which may exceed the training length)."""
         return self.max_position_embeddings or self.seq_length
 
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    def kv_heads(self) -> int:
+        """Key/value heads: the query groups, one per query head without grouped-query attention."""
+        return self.num_query_groups or self.num_attention_heads
+
+    def original_positions(self) -> int:
+        """The context length RoPE scaling stretches from."""
+        return self.original_max_position_embeddings or round(self.positions() / self.rope_scaling_factor)
+
+    def rotary_dim(self) -> int:
+        """Dimensions of each head that RoPE rotates (an even number); MLA's rotary part."""
+        if self.multi_latent_attention:
+            return self.qk_pos_emb_head_dim
+        return int(self.head_dim() * self.rotary_percent) // 2 * 2
+
     def ffn_size(self) -> int:
         """Dense FFN width: 4h for GPT; for llama 8h/3 (SwiGLU's 3 matrices then hold as many parameters as
         GELU's 2 at 4h), rounded up to a multiple of 64."""
@@ -137,6 +230,10 @@ class MoEConfig:
                                          "'[8, 8, 16, 16]'); 0 or 1 means a dense layer")
     expert_interval: int = option(2, "--expert-interval", "--moe-layer-interval",
                                   help="MoE in every N-th layer (0-based layers N-1, 2N-1, ...)")
+    moe_layer_freq: list[int] | None = option(
+        None, "--moe-layer-freq", **_LAYER_PATTERN,
+        help="Megatron-Core's MoE layer placement, instead of --expert-interval: an integer N (layers 0, N, 2N, ...) "
+             "or one 0/1 per layer, e.g. '([0]*3+[1]*58)' for three dense layers first")
     topk: int = option(1, "--topk", "--num-experts-per-token", "--moe-top-k", "--moe-router-topk",
                       help="experts each token is routed to")
     mlp_type: str = option("standard", "--mlp-type", choices=MLP_TYPES,
@@ -213,21 +310,36 @@ class MoEConfig:
     def experts_per_layer(self, num_layers: int) -> list[int]:
         """Expert count of every layer, 0 for dense ones.
 
-        MoE layers are the 0-based layers interval-1, 2*interval-1, ... as in Megatron-DeepSpeed; one
-        count applies to all of them, a list (pyramid) gives one count per MoE layer in order.
+        MoE layers are the 0-based layers interval-1, 2*interval-1, ... as in Megatron-DeepSpeed, or those
+        --moe-layer-freq marks; one count applies to all of them, a list (pyramid) gives one count per MoE
+        layer in order.
         """
-        validation.check_at_least("--expert-interval", self.expert_interval, 1)
-        moe_layers = range(self.expert_interval - 1, num_layers, self.expert_interval)
+        moe_layers = self.moe_layer_indices(num_layers)
+        placement = f"--expert-interval {self.expert_interval}" if self.moe_layer_freq is None else "--moe-layer-freq"
         counts = self.num_experts * len(moe_layers) if len(self.num_experts) == 1 else self.num_experts
         check(len(counts) == len(moe_layers),
               f"--num-experts lists {len(self.num_experts)} counts but --num-layers {num_layers} with "
-              f"--expert-interval {self.expert_interval} has {len(moe_layers)} MoE layers; "
+              f"{placement} has {len(moe_layers)} MoE layers; "
               f"give 1 count or {len(moe_layers)}, one per MoE layer in order as Megatron-DeepSpeed expects "
               f"(layers {', '.join(map(str, moe_layers[:3]))}{', ...' if len(moe_layers) > 3 else ''})")
         per_layer = [0] * num_layers
         for layer, count in zip(moe_layers, counts, strict=True):
             per_layer[layer] = count if count > 1 else 0
         return per_layer
+
+    def moe_layer_indices(self, num_layers: int) -> list[int] | range:
+        """The layers that may hold experts: by --moe-layer-freq when given, else by --expert-interval."""
+        freq = self.moe_layer_freq
+        if freq is None:
+            validation.check_at_least("--expert-interval", self.expert_interval, 1)
+            return range(self.expert_interval - 1, num_layers, self.expert_interval)
+        if len(freq) == 1 and num_layers > 1:
+            validation.check_at_least("--moe-layer-freq", freq[0], 1)
+            return range(0, num_layers, freq[0])
+        check(len(freq) == num_layers and set(freq) <= {0, 1},
+              f"--moe-layer-freq lists {len(freq)} entries {sorted(set(freq))} for --num-layers {num_layers}; "
+              f"give one 0 (dense) or 1 (MoE) per layer")
+        return [layer for layer, moe in enumerate(freq) if moe]
 
     def num_moe_layers(self, num_layers: int) -> int:
         """Layers that hold experts (a pyramid entry of 0 or 1 leaves its layer dense)."""

@@ -96,18 +96,62 @@ def _validate_model(model: ModelConfig) -> None:
           f"{model.seq_length}; give at least the sequence length, or drop it")
     if model.ffn_hidden_size is not None:
         check_at_least("--ffn-hidden-size", model.ffn_hidden_size, 1)
-    check(model.hidden_size % model.num_attention_heads == 0,
+    check(model.kv_channels is not None or model.multi_latent_attention
+          or model.hidden_size % model.num_attention_heads == 0,
           f"--hidden-size {model.hidden_size} is not divisible by --num-attention-heads "
-          f"{model.num_attention_heads}; pick a head count that divides it")
-    head_dim = model.hidden_size // model.num_attention_heads
-    check(model.style != "llama" or head_dim % 2 == 0,
-          f"llama style needs an even head dimension for RoPE, got {head_dim}; change --hidden-size or heads")
+          f"{model.num_attention_heads}; pick a head count that divides it, or set --kv-channels")
+    _validate_attention(model)
     for flag, value in (("--hidden-dropout", model.hidden_dropout),
                         ("--attention-dropout", model.attention_dropout)):
         check(0.0 <= value < 1.0, f"{flag} must be in [0, 1), got {value}")
     for flag, value in (("--init-method-std", model.init_method_std), ("--rope-theta", model.rope_theta),
                         ("--norm-epsilon", model.norm_eps)):
         check_positive(flag, value)
+
+
+def _validate_attention(model: ModelConfig) -> None:
+    """Head layout (grouped-query attention, head width) and the RoPE / QK-norm options."""
+    check_choice(model, "qk_norm")
+    if model.kv_channels is not None:
+        check_at_least("--kv-channels", model.kv_channels, 1)
+    if model.num_query_groups is not None:
+        check_at_least("--num-query-groups", model.num_query_groups, 1)
+        check(model.num_attention_heads % model.num_query_groups == 0,
+              f"--num-query-groups {model.num_query_groups} does not divide --num-attention-heads "
+              f"{model.num_attention_heads}; use a divisor of the head count")
+    if model.multi_latent_attention:
+        _validate_latent_attention(model)
+    check_choice(model, "rope_scaling")
+    if model.rope_scaling:
+        check(model.style == "llama", f"--rope-scaling {model.rope_scaling} scales RoPE; use --model-style llama")
+        check(model.rope_scaling_factor >= 1.0, f"--rope-scaling-factor must be at least 1, got "
+                                                f"{model.rope_scaling_factor}")
+        check(model.rope_scaling != "llama3" or model.high_freq_factor > model.low_freq_factor > 0,
+              f"--high-freq-factor {model.high_freq_factor} must exceed --low-freq-factor {model.low_freq_factor} > 0")
+    check(0.0 < model.rotary_percent <= 1.0, f"--rotary-percent must be in (0, 1], got {model.rotary_percent}")
+    if model.style == "llama" and not model.multi_latent_attention:
+        check(model.rotary_dim() >= 2, f"--rotary-percent {model.rotary_percent} of head dimension "
+                                       f"{model.head_dim()} rotates no pair of dimensions; raise it")
+        check(model.rotary_percent < 1.0 or model.head_dim() % 2 == 0,
+              f"llama style needs an even head dimension for RoPE, got {model.head_dim()}; change --hidden-size, "
+              f"heads or --kv-channels")
+    else:
+        check(model.rotary_percent == 1.0, "--rotary-percent applies to RoPE; use --model-style llama or drop it")
+
+
+def _validate_latent_attention(model: ModelConfig) -> None:
+    check(model.style == "llama", "--multi-latent-attention uses RoPE and RMSNorm; use --model-style llama")
+    standard = (("--num-query-groups", model.num_query_groups), ("--kv-channels", model.kv_channels),
+                ("--qk-norm", model.qk_norm), ("--add-qkv-bias", model.add_qkv_bias),
+                ("--rotary-percent", model.rotary_percent != 1.0))
+    others = [flag for flag, used in standard if used]
+    check(not others, f"{others[0] if others else ''} does not apply to --multi-latent-attention (its heads are "
+                      "set by --qk-head-dim, --qk-pos-emb-head-dim, --v-head-dim); drop it")
+    for flag, value in (("--kv-lora-rank", model.kv_lora_rank), ("--qk-head-dim", model.qk_head_dim),
+                        ("--v-head-dim", model.v_head_dim), ("--q-lora-rank", model.q_lora_rank or 1)):
+        check_at_least(flag, value, 1)
+    check(model.qk_pos_emb_head_dim >= 2 and model.qk_pos_emb_head_dim % 2 == 0,
+          f"--qk-pos-emb-head-dim must be even and at least 2, got {model.qk_pos_emb_head_dim}")
 
 
 def _validate_moe(moe: MoEConfig, model: ModelConfig) -> None:
@@ -222,6 +266,12 @@ def _validate_parallel(cfg: Config, world_size: int) -> None:
     check(cfg.model.num_attention_heads % sizes["tp"] == 0,
           f"--num-attention-heads {cfg.model.num_attention_heads} is not divisible by "
           f"--tensor-parallel-size {sizes['tp']}; use a head count that is a multiple of it")
+    check(cfg.model.kv_heads() % sizes["tp"] == 0,
+          f"--num-query-groups {cfg.model.kv_heads()} is not divisible by --tensor-parallel-size {sizes['tp']}; "
+          f"each rank needs whole key/value heads")
+    check(sizes["tp"] == 1 or cfg.model.qk_norm != "projection",
+          "--qk-norm projection normalises over all heads, which tensor parallelism splits across ranks; use "
+          "--tensor-parallel-size 1 or --qk-norm head")
     check(sizes["pp"] <= cfg.model.num_layers,
           f"--pipeline-parallel-size {sizes['pp']} exceeds --num-layers {cfg.model.num_layers}; "
           f"use at most one stage per layer")

@@ -67,6 +67,47 @@ def test_upcycled_model_starts_with_the_dense_loss(tmp_path, case):
         assert (layer.router.wg.weight == 0).all() == (router_init == "zeros")
 
 
+GRANULAR = {
+    "llama G=2 top-2": ("llama", dict(num_experts=[8], expert_interval=2, topk=2, top2_2nd_expert_sampling=False), 2),
+    "llama G=4 top-8": ("llama", dict(num_experts=[16], expert_interval=1, topk=8), 4),
+    "gpt G=2 top-4 sigmoid": ("gpt", dict(num_experts=[8], expert_interval=2, topk=4, score_func="sigmoid"), 2),
+}
+
+
+@pytest.mark.parametrize("case", GRANULAR)
+def test_granular_upcycling_starts_with_the_dense_output(tmp_path, case):
+    style, moe_options, granularity = GRANULAR[case]
+    dense = dense_checkpoint(tmp_path / "dense", style)
+    cfg, _ = upcycle(dense, str(tmp_path / "moe"), MoEConfig(drop_tokens=False, **moe_options),
+                     granularity=granularity)
+    dense_model, _, _ = load_model(dense)
+    moe_model, _, _ = load_model(str(tmp_path / "moe"))
+    assert cfg.moe.expert_ffn_size(cfg.model) * granularity == cfg.model.ffn_size()
+    tokens = torch.randint(0, 257, (2, 32), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(moe_model.eval()(tokens).logits, dense_model.eval()(tokens).logits,
+                                   rtol=1e-5, atol=1e-5)
+    _, layer = moe_model.moe_layers()[0]
+    dense_fc2 = dense_model.blocks[moe_model.moe_layers()[0][0]].ffn.fc2.weight
+    piece = dense_fc2.shape[1] // granularity
+    torch.testing.assert_close(layer.experts.w2[granularity + 1], granularity * dense_fc2[:, piece:2 * piece].t())
+
+
+def test_granular_upcycling_refusals(tmp_path):
+    dense = dense_checkpoint(tmp_path / "dense", "llama")
+    for moe, granularity, message in ((MoEConfig(num_experts=[8], topk=3), 2, "must divide --topk 3"),
+                                      (MoEConfig(num_experts=[6], topk=4), 4, "every expert count"),
+                                      (MoEConfig(num_experts=[8], topk=4, expert_ffn_hidden_size=8), 2,
+                                       "granularity 2"),
+                                      (MoEConfig(num_experts=[8], topk=2), 0, "at least 1")):
+        with pytest.raises(ValueError, match=message):
+            upcycle(dense, str(tmp_path / "moe"), moe, granularity=granularity)
+    with pytest.raises(ValueError, match="--disable-moe-top2-2nd-expert-sampling"):
+        upcycle(dense, str(tmp_path / "moe"), MoEConfig(num_experts=[8], topk=2), granularity=2)
+    with pytest.raises(ValueError, match="--router-init random"):
+        upcycle(dense, str(tmp_path / "moe"), MoEConfig(num_experts=[8], topk=4), granularity=2, router_init="zeros")
+
+
 def test_expert_noise_breaks_the_symmetry(tmp_path):
     dense = dense_checkpoint(tmp_path / "dense", "llama")
     upcycle(dense, str(tmp_path / "moe"), MoEConfig(num_experts=[4], topk=2, drop_tokens=False), expert_noise=0.01)

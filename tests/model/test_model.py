@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moetrain.attention import apply_rope, rope_tables
 from moetrain.config import Config, ModelConfig, MoEConfig
-from moetrain.model import GPT, Block, RMSNorm, apply_rope, rope_tables
+from moetrain.model import GPT, Block
 from moetrain.moe import MLP, MoE
+from moetrain.norm import RMSNorm
 
 VOCAB, HIDDEN, HEADS, SEQ = 50, 32, 4, 16
 
@@ -73,7 +75,7 @@ def test_moe_transformer_block_shapes_laux_and_prenorm_wiring():
 def test_moe_transformer_block_gradient_reaches_router_and_experts():
     torch.manual_seed(0)
     block = Block(model_cfg("llama"), moe_cfg(), num_experts=4)
-    cos, sin = rope_tables(SEQ, HIDDEN // HEADS, 10000.0)
+    cos, sin = rope_tables(ModelConfig(seq_length=SEQ, rope_theta=10000.0), HIDDEN // HEADS)
     x = torch.randn(2, SEQ, HIDDEN, requires_grad=True)
     out, l_aux, _ = block(x, (cos, sin))
     (out.square().mean() + l_aux).backward()
@@ -301,13 +303,13 @@ def test_rms_norm_matches_torch_and_its_gradients_are_exact():
 
 
 def test_rope_tables_and_rotation_by_hand():
-    cos, sin = rope_tables(4, 4, 100.0)
+    cos, sin = rope_tables(ModelConfig(seq_length=4, rope_theta=100.0), 4)
     # angle(t, i) = t / theta^(2i / d): inv_freq = [1, 1/10] for d=4, theta=100
     expected = torch.tensor([[t * 1.0, t / 10.0] for t in range(4)])
     torch.testing.assert_close(cos, torch.cat([expected.cos(), expected.cos()], dim=-1))
     torch.testing.assert_close(sin, torch.cat([-expected.sin(), expected.sin()], dim=-1))  # signed for the first half
     # d=2: the pair (x1, x2) at position t rotates by t radians
-    cos2, sin2 = rope_tables(3, 2, 10000.0)
+    cos2, sin2 = rope_tables(ModelConfig(seq_length=3, rope_theta=10000.0), 2)
     x = torch.tensor([[0.3, -0.7]] * 3)
     out = apply_rope(x, cos2, sin2)
     for t in range(3):
@@ -318,7 +320,7 @@ def test_rope_tables_and_rotation_by_hand():
 def test_rope_preserves_norms_and_depends_on_relative_position():
     torch.manual_seed(0)
     T, D = 12, 8
-    cos, sin = rope_tables(T, D, 10000.0)
+    cos, sin = rope_tables(ModelConfig(seq_length=T, rope_theta=10000.0), D)
     x = torch.randn(2, 3, T, D, dtype=torch.float64)  # [batch, heads, T, head_dim]
     rotated = apply_rope(x, cos.double(), sin.double())
     torch.testing.assert_close(rotated.norm(dim=-1), x.norm(dim=-1))
@@ -379,12 +381,12 @@ def test_tp_plan_splits_attention_and_dense_mlps_but_not_routed_experts(style):
     model = build(style, model_overrides={"num_layers": 4}, expert_interval=2, mlp_type="residual",
                   num_shared_experts=1)
     plan = model.tp_plan()
-    fused = 2 if style == "llama" else 1
+    fused = (1, 1) if style == "llama" else (1,)
     for i in range(4):
-        assert plan[f"blocks.{i}.attn.qkv"] == ("column", 3) and plan[f"blocks.{i}.attn.proj"] == ("row", 1)
-    assert plan["blocks.0.ffn.fc1"] == ("column", fused) and plan["blocks.0.ffn.fc2"] == ("row", 1)  # dense layer
+        assert plan[f"blocks.{i}.attn.qkv"] == ("column", (4, 4, 4)) and plan[f"blocks.{i}.attn.proj"] == ("row", (1,))
+    assert plan["blocks.0.ffn.fc1"] == ("column", fused) and plan["blocks.0.ffn.fc2"] == ("row", (1,))  # dense layer
     for mlp in ("blocks.1.ffn.mlp", "blocks.1.ffn.shared_experts"):  # PR-MoE residual MLP, shared experts
-        assert plan[f"{mlp}.fc1"] == ("column", fused) and plan[f"{mlp}.fc2"] == ("row", 1)
+        assert plan[f"{mlp}.fc1"] == ("column", fused) and plan[f"{mlp}.fc2"] == ("row", (1,))
     assert not any(".experts" in name for name in plan)
     assert all(isinstance(model.get_submodule(name), nn.Linear) for name in plan)
 

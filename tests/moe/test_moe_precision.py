@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import moetrain.moe.experts as experts_module
-from moetrain.model import RMSNorm
 from moetrain.moe import ExpertBlocks, GroupedExperts, MoE, grouped_gemm_backend
+from moetrain.norm import RMSNorm
 
 HIDDEN, FFN, EXPERTS, TOKENS = 32, 48, 8, 96
 

@@ -103,6 +103,24 @@ def test_tensor_parallel_2_with_experts_following_it(tmp_path, style):
     assert qkv.dim == 0 and qkv.index[:2] == (16, 17) and len(qkv.index) == 3 * 32 // 2  # q, k, v of heads 2, 3
 
 
+def test_tensor_parallel_2_with_grouped_query_heads_qk_norm_and_partial_rotary(tmp_path):
+    cfg = parallel_config(tmp_path, tensor_parallel_size=2)
+    cfg.model.num_query_groups, cfg.model.qk_norm, cfg.model.rotary_percent = 2, "head", 0.5
+    results = assert_matches_single_process(cfg, world=2)
+    qkv = results[1]["pieces"]["blocks.0.attn.qkv.weight"][1]  # q of heads 2, 3; k and v of key/value head 1
+    assert qkv.index[:2] == (16, 17) and qkv.index[16:18] == (40, 41) and len(qkv.index) == 32
+
+
+def test_tensor_parallel_2_with_latent_attention(tmp_path):
+    cfg = parallel_config(tmp_path, tensor_parallel_size=2)
+    m = cfg.model
+    m.multi_latent_attention, m.q_lora_rank, m.kv_lora_rank, m.qk_head_dim, m.qk_pos_emb_head_dim, m.v_head_dim = \
+        True, 12, 10, 6, 4, 5
+    results = assert_matches_single_process(cfg, world=2)
+    kv_up = results[1]["pieces"]["blocks.0.attn.kv_up.weight"][1]  # heads 2, 3: rows 2 * (6 + 5) onwards
+    assert kv_up.dim == 0 and kv_up.index[0] == 22 and len(kv_up.index) == 22
+
+
 @pytest.mark.parametrize("style", ["gpt", "llama"])
 def test_pipeline_parallel_2(tmp_path, style):
     # gpt style ties the embedding to the output layer: the two stages' copies must step alike
