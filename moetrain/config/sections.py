@@ -95,6 +95,10 @@ class ModelConfig:
         help="positions the model holds (gpt: the position-embedding table, llama: the RoPE tables), at least "
              "--seq-length; unset: --seq-length")
     vocab_size: int = 0  # the tokenizer's, set by resolve() once the run has built it
+    make_vocab_size_divisible_by: int = option(
+        128, "--make-vocab-size-divisible-by",
+        help="pad the embedding and LM-head rows to a multiple of this (aligned GEMMs, as Megatron); the padded "
+             "rows are never predicted. A resumed run keeps its checkpoint's padding")
     hidden_dropout: float = option(0.0, "--hidden-dropout", help="dropout after attention and FFN")
     attention_dropout: float = option(0.0, "--attention-dropout", help="dropout on attention probabilities")
     init_method_std: float = option(0.02, "--init-method-std", help="std of the normal weight init")
@@ -114,6 +118,11 @@ class ModelConfig:
                                         "of each pipeline stage, one by one)")
     recompute_num_layers: int = option(1, "--recompute-num-layers", group="training",
                                        help="blocks per recomputed unit (uniform) or blocks recomputed (block)")
+
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and the LM head: the vocabulary rounded up to --make-vocab-size-divisible-by."""
+        multiple = self.make_vocab_size_divisible_by
+        return -(-self.vocab_size // multiple) * multiple
 
     def positions(self) -> int:
         """Length of the position tables: the longest sequence the model accepts (Megatron's

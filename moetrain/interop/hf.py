@@ -205,8 +205,9 @@ def _to_hf_state(cfg: Config, state: dict[str, Tensor], target: _Target) -> dict
     """moetrain state dict -> the transformers model's in-memory state dict."""
     heads, hidden = cfg.model.num_attention_heads, cfg.model.hidden_size
     order = _rope_permutation(hidden // heads)
-    out = {"model.embed_tokens.weight": state["tok_emb.weight"], "model.norm.weight": state["norm.weight"],
-           "lm_head.weight": state["lm_head.weight"]}
+    vocab = cfg.model.vocab_size  # the padding rows (--make-vocab-size-divisible-by) are not exported
+    out = {"model.embed_tokens.weight": state["tok_emb.weight"][:vocab], "model.norm.weight": state["norm.weight"],
+           "lm_head.weight": state["lm_head.weight"][:vocab]}
     for i, experts in enumerate(cfg.experts_per_layer()):
         src, dst = f"blocks.{i}.", f"model.layers.{i}."
         q, k, v = state[src + "attn.qkv.weight"].chunk(3)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from moetrain.checkpoint.api import with_checkpoint_vocab_padding
 from moetrain.config import Config, resolve
 from moetrain.data import Tokenizer, load_training_data
 from moetrain.data.loader import TokenBatches
@@ -109,6 +110,8 @@ def build_run(cfg: Config, *, quiet: bool = False) -> Run:
         cache_dir=cfg.data.cache_dir, text_key=cfg.data.json_keys, train_data_path=cfg.data.train_data_path,
         valid_data_path=cfg.data.valid_data_path)
     cfg = resolve(cfg, world_size, tokenizer.vocab_size)  # derived micro-batch, vocabulary
+    if tc.load:
+        cfg = with_checkpoint_vocab_padding(cfg, tc.load)  # its embedding rows, however it was padded
     tc = cfg.training
     with torch.device("meta"):  # nothing allocated: each rank materialises only its pieces, after sharding
         model = GPT(cfg.model, cfg.moe, seed=tc.seed)
