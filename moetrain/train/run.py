@@ -24,6 +24,7 @@ from moetrain.config import Config, resolve
 from moetrain.data import Tokenizer, load_training_data
 from moetrain.data.loader import TokenBatches
 from moetrain.loss import LossFunction
+from moetrain.mixed_precision import LOW_PRECISION, ComputeWeights, applies_to
 from moetrain.model import GPT
 from moetrain.parallel.data_parallel import GradSpec
 from moetrain.parallel.grad_sync import GradientSync
@@ -86,6 +87,7 @@ class Run:
     scaler: LossScaler | None
     accumulation: int
     executor: LocalExecutor  # or PipelineExecutor
+    compute_weights: ComputeWeights | None  # bf16/fp16 copies of the GEMM weights (ZeRO 0-2), else None
 
 
 def build_run(cfg: Config, *, quiet: bool = False) -> Run:
@@ -140,6 +142,8 @@ def build_run(cfg: Config, *, quiet: bool = False) -> Run:
         tc.loss_scale, tc.initial_scale_power, tc.loss_scale_window, tc.hysteresis,
         tc.min_loss_scale, tc.consecutive_hysteresis) if tc.precision == "fp16" else None
     accumulation = cfg.accumulation_steps(state.world_size)
+    compute_weights = ComputeWeights(model, LOW_PRECISION[tc.precision]) \
+        if applies_to(tc.precision, cfg.parallel.zero_stage) else None
     if state.pp > 1:
         executor = PipelineExecutor(model, loss_function, state, device, tc.precision, accumulation,
                                     tc.micro_batch_size, cfg.model.seq_length, cfg.parallel.pipeline_schedule,
@@ -150,4 +154,4 @@ def build_run(cfg: Config, *, quiet: bool = False) -> Run:
                valid_data=valid_data, model=model, param_counts=param_counts, distiller=distiller,
                loss_function=loss_function, grad_specs=grad_specs, optimizer=optimizer,
                grad_sync=GradientSync(grad_specs, optimizer, overlap=state.pp == 1), schedule=schedule, scaler=scaler,
-               accumulation=accumulation, executor=executor)
+               accumulation=accumulation, executor=executor, compute_weights=compute_weights)

@@ -56,7 +56,7 @@ class Trainer:
         self.model, self.distiller, self.param_counts = run.model, run.distiller, run.param_counts
         self.grad_specs, self.optimizer, self.scaler = run.grad_specs, run.optimizer, run.scaler
         self.executor, self.grad_sync, self.schedule = run.executor, run.grad_sync, run.schedule
-        self.accumulation = run.accumulation
+        self.accumulation, self.compute_weights = run.accumulation, run.compute_weights
         self.iteration = 0
         self.non_finite_in_a_row = 0  # consecutive steps skipped by the non-finite guard
         self.non_finite_skipped = 0
@@ -98,6 +98,8 @@ class Trainer:
 
     def _resume(self, load_dir: str, *, rewinding: bool = False) -> None:
         restored = restore(load_dir, self.model, self.optimizer, self.parallel)
+        if self.compute_weights is not None:
+            self.compute_weights.invalidate()
         if restored.fresh_start:
             self._print(f"initialised from the weights in {restored.path}; optimizer, schedule and data start afresh")
             return
@@ -165,6 +167,8 @@ class Trainer:
             self.optimizer.step()
             sync_expert_load(self.model, self.parallel)
             self.model.update_expert_biases()
+            if self.compute_weights is not None:
+                self.compute_weights.invalidate()  # the next forward writes the bf16/fp16 copies, once
             applied = True
         # fp16 overflow is the scaler's to skip while it can still lower the scale; at its floor it is divergence
         scaler_exhausted = overflow and (not self.scaler.dynamic or self.scaler.loss_scale <= self.scaler.min_scale)
