@@ -20,24 +20,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = -100  # targets equal to this are not predicted (F.cross_entropy's default)
+from moetrain.fused import CUDA_CHUNK_BYTES, IGNORE_INDEX, fused_kernels, lm_chunk_grad
+
 CHUNK_BYTES = 64 * 2**20  # fp32 logits of one chunk: ~90% below the plain loss's peak (BENCHMARKS.md)
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, classes: int | None = None,
-                         chunk_bytes: int = CHUNK_BYTES) -> Tensor:
+                         chunk_bytes: int | None = None) -> Tensor:
     """Mean cross entropy of `hidden @ weight.T` ([N, d] @ [d, V]) against `targets` [N], over the first
     `classes` columns (None: all V; the rest pad the head).
 
     The projection runs in the autocast dtype when autocast is on (as nn.Linear would), the softmax
-    in fp32. Targets equal to IGNORE_INDEX are left out of the mean.
+    in fp32. Targets equal to IGNORE_INDEX are left out of the mean. Chunks: `chunk_bytes` of fp32 logits
+    (default 64 MiB) on a CPU; on CUDA, where each chunk's softmax and gradient is one fused op
+    (moetrain.fused.lm_chunk_grad), 1 GiB of logits in the compute dtype.
     """
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     compute_dtype = (torch.get_autocast_dtype(hidden.device.type)
                      if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype)
-    chunk_rows = max(1, chunk_bytes // (4 * weight.shape[0]))
+    fused = fused_kernels(hidden.device)
+    if chunk_bytes is None:
+        chunk_bytes = CUDA_CHUNK_BYTES if fused else CHUNK_BYTES
+    logit_bytes = compute_dtype.itemsize if fused else 4
+    chunk_rows = max(1, chunk_bytes // (logit_bytes * weight.shape[0]))
     classes = weight.shape[0] if classes is None else classes
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        if fused:
+            return _FusedLinearCrossEntropy.apply(hidden, weight, targets, compute_dtype, chunk_rows, classes)
         return _LinearCrossEntropy.apply(hidden, weight, targets, compute_dtype, chunk_rows, classes)
     with torch.autocast(hidden.device.type, enabled=False):
         loss_sum = sum(_chunk_losses(h, weight.to(compute_dtype), t, classes)[0].sum()
@@ -67,7 +76,8 @@ def _safe(targets: Tensor) -> Tensor:
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Forward computes the loss and both gradients chunk by chunk; backward only scales them."""
+    """Forward computes the loss and both gradients chunk by chunk; backward only scales them. The CPU's
+    path (in place, fp32 logits), and the reference the fused path equals."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, compute_dtype: torch.dtype,
@@ -103,6 +113,33 @@ class _LinearCrossEntropy(torch.autograd.Function):
         hidden_dtype, weight_dtype = ctx.dtypes
         return (grad_hidden.mul_(scale).to(hidden_dtype), grad_weight.mul_(scale).to(weight_dtype),
                 None, None, None, None)
+
+
+class _FusedLinearCrossEntropy(_LinearCrossEntropy):
+    """The GPU's path: per chunk, the logits GEMM in the compute dtype, one fused op for the softmax, loss
+    and logit gradient (no fp32 copy of the logits), the two gradient GEMMs; the weight gradient accumulated
+    in fp32 by the GEMM itself (addmm with an fp32 output, beta 1), not by a separate pass per chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, compute_dtype: torch.dtype,
+                chunk_rows: int, classes: int) -> Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):
+            h_all, w = hidden.to(compute_dtype), weight.to(compute_dtype)
+            count = _count(targets)
+            grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            loss_sum = hidden.new_zeros((), dtype=torch.float32)
+            for h, t, g_h in zip(h_all.split(chunk_rows), targets.split(chunk_rows), grad_hidden.split(chunk_rows)):
+                losses, grad_logits = lm_chunk_grad(torch.mm(h, w.t()), t, classes)
+                loss_sum += losses.sum()
+                g_h.copy_(grad_logits @ w)
+                if compute_dtype == torch.float32:
+                    grad_weight.addmm_(grad_logits.t(), h)
+                else:
+                    torch.addmm(grad_weight, grad_logits.t(), h, out_dtype=torch.float32, out=grad_weight)
+        ctx.save_for_backward(grad_hidden, grad_weight, count)
+        ctx.dtypes = hidden.dtype, weight.dtype
+        return loss_sum / count
 
 
 def plain_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:

@@ -21,6 +21,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from moetrain.config import ModelConfig, MoEConfig
+from moetrain.fused import fused_kernels
+from moetrain.fused import rms_norm as fused_rms_norm
+from moetrain.fused import rope as fused_rope
 from moetrain.lm_loss import linear_cross_entropy, plain_cross_entropy
 from moetrain.moe import MLP, MoE
 from moetrain.moe.experts import GroupedExperts
@@ -103,6 +106,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # The function picks its own precision; autocast would lower its statistics to 16 bits.
         with torch.autocast(x.device.type, enabled=False):
+            if fused_kernels(x.device):  # one fused kernel per direction (moetrain.fused), the same math
+                return fused_rms_norm(x, self.weight, self.eps)[0]
             return _RMSNormFunction.apply(x, self.weight, self.eps)
 
 
@@ -158,7 +163,8 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if rope is not None:
             cos, sin = rope[0][:seq], rope[1][:seq]
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            rotate = fused_rope if fused_kernels(x.device) else apply_rope  # fused: one kernel per direction
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if self.recompute_core and torch.is_grad_enabled():  # selective: keep q, k, v, not the core's buffers
             out = checkpoint(self._core, q, k, v, use_reentrant=False)
         else:
