@@ -15,6 +15,7 @@ it with the reference paths (tests/model/test_fused.py).
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 
 import torch
@@ -30,13 +31,14 @@ def fused_kernels(device: torch.device) -> bool:
 
 
 def _compiled(fn: Callable) -> Callable:
-    """`fn`, compiled on first use for a CUDA input, eager otherwise (the CPU's reference)."""
+    """`fn`, compiled on first use for a CUDA input, eager otherwise (the CPU's reference) or when the
+    environment sets MOETRAIN_EAGER_FUSED=1 (the same ops without compiling: a quick smoke run, debugging)."""
     compiled = None
 
     @functools.wraps(fn)
     def run(*args):
         nonlocal compiled
-        if not args[0].is_cuda:
+        if not args[0].is_cuda or os.environ.get("MOETRAIN_EAGER_FUSED") == "1":
             return fn(*args)
         if compiled is None:
             compiled = torch.compile(fn, fullgraph=True, dynamic=False)
