@@ -348,6 +348,9 @@ class TrainingConfig:
     device: str = option("auto", "--device", choices=DEVICES, help="auto: cuda when available, else cpu")
     tf32: bool = option(True, group="precision", switches=(switch(
         "--no-tf32", False, help="fp32 matmuls on CUDA in full fp32 instead of TF32 (slower, ~3 more digits)"),))
+    compile: bool = option(False, switches=(switch(
+        "--compile", True, help="torch.compile each transformer block on its own (regional compilation, as "
+                                "torchtitan): the same losses, fewer and fused kernels; the first steps compile"),))
     deterministic: bool = option(False, switches=(switch(
         "--deterministic", True, help="deterministic kernels (torch.use_deterministic_algorithms, a fixed "
                                       "cuBLAS workspace), so a GPU run and its resume repeat bit for bit; "

@@ -144,6 +144,9 @@ def build_run(cfg: Config, *, quiet: bool = False) -> Run:
     accumulation = cfg.accumulation_steps(state.world_size)
     compute_weights = ComputeWeights(model, LOW_PRECISION[tc.precision]) \
         if applies_to(tc.precision, cfg.parallel.zero_stage) else None
+    if tc.compile:
+        for block in model.blocks:
+            block.compile()  # regional: each block its own graph (the MoE routing's host syncs break it there)
     if state.pp > 1:
         executor = PipelineExecutor(model, loss_function, state, device, tc.precision, accumulation,
                                     tc.micro_batch_size, cfg.model.seq_length, cfg.parallel.pipeline_schedule,
