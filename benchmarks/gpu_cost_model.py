@@ -8,7 +8,7 @@
 GPU's expert choices, but moetrain's other CUDA paths are chosen by `moetrain.fused.fused_kernels(device)`,
 which is False for the CPU the tool runs on: it would price the CPU's eager decompositions. This wrapper turns
 them on (the fused LM-loss chunk, RMSNorm and RoPE ops of moetrain/fused.py, the LM loss's GPU chunk size and
-its fp32-accumulating weight-gradient GEMM) and labels the fused LM loss as the tool labels the eager one.
+its fp32-accumulating weight-gradient GEMM, whose FLOPs it teaches the tool to count).
 
 How the fused paths are priced: each is one custom op (torch.ops.moetrain.*) whose body is torch.compile'd on
 a GPU. The tool records an op below autograd, so it sees one op per fused kernel and prices it as it prices
@@ -59,20 +59,12 @@ def addmm_with_out_dtype_counted():
 
 @contextlib.contextmanager
 def gpu_fused_paths(roofline):
-    """moetrain's CUDA choices on the CPU the model runs on, the fused LM loss labelled "lm_loss"."""
+    """moetrain's CUDA choices on the CPU the model runs on."""
     import moetrain.lm_loss as lm_loss
     import moetrain.model as model
 
-    fused = lm_loss._FusedLinearCrossEntropy
-    forward = fused.forward
-
-    def labelled(ctx, *args):
-        with roofline.REGIONS.enter("lm_loss"):
-            return forward(ctx, *args)
-
     with roofline.patched(lm_loss, "fused_kernels", lambda device: True), \
-            roofline.patched(model, "fused_kernels", lambda device: True), \
-            roofline.patched(fused, "forward", staticmethod(labelled)):
+            roofline.patched(model, "fused_kernels", lambda device: True):
         yield
 
 

@@ -45,9 +45,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, cla
     chunk_rows = max(1, chunk_bytes // (logit_bytes * weight.shape[0]))
     classes = weight.shape[0] if classes is None else classes
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        if fused:
-            return _FusedLinearCrossEntropy.apply(hidden, weight, targets, compute_dtype, chunk_rows, classes)
-        return _LinearCrossEntropy.apply(hidden, weight, targets, compute_dtype, chunk_rows, classes)
+        return _LinearCrossEntropy.apply(hidden, weight, targets, compute_dtype, chunk_rows, classes, fused)
     with torch.autocast(hidden.device.type, enabled=False):
         loss_sum = sum(_chunk_losses(h, weight.to(compute_dtype), t, classes)[0].sum()
                        for h, t in zip(hidden.to(compute_dtype).split(chunk_rows), targets.split(chunk_rows)))
@@ -75,13 +73,30 @@ def _safe(targets: Tensor) -> Tensor:
     return targets.where(targets != IGNORE_INDEX, 0)
 
 
+def _reference_chunk_grad(h: Tensor, w: Tensor, t: Tensor, classes: int,
+                          compute_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The CPU's chunk: per-row losses and d loss_sum / d logits = softmax - one_hot(target), zero rows where
+    ignored, computed in place on the chunk's fp32 logits, then cast to the compute dtype."""
+    losses, logits, lse = _chunk_losses(h, w, t, classes)
+    grad_logits = logits.sub_(lse.unsqueeze(1)).exp_()
+    target = _safe(t).unsqueeze(1)
+    grad_logits.scatter_(1, target, grad_logits.gather(1, target) - 1)
+    grad_logits.mul_((t != IGNORE_INDEX).unsqueeze(1))
+    return losses, grad_logits.to(compute_dtype)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Forward computes the loss and both gradients chunk by chunk; backward only scales them. The CPU's
-    path (in place, fp32 logits), and the reference the fused path equals."""
+    """Forward computes the loss and both gradients chunk by chunk; backward only scales them.
+
+    Each chunk: the logits GEMM, then the softmax, loss and logit gradient either on the CPU's path (in
+    place on fp32 logits: the reference) or, `fused` (CUDA), as one op on the 16-bit logits
+    (moetrain.fused.lm_chunk_grad: no fp32 copy), then the two gradient GEMMs. The fused path accumulates
+    the weight gradient in fp32 in the GEMM itself (addmm with an fp32 output, beta 1), not in a separate
+    pass per chunk."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, compute_dtype: torch.dtype,
-                chunk_rows: int, classes: int) -> Tensor:
+                chunk_rows: int, classes: int, fused: bool) -> Tensor:
         with torch.autocast(hidden.device.type, enabled=False):
             h_all, w = hidden.to(compute_dtype), weight.to(compute_dtype)
             count = _count(targets)
@@ -89,17 +104,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
             loss_sum = hidden.new_zeros((), dtype=torch.float32)
             for h, t, g_h in zip(h_all.split(chunk_rows), targets.split(chunk_rows), grad_hidden.split(chunk_rows)):
-                losses, logits, lse = _chunk_losses(h, w, t, classes)
+                losses, grad_logits = lm_chunk_grad(torch.mm(h, w.t()), t, classes) if fused \
+                    else _reference_chunk_grad(h, w, t, classes, compute_dtype)
                 loss_sum += losses.sum()
-                # d loss_sum / d logits = softmax - one_hot(target), zero rows where ignored; in place
-                grad_logits = logits.sub_(lse.unsqueeze(1)).exp_()
-                target = _safe(t).unsqueeze(1)
-                grad_logits.scatter_(1, target, grad_logits.gather(1, target) - 1)
-                grad_logits.mul_((t != IGNORE_INDEX).unsqueeze(1))
-                grad_logits = grad_logits.to(compute_dtype)
                 g_h.copy_(grad_logits @ w)
                 if compute_dtype == torch.float32:
                     grad_weight.addmm_(grad_logits.t(), h)
+                elif fused:
+                    torch.addmm(grad_weight, grad_logits.t(), h, out_dtype=torch.float32, out=grad_weight)
                 else:  # a 16-bit GEMM (fp32 accumulation inside), summed over chunks in fp32
                     grad_weight.add_(grad_logits.t() @ h)
         ctx.save_for_backward(grad_hidden, grad_weight, count)
@@ -112,34 +124,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = grad_loss / count
         hidden_dtype, weight_dtype = ctx.dtypes
         return (grad_hidden.mul_(scale).to(hidden_dtype), grad_weight.mul_(scale).to(weight_dtype),
-                None, None, None, None)
-
-
-class _FusedLinearCrossEntropy(_LinearCrossEntropy):
-    """The GPU's path: per chunk, the logits GEMM in the compute dtype, one fused op for the softmax, loss
-    and logit gradient (no fp32 copy of the logits), the two gradient GEMMs; the weight gradient accumulated
-    in fp32 by the GEMM itself (addmm with an fp32 output, beta 1), not by a separate pass per chunk."""
-
-    @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, compute_dtype: torch.dtype,
-                chunk_rows: int, classes: int) -> Tensor:
-        with torch.autocast(hidden.device.type, enabled=False):
-            h_all, w = hidden.to(compute_dtype), weight.to(compute_dtype)
-            count = _count(targets)
-            grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-            loss_sum = hidden.new_zeros((), dtype=torch.float32)
-            for h, t, g_h in zip(h_all.split(chunk_rows), targets.split(chunk_rows), grad_hidden.split(chunk_rows)):
-                losses, grad_logits = lm_chunk_grad(torch.mm(h, w.t()), t, classes)
-                loss_sum += losses.sum()
-                g_h.copy_(grad_logits @ w)
-                if compute_dtype == torch.float32:
-                    grad_weight.addmm_(grad_logits.t(), h)
-                else:
-                    torch.addmm(grad_weight, grad_logits.t(), h, out_dtype=torch.float32, out=grad_weight)
-        ctx.save_for_backward(grad_hidden, grad_weight, count)
-        ctx.dtypes = hidden.dtype, weight.dtype
-        return loss_sum / count
+                None, None, None, None, None)
 
 
 def plain_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
