@@ -2,12 +2,13 @@
 # The first lent GPU's check, prepared to get everything out of one run (step time-outs sum to 540 s):
 #   1. smoke (30 s): versions, the card, one bf16 MoE forward/backward and one --bf16 training step;
 #   2. pytest -rA --tb=short -m cuda (bf16 vs fp32, no host sync, CUTLASS grouped GEMM, ZeRO offload,
-#      bf16 training with evaluation, the compiled fused ops against the CPU reference) (150 s);
+#      bf16 training with evaluation, the compiled fused ops against the CPU reference) (120 s);
 #   3. the measured bf16 matmul rate (20 s);
 #   4. the bf16 rows of benchmarks/moe_layer.py (E=8 k=2 Mixtral-sized, E=64 k=6 fine-grained); a peer
 #      (DeepSpeed, transformers) that fails reports n/a, the row stands (150 s);
 #   5. --bf16 training of the h200 config (benchmarks/train_throughput.py: llama style, 12 layers,
-#      hidden 1024, seq 2048, micro-batch 8, 64 experts top-2 every other layer, ~48k BPE) (150 s);
+#      hidden 1024, seq 2048, micro-batch 8, 64 experts top-2 every other layer, ~48k BPE; the fused ops
+#      compile in its first steps) (180 s);
 #   6. the cost model's step for the same config and card (benchmarks/gpu_cost_model.py, when
 #      gpu_roofline.py is there, else the modelled rows recorded in BENCHMARKS.md), printed beside the
 #      measured step with the model's error (40 s).
@@ -72,7 +73,7 @@ print(f"one --bf16 training step: loss {step['losses']['loss']:.3f}, grad norm {
 EOF
 
 section "2. pytest -m cuda"
-step 150 pytest "$PYTHON" -m pytest -rA --tb=short -q -m cuda -p no:cacheprovider \
+step 120 pytest "$PYTHON" -m pytest -rA --tb=short -q -m cuda -p no:cacheprovider \
     tests/moe/test_moe_cuda.py tests/parallel/test_zero_offload.py tests/train/test_gpu.py tests/model/test_fused.py
 
 section "3. bf16 matmul rate"
@@ -100,7 +101,7 @@ step 60 "E=64 row" "$PYTHON" benchmarks/moe_layer.py --device cuda --dtype bf16 
     --variants dense moetrain moetrain-cf1.25 deepspeed
 
 section "5. --bf16 training, h200 config (5 warm-up + 25 timed steps)"
-step 150 "h200 training" "$PYTHON" benchmarks/train_throughput.py --configs h200 --device cuda --bf16 \
+step 180 "h200 training" "$PYTHON" benchmarks/train_throughput.py --configs h200 --device cuda --bf16 \
     --data corpus --no-peer --warmup 5 --steps 25 ${RATE:+--matmul-tflops "$RATE"}
 
 section "6. the cost model beside the measured step (MODELLED rows: benchmarks/gpu_cost_model.py)"

@@ -41,7 +41,7 @@ def _compiled(fn: Callable) -> Callable:
         if not args[0].is_cuda or os.environ.get("MOETRAIN_EAGER_FUSED") == "1":
             return fn(*args)
         if compiled is None:
-            compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+            compiled = torch.compile(fn, fullgraph=True)  # a second shape (the last chunk) goes dynamic
         return compiled(*args)
 
     return run
