@@ -17,6 +17,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from moetrain.comm import copy_to_group
+from moetrain.fused import fused_kernels
+from moetrain.fused import rope as fused_rope
 from moetrain.norm import RMSNorm
 
 if TYPE_CHECKING:
@@ -74,6 +76,8 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     rotary = cos.shape[-1]
     if rotary < x.shape[-1]:
         return torch.cat([apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]], dim=-1)
+    if fused_kernels(x.device):  # one fused kernel per direction (moetrain.fused), the same rotation
+        return fused_rope(x, cos, sin)
     half = x.shape[-1] // 2
     swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
     return x * cos.to(x.dtype) + swapped * sin.to(x.dtype)

@@ -41,16 +41,20 @@ class ModelOutput:
     aux_loss: Tensor  # sum of l_aux over MoE layers (unscaled)
     z_loss: Tensor  # sum of router z-losses over MoE layers (unscaled)
     routing_key: Tensor | None = None  # the forward's routing key (a distillation teacher keys its noise by it)
+    vocab_size: int | None = None  # the head's rows that are tokens (the rest pad it); None: all
 
     @cached_property
     def logits(self) -> Tensor:
-        return self.hidden if self.head_weight is None else F.linear(self.hidden, self.head_weight)
+        """[B, T, vocab]: the padding rows of the head are computed (an aligned GEMM) but never shown."""
+        if self.head_weight is None:
+            return self.hidden
+        return F.linear(self.hidden, self.head_weight)[..., :self.vocab_size]
 
     def loss_of(self, targets: Tensor) -> Tensor:
         """Mean next-token cross entropy against `targets`, a chunk of rows at a time."""
         if self.head_weight is None:
             return plain_cross_entropy(self.hidden, targets)
-        return linear_cross_entropy(self.hidden, self.head_weight, targets)
+        return linear_cross_entropy(self.hidden, self.head_weight, targets, classes=self.vocab_size)
 
 
 class TPSplit(NamedTuple):
@@ -205,13 +209,13 @@ class GPT(nn.Module):
         self.init_seed = seed if seed is not None else int(torch.randint(2**62, (), device="cpu"))
         target = torch.get_default_device()
         with torch.device("meta"):
-            self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+            self.tok_emb = nn.Embedding(cfg.padded_vocab_size(), cfg.hidden_size)
             self.pos_emb = nn.Embedding(cfg.positions(), cfg.hidden_size) if cfg.style == "gpt" else None
             self.drop = nn.Dropout(cfg.hidden_dropout)
             experts = moe_cfg.experts_per_layer(cfg.num_layers)
             self.blocks = LayerStack({i: Block(cfg, moe_cfg, e, i) for i, e in enumerate(experts)})
             self.norm = make_norm(cfg)
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.padded_vocab_size(), bias=False)
             if cfg.tie_embeddings:
                 self.lm_head.weight = self.tok_emb.weight
             if cfg.style == "llama":
@@ -267,6 +271,8 @@ class GPT(nn.Module):
             shape = piece.shape if piece is not None else param.shape
             full = _keyed_normal(self.init_seed, (key,), shape, value)
             param.copy_(full if dim is None else full.index_select(dim, torch.tensor(index, device="cpu")))
+            if key in ("tok_emb.weight", "lm_head.weight"):  # rows padding the vocabulary: zero, never predicted
+                param[self.cfg.vocab_size:].zero_()
         self._init_buffers()
 
     def _allocate(self, device: torch.device) -> None:
@@ -362,7 +368,7 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds seq_length {self.cfg.seq_length} and "
                              f"max_position_embeddings {self.cfg.positions()}")
         hidden, aux, z = self.forward_stage(input_ids, token_mask, routing_key)
-        output = ModelOutput(hidden, self.lm_head.weight, None, aux, z, routing_key)
+        output = ModelOutput(hidden, self.lm_head.weight, None, aux, z, routing_key, self.cfg.vocab_size)
         if targets is not None:
             output.lm_loss = output.loss_of(targets)
         return output

@@ -8,6 +8,7 @@ several processes or ZeRO hold parts of them; either format loads into any layou
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -100,10 +101,31 @@ def restore(load_dir: str, model: nn.Module, optimizer, state: ParallelState, *,
     return Restored(reader.path, int(reader.state["iteration"]), extra, fresh_start, rng)
 
 
+def saved_config(data: dict) -> Config:
+    """The Config a checkpoint saved (`extra["config"]`). One written before --make-vocab-size-divisible-by
+    existed has an unpadded embedding: its padding multiple is 1, not today's default."""
+    model = data.get("model", {})
+    if "make_vocab_size_divisible_by" not in model:
+        data = {**data, "model": {**model, "make_vocab_size_divisible_by": 1}}
+    return Config.from_dict(data)
+
+
+def with_checkpoint_vocab_padding(cfg: Config, load_dir: str) -> Config:
+    """`cfg` with the vocabulary padding of the checkpoint it loads (the embedding's rows are part of the
+    model's shape, so a resumed run, or one started from imported weights, keeps them); unchanged when
+    `load_dir` holds no checkpoint yet."""
+    try:
+        path = resolve_checkpoint_dir(load_dir)
+    except FileNotFoundError:
+        return cfg
+    stored = saved_config(load_state(path, mmap=True)["extra"]["config"]).model.make_vocab_size_divisible_by
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, make_vocab_size_divisible_by=stored))
+
+
 def read_model_config(load_dir: str) -> tuple[Config, Tokenizer]:
     """The config a checkpoint (of any layout) was trained with and its tokenizer; no tensor is read."""
     path = resolve_checkpoint_dir(load_dir)
-    cfg = Config.from_dict(load_state(path, mmap=True)["extra"]["config"])
+    cfg = saved_config(load_state(path, mmap=True)["extra"]["config"])
     tokenizer_path = os.path.join(path, TOKENIZER_FILE)
     if not os.path.exists(tokenizer_path):
         raise FileNotFoundError(f"{path} has no {TOKENIZER_FILE}; was it written by `moetrain train`?")

@@ -125,6 +125,10 @@ class ModelConfig:
         help="positions the model holds (gpt: the position-embedding table, llama: the RoPE tables), at least "
              "--seq-length; unset: --seq-length")
     vocab_size: int = 0  # the tokenizer's, set by resolve() once the run has built it
+    make_vocab_size_divisible_by: int = option(
+        128, "--make-vocab-size-divisible-by",
+        help="pad the embedding and LM-head rows to a multiple of this (aligned GEMMs, as Megatron); the padded "
+             "rows are never predicted. A resumed run keeps its checkpoint's padding")
     hidden_dropout: float = option(0.0, "--hidden-dropout", help="dropout after attention and FFN")
     attention_dropout: float = option(0.0, "--attention-dropout", help="dropout on attention probabilities")
     init_method_std: float = option(0.02, "--init-method-std", help="std of the normal weight init")
@@ -190,6 +194,11 @@ class ModelConfig:
                                         "of each pipeline stage, one by one)")
     recompute_num_layers: int = option(1, "--recompute-num-layers", group="training",
                                        help="blocks per recomputed unit (uniform) or blocks recomputed (block)")
+
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and the LM head: the vocabulary rounded up to --make-vocab-size-divisible-by."""
+        multiple = self.make_vocab_size_divisible_by
+        return -(-self.vocab_size // multiple) * multiple
 
     def positions(self) -> int:
         """Length of the position tables: the longest sequence the model accepts (Megatron's
@@ -458,6 +467,9 @@ class TrainingConfig:
     device: str = option("auto", "--device", choices=DEVICES, help="auto: cuda when available, else cpu")
     tf32: bool = option(True, group="precision", switches=(switch(
         "--no-tf32", False, help="fp32 matmuls on CUDA in full fp32 instead of TF32 (slower, ~3 more digits)"),))
+    compile: bool = option(False, switches=(switch(
+        "--compile", True, help="torch.compile each transformer block on its own (regional compilation, as "
+                                "torchtitan): the same losses, fewer and fused kernels; the first steps compile"),))
     deterministic: bool = option(False, switches=(switch(
         "--deterministic", True, help="deterministic kernels (torch.use_deterministic_algorithms, a fixed "
                                       "cuBLAS workspace), so a GPU run and its resume repeat bit for bit; "

@@ -88,7 +88,8 @@ def _validate_model(model: ModelConfig) -> None:
     for name in ("style", "recompute_granularity", "recompute_method"):
         check_choice(model, name)
     for flag, value in (("--num-layers", model.num_layers), ("--hidden-size", model.hidden_size),
-                        ("--num-attention-heads", model.num_attention_heads), ("--seq-length", model.seq_length)):
+                        ("--num-attention-heads", model.num_attention_heads), ("--seq-length", model.seq_length),
+                        ("--make-vocab-size-divisible-by", model.make_vocab_size_divisible_by)):
         check_at_least(flag, value, 1)
     check_at_least("--recompute-num-layers", model.recompute_num_layers, 1)
     check(model.positions() >= model.seq_length,

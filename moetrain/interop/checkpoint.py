@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from moetrain.checkpoint.storage import iter_dir_name, list_checkpoints, save_checkpoint
-from moetrain.config import Config, to_flags
+from moetrain.config import Config, ModelConfig, to_flags
 from moetrain.data import Tokenizer
 from moetrain.model import GPT
 
@@ -30,10 +30,12 @@ def save_model_checkpoint(out_dir: str, cfg: Config, model_state: dict[str, Tens
 
     The state must fit `GPT(cfg)` exactly (checked on the meta device, so nothing is allocated): a
     converter bug surfaces here as a ValueError instead of as a checkpoint that fails to load later.
+    An embedding and LM head of `cfg.model.vocab_size` rows are padded with zero rows to the padded
+    vocabulary (--make-vocab-size-divisible-by; those rows are never predicted).
     """
     check_new_checkpoint_dir(out_dir)
-    cfg.model.vocab_size = int(model_state["tok_emb.weight"].shape[0])
     cfg.validate()
+    model_state = pad_vocab_rows(model_state, cfg.model.padded_vocab_size())
     with torch.device("meta"):
         model = GPT(cfg.model, cfg.moe)
     try:
@@ -46,6 +48,23 @@ def save_model_checkpoint(out_dir: str, cfg: Config, model_state: dict[str, Tens
         state["lm_head.weight"] = state["tok_emb.weight"]  # stored once, re-tied on load
     return save_checkpoint(out_dir, 0, model_state=state, optimizer_state={},
                            extra={"config": cfg.to_dict()}, files={"tokenizer.json": tokenizer.to_json()})
+
+
+def pad_vocab_rows(state: dict[str, Tensor], rows: int) -> dict[str, Tensor]:
+    """`state` with its embedding and LM head padded with zero rows to `rows`."""
+    def padded(weight: Tensor) -> Tensor:
+        missing = rows - weight.shape[0]
+        return torch.cat([weight, weight.new_zeros(missing, *weight.shape[1:])]) if missing > 0 else weight
+
+    return {name: padded(tensor) if name in ("tok_emb.weight", "lm_head.weight") else tensor
+            for name, tensor in state.items()}
+
+
+def vocab_padding(vocab: int, rows: int) -> int:
+    """The --make-vocab-size-divisible-by that pads `vocab` tokens to an embedding of `rows` rows: the
+    default 128 where it does, else `rows` itself."""
+    default = ModelConfig().make_vocab_size_divisible_by
+    return default if -(-vocab // default) * default == rows else rows
 
 
 def train_flags(cfg: Config) -> list[str]:

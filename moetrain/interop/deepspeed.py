@@ -47,7 +47,7 @@ from moetrain.checkpoint.storage import CheckpointError, pickled_global
 from moetrain.config import Config, field_flags
 from moetrain.config.parser import FieldFlags
 from moetrain.data import Tokenizer
-from moetrain.interop.checkpoint import check_new_checkpoint_dir, save_model_checkpoint
+from moetrain.interop.checkpoint import check_new_checkpoint_dir, save_model_checkpoint, vocab_padding
 from moetrain.moe import from_deepspeed_state_dict
 
 MAIN_FILE = "mp_rank_00_model_states.pt"
@@ -375,4 +375,7 @@ def import_deepspeed(ds_dir: str, out_dir: str, tokenizer: Tokenizer, *, trust_c
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding only "
                          f"{cfg.model.vocab_size}; pass the tokenizer the model was trained with")
+    # Megatron padded the embedding already: its rows stay, those past the tokenizer's are never predicted
+    rows, cfg.model.vocab_size = cfg.model.vocab_size, tokenizer.vocab_size
+    cfg.model.make_vocab_size_divisible_by = vocab_padding(tokenizer.vocab_size, rows)
     return cfg, save_model_checkpoint(out_dir, cfg, _convert(cfg, state, ckpt_dir), tokenizer)

@@ -471,7 +471,10 @@ def _links(cfg: Config, target: _Target, interleaved: bool | None = None) -> lis
 
 def _to_hf_state(cfg: Config, state: dict[str, Tensor], target: _Target) -> dict[str, Tensor]:
     """moetrain state dict -> the transformers model's in-memory state dict; what the class holds and moetrain's
-    model does not (a zero selection bias, Qwen2-MoE's empty shared expert) is filled in."""
+    model does not (a zero selection bias, Qwen2-MoE's empty shared expert) is filled in; the rows padding the
+    vocabulary (--make-vocab-size-divisible-by) are not exported."""
+    vocab = cfg.model.vocab_size
+    state = {name: t[:vocab] if name in ("tok_emb.weight", "lm_head.weight") else t for name, t in state.items()}
     out = {name: part for link in _links(cfg, target)
            for name, part in zip(link.theirs, link.split(state[link.ours]), strict=True)}
     if cfg.model.tie_embeddings:

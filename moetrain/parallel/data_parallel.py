@@ -15,6 +15,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -135,26 +136,46 @@ class OverlappedAllReduce:
         self._reset()
 
 
+def by_device_and_dtype(tensors: Iterable[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
+    """Tensors grouped as the fused multi-tensor kernels (torch._foreach_*) take them."""
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for tensor in tensors:
+        groups.setdefault((tensor.device, tensor.dtype), []).append(tensor)
+    return groups
+
+
 @torch.no_grad()
 def global_grad_norm(grads: Iterable[tuple[Tensor, int]], world: bool, device: torch.device) -> Tensor:
     """L2 norm over all ranks' gradients; each (grad, copies) counts 1/copies of its square.
 
+    One pass over the gradients: `torch._foreach_norm` per (device, dtype, copies) group (one multi-tensor
+    kernel per group on a GPU, fp32 accumulation for low-precision gradients), not three per gradient.
     The total lives on `device` (the communication device) even on a rank that holds no gradient
-    (a ZeRO rank that owns nothing), since every rank joins the all-reduce.
+    (a ZeRO rank that owns nothing), since every rank joins the all-reduce. Nothing is copied to the host.
     """
-    total = torch.zeros((), dtype=torch.float32, device=device)
+    by_copies: dict[int, list[Tensor]] = {}
     for grad, copies in grads:
-        total += (grad.float().square().sum() / copies).to(device)
+        by_copies.setdefault(copies, []).append(grad)
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for copies, group in by_copies.items():
+        for same_kind in by_device_and_dtype(group).values():
+            norms = torch._foreach_norm(same_kind, 2, dtype=torch.float32)
+            total += (torch.stack(norms).square().sum() / copies).to(device)
     if world:
         dist.all_reduce(total)
     return total.sqrt()
 
 
+def clip_needed(max_norm: float, grad_norm: float) -> bool:
+    """Whether `clip_gradients` would scale the gradients: its coefficient max_norm / (norm + 1e-6), evaluated
+    in fp32 as on the device, is below 1. Decided on the host from the step's one host copy of the norm."""
+    return math.isfinite(max_norm) and float(np.float32(grad_norm) + np.float32(1e-6)) > max_norm
+
+
 @torch.no_grad()
 def clip_gradients(grads: list[Tensor], max_norm: float, norm: Tensor) -> None:
-    """Scale gradients so the global norm is at most max_norm (as torch's clip_grad_norm_ does)."""
-    if not math.isfinite(max_norm):
-        return
+    """Scale gradients so the global norm is at most max_norm (as torch's clip_grad_norm_ does). Call it only
+    when `clip_needed`: under the threshold the coefficient is 1, and the gradients are left unwritten."""
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    if grads:
-        torch._foreach_mul_(grads, coef.to(grads[0].device))
+    for (device, _), group in by_device_and_dtype(grads).items():
+        torch._foreach_mul_(group, coef.to(device))

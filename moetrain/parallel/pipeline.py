@@ -157,8 +157,9 @@ class PipelineRunner:
         inputs = self.microbatch_inputs[len(self.head_parts)]
         keys = self.module.routing_keys
         zero = torch.zeros((), device=hidden.device)  # router terms reach the gradient at their own stage
-        output = ModelOutput(hidden, self.module.stage.lm_head.weight, None, zero, zero,
-                             keys[len(self.head_parts)] if keys else None)
+        stage = self.module.stage
+        output = ModelOutput(hidden, stage.lm_head.weight, None, zero, zero,
+                             keys[len(self.head_parts)] if keys else None, stage.cfg.vocab_size)
         with autocast(hidden.device.type, self.precision):
             parts = self.loss_function.compute_loss(output, (inputs, targets), self.iteration)
         self.head_parts.append(parts)

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import os
 
-from moetrain.checkpoint.api import TOKENIZER_FILE
+from moetrain.checkpoint.api import TOKENIZER_FILE, saved_config
 from moetrain.checkpoint.layout import optimizer_param_names
 from moetrain.checkpoint.reader import CheckpointReader, load_into
 from moetrain.checkpoint.rng import rank_rng_state
 from moetrain.checkpoint.storage import resolve_checkpoint_dir, save_checkpoint
-from moetrain.config import Config, ParallelConfig
+from moetrain.config import ParallelConfig
 from moetrain.model import GPT
 from moetrain.train.optimizer import build_optimizer
 
@@ -20,7 +20,7 @@ def consolidate(load_dir: str, out_dir: str) -> str:
     """Merge a checkpoint of any layout into a single-process one: whole tensors, torch optimizer state."""
     reader = CheckpointReader(resolve_checkpoint_dir(load_dir))
     extra = dict(reader.state["extra"])
-    cfg = Config.from_dict(extra["config"])
+    cfg = saved_config(extra["config"])
     cfg.parallel = ParallelConfig()  # the result is a one-process checkpoint
     model = GPT(cfg.model, cfg.moe)
     tc = cfg.training

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from moetrain.parallel.data_parallel import by_device_and_dtype
+
 
 class LossScaler:
     """fp16 loss scaling with the semantics of DeepSpeed's ``DynamicLossScaler`` / static ``LossScaler``.
@@ -81,25 +83,27 @@ class LossScaler:
         """Multiply the loss so small fp16 gradients do not underflow in backward."""
         return loss * self.loss_scale
 
-    def unscale_(self, params: Iterable[torch.nn.Parameter]) -> bool:
-        """Divide gradients by the scale in place; return whether any gradient is inf or NaN.
+    def unscale_(self, params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+        """Divide gradients by the scale in place; return whether any gradient is inf or NaN, as a 0-d float
+        tensor on the gradients' device (1.0: overflow), not copied to the host: the trainer reads it with
+        the step's other values in one copy.
 
-        Under torch.distributed the flag is max-reduced over all ranks, because expert-parallel ranks
-        hold different gradients and must all skip the same step.
+        One fused pass per (device, dtype) group (torch's `_amp_foreach_non_finite_check_and_unscale_`, as
+        torch.amp.GradScaler does). Under torch.distributed the flag is max-reduced over all ranks, because
+        expert-parallel ranks hold different gradients and must all skip the same step.
         """
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
-            return False
-        inv_scale = 1.0 / self.loss_scale
-        non_finite = []
-        for grad in grads:
-            if inv_scale != 1.0:
-                grad.mul_(inv_scale)
-            non_finite.append(torch.logical_not(torch.isfinite(grad).all()))
-        found = torch.stack(non_finite).any().to(torch.float32)
+            return torch.zeros(())
+        found = torch.zeros((), dtype=torch.float32, device=grads[0].device)
+        for (device, _), group in by_device_and_dtype(grads).items():
+            found_here = torch.zeros(1, dtype=torch.float32, device=device)
+            inv_scale = torch.full((1,), 1.0 / self.loss_scale, dtype=torch.float32, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(group, found_here, inv_scale)
+            found = torch.maximum(found, found_here.to(found.device).squeeze(0))
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)
-        return bool(found.item())
+        return found
 
     def update(self, found_overflow: bool) -> None:
         """Record the outcome of one step: count a skip and back off, or count a clean step and grow."""

@@ -19,10 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from moetrain.checkpoint.api import with_checkpoint_vocab_padding
 from moetrain.config import Config, resolve
 from moetrain.data import Tokenizer, load_training_data
 from moetrain.data.loader import TokenBatches
 from moetrain.loss import LossFunction
+from moetrain.mixed_precision import LOW_PRECISION, ComputeWeights, applies_to
 from moetrain.model import GPT
 from moetrain.parallel.data_parallel import GradSpec
 from moetrain.parallel.grad_sync import GradientSync
@@ -85,6 +87,7 @@ class Run:
     scaler: LossScaler | None
     accumulation: int
     executor: LocalExecutor  # or PipelineExecutor
+    compute_weights: ComputeWeights | None  # bf16/fp16 copies of the GEMM weights (ZeRO 0-2), else None
 
 
 def build_run(cfg: Config, *, quiet: bool = False) -> Run:
@@ -109,6 +112,8 @@ def build_run(cfg: Config, *, quiet: bool = False) -> Run:
         cache_dir=cfg.data.cache_dir, text_key=cfg.data.json_keys, train_data_path=cfg.data.train_data_path,
         valid_data_path=cfg.data.valid_data_path)
     cfg = resolve(cfg, world_size, tokenizer.vocab_size)  # derived micro-batch, vocabulary
+    if tc.load:
+        cfg = with_checkpoint_vocab_padding(cfg, tc.load)  # its embedding rows, however it was padded
     tc = cfg.training
     with torch.device("meta"):  # nothing allocated: each rank materialises only its pieces, after sharding
         model = GPT(cfg.model, cfg.moe, seed=tc.seed)
@@ -137,6 +142,11 @@ def build_run(cfg: Config, *, quiet: bool = False) -> Run:
         tc.loss_scale, tc.initial_scale_power, tc.loss_scale_window, tc.hysteresis,
         tc.min_loss_scale, tc.consecutive_hysteresis) if tc.precision == "fp16" else None
     accumulation = cfg.accumulation_steps(state.world_size)
+    compute_weights = ComputeWeights(model, LOW_PRECISION[tc.precision]) \
+        if applies_to(tc.precision, cfg.parallel.zero_stage) else None
+    if tc.compile:
+        for block in model.blocks:
+            block.compile()  # regional: each block its own graph (the MoE routing's host syncs break it there)
     if state.pp > 1:
         executor = PipelineExecutor(model, loss_function, state, device, tc.precision, accumulation,
                                     tc.micro_batch_size, cfg.model.seq_length, cfg.parallel.pipeline_schedule,
@@ -147,4 +157,4 @@ def build_run(cfg: Config, *, quiet: bool = False) -> Run:
                valid_data=valid_data, model=model, param_counts=param_counts, distiller=distiller,
                loss_function=loss_function, grad_specs=grad_specs, optimizer=optimizer,
                grad_sync=GradientSync(grad_specs, optimizer, overlap=state.pp == 1), schedule=schedule, scaler=scaler,
-               accumulation=accumulation, executor=executor)
+               accumulation=accumulation, executor=executor, compute_weights=compute_weights)

@@ -31,7 +31,8 @@ from moetrain.checkpoint import (
 from moetrain.checkpoint.lock import SaveDirLock
 from moetrain.config import Config
 from moetrain.data.blend import NO_ROWS
-from moetrain.parallel.data_parallel import clip_gradients, global_grad_norm
+from moetrain.loss import StepLosses
+from moetrain.parallel.data_parallel import clip_gradients, clip_needed, global_grad_norm
 from moetrain.parallel.mesh import leave_job
 from moetrain.parallel.parallelize import sync_expert_load
 from moetrain.train.compatibility import check_loadable
@@ -68,7 +69,7 @@ class Trainer:
         self.model, self.distiller, self.param_counts = run.model, run.distiller, run.param_counts
         self.grad_specs, self.optimizer, self.scaler = run.grad_specs, run.optimizer, run.scaler
         self.executor, self.grad_sync, self.schedule = run.executor, run.grad_sync, run.schedule
-        self.accumulation = run.accumulation
+        self.accumulation, self.compute_weights = run.accumulation, run.compute_weights
         self.iteration = 0
         self.non_finite_in_a_row = 0  # consecutive steps skipped by the non-finite guard
         self.non_finite_skipped = 0
@@ -119,6 +120,8 @@ class Trainer:
         finetune = tc.finetune and not rewinding
         restored = restore(path, self.model, self.optimizer, self.parallel,
                            load_optimizer=rewinding or (tc.load_optim and not finetune))
+        if self.compute_weights is not None:
+            self.compute_weights.invalidate()
         if restored.fresh_start or finetune:
             self._print(f"initialised from the weights in {restored.path}; optimizer, schedule and data start afresh")
             return
@@ -167,21 +170,30 @@ class Trainer:
         if self.parallel.dp > 1:
             dist.all_reduce(means.values, group=self.parallel.dp_group)
             means.values.div_(self.parallel.dp)
-        losses = means.to_host()  # one host sync per step (not four per micro-batch) for the logged values
         self.grad_sync.reduce()
         held = self.grad_sync.held()
-        overflow = self.scaler.unscale_([p for p, _ in held]) if self.scaler else False
-        grad_norm, applied = float("nan"), False
-        if not overflow:
-            norm = global_grad_norm(((p.grad, copies) for p, copies in held), world=self.parallel.distributed,
-                                    device=self.parallel.comm_device)
-            grad_norm = float(norm)  # the step's host sync; the norm (NaN from any rank) and loss are global
-            if not tc.check_for_nan_in_loss_and_grad or (math.isfinite(grad_norm) and math.isfinite(losses["loss"])):
-                clip_gradients([p.grad for p, _ in held], tc.clip_grad if tc.clip_grad > 0 else math.inf, norm)
-                self.optimizer.step()
-                sync_expert_load(self.model, self.parallel)
-                self.model.update_expert_biases()
-                applied = True
+        grads = [p.grad for p, _ in held]
+        overflow = self.scaler.unscale_([p for p, _ in held]) if self.scaler else None
+        norm = global_grad_norm(((p.grad, copies) for p, copies in held), world=self.parallel.distributed,
+                                device=self.parallel.comm_device)
+        flag = norm.new_zeros(()) if overflow is None else overflow.to(norm.device)
+        # the step's one host sync: losses, norm (NaN from any rank) and overflow flag, all global, in one copy;
+        # the clip/skip decision is made on the host from it
+        losses = means.extended(StepLosses(("grad_norm", "overflow"), torch.stack([norm, flag]))).to_host()
+        grad_norm, overflow = losses.pop("grad_norm"), losses.pop("overflow") > 0
+        applied = False
+        if overflow:
+            grad_norm = float("nan")
+        elif not tc.check_for_nan_in_loss_and_grad or (math.isfinite(grad_norm) and math.isfinite(losses["loss"])):
+            max_norm = tc.clip_grad if tc.clip_grad > 0 else math.inf
+            if clip_needed(max_norm, grad_norm):
+                clip_gradients(grads, max_norm, norm)
+            self.optimizer.step()
+            sync_expert_load(self.model, self.parallel)
+            self.model.update_expert_biases()
+            if self.compute_weights is not None:
+                self.compute_weights.invalidate()  # the next forward writes the bf16/fp16 copies, once
+            applied = True
         # fp16 overflow is the scaler's to skip while it can still lower the scale; at its floor, or with the
         # (unscaled) loss itself non-finite, which no scale mends, it is divergence
         scaler_exhausted = overflow and (not self.scaler.dynamic or self.scaler.loss_scale <= self.scaler.min_scale

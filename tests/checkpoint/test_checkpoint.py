@@ -297,3 +297,30 @@ def test_checkpoints_written_before_the_checkpoint_package_load_and_resume_as_th
             assert torch.equal(model.blocks[0].attn.qkv.weight.detach()[entry["index"]], part)
     result = Trainer(_fixture_config(tmp_path, path), quiet=True).fit()
     assert result.losses == [expected["resumed_loss_at_step_3"][layout]]
+
+
+def test_a_resumed_run_keeps_its_checkpoints_vocabulary_padding(tmp_path):
+    """The embedding's rows are part of the model's shape: a run resumed with another
+    --make-vocab-size-divisible-by (here the default) takes its checkpoint's, and continues as the
+    uninterrupted run does; the padding rows stay zero through training."""
+    from moetrain.train.trainer import Trainer
+    from tests.helpers import tiny_config
+
+    def config(save: str, load: str | None = None):
+        cfg = tiny_config(tmp_path, save=save, train_iters=3, lr_decay_style="constant", weight_decay=0.1,
+                          load=load)
+        cfg.model.make_vocab_size_divisible_by = 64 if load is None else 128
+        return cfg
+
+    straight = Trainer(config("straight"), quiet=True)
+    whole = straight.fit().losses
+    first = config("first")
+    first.training.train_iters = 2
+    Trainer(first, quiet=True).fit()
+    resumed = Trainer(config("resumed", load=str(tmp_path / "first")), quiet=True)
+    assert resumed.cfg.model.make_vocab_size_divisible_by == 64
+    assert resumed.fit().losses == whole[2:]
+    vocab = resumed.cfg.model.vocab_size
+    for trainer in (straight, resumed):
+        weight = trainer.model.tok_emb.weight
+        assert weight.shape[0] == -(-vocab // 64) * 64 and not weight[vocab:].any()

@@ -134,7 +134,8 @@ def test_each_run_saves_its_own_tokenizer(tmp_path, capsys):
     bpe_tokenizer = (save / "iter_0000002" / "tokenizer.json").read_text()
     assert run_main(capsys, "train", *common, "--tokenizer-type", "byte")[0] == 0
     model, tokenizer, cfg = load_model(str(save))
-    assert tokenizer.vocab_size == cfg.model.vocab_size == model.tok_emb.num_embeddings == 257  # bytes + eos
+    assert tokenizer.vocab_size == cfg.model.vocab_size == 257  # bytes + eos
+    assert model.tok_emb.num_embeddings == cfg.model.padded_vocab_size() == 384  # padded to a multiple of 128
 
     (save / "iter_0000002" / "tokenizer.json").write_text(bpe_tokenizer)
     code, _, err = run_main(capsys, "generate", "--load", str(save), "--prompt", "x", "--max-new-tokens", "1")

@@ -94,3 +94,21 @@ def test_model_loss_and_gradients_equal_the_plain_loss_of_its_logits(style):
     torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-6, atol=1e-6)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("chunk_rows", [5, 100])
+def test_padding_columns_are_never_predicted(chunk_rows):
+    """A head padded past the vocabulary: the loss and gradients of the first `classes` rows alone (float64),
+    zero gradient for the padding rows, however large their logits."""
+    h, w, t = _inputs(ignored=(3,))
+    padded = torch.cat([w, 5.0 + torch.randn(14, w.shape[1], dtype=torch.float64)])
+    want = _grads(_reference, h, w, t, torch.float64)
+    loss, grad_h, grad_w = _grads(lambda h, w, t: linear_cross_entropy(
+        h, w, t, classes=50, chunk_bytes=4 * 64 * chunk_rows), h, padded, t, torch.float32)
+    torch.testing.assert_close(loss, want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_h, want[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_w[:50], want[2], rtol=1e-5, atol=1e-6)
+    assert not grad_w[50:].any()
+    with torch.no_grad():
+        unrecorded = linear_cross_entropy(h.float(), padded.float(), t, classes=50, chunk_bytes=4 * 64 * chunk_rows)
+    torch.testing.assert_close(unrecorded.double(), want[0], rtol=1e-5, atol=1e-6)

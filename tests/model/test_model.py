@@ -224,30 +224,30 @@ def test_moe_transformer_residual_moe_builds_pr_moe_layers():
 def test_moe_transformer_parameter_counts_gpt_by_hand():
     # gpt: V=50, h=32, T=16, 2 layers, MoE (4 experts, top-1) in layer 1 only, ffn = 4h = 128, biases.
     model = build("gpt", num_experts=[4], expert_interval=2, topk=1)
-    embeddings = 50 * 32 + 16 * 32 + 2 * 32  # tokens, positions, final LayerNorm (lm_head tied)
+    embeddings = 128 * 32 + 16 * 32 + 2 * 32  # tokens (50, padded to 128), positions, final LayerNorm (lm_head tied)
     block_common = 4 * 32 + (32 * 96 + 96) + (32 * 32 + 32)  # 2 LayerNorms, qkv, proj
     mlp = (32 * 128 + 128) + (128 * 32 + 32)  # = 8352, also the size of one expert
     moe = 32 * 4 + 4 * mlp  # router (no bias) + 4 experts
     total = embeddings + 2 * block_common + mlp + moe
-    assert total == 52768
+    assert total == 55264
     counts = model.parameter_counts()
     assert counts["total"] == total == sum(p.numel() for p in model.parameters())
-    assert counts["active"] == total - (4 - 1) * mlp == 27712
+    assert counts["active"] == total - (4 - 1) * mlp == 30208
 
 
 def test_moe_transformer_parameter_counts_llama_by_hand():
     # llama: no biases, no position table, RMSNorm, SwiGLU at ffn 128 (fc1 32 -> 256), top-2 of 4 in both layers.
     model = build("llama", num_experts=[4], expert_interval=1, topk=2)
     assert model.cfg.ffn_size() == 128
-    embeddings = 50 * 32 + 32
+    embeddings = 128 * 32 + 32  # 50 tokens padded to 128 rows
     block_common = 2 * 32 + 32 * 96 + 32 * 32
     expert = 32 * 256 + 128 * 32  # 12288
     moe = 32 * 4 + 4 * expert
     total = embeddings + 2 * (block_common + moe)
-    assert total == 108512
+    assert total == 111008
     counts = model.parameter_counts()
     assert counts["total"] == total == sum(p.numel() for p in model.parameters())
-    assert counts["active"] == total - 2 * (4 - 2) * expert == 59360
+    assert counts["active"] == total - 2 * (4 - 2) * expert == 61856
     # pyramid [4, 8], top-1: each layer deactivates its own E - k experts
     pyramid = build("llama", num_experts=[4, 8], expert_interval=1, topk=1).parameter_counts()
     assert pyramid["total"] == embeddings + 2 * block_common + (32 * 4 + 4 * expert) + (32 * 8 + 8 * expert)
@@ -276,7 +276,7 @@ def test_moe_transformer_tied_embeddings_share_storage():
     assert tied.lm_head.weight[3, 0] == 123.0
     untied = build("gpt", {"tie_embeddings": False}, num_experts=[4])
     assert untied.lm_head.weight.data_ptr() != untied.tok_emb.weight.data_ptr()
-    assert untied.parameter_counts()["total"] - tied.parameter_counts()["total"] == VOCAB * HIDDEN
+    assert untied.parameter_counts()["total"] - tied.parameter_counts()["total"] == 128 * HIDDEN  # padded rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,3 +437,35 @@ def test_position_tables_may_be_longer_than_the_training_length(style):
     assert long(tokens[:, :2 * SEQ]).logits.shape == (2, 2 * SEQ, VOCAB)
     with pytest.raises(ValueError, match=f"exceeds seq_length {SEQ} and max_position_embeddings {2 * SEQ}"):
         long(tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# Vocabulary padding (--make-vocab-size-divisible-by)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tied", [True, False])
+def test_padded_vocabulary_rows_start_zero_are_never_predicted_and_get_no_gradient(tied):
+    """50 tokens padded to 128 rows: the same loss and gradients as the unpadded model with the same weights
+    (float64 here, so equal to rounding), logits of the 50 tokens only, and no sample of a padding id."""
+    padded = build("llama", {"tie_embeddings": tied}, num_experts=[4]).double()
+    assert padded.tok_emb.weight.shape[0] == padded.lm_head.weight.shape[0] == 128
+    assert not padded.tok_emb.weight[VOCAB:].any() and not padded.lm_head.weight[VOCAB:].any()
+    plain = build("llama", {"tie_embeddings": tied, "make_vocab_size_divisible_by": 1}, num_experts=[4]).double()
+    plain.load_state_dict({k: v[:VOCAB] if k in ("tok_emb.weight", "lm_head.weight") else v
+                           for k, v in padded.state_dict().items()})
+    tokens = torch.randint(0, VOCAB, (2, SEQ + 1), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for model in (padded, plain):
+        torch.manual_seed(1)  # the same routing draws (random token selection) for both
+        losses.append(model(tokens[:, :-1], tokens[:, 1:]).lm_loss)
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=0)  # the softmax runs in fp32
+    for loss in losses:
+        loss.backward()
+    for (name, got), want in zip(padded.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(got.grad[:want.shape[0]], want.grad, rtol=1e-5, atol=1e-7)
+        assert not got.grad[want.shape[0]:].any(), name
+    with torch.no_grad():
+        padded.lm_head.weight[VOCAB:] = 100.0  # padding rows that would win every argmax if they were shown
+    padded.eval()
+    assert padded(tokens[:, :SEQ]).logits.shape == (2, SEQ, VOCAB)
+    assert int(padded.generate(tokens[:, :4], max_new_tokens=8, temperature=0).max()) < VOCAB
+    assert int(padded.generate(tokens[:, :4], max_new_tokens=8, temperature=2.0).max()) < VOCAB

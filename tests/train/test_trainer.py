@@ -164,7 +164,7 @@ def test_fp16_skipped_step_logs_nan_loss_in_fit(tmp_path, monkeypatch):
     def unscale_overflow_on_second(params):
         calls["n"] += 1
         overflow = original(params)
-        return True if calls["n"] == 2 else overflow
+        return torch.ones(()) if calls["n"] == 2 else overflow
 
     monkeypatch.setattr(run.scaler, "unscale_", unscale_overflow_on_second)
     result = run.fit()

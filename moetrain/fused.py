@@ -1,0 +1,187 @@
+"""Fused kernels for a GPU: the LM loss's per-chunk softmax and gradient, RMSNorm and RoPE, each one op.
+
+On a CPU moetrain runs the eager reference paths (the chunked loss of moetrain/lm_loss.py, the hand-written
+RMSNorm backward and apply_rope of moetrain/model.py). Where `fused_kernels(device)` holds (CUDA), each of
+these pieces is one custom op (`torch.ops.moetrain.*`) whose body is the same math, `torch.compile`d into
+one or two kernels that read their inputs and write their outputs once: no fp32 copy of the bf16 logits, no
+per-element temporaries between ~10 small kernels. The op boundary is also what a cost model sees: a tool
+that records aten ops (benchmarks/gpu_cost_model.py) prices each op by its inputs and outputs and one launch,
+which is what the compiled kernel moves.
+
+Every body is plain torch code: on a CPU (eager, or compiled when a C++ compiler is there) the tests compare
+it with the reference paths (tests/model/test_fused.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100  # targets equal to this are not predicted (F.cross_entropy's default, as lm_loss)
+CUDA_CHUNK_BYTES = 2**30  # 16-bit logits of one LM-loss chunk on a GPU: a few chunks per micro-batch
+
+
+def fused_kernels(device: torch.device) -> bool:
+    """Whether this device runs the fused ops (CUDA). The CPU keeps the eager reference paths."""
+    return device.type == "cuda"
+
+
+def _compiled(fn: Callable) -> Callable:
+    """`fn`, compiled on first use for a CUDA input, eager otherwise (the CPU's reference) or when the
+    environment sets MOETRAIN_EAGER_FUSED=1 (the same ops without compiling: a quick smoke run, debugging)."""
+    compiled = None
+
+    @functools.wraps(fn)
+    def run(*args):
+        nonlocal compiled
+        if not args[0].is_cuda or os.environ.get("MOETRAIN_EAGER_FUSED") == "1":
+            return fn(*args)
+        if compiled is None:
+            compiled = torch.compile(fn, fullgraph=True)  # a second shape (the last chunk) goes dynamic
+        return compiled(*args)
+
+    return run
+
+
+# --- LM loss: one chunk's softmax, loss and logit gradient -----------------------------------------------
+def lm_chunk_body(logits: Tensor, targets: Tensor, classes: int) -> tuple[Tensor, Tensor]:
+    """Per-row cross entropy of `logits` [rows, V] (0 where the target is ignored; columns from `classes` on
+    pad the head and are never predicted) and d(sum of losses)/d logits = softmax - one_hot(target), in the
+    logits' dtype. Statistics in fp32, per element, without an fp32 copy of the logits once compiled."""
+    wide = logits.float()
+    column = torch.arange(wide.shape[1], device=wide.device)
+    wide = wide.masked_fill(column >= classes, float("-inf"))
+    lse = torch.logsumexp(wide, dim=1, keepdim=True)
+    kept = targets != IGNORE_INDEX
+    target = targets.where(kept, 0).unsqueeze(1)
+    is_target = column == target
+    loss_rows = (lse.squeeze(1) - wide.gather(1, target).squeeze(1)) * kept
+    grad = (torch.exp(wide - lse) - is_target.float()) * kept.unsqueeze(1)
+    return loss_rows, grad.to(logits.dtype)
+
+
+_lm_chunk_body = _compiled(lm_chunk_body)
+
+
+@torch.library.custom_op("moetrain::lm_chunk_grad", mutates_args=())
+def lm_chunk_grad(logits: Tensor, targets: Tensor, classes: int) -> tuple[Tensor, Tensor]:
+    """`lm_chunk_body` as one op (compiled on CUDA)."""
+    return _lm_chunk_body(logits, targets, classes)
+
+
+@lm_chunk_grad.register_fake
+def _(logits: Tensor, targets: Tensor, classes: int) -> tuple[Tensor, Tensor]:
+    return logits.new_empty(logits.shape[0], dtype=torch.float32), torch.empty_like(logits)
+
+
+# --- RMSNorm ------------------------------------------------------------------------------------------
+def rms_norm_body(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """x / rms(x) * weight in x's dtype, statistics in fp32; and the per-row 1 / rms backward needs."""
+    wide = x.float()
+    inv_rms = torch.rsqrt(wide.square().mean(-1, keepdim=True) + eps)
+    return (wide * inv_rms * weight.float()).to(x.dtype), inv_rms
+
+
+def rms_norm_backward_body(grad_out: Tensor, x: Tensor, weight: Tensor, inv_rms: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of x and weight: (g w - normed mean(g w normed)) / rms, and sum over rows of g normed."""
+    normed = x.float() * inv_rms
+    grad = grad_out.float()
+    grad_weight = (grad * normed).reshape(-1, x.shape[-1]).sum(0)
+    grad_normed = grad * weight.float()
+    mean_dot = (grad_normed * normed).mean(-1, keepdim=True)
+    return ((grad_normed - normed * mean_dot) * inv_rms).to(x.dtype), grad_weight.to(weight.dtype)
+
+
+_rms_norm_body, _rms_norm_backward_body = _compiled(rms_norm_body), _compiled(rms_norm_backward_body)
+
+
+@torch.library.custom_op("moetrain::rms_norm", mutates_args=())
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """`rms_norm_body` as one op (compiled on CUDA); differentiable."""
+    return _rms_norm_body(x, weight, eps)
+
+
+@rms_norm.register_fake
+def _(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("moetrain::rms_norm_backward", mutates_args=())
+def rms_norm_backward(grad_out: Tensor, x: Tensor, weight: Tensor, inv_rms: Tensor) -> tuple[Tensor, Tensor]:
+    return _rms_norm_backward_body(grad_out, x, weight, inv_rms)
+
+
+@rms_norm_backward.register_fake
+def _(grad_out: Tensor, x: Tensor, weight: Tensor, inv_rms: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x), torch.empty_like(weight)
+
+
+def _rms_norm_setup(ctx, inputs, output) -> None:
+    x, weight, _ = inputs
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _rms_norm_grad(ctx, grad_out: Tensor, _grad_inv_rms: Tensor):
+    x, weight, inv_rms = ctx.saved_tensors
+    grad_x, grad_weight = rms_norm_backward(grad_out.contiguous(), x, weight, inv_rms)
+    return grad_x, grad_weight, None
+
+
+rms_norm.register_autograd(_rms_norm_grad, setup_context=_rms_norm_setup)
+
+
+# --- RoPE ---------------------------------------------------------------------------------------------
+def _swap_halves(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([x[..., half:], x[..., :half]], dim=-1)
+
+
+def rope_body(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x * cos + (x2, x1) * signed sin (moetrain.attention.apply_rope's rotation)."""
+    return x * cos.to(x.dtype) + _swap_halves(x) * sin.to(x.dtype)
+
+
+def rope_backward_body(grad: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """The rotation's transpose: g * cos + swap(g * signed sin) (swapping the halves is its own inverse)."""
+    return grad * cos.to(grad.dtype) + _swap_halves(grad * sin.to(grad.dtype))
+
+
+_rope_body, _rope_backward_body = _compiled(rope_body), _compiled(rope_backward_body)
+
+
+@torch.library.custom_op("moetrain::rope", mutates_args=())
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """`rope_body` as one op (compiled on CUDA); differentiable in x."""
+    return _rope_body(x, cos, sin)
+
+
+@rope.register_fake
+def _(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("moetrain::rope_backward", mutates_args=())
+def rope_backward(grad: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return _rope_backward_body(grad, cos, sin)
+
+
+@rope_backward.register_fake
+def _(grad: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return torch.empty_like(grad)
+
+
+def _rope_setup(ctx, inputs, output) -> None:
+    _, cos, sin = inputs
+    ctx.save_for_backward(cos, sin)
+
+
+def _rope_grad(ctx, grad: Tensor):
+    cos, sin = ctx.saved_tensors
+    return rope_backward(grad.contiguous(), cos, sin), None, None
+
+
+rope.register_autograd(_rope_grad, setup_context=_rope_setup)

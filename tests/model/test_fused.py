@@ -1,0 +1,122 @@
+"""The GPU's fused ops (moetrain/fused.py) against the CPU's reference paths: the chunked LM loss, the
+hand-written RMSNorm and apply_rope. The fused path is forced on here (its bodies run eager on a CPU, as
+plain torch code); on a GPU the same bodies run compiled (the cuda test)."""
+
+import shutil
+
+import pytest
+import torch
+
+import moetrain.lm_loss as lm_loss_module
+import moetrain.norm as norm_module
+from moetrain.attention import apply_rope
+from moetrain.fused import lm_chunk_body, rms_norm, rope
+from moetrain.lm_loss import IGNORE_INDEX, linear_cross_entropy
+from moetrain.norm import RMSNorm
+
+
+def _loss_inputs(rows=37, hidden=16, vocab=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(rows, hidden, generator=g)
+    w = torch.randn(vocab, hidden, generator=g) * 0.5
+    t = torch.randint(50, (rows,), generator=g)  # 50 tokens, 14 padding rows in the head
+    t[[3, rows - 2]] = IGNORE_INDEX
+    return h, w, t
+
+
+def _loss_and_grads(h, w, t, **kwargs):
+    h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = linear_cross_entropy(h, w, t, classes=50, **kwargs)
+    (2.0 * loss).backward()
+    return loss.detach(), h.grad, w.grad
+
+
+@pytest.mark.parametrize("chunk_rows", [5, 37])
+def test_fused_lm_loss_path_equals_the_reference_path(monkeypatch, chunk_rows):
+    h, w, t = _loss_inputs()
+    reference = _loss_and_grads(h, w, t, chunk_bytes=4 * 64 * chunk_rows)
+    monkeypatch.setattr(lm_loss_module, "fused_kernels", lambda device: True)
+    fused = _loss_and_grads(h, w, t, chunk_bytes=4 * 64 * chunk_rows)
+    for got, want in zip(fused, reference, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert not fused[2][50:].any()  # padding rows: no gradient
+
+
+def test_lm_chunk_body_by_float64():
+    h, w, t = _loss_inputs(rows=9)
+    logits = h.double() @ w.double().t()
+    loss_rows, grad = lm_chunk_body(logits.float(), t, 50)
+    kept = t != IGNORE_INDEX
+    log_probs = torch.log_softmax(logits[:, :50], dim=1)
+    want = -log_probs.gather(1, t.where(kept, 0).unsqueeze(1)).squeeze(1) * kept
+    torch.testing.assert_close(loss_rows.double(), want, rtol=1e-6, atol=1e-6)
+    want_grad = torch.zeros_like(logits)
+    want_grad[:, :50] = log_probs.exp()
+    want_grad[torch.arange(9)[kept], t[kept]] -= 1
+    want_grad[~kept] = 0
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rms_norm_equals_the_hand_written_one(monkeypatch, dtype):
+    torch.manual_seed(0)
+    norm = RMSNorm(24, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, 24).to(dtype)
+    grad = torch.randn(3, 5, 24).to(dtype)
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(norm_module, "fused_kernels", lambda device, fused=fused: fused)
+        xi = x.clone().requires_grad_()
+        norm.weight.grad = None
+        out = norm(xi)
+        out.backward(grad)
+        results.append((out.detach(), xi.grad, norm.weight.grad.clone()))
+    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    for got, want in zip(results[1], results[0], strict=True):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, **tolerance)
+
+
+def test_fused_rope_and_its_gradient_equal_apply_rope():
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 3, 8).transpose(1, 2)  # [B, H, T, D], a strided view, as q and k are
+    cos, sin = torch.randn(7, 8), torch.randn(7, 8)
+    grad = torch.randn(2, 7, 3, 8).transpose(1, 2)
+    outs = []
+    for fn in (apply_rope, rope):
+        xi = x.detach().clone().requires_grad_()
+        out = fn(xi, cos, sin)
+        out.backward(grad)
+        outs.append((out.detach(), xi.grad))
+    for got, want in zip(outs[1], outs[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert rms_norm is not None  # the ops are registered under torch.ops.moetrain
+    assert hasattr(torch.ops.moetrain, "lm_chunk_grad") and hasattr(torch.ops.moetrain, "rope")
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler")
+def test_compiled_lm_chunk_body_equals_eager():
+    h, w, t = _loss_inputs(rows=12)
+    logits = h @ w.t()
+    compiled = torch.compile(lm_chunk_body, fullgraph=True, dynamic=False)
+    for got, want in zip(compiled(logits, t, 50), lm_chunk_body(logits, t, 50), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_fused_ops_on_cuda_equal_the_cpu_reference():
+    h, w, t = _loss_inputs(rows=4096, hidden=64, vocab=1024)
+    t = t.clamp(max=999)
+    reference = _loss_and_grads(h, w, t)
+    on_gpu = _loss_and_grads(h.cuda(), w.cuda(), t.cuda())
+    for got, want in zip(on_gpu, reference, strict=True):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5)
+    x = torch.randn(4, 16, 64)
+    norm = RMSNorm(64, eps=1e-5)
+    torch.testing.assert_close(norm.cuda()(x.cuda()).cpu(), norm.cpu()(x), rtol=1e-5, atol=1e-5)
+    cos, sin = torch.randn(16, 64), torch.randn(16, 64)
+    torch.testing.assert_close(rope(x.cuda(), cos.cuda(), sin.cuda()).cpu(), apply_rope(x, cos, sin),
+                               rtol=1e-5, atol=1e-5)
