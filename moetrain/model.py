@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from moetrain.config import ModelConfig, MoEConfig
@@ -334,7 +335,8 @@ class GPT(nn.Module):
         expert index of a stacked expert weight]), so a rank holding only a piece of a parameter produces
         exactly that piece of the single-process model's. `pieces` (moetrain.parallel.pieces.model_pieces of
         a sharded model: local name -> (global name, tensor, piece)) says which piece; None: all whole.
-        Peak extra memory: one whole non-expert parameter (a tensor-parallel piece is cut from it).
+        Peak extra memory: one whole non-expert parameter (a tensor-parallel or ZeRO-3 piece is cut from
+        it); of a stacked expert weight only this rank's experts are drawn.
         """
         self._allocate(torch.device(device))
         rules, ties = self.init_rules(), self.tied_parameters()
@@ -342,6 +344,7 @@ class GPT(nn.Module):
                    for short, _ in module.named_parameters(recurse=False)}
         for name, param in self.named_parameters(remove_duplicate=False):
             kind, value = rules[name]
+            param = param.to_local() if isinstance(param, DTensor) else param  # a ZeRO-3 shard: its piece says which
             if kind == "fill":
                 param.fill_(value)
                 continue
@@ -355,7 +358,7 @@ class GPT(nn.Module):
                 continue
             shape = piece.shape if piece is not None else param.shape
             full = _keyed_normal(self.init_seed, (key,), shape, value)
-            param.copy_(full if dim is None else full.index_select(dim, torch.tensor(index, device="cpu")))
+            param.copy_(full if dim is None else full.index_select(dim, torch.tensor(index, dtype=torch.long)))
         self._init_buffers()
 
     def _allocate(self, device: torch.device) -> None:

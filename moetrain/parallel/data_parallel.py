@@ -20,6 +20,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from moetrain.parallel.pieces import local
+
 BUCKET_BYTES = 32 * 2**20
 
 
@@ -144,7 +146,7 @@ def global_grad_norm(grads: Iterable[tuple[Tensor, int]], world: bool, device: t
     """
     total = torch.zeros((), dtype=torch.float32, device=device)
     for grad, copies in grads:
-        total += (grad.float().square().sum() / copies).to(device)
+        total += (local(grad).float().square().sum() / copies).to(device)
     if world:
         dist.all_reduce(total)
     return total.sqrt()
@@ -156,5 +158,6 @@ def clip_gradients(grads: list[Tensor], max_norm: float, norm: Tensor) -> None:
     if not math.isfinite(max_norm):
         return
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    grads = [local(grad) for grad in grads]  # ZeRO-3: each rank scales its shards
     if grads:
         torch._foreach_mul_(grads, coef.to(grads[0].device))

@@ -1,0 +1,123 @@
+"""ZeRO-3 (FSDP2) trains exactly like one process: gloo, 2 and 4 processes on this machine.
+
+Each rank's local shards are compared with the matching selection (its rows of each tensor, of its
+experts) of the single-process run's weights; losses and the final evaluation must match too. Gradient
+accumulation (2 micro-batches per rank), full recomputation and random routing are on.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moetrain.config import Config
+from moetrain.parallel.pieces import model_pieces
+from moetrain.train.trainer import Trainer
+from tests.helpers import parallel_config, reference, run_parallel, run_ranks, select
+
+
+def zero3_config(tmp_path, **parallel) -> Config:
+    cfg = parallel_config(tmp_path, zero_stage=3, **parallel)
+    cfg.model.recompute_granularity = "full"
+    cfg.parallel.distributed_timeout_minutes = 1  # a hang fails the test instead of stalling CI
+    return cfg
+
+
+def assert_matches(results: dict, ref_losses: list[float], ref_eval: float | None, weights: dict) -> None:
+    for rank, got in results.items():
+        torch.testing.assert_close(got["losses"], ref_losses, rtol=1e-5, atol=1e-6, msg=f"rank {rank} losses")
+        if ref_eval is not None:
+            assert got["eval"] == pytest.approx(ref_eval, rel=1e-5)
+        for name, (tensor, piece) in got["pieces"].items():
+            if piece.index == ():  # this rank's shard of a tensor too small to reach it
+                continue
+            torch.testing.assert_close(tensor, select(weights[name], piece), rtol=1e-4, atol=1e-5,
+                                       msg=f"rank {rank} {name}")
+
+
+def assert_matches_single_process(cfg: Config, world: int) -> dict:
+    results = run_parallel(cfg, world)
+    assert_matches(results, *reference(cfg))
+    return results
+
+
+def test_zero3_data_parallel_2_with_accumulation_recompute_and_random_routing(tmp_path):
+    results = assert_matches_single_process(zero3_config(tmp_path, routing="sampling"), world=2)
+    for name in ("tok_emb.weight", "blocks.0.attn.qkv.weight", "blocks.1.ffn.experts.w1"):
+        rows = [results[rank]["pieces"][name][1] for rank in range(2)]
+        assert [p.dim for p in rows] == [0, 0], name
+        assert rows[0].index + rows[1].index == tuple(range(rows[0].shape[0])), name  # each rank holds half
+
+
+def test_zero3_expert_parallel_2_each_rank_its_own_experts(tmp_path):
+    results = assert_matches_single_process(zero3_config(tmp_path, expert_parallel_size=2), world=2)
+    assert [results[rank]["pieces"]["blocks.1.ffn.experts.w1"][1].index for rank in range(2)] == [(0, 1), (2, 3)]
+
+
+@pytest.mark.slow
+def test_zero3_expert_parallel_2_by_data_parallel_2(tmp_path):
+    """Experts sharded over their expert-data-parallel pair, dense weights over all 4 ranks."""
+    results = assert_matches_single_process(zero3_config(tmp_path, routing="rts", expert_parallel_size=2), world=4)
+    experts = {rank: results[rank]["pieces"]["blocks.1.ffn.experts.w1"][1].index for rank in range(4)}
+    assert experts == {0: (0,), 1: (2,), 2: (1,), 3: (3,)}
+    rows = [results[rank]["pieces"]["tok_emb.weight"][1] for rank in range(4)]
+    vocab = rows[0].shape[0]
+    assert sum((p.index for p in rows), ()) == tuple(range(vocab)) and all(len(p.index) <= -(-vocab // 4) for p in rows)
+
+
+# -- the non-finite guard ----------------------------------------------------------------------------------
+def _poisoned_step(cfg: Config) -> dict:
+    """Two clean steps, then one whose gradient shard on rank 1 only is NaN: every rank must skip it."""
+    trainer = Trainer(cfg, quiet=True)
+    trainer.train_step()
+    before = [t.clone() for _, t, _ in model_pieces(trainer.model).values()]
+    forward_backward = trainer.executor.forward_backward
+
+    def poisoned(*args, **kwargs):
+        means = forward_backward(*args, **kwargs)
+        if torch.distributed.get_rank() == 1:
+            next(p for p in trainer.model.parameters() if p.grad is not None).grad.to_local().fill_(float("nan"))
+        return means
+    trainer.executor.forward_backward = poisoned
+    step = trainer.train_step()
+    after = [t for _, t, _ in model_pieces(trainer.model).values()]
+    return {"skipped": step["skipped"], "norm": step["grad_norm"],
+            "unchanged": all(torch.equal(a, b) for a, b in zip(before, after))}
+
+
+def test_zero3_non_finite_gradient_on_one_rank_skips_the_step_everywhere(tmp_path):
+    results = run_ranks(_poisoned_step, zero3_config(tmp_path), 2)
+    for got in results.values():
+        assert got["skipped"] and math.isnan(got["norm"]) and got["unchanged"]
+
+
+# -- an expert that receives no tokens ------------------------------------------------------------------------
+def _force_routing_to_first_half(trainer: Trainer) -> None:
+    """Every router sends every token to experts 0 and 1 (expert-parallel rank 0's): rank 1's get none."""
+    for _, moe in trainer.model.moe_layers():
+        logits = moe.router.compute_logits
+        far = torch.tensor([0.0, 0.0, -1e4, -1e4])
+        moe.router.compute_logits = lambda x, logits=logits, far=far: logits(x) + far.to(x.device)
+
+
+def _train_forced(cfg: Config) -> dict:
+    trainer = Trainer(cfg, quiet=True)
+    _force_routing_to_first_half(trainer)
+    losses = trainer.fit().losses
+    return {"losses": losses, "eval": None,
+            "pieces": {g: (t.clone(), p) for g, t, p in model_pieces(trainer.model).values()}}
+
+
+@pytest.mark.parametrize("drop_tokens", [False, True], ids=["dropless", "capacity"])
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_experts_that_receive_no_tokens_never_hang(tmp_path, drop_tokens, zero_stage):
+    cfg = zero3_config(tmp_path, drop_tokens=drop_tokens, expert_parallel_size=2)
+    cfg.parallel.zero_stage = zero_stage
+    results = run_ranks(_train_forced, cfg, 2)
+    single = Config.from_dict(cfg.to_dict())
+    single.parallel.expert_parallel_size, single.parallel.zero_stage = None, 0
+    reference_run = _train_forced(single)
+    assert_matches(results, reference_run["losses"], None,
+                   {name: tensor for name, (tensor, _) in reference_run["pieces"].items()})
