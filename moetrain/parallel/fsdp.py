@@ -75,13 +75,15 @@ def fully_shard_model(model: GPT, state: ParallelState, options: ShardingOptions
     for block in model.blocks:
         moe = block.ffn if any(block.ffn is m for _, m in model.moe_layers()) else None
         if moe is not None:
-            shard(moe.experts, state.experts(moe.num_experts).reduce_group)
-            experts.append(moe.experts)
+            groups = state.experts(moe.num_experts)
+            shard(moe.experts, groups.reduce_group)
+            experts.append((moe.experts, groups.reduce_size))
         shard(block, state.dp_group)
     shard(model, state.dp_group)
-    for module in experts:  # summed over the expert-data-parallel group, divided by the whole data-parallel size
+    for module, group_size in experts:  # summed over the expert-data-parallel group, divided by the whole DP size
         module.set_gradient_divide_factor(float(state.dp))
-        if dist.get_backend() == "gloo":  # no pre-multiplied sum there: sum, then divide
+        # gloo has no pre-multiplied sum: sum, then divide (not on one rank, where FSDP2 would divide twice)
+        if dist.get_backend() == "gloo" and group_size > 1:
             module.set_force_sum_reduction_for_comms(True)
     model.set_reduce_scatter_unused_params(True)
 
