@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from moetrain.config import Config
+from moetrain.parallel.memory import model_state_bytes
 from moetrain.parallel.pieces import model_pieces
 from moetrain.train.trainer import Trainer
 from tests.helpers import parallel_config, run_ranks, select
@@ -127,3 +128,34 @@ def test_experts_that_receive_no_tokens_never_hang(tmp_path, drop_tokens, zero_s
     cfg = zero3_config(tmp_path, drop_tokens=drop_tokens, expert_parallel_size=2)
     cfg.parallel.zero_stage = zero_stage
     assert_matches_single_process(cfg, world=2, force_routing=True)
+
+
+# -- per-rank memory ----------------------------------------------------------------------------------------
+def _held_bytes(cfg: Config) -> dict:
+    """Model-state bytes this rank holds after start-up and with a step's gradients and optimizer state (just
+    before they are cleared), and the bounds: whole model state / N + one block's gathered parameters."""
+    trainer = Trainer(cfg, quiet=True)
+    held = {"start": model_state_bytes(trainer.model, trainer.optimizer)}
+    zero_grad = trainer.optimizer.zero_grad
+
+    def measured_zero_grad(*args, **kwargs):
+        held["step"] = model_state_bytes(trainer.model, trainer.optimizer)
+        zero_grad(*args, **kwargs)
+    trainer.optimizer.zero_grad = measured_zero_grad
+    trainer.train_step()
+    whole = trainer.param_counts["total"] * 4  # fp32
+    block = max(sum(p.numel() for p in b.parameters()) for b in Trainer(single_process(cfg), quiet=True).model.blocks)
+    return {**held, "whole": whole, "block": block * 4}
+
+
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_zero3_rank_holds_its_share_of_the_model_state(tmp_path, world):
+    results = run_ranks(_held_bytes, zero3_config(tmp_path, expert_parallel_size=2), world)
+    for rank, got in results.items():
+        whole, block = got["whole"], got["block"]
+        # parameters alone after start-up; parameters, gradients and two AdamW moments after a step
+        assert got["start"]["total"] <= 1.1 * whole / world + block, (rank, got["start"])
+        step = got["step"]
+        assert step["grads"] > 0 and step["optimizer"] > 0, step
+        assert step["total"] <= 1.1 * 4 * whole / world + block, (rank, step)
+        assert step["params"] < 0.6 * whole  # really sharded, not whole
