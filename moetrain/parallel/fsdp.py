@@ -21,7 +21,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
 from torch.distributed.tensor import Shard
 
 from moetrain.config import ParallelConfig
@@ -66,8 +73,11 @@ def fully_shard_model(model: GPT, state: ParallelState, options: ShardingOptions
     policy = MixedPrecisionPolicy(param_dtype=options.param_dtype, reduce_dtype=options.reduce_dtype)
     offload = CPUOffloadPolicy(pin_memory=device_type == "cuda") if options.offload else OffloadPolicy()
 
-    def shard(module: nn.Module, group: dist.ProcessGroup) -> None:
-        fully_shard(module, mesh=mesh_of(group), reshard_after_forward=options.reshard_after_forward,
+    def shard(module: nn.Module, group: dist.ProcessGroup, root: bool = False) -> None:
+        """The root keeps its parameters gathered from forward to backward (FSDP2's default for it): the
+        LM head's weight is read after the forward, by the loss."""
+        reshard = None if root else options.reshard_after_forward
+        fully_shard(module, mesh=mesh_of(group), reshard_after_forward=reshard,
                     shard_placement_fn=lambda param: Shard(dim_of[id(param)]), mp_policy=policy,
                     offload_policy=offload)
 
@@ -79,7 +89,9 @@ def fully_shard_model(model: GPT, state: ParallelState, options: ShardingOptions
             shard(moe.experts, groups.reduce_group)
             experts.append((moe.experts, groups.reduce_size))
         shard(block, state.dp_group)
-    shard(model, state.dp_group)
+    shard(model, state.dp_group, root=True)
+    if state.pp > 1:  # a pipeline stage runs forward_stage, not forward (which calls it: registered once only)
+        register_fsdp_forward_method(model, "forward_stage")
     for module, group_size in experts:  # summed over the expert-data-parallel group, divided by the whole DP size
         module.set_gradient_divide_factor(float(state.dp))
         # gloo has no pre-multiplied sum: sum, then divide (not on one rank, where FSDP2 would divide twice)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Shard
 
@@ -44,6 +45,20 @@ class Piece:
             raise ValueError(f"a piece split along dimension {self.dim} cannot be sharded along {dim}")
         indices = self.index if self.dim is not None else range(self.shape[dim])
         return Piece(self.shape, dim, tuple(indices[start:start + length]))
+
+    def cut_from(self, value: Tensor, held: Piece) -> Tensor | None:
+        """This piece's part of `value`, which holds piece `held` of the same global tensor (a whole teacher
+        weight for a ZeRO-3 student's shard); None where `held` does not cover this piece."""
+        if held.shape != self.shape or (self.dim is None and held.dim is not None):
+            return None
+        if held == self:
+            return value
+        if held.dim not in (None, self.dim):
+            return None
+        position = {g: i for i, g in enumerate(held.index if held.dim is not None else range(self.shape[self.dim]))}
+        if any(g not in position for g in self.index):
+            return None
+        return value.index_select(self.dim, torch.tensor([position[g] for g in self.index], dtype=torch.long))
 
 
 def local(tensor: Tensor) -> Tensor:

@@ -159,3 +159,27 @@ def test_zero3_rank_holds_its_share_of_the_model_state(tmp_path, world):
         assert step["grads"] > 0 and step["optimizer"] > 0, step
         assert step["total"] <= 1.1 * 4 * whole / world + block, (rank, step)
         assert step["params"] < 0.6 * whole  # really sharded, not whole
+
+
+# -- composed with tensor and pipeline parallelism, and distillation ------------------------------------------
+@pytest.mark.slow
+def test_zero3_tensor_parallel_2_by_data_parallel_2(tmp_path):
+    """FSDP shards each tensor-parallel piece further, along the dimension tensor parallelism split."""
+    results = assert_matches_single_process(zero3_config(tmp_path, tensor_parallel_size=2), world=4)
+    proj = results[0]["pieces"]["blocks.0.attn.proj.weight"][1]  # row-parallel: columns, then their half
+    assert proj.dim == 1 and len(proj.index) == proj.shape[1] // 4
+
+
+@pytest.mark.slow
+def test_zero3_pipeline_2_by_data_parallel_2_with_tied_embeddings(tmp_path):
+    assert_matches_single_process(zero3_config(tmp_path, style="gpt", pipeline_parallel_size=2), world=4)
+
+
+def test_zero3_distillation_with_a_replicated_teacher_that_initialises_the_student(tmp_path):
+    teacher = parallel_config(tmp_path)
+    teacher.training.save = str(tmp_path / "teacher")
+    Trainer(teacher, quiet=True).fit()
+    cfg = zero3_config(tmp_path)
+    cfg.distill.enabled, cfg.distill.load_teacher, cfg.distill.temperature = True, str(tmp_path / "teacher"), 2.0
+    cfg.distill.student_init_from_teacher = True
+    assert_matches_single_process(cfg, world=2)
