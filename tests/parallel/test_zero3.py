@@ -71,8 +71,9 @@ def test_zero3_data_parallel_2_with_accumulation_recompute_and_random_routing(tm
         assert rows[0].index + rows[1].index == tuple(range(rows[0].shape[0])), name  # each rank holds half
 
 
-def test_zero3_expert_parallel_2_each_rank_its_own_experts(tmp_path):
-    results = assert_matches_single_process(zero3_config(tmp_path, expert_parallel_size=2), world=2)
+def test_zero3_expert_parallel_2_each_rank_its_own_experts_kept_gathered_until_backward(tmp_path):
+    cfg = zero3_config(tmp_path, expert_parallel_size=2, reshard_after_forward=False)
+    results = assert_matches_single_process(cfg, world=2)
     assert [results[rank]["pieces"]["blocks.1.ffn.experts.w1"][1].index for rank in range(2)] == [(0, 1), (2, 3)]
 
 
