@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from moetrain.config import Config
+from moetrain.parallel.fsdp import ShardingOptions
 from moetrain.parallel.memory import model_state_bytes
 from moetrain.parallel.pieces import model_pieces
 from moetrain.train.trainer import Trainer
@@ -176,11 +177,21 @@ def test_zero3_pipeline_2_by_data_parallel_2_with_tied_embeddings(tmp_path):
     assert_matches_single_process(zero3_config(tmp_path, style="gpt", pipeline_parallel_size=2), world=4)
 
 
-def test_zero3_distillation_with_a_replicated_teacher_that_initialises_the_student(tmp_path):
+def test_zero3_distillation_with_a_replicated_teacher_that_initialises_the_offloaded_student(tmp_path):
     teacher = parallel_config(tmp_path)
     teacher.training.save = str(tmp_path / "teacher")
     Trainer(teacher, quiet=True).fit()
-    cfg = zero3_config(tmp_path)
+    cfg = zero3_config(tmp_path, offload_param=True)  # DeepSpeed's offload_param: FSDP2's CPUOffloadPolicy
     cfg.distill.enabled, cfg.distill.load_teacher, cfg.distill.temperature = True, str(tmp_path / "teacher"), 2.0
     cfg.distill.student_init_from_teacher = True
     assert_matches_single_process(cfg, world=2)
+
+
+def test_zero3_mixed_precision_policy_on_gpus_only():
+    """bf16 gathered parameters with fp32 reduction on a GPU; fp32 on the CPU (bf16 matmuls are slow there)."""
+    pc = Config().parallel
+    gpu = ShardingOptions.from_config(pc, "bf16", torch.device("cuda", 0))
+    assert (gpu.param_dtype, gpu.reduce_dtype) == (torch.bfloat16, torch.float32)
+    cpu = ShardingOptions.from_config(pc, "bf16", torch.device("cpu"))
+    assert (cpu.param_dtype, cpu.reduce_dtype) == (None, None)
+    assert ShardingOptions.from_config(pc, "fp32", torch.device("cuda", 0)).param_dtype is None
