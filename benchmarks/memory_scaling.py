@@ -31,7 +31,7 @@ import torch.multiprocessing as mp
 
 from moetrain.config import Config
 from moetrain.model import GPT
-from moetrain.parallel.memory import model_state_bytes
+from moetrain.parallel.memory import model_state_bytes, record_before_zero_grad
 from moetrain.train.trainer import Trainer
 
 MIB = 2**20
@@ -77,12 +77,7 @@ def _measure(rank: int, world: int, port: int, cfg_dict: dict, results) -> None:
     _init(rank, world, port)
     trainer = Trainer(Config.from_dict(cfg_dict), quiet=True)
     held = {"start": model_state_bytes(trainer.model, trainer.optimizer)}
-    zero_grad = trainer.optimizer.zero_grad
-
-    def measured(*args, **kwargs):
-        held["step"] = model_state_bytes(trainer.model, trainer.optimizer)
-        zero_grad(*args, **kwargs)
-    trainer.optimizer.zero_grad = measured
+    record_before_zero_grad(trainer.model, trainer.optimizer, held)
     trainer.train_step()
     results[rank] = held
 

@@ -40,3 +40,14 @@ def _gathered_bytes(module: FSDPModule) -> int:
         return 0
     return sum(p._unsharded_param.untyped_storage().nbytes() for p in group.fsdp_params
                if hasattr(p, "_unsharded_param"))
+
+
+def record_before_zero_grad(model: nn.Module, optimizer, record: dict) -> None:
+    """From now on, record["step"] = model_state_bytes just before each step's gradients are cleared: the
+    step's gradients and optimizer state both held."""
+    zero_grad = optimizer.zero_grad
+
+    def measured(*args, **kwargs):
+        record["step"] = model_state_bytes(model, optimizer)
+        zero_grad(*args, **kwargs)
+    optimizer.zero_grad = measured

@@ -15,7 +15,7 @@ import torch
 
 from moetrain.config import Config
 from moetrain.parallel.fsdp import ShardingOptions
-from moetrain.parallel.memory import model_state_bytes
+from moetrain.parallel.memory import model_state_bytes, record_before_zero_grad
 from moetrain.parallel.pieces import model_pieces
 from moetrain.train.trainer import Trainer
 from tests.helpers import parallel_config, run_ranks, select
@@ -138,12 +138,7 @@ def _held_bytes(cfg: Config) -> dict:
     before they are cleared), and the bounds: whole model state / N + one block's gathered parameters."""
     trainer = Trainer(cfg, quiet=True)
     held = {"start": model_state_bytes(trainer.model, trainer.optimizer)}
-    zero_grad = trainer.optimizer.zero_grad
-
-    def measured_zero_grad(*args, **kwargs):
-        held["step"] = model_state_bytes(trainer.model, trainer.optimizer)
-        zero_grad(*args, **kwargs)
-    trainer.optimizer.zero_grad = measured_zero_grad
+    record_before_zero_grad(trainer.model, trainer.optimizer, held)
     trainer.train_step()
     whole = trainer.param_counts["total"] * 4  # fp32
     block = max(sum(p.numel() for p in b.parameters()) for b in Trainer(single_process(cfg), quiet=True).model.blocks)
