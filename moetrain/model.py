@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from moetrain.attention import Attention, LatentAttention, make_attention, rope_tables
@@ -249,7 +250,8 @@ class GPT(nn.Module):
         expert index of a stacked expert weight]), so a rank holding only a piece of a parameter produces
         exactly that piece of the single-process model's. `pieces` (moetrain.parallel.pieces.model_pieces of
         a sharded model: local name -> (global name, tensor, piece)) says which piece; None: all whole.
-        Peak extra memory: one whole non-expert parameter (a tensor-parallel piece is cut from it).
+        Peak extra memory: one whole non-expert parameter (a tensor-parallel or ZeRO-3 piece is cut from
+        it); of a stacked expert weight only this rank's experts are drawn.
         """
         self._allocate(torch.device(device))
         rules, ties = self.init_rules(), self.tied_parameters()
@@ -257,6 +259,7 @@ class GPT(nn.Module):
                    for short, _ in module.named_parameters(recurse=False)}
         for name, param in self.named_parameters(remove_duplicate=False):
             kind, value = rules[name]
+            param = param.to_local() if isinstance(param, DTensor) else param  # a ZeRO-3 shard: its piece says which
             if kind == "fill":
                 param.fill_(value)
                 continue
@@ -270,9 +273,9 @@ class GPT(nn.Module):
                 continue
             shape = piece.shape if piece is not None else param.shape
             full = _keyed_normal(self.init_seed, (key,), shape, value)
-            param.copy_(full if dim is None else full.index_select(dim, torch.tensor(index, device="cpu")))
             if key in ("tok_emb.weight", "lm_head.weight"):  # rows padding the vocabulary: zero, never predicted
-                param[self.cfg.vocab_size:].zero_()
+                full[self.cfg.vocab_size:] = 0
+            param.copy_(full if dim is None else full.index_select(dim, torch.tensor(index, dtype=torch.long)))
         self._init_buffers()
 
     def _allocate(self, device: torch.device) -> None:

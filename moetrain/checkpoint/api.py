@@ -26,6 +26,7 @@ from moetrain.config import Config, ConfigError
 from moetrain.data import Tokenizer
 from moetrain.model import GPT
 from moetrain.parallel.mesh import ParallelState
+from moetrain.parallel.pieces import local
 from moetrain.parallel.zero import ZeroOptimizer
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -56,7 +57,7 @@ def save(save_dir: str, iteration: int, model: nn.Module, optimizer, state: Para
 
 def _weights_finite(model: nn.Module, state: ParallelState) -> bool:
     """Whether every rank's parameters are finite (one collective, at save time only)."""
-    flags = [p.detach().isfinite().all() for p in model.parameters()]
+    flags = [local(p.detach()).isfinite().all() for p in model.parameters()]
     finite = torch.stack(flags).all().float() if flags else torch.ones(())
     if state.distributed:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)

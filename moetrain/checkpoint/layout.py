@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from moetrain.parallel.pieces import Piece, model_pieces
+from moetrain.parallel.pieces import Piece, like, local, model_pieces
 from moetrain.parallel.zero import ZeroOptimizer
 
 OPTIMIZER_PARAM_NAMES = "optimizer_param_names"  # extra key: names of the optimizer's params, in order
@@ -36,8 +36,9 @@ def optimizer_states(optimizer, params: list[nn.Parameter]) -> dict[nn.Parameter
 def set_optimizer_state(optimizer, param: nn.Parameter, state: dict[str, Tensor]) -> None:
     if isinstance(optimizer, ZeroOptimizer):
         optimizer.set_state(param, state)
-    else:
-        optimizer.state[param] = {k: v.to(param.device) for k, v in state.items()}
+    else:  # ZeRO-3: the state of a DTensor parameter is a DTensor sharded like it (the step count is not)
+        optimizer.state[param] = {k: like(param, v) if v.shape == local(param).shape and v.dim() else
+                                  v.to(local(param).device) for k, v in state.items()}
 
 
 def holds_optimizer_state(optimizer, param: nn.Parameter) -> bool:
@@ -56,6 +57,8 @@ def local_entries(model: nn.Module, optimizer) -> tuple[list[Entry], dict[str, s
     global_of = {}
     for name, (global_name, tensor, piece) in model_pieces(model).items():
         global_of[name] = (global_name, piece)
+        if piece.index == ():  # a ZeRO-3 rank whose shard of a small tensor is empty
+            continue
         key, identity = f"model/{global_name}", (tensor.data_ptr(), tuple(tensor.shape))
         if identity in first_key and tensor.numel():
             aliases[key] = first_key[identity]
@@ -66,8 +69,10 @@ def local_entries(model: nn.Module, optimizer) -> tuple[list[Entry], dict[str, s
     for param, state in optimizer_states(optimizer, list(model.parameters())).items():
         global_name, piece = global_of[names[id(param)]]
         for state_key, value in state.items():
-            value = value.detach()
-            value_piece = piece if value.shape == param.shape else Piece(tuple(value.shape))
+            value = local(value.detach())
+            value_piece = piece if value.shape == local(param).shape and value.dim() else Piece(tuple(value.shape))
+            if value_piece.index == ():
+                continue
             entries.append(Entry(f"optim/{global_name}/{state_key}", value, value_piece))
     return entries, aliases
 

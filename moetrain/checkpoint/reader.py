@@ -158,10 +158,12 @@ class CheckpointReader:
         if pieces[0][0].shape != want.shape:
             raise CheckpointError(f"{key} has shape {list(pieces[0][0].shape)} in {self.path} but the model needs "
                                   f"{list(want.shape)}; load it with the model flags it was saved with")
-        if want.dim not in (None, dim):
-            raise CheckpointError(f"{key} was split along dimension {dim} when saved and {want.dim} now; "
-                                  "consolidate the checkpoint first (moetrain consolidate)")
+        if want.dim not in (None, dim):  # split along another dimension when saved: assemble it whole first
+            return _select(self.read(key, Piece(want.shape)), want, key, self.path)
         wanted = want.index if want.dim is not None else tuple(range(want.shape[dim]))
+        if not wanted:  # a ZeRO-3 rank's empty shard of a small tensor
+            piece, file = pieces[0]
+            return self._open(file).get_tensor(key).narrow(dim, 0, 0)
         target = {g: j for j, g in enumerate(wanted)}
         out, covered = None, 0
         for piece, file in pieces:
@@ -199,7 +201,7 @@ def _select(full: Tensor, want: Piece, key: str, path: str) -> Tensor:
                               f"{list(want.shape)}; load it with the model flags it was saved with")
     if want.dim is None:
         return full
-    return full.index_select(want.dim, torch.tensor(want.index))
+    return full.index_select(want.dim, torch.tensor(want.index, dtype=torch.long))
 
 
 @torch.no_grad()

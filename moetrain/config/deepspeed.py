@@ -149,11 +149,14 @@ def _warmup_type(raw: Any) -> dict[str, Any]:
     return {}
 
 
-@_sets("parallel.offload_optimizer")
-def _offload_device(raw: Any) -> dict[str, Any]:
-    if raw not in ("cpu", "none"):
-        raise ValueError("must be 'cpu' or 'none' (moetrain cannot offload to NVMe)")
-    return {"parallel.offload_optimizer": raw == "cpu"}
+def _offload_device(dest: str) -> _Mapper:
+    """zero_optimization.offload_<what>.device: 'cpu' sets `dest`, 'none' clears it."""
+    @_sets(dest)
+    def mapper(raw: Any) -> dict[str, Any]:
+        if raw not in ("cpu", "none"):
+            raise ValueError("must be 'cpu' or 'none' (moetrain cannot offload to NVMe)")
+        return {dest: raw == "cpu"}
+    return mapper
 
 
 @_sets("moe.num_experts")
@@ -185,7 +188,8 @@ _DEEPSPEED_KEYS: dict[str, _Mapper] = {
     "optimizer.params.weight_decay": _to("training.weight_decay", _json_float),
     "scheduler.type": _scheduler_type,
     "zero_optimization.stage": _to("parallel.zero_stage", _json_int),
-    "zero_optimization.offload_optimizer.device": _offload_device,
+    "zero_optimization.offload_optimizer.device": _offload_device("parallel.offload_optimizer"),
+    "zero_optimization.offload_param.device": _offload_device("parallel.offload_param"),
     "moe.num_experts": _to("moe.num_experts", _json_expert_counts),
     "moe.enabled": _moe_enabled,
     "moe.expert_parallel_size": _to("parallel.expert_parallel_size", _json_int),

@@ -502,11 +502,18 @@ class ParallelConfig:
     num_microbatches: int | None = option(
         None, "--num-microbatches", help="micro-batches per optimizer step and rank (DeepSpeed "
                                          "gradient_accumulation_steps); unset: from --global-batch-size")
-    zero_stage: int = option(0, "--zero-stage", choices=ZERO_STAGES,
-                             help="ZeRO sharding: 1 optimizer state, 2 also gradients (3 is not implemented)")
+    zero_stage: int = option(0, "--zero-stage", choices=ZERO_STAGES, switches=(switch(
+        "--use-torch-fsdp2", 3, help="Megatron's name for --zero-stage 3 (torch FSDP2, parameters sharded)"),),
+        help="ZeRO sharding over data parallel: 1 optimizer state, 2 also gradients, 3 also parameters "
+             "(torch FSDP2: each block gathered for its forward and backward, then freed)")
+    reshard_after_forward: bool = option(True, switches=(switch(
+        "--no-reshard-after-forward", False,
+        help="ZeRO-3: keep each block's gathered parameters from its forward to its backward (no second "
+             "gather; more memory, as ZeRO-2 holds them)"),))
     pipeline_schedule: str = option("1f1b", "--pipeline-schedule", choices=PIPELINE_SCHEDULES,
                                     help="pipeline-parallel schedule over the micro-batches")
     offload_optimizer: bool = False  # DeepSpeed JSON zero_optimization.offload_optimizer.device only
+    offload_param: bool = False  # DeepSpeed JSON zero_optimization.offload_param.device only (ZeRO-3)
     distributed_backend: str | None = option(None, "--distributed-backend", type=_none_or_str,
                                              choices=DISTRIBUTED_BACKENDS,
                                              help="torch.distributed backend; None: nccl on cuda, else gloo")

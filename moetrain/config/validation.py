@@ -258,8 +258,11 @@ def _validate_parallel(cfg: Config, world_size: int) -> None:
     check(not parallel.offload_optimizer or parallel.zero_stage >= 1,
           "optimizer offload needs ZeRO stage 1 or higher; set --zero-stage or drop offload_optimizer")
     check_choice(parallel, "distributed_backend")
-    check(parallel.zero_stage < 3, "ZeRO stage 3 (sharded parameters) is not implemented; use --zero-stage 1 "
-                                   "or 2 (optimizer state, and gradients, sharded)")
+    check(not parallel.offload_param or parallel.zero_stage == 3,
+          "parameter offload (offload_param) needs ZeRO stage 3; set zero_optimization.stage to 3 or drop it")
+    if parallel.zero_stage == 3:
+        check(cfg.training.precision != "fp16", "--zero-stage 3 trains in fp32 or --bf16 (FSDP2 has no fp16 "
+                                                "loss scaling here); use --bf16 or --zero-stage 2")
     check_choice(parallel, "pipeline_schedule")
     if parallel.num_microbatches is not None:
         check_at_least("--num-microbatches", parallel.num_microbatches, 1)

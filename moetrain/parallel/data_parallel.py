@@ -21,6 +21,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from moetrain.parallel.pieces import local
+
 BUCKET_BYTES = 32 * 2**20
 
 
@@ -155,7 +157,7 @@ def global_grad_norm(grads: Iterable[tuple[Tensor, int]], world: bool, device: t
     """
     by_copies: dict[int, list[Tensor]] = {}
     for grad, copies in grads:
-        by_copies.setdefault(copies, []).append(grad)
+        by_copies.setdefault(copies, []).append(local(grad))  # ZeRO-3: this rank's shards
     total = torch.zeros((), dtype=torch.float32, device=device)
     for copies, group in by_copies.items():
         for same_kind in by_device_and_dtype(group).values():
@@ -177,5 +179,6 @@ def clip_gradients(grads: list[Tensor], max_norm: float, norm: Tensor) -> None:
     """Scale gradients so the global norm is at most max_norm (as torch's clip_grad_norm_ does). Call it only
     when `clip_needed`: under the threshold the coefficient is 1, and the gradients are left unwritten."""
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    grads = [local(grad) for grad in grads]  # ZeRO-3: each rank scales its shards
     for (device, _), group in by_device_and_dtype(grads).items():
         torch._foreach_mul_(group, coef.to(device))

@@ -1,8 +1,9 @@
 """After backward: reduce every gradient over its group, and say which gradients this rank holds.
 
 Plain data parallelism all-reduces, so every rank of a group holds each reduced gradient; ZeRO
-reduces each gradient to its one owner in the group, so a reduced gradient is held `copies / size`
-times in the world. `held()` gives each (gradient, copies) for the one global norm either way.
+reduces each gradient to its one owner in the group, and ZeRO-3 scatters each over the group, so a
+reduced gradient element is held `copies / size` times in the world. `held()` gives each (gradient,
+copies) for the one global norm either way.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ class GradientSync:
     """The gradient reduction of one run: all-reduce (DP; overlapped with the last micro-batch's backward
     when `overlap`) or reduce to owners (ZeRO, which overlaps stage 2 itself)."""
 
-    def __init__(self, specs: dict[nn.Parameter, GradSpec], optimizer, overlap: bool = False) -> None:
-        self.specs = specs
+    def __init__(self, specs: dict[nn.Parameter, GradSpec], optimizer, overlap: bool = False,
+                 fully_sharded: bool = False) -> None:
+        """`fully_sharded`: ZeRO-3, whose FSDP units reduce-scatter during backward; nothing is left to do."""
+        self.specs, self.fully_sharded = specs, fully_sharded
         self.zero = optimizer if isinstance(optimizer, ZeroOptimizer) else None
-        self.overlapped = OverlappedAllReduce(specs) if overlap and self.zero is None else None
+        self.overlapped = OverlappedAllReduce(specs) if overlap and self.zero is None and not fully_sharded else None
 
     def before_last_backward(self) -> None:
         """Called by the executor just before the step's last backward."""
@@ -29,6 +32,8 @@ class GradientSync:
 
     def reduce(self) -> None:
         """Every gradient becomes the mean over data parallel (on the ranks that keep it)."""
+        if self.fully_sharded:
+            return
         if self.zero is not None:
             self.zero.reduce_gradients()
         elif self.overlapped is not None and self.overlapped.armed:
@@ -38,6 +43,6 @@ class GradientSync:
 
     def held(self) -> list[tuple[nn.Parameter, int]]:
         """(parameter, ranks in the world holding its reduced gradient) for each gradient this rank holds."""
-        owners_per_group = self.zero is not None
+        owners_per_group = self.zero is not None or self.fully_sharded  # each rank of a group holds a part
         return [(p, s.copies // s.size if owners_per_group else s.copies) for p, s in self.specs.items()
                 if p.grad is not None]

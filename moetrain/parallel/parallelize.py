@@ -2,7 +2,8 @@
 rank's pieces: keyed initialisation (GPT.materialize) gives them the single-process run's values.
 
 Order: pipeline split (keep this stage's blocks), tensor parallel (split attention and dense MLPs),
-expert parallel (keep this rank's experts), materialisation on the device. The model declares what can
+expert parallel (keep this rank's experts), ZeRO-3 (FSDP2 shards over data parallel), materialisation on
+the device. The model declares what can
 be split and how (GPT.tp_plan, GPT.tied_parameters, GPT.pipeline_stage, MoE.shard_experts, which checks
 that the experts divide); this package decides the layout, owns the process groups and applies the plan.
 """
@@ -15,6 +16,7 @@ from torch import nn
 
 from moetrain.model import GPT
 from moetrain.parallel.data_parallel import GradSpec
+from moetrain.parallel.fsdp import ShardingOptions, fully_shard_model
 from moetrain.parallel.mesh import ParallelState
 from moetrain.parallel.pieces import model_pieces
 from moetrain.parallel.tensor_parallel import (
@@ -24,10 +26,11 @@ from moetrain.parallel.tensor_parallel import (
 )
 
 
-def parallelize(model: GPT, state: ParallelState, device: torch.device | None = None
-                ) -> dict[nn.Parameter, GradSpec]:
+def parallelize(model: GPT, state: ParallelState, device: torch.device | None = None,
+                fully_sharded: ShardingOptions | None = None) -> dict[nn.Parameter, GradSpec]:
     """Shard `model` in place for this rank; a model on the meta device is then materialised on `device`
-    (only this rank's pieces are ever allocated). Return how each parameter's gradient is reduced."""
+    (only this rank's pieces are ever allocated). `fully_sharded`: ZeRO-3 over data parallel (several
+    processes only). Return how each parameter's gradient is reduced."""
     if state.tp > 1:
         apply_tensor_parallel(model, state.tp_group)
     for _, moe in model.moe_layers():
@@ -35,6 +38,8 @@ def parallelize(model: GPT, state: ParallelState, device: torch.device | None = 
         groups = state.experts(moe.num_experts)
         if groups.size > 1:
             moe.shard_experts(groups.rank, groups.ep_group, groups.split_tokens)
+    if fully_sharded is not None and state.distributed:
+        fully_shard_model(model, state, fully_sharded)
     if device is not None:  # only this rank's pieces are allocated, with their initial values
         model.materialize(device, model_pieces(model))
     return gradient_specs(model, state)

@@ -22,6 +22,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from moetrain.loss import LossFunction, LossParts
 from moetrain.model import GPT, ModelOutput
 from moetrain.parallel.mesh import ParallelState
+from moetrain.parallel.pieces import local
 from moetrain.precision import autocast
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
@@ -72,7 +73,7 @@ def all_reduce_tied_embedding_grads(stage: nn.Module, group: dist.ProcessGroup |
     for param in tied_embedding_params(stage):
         if param.grad is None:
             param.grad = torch.zeros_like(param)
-        dist.all_reduce(param.grad, group=group)
+        dist.all_reduce(local(param.grad), group=group)  # ZeRO-3: both stages' shards line up
 
 
 class _AuxLossScaler(torch.autograd.Function):

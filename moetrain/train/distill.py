@@ -32,7 +32,7 @@ from moetrain.model import GPT
 from moetrain.moe.routing_noise import teacher_routing_key
 from moetrain.parallel.mesh import ParallelState
 from moetrain.parallel.parallelize import parallelize
-from moetrain.parallel.pieces import model_pieces
+from moetrain.parallel.pieces import Piece, model_pieces
 from moetrain.parallel.pipeline import stage_layers
 
 
@@ -167,9 +167,10 @@ class Distiller:
                     source = f"blocks.{layers[int(index)]}.{rest}"
                 value, source_piece = teacher_pieces.get(source, (None, None))
                 if name == "pos_emb.weight" and value is not None:  # whole; the student's sequences are shorter
-                    value, source_piece = value[:tensor.shape[0]], piece
-                if value is not None and source_piece == piece and value.shape == tensor.shape:
-                    tensor.copy_(value)
+                    value, source_piece = value[:piece.shape[0]], Piece(piece.shape)
+                part = piece.cut_from(value, source_piece) if value is not None else None
+                if part is not None and part.shape == tensor.shape:  # (a ZeRO-3 shard is cut from the teacher's)
+                    tensor.copy_(part)
                     copied += 1
                 else:
                     kept += 1

@@ -27,6 +27,7 @@ from moetrain.loss import LossFunction
 from moetrain.mixed_precision import LOW_PRECISION, ComputeWeights, applies_to
 from moetrain.model import GPT
 from moetrain.parallel.data_parallel import GradSpec
+from moetrain.parallel.fsdp import ShardingOptions
 from moetrain.parallel.grad_sync import GradientSync
 from moetrain.parallel.mesh import ParallelState, init_parallel, local_device
 from moetrain.parallel.parallelize import parallelize
@@ -122,7 +123,9 @@ def build_run(cfg: Config, *, quiet: bool = False) -> Run:
     distiller = Distiller(cfg, tokenizer, device, state, log=log) if cfg.distill.enabled else None
     if state.pp > 1:
         model = split_for_pipeline(model, state.pp, state.pp_rank)
-    grad_specs = parallelize(model, state, device)
+    sharding = ShardingOptions.from_config(cfg.parallel, tc.precision, device) if cfg.parallel.zero_stage == 3 \
+        else None
+    grad_specs = parallelize(model, state, device, sharding)
     for param in tied_embedding_params(model):  # one weight, held by the first and the last stage
         spec = grad_specs[param]
         grad_specs[param] = dataclasses.replace(spec, copies=2 * spec.copies)
@@ -134,7 +137,7 @@ def build_run(cfg: Config, *, quiet: bool = False) -> Run:
         loss_function = DistillationLoss(cfg.moe.aux_loss_coeff, cfg.moe.z_loss_coeff, distiller)
     optimizer = build_optimizer(model, lr=tc.lr, weight_decay=tc.weight_decay,
                                 betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps)
-    if cfg.parallel.zero_stage:
+    if cfg.parallel.zero_stage in (1, 2):
         optimizer = ZeroOptimizer(optimizer, grad_specs, cfg.parallel.zero_stage,
                                   offload=cfg.parallel.offload_optimizer, reduce_late=tied_embedding_params(model))
     schedule = LRSchedule(tc.lr, tc.min_lr, tc.warmup_iters(), tc.decay_iters(), tc.lr_decay_style)
@@ -156,5 +159,7 @@ def build_run(cfg: Config, *, quiet: bool = False) -> Run:
     return Run(cfg=cfg, device=device, parallel=state, quiet=quiet, tokenizer=tokenizer, train_data=train_data,
                valid_data=valid_data, model=model, param_counts=param_counts, distiller=distiller,
                loss_function=loss_function, grad_specs=grad_specs, optimizer=optimizer,
-               grad_sync=GradientSync(grad_specs, optimizer, overlap=state.pp == 1), schedule=schedule, scaler=scaler,
+               grad_sync=GradientSync(grad_specs, optimizer, overlap=state.pp == 1,
+                                      fully_sharded=sharding is not None and state.distributed),
+               schedule=schedule, scaler=scaler,
                accumulation=accumulation, executor=executor, compute_weights=compute_weights)

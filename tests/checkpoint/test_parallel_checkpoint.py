@@ -1,10 +1,21 @@
-"""Sharded checkpoints load under another layout: EP 2 -> EP 4 -> one process, DP 4 -> DP 2 (ZeRO 1 -> 2).
+"""Sharded checkpoints load under another layout: EP 2 -> EP 4 -> one process, DP 4 -> DP 2 (ZeRO 1 -> 2),
+ZeRO-3 -> ZeRO-2 / one process and back (each ZeRO-3 rank writes only its shards); a kill -9 during a
+ZeRO-3 save leaves the previous checkpoint loadable.
 
 Each resumed run must continue exactly like one uninterrupted single-process run with the same
 global batch: the same losses after the resume and the same final weights.
 """
 
 from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import pytest
 import torch
@@ -14,7 +25,7 @@ from moetrain.cli import main as cli_main
 from moetrain.config import Config
 from moetrain.train.consolidate import consolidate
 from moetrain.train.trainer import Trainer
-from tests.helpers import parallel_config, reference, run_parallel, select
+from tests.helpers import ROOT, parallel_config, reference, run_parallel, select
 
 
 def staged(tmp_path, name: str, iters: int, load: str | None = None, **parallel) -> Config:
@@ -28,6 +39,8 @@ def assert_continues_reference(results: dict, ref_losses: list[float], ref_weigh
         torch.testing.assert_close(got["losses"], ref_losses[first_step:], rtol=1e-5, atol=1e-6,
                                    msg=f"rank {rank} losses after resume")
         for name, (tensor, piece) in got["pieces"].items():
+            if piece.index == ():  # a ZeRO-3 rank's empty shard of a small tensor
+                continue
             torch.testing.assert_close(tensor, select(ref_weights[name], piece), rtol=1e-4, atol=2e-5,
                                        msg=f"rank {rank} {name}")
 
@@ -85,3 +98,77 @@ def test_a_checkpoint_of_another_model_is_a_clear_error(tmp_path):
     wrong.moe.num_experts = [8]
     with pytest.raises(CheckpointError, match=r"blocks\.1\.ffn\..* has shape \[4, .*needs \[8, "):
         Trainer(wrong, quiet=True)
+
+
+# -- ZeRO-3: each rank writes only its shards -------------------------------------------------------------
+def test_zero3_to_zero2_and_to_one_process_and_consolidated(tmp_path):
+    ref_losses, _, ref_weights = reference(staged(tmp_path, "ref", 4))
+    run_parallel(staged(tmp_path, "z3", 2, zero_stage=3, expert_parallel_size=2), world=2)
+    reader = CheckpointReader(str(tmp_path / "z3" / "iter_0000002"))
+    embedding = reader.index["model/tok_emb.weight"]  # one piece per rank, each written by its holder
+    assert sorted(e["file"] for e in embedding) == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    assert sorted(len(e["index"]) for e in embedding) == [128, 129]
+    assert {e["file"] for e in reader.index["optim/blocks.0.attn.qkv.weight/exp_avg"]} == \
+        {"shard-00000.safetensors", "shard-00001.safetensors"}
+
+    zero2 = run_parallel(staged(tmp_path, "z2", 4, load=str(tmp_path / "z3"), zero_stage=2), world=2)
+    assert_continues_reference(zero2, ref_losses, ref_weights, first_step=2)
+    single = Trainer(staged(tmp_path, "one", 4, load=str(tmp_path / "z3")), quiet=True)
+    torch.testing.assert_close(single.fit().losses, ref_losses[2:], rtol=1e-5, atol=1e-6)
+    merged = load_checkpoint(consolidate(str(tmp_path / "z3"), str(tmp_path / "merged")))
+    sharded_state = load_checkpoint(str(tmp_path / "z3")).model_state
+    assert merged.optimizer_state["state"]
+    for name, value in merged.model_state.items():
+        assert torch.equal(value, sharded_state[name]), name
+
+
+def test_zero2_and_one_process_to_zero3(tmp_path):
+    ref_losses, _, ref_weights = reference(staged(tmp_path, "ref", 4))
+    run_parallel(staged(tmp_path, "z2", 2, zero_stage=2), world=2)
+    zero3 = run_parallel(staged(tmp_path, "z3", 4, load=str(tmp_path / "z2"), zero_stage=3), world=2)
+    assert_continues_reference(zero3, ref_losses, ref_weights, first_step=2)
+    Trainer(staged(tmp_path, "one", 2), quiet=True).fit()
+    zero3 = run_parallel(staged(tmp_path, "z3b", 4, load=str(tmp_path / "one"), zero_stage=3), world=2)
+    assert_continues_reference(zero3, ref_losses, ref_weights, first_step=2)
+
+
+# A ZeRO-3 run on 2 processes that saves every step until it is killed.
+SAVING_RUN = textwrap.dedent("""
+    import json, sys
+    from moetrain.config import Config
+    from tests.helpers import run_parallel
+    if __name__ == "__main__":
+        run_parallel(Config.from_dict(json.load(open(sys.argv[1]))), 2)
+""")
+
+
+def test_kill_9_during_a_zero3_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    cfg = staged(tmp_path, "run", 10_000, zero_stage=3)
+    cfg.training.save_interval, cfg.training.eval_interval, cfg.training.keep_last_checkpoints = 1, 0, 2
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
+    (tmp_path / "saving_run.py").write_text(SAVING_RUN)
+    save_dir = cfg.training.save
+    child = subprocess.Popen([sys.executable, str(tmp_path / "saving_run.py"), str(tmp_path / "cfg.json")],
+                             env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not os.path.exists(os.path.join(save_dir, "latest")):
+            assert child.poll() is None and time.monotonic() < deadline, "the run saved nothing"
+            time.sleep(0.1)
+        time.sleep(random.Random(25).uniform(0.5, 1.5))  # some saves later, most likely in the middle of one
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    latest = load_checkpoint(save_dir)  # verified against its manifest, shard by shard
+    assert latest.iteration >= 1 and "model/tok_emb.weight" in CheckpointReader(latest.path).index
+    resumed = staged(tmp_path, "run", latest.iteration + 1, load=save_dir, zero_stage=3)
+    assert len(run_parallel(resumed, 2)[0]["losses"]) == 1
+
+
+@pytest.mark.slow
+def test_zero3_data_parallel_4_to_zero2_data_parallel_2(tmp_path):
+    ref_losses, _, ref_weights = reference(staged(tmp_path, "ref", 4))
+    run_parallel(staged(tmp_path, "z3", 2, zero_stage=3), world=4)
+    zero2 = run_parallel(staged(tmp_path, "z2", 4, load=str(tmp_path / "z3"), zero_stage=2), world=2)
+    assert_continues_reference(zero2, ref_losses, ref_weights, first_step=2)

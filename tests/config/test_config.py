@@ -172,7 +172,8 @@ def test_every_config_field_except_runtime_ones_has_a_flag() -> None:
     dests = {action.dest for action in parser._actions}
     fields = {f"{section.name}.{f.name}" for section in dataclasses.fields(Config)
               for f in dataclasses.fields(getattr(Config(), section.name))}
-    json_only = {"model.vocab_size", "training.consecutive_hysteresis", "parallel.offload_optimizer"}
+    json_only = {"model.vocab_size", "training.consecutive_hysteresis", "parallel.offload_optimizer",
+                 "parallel.offload_param"}
     assert fields - json_only <= dests
 
 
@@ -344,6 +345,21 @@ def test_unknown_and_unmappable_keys_are_listed_in_one_warning(tmp_path: Path) -
     assert cfg.moe.num_experts == [4] and cfg.training.lr_warmup_iters == 5
 
 
+def test_deepspeed_stage_3_maps_to_fsdp2_and_lists_the_stage_3_keys_it_ignores(tmp_path: Path) -> None:
+    path = write_json(tmp_path, {"zero_optimization": {
+        "stage": 3, "offload_param": {"device": "cpu", "pin_memory": True}, "offload_optimizer": {"device": "cpu"},
+        "stage3_prefetch_bucket_size": 5e7, "stage3_param_persistence_threshold": 1e5}})
+    cfg, messages = parse_quietly(["--deepspeed_config", path])
+    p = cfg.parallel
+    assert (p.zero_stage, p.offload_param, p.offload_optimizer) == (3, True, True)
+    assert len(messages) == 1
+    for key in ("zero_optimization.stage3_prefetch_bucket_size", "zero_optimization.stage3_param_persistence_threshold",
+                "zero_optimization.offload_param.pin_memory"):
+        assert key in messages[0]
+    assert "offload_param.device" not in messages[0]
+    assert parse_quietly(["--use-torch-fsdp2"])[0].parallel.zero_stage == 3  # Megatron's spelling
+
+
 def test_auto_values_keep_moetrain_settings(tmp_path: Path) -> None:
     path = write_json(tmp_path, {"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": "auto"})
     cfg, messages = parse_quietly(["--deepspeed_config", path])
@@ -467,6 +483,8 @@ def with_changes(**changes: Any) -> Config:
     ({"parallel__pipeline_parallel_size": 8}, 8, "--pipeline-parallel-size 8 exceeds --num-layers 4"),
     ({"parallel__offload_optimizer": True}, 1, "optimizer offload needs ZeRO stage 1"),
     ({"parallel__zero_stage": 4}, 1, "--zero-stage 4 is not one of 0, 1, 2, 3"),
+    ({"parallel__offload_param": True, "parallel__zero_stage": 2}, 1, "needs ZeRO stage 3; set zero_optimization"),
+    ({"parallel__zero_stage": 3, "training__precision": "fp16"}, 2, "--zero-stage 3 trains in fp32 or --bf16"),
     ({"training__global_batch_size": 32, "parallel__num_microbatches": 2}, 1,
      "--global-batch-size 32 != micro-batch-size 8 x --num-microbatches"),
     ({"data__split": "90;10"}, 1, "--split '90;10' must be up to three"),
