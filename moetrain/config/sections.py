@@ -442,6 +442,22 @@ class DistillConfig:
              "differ keep their random init"),))
 
 
+@dataclass
+class MonitorConfig:
+    """Watching and steering a long run: loss-spike skipping, expert-health alarms, routing record and
+    replay, Weights & Biases, profiler traces (moetrain/train/monitor/)."""
+
+    skip_loss_spikes: bool = option(False, switches=(switch(
+        "--skip-loss-spikes", True,
+        help="skip the optimizer step when the loss or the gradient norm exceeds the mean + K standard deviations "
+             "of the last W applied steps (--loss-spike-window, --loss-spike-sigmas)"),))
+    loss_spike_window: int = option(128, "--loss-spike-window",
+                                    help="W: applied steps the rolling mean and deviation span (and the steps "
+                                         "before the first check)")
+    loss_spike_sigmas: float = option(6.0, "--loss-spike-sigmas", help="K: standard deviations above the mean "
+                                                                       "that make a spike")
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "moe": MoEConfig,
@@ -449,6 +465,7 @@ SECTIONS: dict[str, type] = {
     "training": TrainingConfig,
     "parallel": ParallelConfig,
     "distill": DistillConfig,
+    "monitor": MonitorConfig,
 }
 
 
@@ -460,6 +477,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def experts_per_layer(self) -> list[int]:
         return self.moe.experts_per_layer(self.model.num_layers)

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
         DistillConfig,
         ModelConfig,
         MoEConfig,
+        MonitorConfig,
         TrainingConfig,
     )
 
@@ -65,6 +66,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _validate_training(cfg.training)
     _validate_parallel(cfg, world_size)
     _validate_distill(cfg.distill, cfg.parallel.tensor_parallel_size)
+    _validate_monitor(cfg.monitor)
 
 
 def _validate_model(model: ModelConfig) -> None:
@@ -239,3 +241,7 @@ def _validate_distill(distill: DistillConfig, tensor_parallel_size: int) -> None
         check(len(distill.num_experts_teacher) >= 1 and min(distill.num_experts_teacher) >= 0,
               f"--num-experts-teacher needs one or more non-negative counts, got {distill.num_experts_teacher}")
 
+
+def _validate_monitor(monitor: MonitorConfig) -> None:
+    check_at_least("--loss-spike-window", monitor.loss_spike_window, 2)
+    check_positive("--loss-spike-sigmas", monitor.loss_spike_sigmas)

@@ -25,6 +25,7 @@ from moetrain.data.blend import NO_ROWS
 from moetrain.parallel.data_parallel import clip_gradients, global_grad_norm
 from moetrain.parallel.parallelize import sync_expert_load
 from moetrain.train.metrics import MetricsLogger, format_eval_line, format_train_line
+from moetrain.train.monitor.spikes import SpikeDetector
 from moetrain.train.run import build_run
 
 
@@ -60,6 +61,8 @@ class Trainer:
         self.non_finite_in_a_row = 0  # consecutive steps skipped by the non-finite guard
         self.non_finite_skipped = 0
         self.rewinds = 0
+        mc = self.cfg.monitor
+        self.spikes = SpikeDetector(mc.loss_spike_window, mc.loss_spike_sigmas) if mc.skip_loss_spikes else None
         tc = cfg.training
         self.save_lock = self._lock_save_dir(tc.save)
         if tc.load and not self._first_start_of_restartable_job(tc.load, tc.save):
@@ -109,6 +112,8 @@ class Trainer:
             self.distiller.load_state_dict(extra["distill"])  # a stopped distillation stays stopped
         if not rewinding:  # a rewind keeps this run's counts: its skipped steps and rewinds happened
             self._load_guard_state(extra.get("guard", {}))
+        if self.spikes is not None and "loss_spikes" in extra:
+            self.spikes.load_state_dict(extra["loss_spikes"], counts=not rewinding)
         self.iteration = restored.iteration
         self._print(f"resumed from {restored.path} at iteration {self.iteration}")
 
@@ -122,6 +127,8 @@ class Trainer:
         if self.distiller is not None:
             extra["distill"] = self.distiller.state_dict()
         extra["guard"] = {name: getattr(self, name) for name in GUARD_STATE}
+        if self.spikes is not None:
+            extra["loss_spikes"] = self.spikes.state_dict()
         return save(save_dir, self.iteration, self.model, self.optimizer, self.parallel, extra=extra,
                     files={"tokenizer.json": self.tokenizer.to_json()},
                     keep_last=self.cfg.training.keep_last_checkpoints)
@@ -147,12 +154,14 @@ class Trainer:
         self.grad_sync.reduce()
         held = self.grad_sync.held()
         overflow = self.scaler.unscale_([p for p, _ in held]) if self.scaler else False
-        grad_norm, applied = float("nan"), False
+        grad_norm, applied, spike = float("nan"), False, False
         if not overflow:
             norm = global_grad_norm(((p.grad, copies) for p, copies in held), world=self.parallel.distributed,
                                     device=self.parallel.comm_device)
             grad_norm = float(norm)  # the step's host sync; the norm (NaN from any rank) and loss are global
-            if not tc.check_for_nan_in_loss_and_grad or (math.isfinite(grad_norm) and math.isfinite(losses["loss"])):
+            finite = math.isfinite(grad_norm) and math.isfinite(losses["loss"])
+            spike = finite and self.spikes is not None and self.spikes.check(losses["loss"], grad_norm)
+            if (not tc.check_for_nan_in_loss_and_grad or finite) and not spike:
                 clip_gradients([p.grad for p, _ in held], tc.clip_grad if tc.clip_grad > 0 else math.inf, norm)
                 self.optimizer.step()
                 sync_expert_load(self.model, self.parallel)
@@ -162,12 +171,13 @@ class Trainer:
         scaler_exhausted = overflow and (not self.scaler.dynamic or self.scaler.loss_scale <= self.scaler.min_scale)
         if self.scaler:
             self.scaler.update(overflow)
-        guard_skip = not applied and not overflow
+        guard_skip = not applied and not overflow and not spike
         self.non_finite_skipped += guard_skip
-        self.non_finite_in_a_row = self.non_finite_in_a_row + 1 if guard_skip or scaler_exhausted else 0
+        # a loss spike counts in a row too: a lasting jump stops (or rewinds) the run as divergence does
+        self.non_finite_in_a_row = self.non_finite_in_a_row + 1 if guard_skip or scaler_exhausted or spike else 0
         self.optimizer.zero_grad(set_to_none=True)
         self.iteration += 1
-        return {"losses": losses, "lr": lr, "grad_norm": grad_norm, "skipped": not applied}
+        return {"losses": losses, "lr": lr, "grad_norm": grad_norm, "skipped": not applied, "spike": spike}
 
     def _on_divergence(self, step: dict, bar) -> None:
         """After --max-skipped-steps non-finite steps in a row: rewind to the last good checkpoint, or stop."""
@@ -175,7 +185,7 @@ class Trainer:
         save_dir = tc.save
         good = list_checkpoints(save_dir) if save_dir else []
         where = (f"step {self.iteration}: loss {step['losses']['loss']:.4g}, grad norm {step['grad_norm']:.4g}, "
-                 f"not finite for {self.non_finite_in_a_row} steps in a row "
+                 f"{'a loss spike' if step['spike'] else 'not finite'} for {self.non_finite_in_a_row} steps in a row "
                  f"(--max-skipped-steps {tc.max_skipped_steps})")
         if tc.rewind_on_divergence and self.rewinds < tc.max_rewinds and good:
             self.rewinds += 1
@@ -275,7 +285,10 @@ class Trainer:
                     self.metrics.log(record)
                     self._print(format_train_line(record), bar)
                     window_seconds, window_steps = 0.0, 0
-                if self.non_finite_in_a_row:
+                if step["spike"]:
+                    self._print(f"step {self.iteration}: loss spike, {self.spikes.last_spike}; step skipped "
+                                f"({self.non_finite_in_a_row} in a row)", bar)
+                elif self.non_finite_in_a_row:
                     self._print(f"step {self.iteration}: loss {step['losses']['loss']:.4g}, grad norm "
                                 f"{step['grad_norm']:.4g} not finite; step skipped "
                                 f"({self.non_finite_in_a_row} in a row)", bar)
@@ -312,7 +325,9 @@ class Trainer:
                 **({"kd_loss": kd_loss} if self.distiller is not None else {}),
                 "grad_norm": step["grad_norm"], "tokens_per_s": tokens_per_s,
                 "loss_scale": self.scaler.loss_scale if self.scaler else None,
-                "skipped_steps": (self.scaler.skipped_steps if self.scaler else 0) + self.non_finite_skipped,
+                "skipped_steps": (self.scaler.skipped_steps if self.scaler else 0) + self.non_finite_skipped
+                + (self.spikes.skipped if self.spikes is not None else 0),
+                **({"loss_spike_skips": self.spikes.skipped} if self.spikes is not None else {}),
                 "data_drawn": self.train_data.drawn(), "moe_layers": layers}
 
     def _log_eval(self, bar) -> dict | None:
