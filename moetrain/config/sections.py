@@ -456,6 +456,24 @@ class MonitorConfig:
                                          "before the first check)")
     loss_spike_sigmas: float = option(6.0, "--loss-spike-sigmas", help="K: standard deviations above the mean "
                                                                        "that make a spike")
+    expert_alarms: bool = option(True, switches=(switch(
+        "--no-expert-alarms", False, help="no expert-health alarms (dead experts, collapse, low routing entropy) in "
+                                          "metrics.jsonl and the log"),))
+    expert_alarm_steps: int = option(100, "--expert-alarm-steps",
+                                     help="N: steps a condition must last before its alarm fires (measured at the "
+                                          "log interval)")
+    collapse_factor: float = option(4.0, "--expert-collapse-factor",
+                                    help="X: collapse when the busiest expert takes more than X times the uniform "
+                                         "share (X / E of a layer's assignments)")
+    record_routing: str | None = option(None, "--record-routing",
+                                        help="write every token's chosen experts, per step and MoE layer, indexed by "
+                                             "global token position, into this directory")
+    replay_routing: str | None = option(None, "--replay-routing",
+                                        help="route every token to the experts recorded in this directory (by "
+                                             "--record-routing, under any layout); weights from the current router")
+    min_router_entropy: float = option(0.1, "--min-router-entropy",
+                                       help="alarm when the mean per-token routing entropy falls below this fraction "
+                                            "of its maximum log(E)")
 
 
 SECTIONS: dict[str, type] = {

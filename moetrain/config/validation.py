@@ -245,3 +245,9 @@ def _validate_distill(distill: DistillConfig, tensor_parallel_size: int) -> None
 def _validate_monitor(monitor: MonitorConfig) -> None:
     check_at_least("--loss-spike-window", monitor.loss_spike_window, 2)
     check_positive("--loss-spike-sigmas", monitor.loss_spike_sigmas)
+    check_at_least("--expert-alarm-steps", monitor.expert_alarm_steps, 1)
+    check_positive("--expert-collapse-factor", monitor.collapse_factor)
+    check(monitor.record_routing is None or monitor.record_routing != monitor.replay_routing,
+          f"--record-routing and --replay-routing are both {monitor.record_routing}: record into another directory")
+    check(0 <= monitor.min_router_entropy <= 1,
+          f"--min-router-entropy is a fraction of the maximum entropy, in [0, 1]; got {monitor.min_router_entropy}")

@@ -11,7 +11,8 @@ from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
 RECORD_TYPES = ("train", "eval", "rewind")
-LAYER_SCALARS = ("drop_fraction", "max_over_min", "experts_used")
+LAYER_SCALARS = ("drop_fraction", "max_over_min", "experts_used", "router_entropy", "dead_experts", "collapsed",
+                 "low_entropy")
 
 
 def _to_json(value: Any, where: str) -> Any:
@@ -54,7 +55,7 @@ class MetricsLogger:
 
     ``save_dir=None`` disables the file (e.g. on non-zero ranks). TensorBoard tags are
     ``{type}/{key}`` (an ``eval_`` prefix is dropped: ``eval/loss``) plus
-    ``{type}/moe_layer_{i}/{drop_fraction|max_over_min|experts_used}``.
+    ``{type}/moe_layer_{i}/{stat}`` for each stat of LAYER_SCALARS a layer has (alarms as 0 / 1).
     """
 
     def __init__(self, save_dir: str | None, tensorboard_dir: str | None = None):

@@ -25,6 +25,8 @@ from moetrain.data.blend import NO_ROWS
 from moetrain.parallel.data_parallel import clip_gradients, global_grad_norm
 from moetrain.parallel.parallelize import sync_expert_load
 from moetrain.train.metrics import MetricsLogger, format_eval_line, format_train_line
+from moetrain.train.monitor.health import ExpertHealth
+from moetrain.train.monitor.routing_record import attach_routing_tape
 from moetrain.train.monitor.spikes import SpikeDetector
 from moetrain.train.run import build_run
 
@@ -63,10 +65,13 @@ class Trainer:
         self.rewinds = 0
         mc = self.cfg.monitor
         self.spikes = SpikeDetector(mc.loss_spike_window, mc.loss_spike_sigmas) if mc.skip_loss_spikes else None
+        self.health = ExpertHealth(mc.expert_alarm_steps, mc.collapse_factor, mc.min_router_entropy) \
+            if mc.expert_alarms else None
         tc = cfg.training
         self.save_lock = self._lock_save_dir(tc.save)
         if tc.load and not self._first_start_of_restartable_job(tc.load, tc.save):
             self._resume(tc.load)
+        self.routing_tape = attach_routing_tape(self.cfg, self.model, self.parallel, self.device, self.iteration)
         rank_zero = self.parallel.rank == 0
         self.metrics = MetricsLogger(tc.save if rank_zero else None, tc.tensorboard_dir if rank_zero else None)
 
@@ -114,6 +119,8 @@ class Trainer:
             self._load_guard_state(extra.get("guard", {}))
         if self.spikes is not None and "loss_spikes" in extra:
             self.spikes.load_state_dict(extra["loss_spikes"], counts=not rewinding)
+        if self.health is not None:
+            self.health.load_state_dict(extra.get("expert_health", {"last_step": restored.iteration}))
         self.iteration = restored.iteration
         self._print(f"resumed from {restored.path} at iteration {self.iteration}")
 
@@ -129,6 +136,8 @@ class Trainer:
         extra["guard"] = {name: getattr(self, name) for name in GUARD_STATE}
         if self.spikes is not None:
             extra["loss_spikes"] = self.spikes.state_dict()
+        if self.health is not None:
+            extra["expert_health"] = self.health.state_dict()
         return save(save_dir, self.iteration, self.model, self.optimizer, self.parallel, extra=extra,
                     files={"tokenizer.json": self.tokenizer.to_json()},
                     keep_last=self.cfg.training.keep_last_checkpoints)
@@ -145,6 +154,8 @@ class Trainer:
         tc = self.cfg.training
         lr = self.schedule.apply(self.optimizer, self.iteration)
         self.model.train()
+        if self.routing_tape is not None:
+            self.routing_tape.begin_train(self.iteration)
         means = self.executor.forward_backward(self._next_batch, self.iteration, self.scaler,
                                                self.grad_sync.before_last_backward)
         if self.parallel.dp > 1:
@@ -176,6 +187,8 @@ class Trainer:
         # a loss spike counts in a row too: a lasting jump stops (or rewinds) the run as divergence does
         self.non_finite_in_a_row = self.non_finite_in_a_row + 1 if guard_skip or scaler_exhausted or spike else 0
         self.optimizer.zero_grad(set_to_none=True)
+        if self.routing_tape is not None:
+            self.routing_tape.end()
         self.iteration += 1
         return {"losses": losses, "lr": lr, "grad_norm": grad_norm, "skipped": not applied, "spike": spike}
 
@@ -251,7 +264,11 @@ class Trainer:
         tc, state = self.cfg.training, self.parallel
         self.model.eval()
         sizes = self.valid_data.eval_batch_sizes(tc.micro_batch_size, tc.eval_iters)
+        if self.routing_tape is not None:
+            self.routing_tape.begin_eval(self.iteration, sizes)
         losses, counts = self.executor.eval_losses(sizes, self._eval_batches)
+        if self.routing_tape is not None:
+            self.routing_tape.end()
         self.model.train()
         totals = torch.stack([(losses.double() * counts).sum(), counts.sum()])
         if state.dp > 1:
@@ -284,6 +301,8 @@ class Trainer:
                     record = self._train_record(step, window_steps * tokens_per_step / window_seconds)
                     self.metrics.log(record)
                     self._print(format_train_line(record), bar)
+                    for warning in self.health.take_warnings() if self.health is not None else []:
+                        self._print(warning, bar)
                     window_seconds, window_steps = 0.0, 0
                 if step["spike"]:
                     self._print(f"step {self.iteration}: loss spike, {self.spikes.last_spike}; step skipped "
@@ -319,6 +338,8 @@ class Trainer:
         """The metrics.jsonl record: the step's losses in their order, except kd_loss, which a distilling run
         logs after lr, null once distillation stopped (the schema in docs/DESIGN.md)."""
         layers = self.executor.routing_summaries(training=True)
+        if self.health is not None:
+            self.health.update(layers, self.iteration)
         losses = dict(step["losses"])
         kd_loss = losses.pop("kd_loss", None)
         return {"type": "train", "step": self.iteration, **losses, "lr": step["lr"],
