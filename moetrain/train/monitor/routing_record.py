@@ -109,6 +109,7 @@ class RoutingTape(RoutingHook):
         """Start `phase` step `step`, whose forwards route the global positions in the `routed` ranges
         (start, count): a replay loads that step's choices and checks they cover those positions."""
         self.phase, self.step, self.recorded = phase, step, []
+        self.routed_end = max(start + count for start, count in routed)
         if self.replay_dir is None:
             return
         self.tables = {}
@@ -144,7 +145,8 @@ class RoutingTape(RoutingHook):
         if self.record_dir is not None and self.writes and self.recorded:
             forwards: dict[int, dict[int, np.ndarray]] = {}  # layer -> first position -> choices
             for layer, start, choices in self.recorded:  # a recomputed forward (recomputation) is kept once
-                forwards.setdefault(layer, {}).setdefault(int(start), choices.cpu().numpy().astype(self.dtype))
+                if int(start) < self.routed_end:  # not an evaluation padding round (its batch counts elsewhere)
+                    forwards.setdefault(layer, {}).setdefault(int(start), choices.cpu().numpy().astype(self.dtype))
             arrays = {}
             for layer, by_start in sorted(forwards.items()):
                 starts = sorted(by_start)
