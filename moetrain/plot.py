@@ -122,6 +122,11 @@ def _plot_expert_health(train: list[dict], path: str) -> bool:
     return True
 
 
+def expert_load_png(train: list[dict], path: str) -> None:
+    """The expert-load heatmap of these train records (at least one, of an MoE run) as a PNG at `path`."""
+    _plot_expert_load(_expert_load_by_layer(train), path)
+
+
 def plot_metrics(metrics_path: str, out_dir: str) -> list[str]:
     """Write loss.png and (for MoE runs) expert_load.png and expert_health.png into ``out_dir``; return the
     paths written."""

@@ -471,6 +471,12 @@ class MonitorConfig:
     replay_routing: str | None = option(None, "--replay-routing",
                                         help="route every token to the experts recorded in this directory (by "
                                              "--record-routing, under any layout); weights from the current router")
+    wandb_project: str | None = option(None, "--wandb-project",
+                                       help="log metrics.jsonl's records, the config and expert-load heatmaps to this "
+                                            "Weights & Biases project (rank 0; pip install \"moetrain[wandb]\")")
+    wandb_exp_name: str | None = option(None, "--wandb-exp-name", help="the W&B run's name")
+    wandb_save_dir: str | None = option(None, "--wandb-save-dir", help="W&B's local files; default SAVE/wandb")
+    wandb_entity: str | None = option(None, "--wandb-entity", help="the W&B team or user")
     min_router_entropy: float = option(0.1, "--min-router-entropy",
                                        help="alarm when the mean per-token routing entropy falls below this fraction "
                                             "of its maximum log(E)")

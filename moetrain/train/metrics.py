@@ -69,13 +69,17 @@ class MetricsLogger:
             if needs_newline:
                 self._file.write("\n")
         self._writer = _open_summary_writer(tensorboard_dir) if tensorboard_dir is not None else None
+        self.sinks: list = []  # more destinations of every JSON-ready record: log(record), close() (W&B)
 
     def log(self, record: dict[str, Any]) -> None:
         """Write one record; it needs "type" ("train" or "eval") and an integer "step"."""
         if record.get("type") not in RECORD_TYPES or not isinstance(record.get("step"), numbers.Integral):
             raise ValueError(f"metrics record needs type in {RECORD_TYPES} and an integer step; "
                              f"got type={record.get('type')!r}, step={record.get('step')!r}")
-        line = json.dumps(_to_json(record, "record"), allow_nan=False)
+        ready = _to_json(record, "record")
+        line = json.dumps(ready, allow_nan=False)
+        for sink in self.sinks:
+            sink.log(ready)
         if self._file is not None:
             self._file.write(line + "\n")
             self._file.flush()
@@ -95,6 +99,9 @@ class MetricsLogger:
                     self._writer.add_scalar(f"{kind}/moe_layer_{layer['layer']}/{stat}", float(layer[stat]), step)
 
     def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -28,6 +28,7 @@ from moetrain.train.metrics import MetricsLogger, format_eval_line, format_train
 from moetrain.train.monitor.health import ExpertHealth
 from moetrain.train.monitor.routing_record import attach_routing_tape
 from moetrain.train.monitor.spikes import SpikeDetector
+from moetrain.train.monitor.wandb_logger import wandb_sinks
 from moetrain.train.run import build_run
 
 
@@ -74,6 +75,7 @@ class Trainer:
         self.routing_tape = attach_routing_tape(self.cfg, self.model, self.parallel, self.device, self.iteration)
         rank_zero = self.parallel.rank == 0
         self.metrics = MetricsLogger(tc.save if rank_zero else None, tc.tensorboard_dir if rank_zero else None)
+        self.metrics.sinks += wandb_sinks(self.cfg, self.parallel.rank)
 
     # -- checkpoints ------------------------------------------------------------------------
     def _lock_save_dir(self, save_dir: str | None) -> SaveDirLock | None:
