@@ -477,6 +477,12 @@ class MonitorConfig:
     wandb_exp_name: str | None = option(None, "--wandb-exp-name", help="the W&B run's name")
     wandb_save_dir: str | None = option(None, "--wandb-save-dir", help="W&B's local files; default SAVE/wandb")
     wandb_entity: str | None = option(None, "--wandb-entity", help="the W&B team or user")
+    profile: bool = option(False, switches=(switch(
+        "--profile", True, help="torch.profiler over steps [--profile-step-start, --profile-step-end): a trace per "
+                                "rank in TENSORBOARD_DIR or SAVE/profile, the top ops printed at the end"),))
+    profile_step_start: int = option(10, "--profile-step-start", help="first profiled step")
+    profile_step_end: int = option(12, "--profile-step-end", help="the step profiling stops before")
+    profile_ranks: list[int] = option([0], "--profile-ranks", nargs="+", type=int, help="global ranks to profile")
     min_router_entropy: float = option(0.1, "--min-router-entropy",
                                        help="alarm when the mean per-token routing entropy falls below this fraction "
                                             "of its maximum log(E)")

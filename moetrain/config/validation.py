@@ -249,5 +249,9 @@ def _validate_monitor(monitor: MonitorConfig) -> None:
     check_positive("--expert-collapse-factor", monitor.collapse_factor)
     check(monitor.record_routing is None or monitor.record_routing != monitor.replay_routing,
           f"--record-routing and --replay-routing are both {monitor.record_routing}: record into another directory")
+    check_at_least("--profile-step-start", monitor.profile_step_start, 0)
+    check(monitor.profile_step_end > monitor.profile_step_start,
+          f"--profile-step-end {monitor.profile_step_end} must be after --profile-step-start "
+          f"{monitor.profile_step_start}")
     check(0 <= monitor.min_router_entropy <= 1,
           f"--min-router-entropy is a fraction of the maximum entropy, in [0, 1]; got {monitor.min_router_entropy}")

@@ -26,6 +26,7 @@ from moetrain.parallel.data_parallel import clip_gradients, global_grad_norm
 from moetrain.parallel.parallelize import sync_expert_load
 from moetrain.train.metrics import MetricsLogger, format_eval_line, format_train_line
 from moetrain.train.monitor.health import ExpertHealth
+from moetrain.train.monitor.profiler import StepProfiler
 from moetrain.train.monitor.routing_record import attach_routing_tape
 from moetrain.train.monitor.spikes import SpikeDetector
 from moetrain.train.monitor.wandb_logger import wandb_sinks
@@ -72,6 +73,7 @@ class Trainer:
         self.save_lock = self._lock_save_dir(tc.save)
         if tc.load and not self._first_start_of_restartable_job(tc.load, tc.save):
             self._resume(tc.load)
+        self.profiler = StepProfiler(self.cfg, self.parallel.rank, self.device)
         self.routing_tape = attach_routing_tape(self.cfg, self.model, self.parallel, self.device, self.iteration)
         rank_zero = self.parallel.rank == 0
         self.metrics = MetricsLogger(tc.save if rank_zero else None, tc.tensorboard_dir if rank_zero else None)
@@ -294,7 +296,9 @@ class Trainer:
         with contextlib.closing(bar), contextlib.closing(self.metrics), self._holding_save_lock():
             while self.iteration < tc.train_iters:
                 step_start = time.perf_counter()
+                self.profiler.step_started(self.iteration)
                 step = self.train_step()
+                self.profiler.step_finished(self.iteration)
                 window_seconds += time.perf_counter() - step_start
                 losses.append(float("nan") if step["skipped"] else step["losses"]["loss"])
                 window_steps += 1
@@ -324,6 +328,9 @@ class Trainer:
                     self.save()
             last_eval = self._log_eval(bar) or last_eval
             path = self.save()
+        self.profiler.stop()
+        if self.profiler.summary and self.parallel.rank == 0:
+            self._print(self.profiler.summary)
         self._print_finish(path)
         return TrainResult(self.iteration, last_eval["eval_loss"] if last_eval else None, tc.save, losses)
 
