@@ -5,11 +5,14 @@ naming the step."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
 
-from moetrain.train.monitor.routing_record import RoutingRecordError, read_routing
+from moetrain.checkpoint import load_model
+from moetrain.train.monitor.routing_record import RoutingRecordError, read_routing, record_or_replay_generation
 from moetrain.train.trainer import Trainer
 from tests.helpers import parallel_config, run_ranks
 
@@ -73,7 +76,6 @@ def test_replay_keeps_the_choices_after_the_router_changed_and_trains_the_router
 
 def test_a_missing_or_short_record_is_one_line_naming_the_step(tmp_path):
     _fit(routing_config(tmp_path, record="rec"))
-    import shutil
     shutil.rmtree(tmp_path / "rec" / "train" / "00000001")
     with pytest.raises(RoutingRecordError, match=r"no record of train step 1 ") as error:
         _fit(routing_config(tmp_path, replay="rec"))
@@ -84,3 +86,23 @@ def test_a_missing_or_short_record_is_one_line_naming_the_step(tmp_path):
                                                  r"token 128;") as error:
         _fit(short)
     assert "\n" not in str(error.value)
+
+
+def test_generate_records_and_replays_its_forwards(tmp_path):
+    cfg = routing_config(tmp_path)
+    cfg.training.save = str(tmp_path / "model")
+    _fit(cfg)
+    prompt = torch.tensor([[5, 6, 7]])
+    recorded = {}
+    for name, replay in (("gen", None), ("again", "gen")):
+        model, _, _ = load_model(str(tmp_path / "model"))
+        if replay:
+            with torch.no_grad():
+                for _, moe in model.moe_layers():
+                    moe.router.wg.weight.normal_()  # other scores: without the replay other experts win
+        record_or_replay_generation(model, str(tmp_path / name), replay and str(tmp_path / replay), seed=1)
+        model.generate(prompt, 3, temperature=0)
+        recorded[name] = {(step, layer): table for step in range(3)
+                          for layer, (table, _) in read_routing(str(tmp_path / name), "generate", step).items()}
+    assert [len(recorded["gen"][(step, 1)]) for step in range(3)] == [3, 4, 5]  # one forward per new token
+    assert_same_choices(recorded["again"], recorded["gen"])

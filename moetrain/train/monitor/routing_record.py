@@ -1,7 +1,8 @@
 """Routing record and replay (--record-routing DIR, --replay-routing DIR): every token's chosen experts, per
 step and MoE layer, indexed by global token position, so a record made under one layout replays under any.
 
-Layout of DIR: `{phase}/{step:08d}/rank{rank:05d}.npz` (phase `train` or `eval`), one file per step and
+Layout of DIR: `{phase}/{step:08d}/rank{rank:05d}.npz` (phase `train`, `eval`, or `generate`: each forward of
+`moetrain generate`, record_or_replay_generation), one file per step and
 writing rank (tensor-parallel rank 0 of each group: its peers see the same tokens), written when the step
 ends (atomically: a temporary name, then a rename). A file holds, for each MoE layer L, `L{L}_starts` (the
 first global position of each forward), `L{L}_lengths` (its tokens) and `L{L}_choices` ([tokens, k], uint8 for
@@ -28,9 +29,10 @@ from torch import Tensor
 from moetrain.config import Config
 from moetrain.model import GPT
 from moetrain.moe.routing_hook import RoutingHook
+from moetrain.moe.routing_noise import routing_key
 from moetrain.parallel.mesh import ParallelState
 
-PHASES = ("train", "eval")
+PHASES = ("train", "eval", "generate")
 
 
 class RoutingRecordError(ValueError):
@@ -177,3 +179,29 @@ def attach_routing_tape(cfg: Config, model: GPT, state: ParallelState, device: t
         moe.router.hook = tape
     tape.discard_after(iteration, state.distributed)
     return tape
+
+
+def record_or_replay_generation(model: GPT, record_dir: str | None, replay_dir: str | None, seed: int) -> None:
+    """Make `model.generate` record (`record_dir`) or replay (`replay_dir`) its routing: each forward of the
+    generation (a whole context, batch x length tokens) is step i of phase `generate`, counted over the calls,
+    keyed by (seed, i) so its positions are those of its context. Keyed routing noise replaces torch's RNG in
+    these forwards, so a sampling router draws other (equally distributed) noise than without the flags."""
+    if record_dir is None and replay_dir is None:
+        return
+    tape = RoutingTape(record_dir, replay_dir, rank=0, writes=True,
+                       num_experts=max(moe.num_experts for _, moe in model.moe_layers()),
+                       device=next(model.parameters()).device, micro_batch=1, seq_length=1, train_tokens=0)
+    for _, moe in model.moe_layers():
+        moe.router.hook = tape
+    tape.discard_after(0, distributed=False)
+    forward, forwards = model.forward, [0]
+
+    def keyed_forward(input_ids: Tensor, *args, **kwargs):
+        step = forwards[0]
+        forwards[0] += 1
+        tape.begin("generate", step, [(0, input_ids.numel())])
+        output = forward(input_ids, *args, routing_key=routing_key(seed, step, 0, input_ids.device, training=False),
+                         **kwargs)
+        tape.end()
+        return output
+    model.forward = keyed_forward
