@@ -3,9 +3,13 @@ forced to collapse, in metrics.jsonl and the expert_health.png panel; the streak
 
 from __future__ import annotations
 
+import sys
+import types
+
 import torch
 
 from moetrain.config import Config
+from moetrain.train.metrics import MetricsLogger
 from moetrain.train.monitor.health import ALARMS, ExpertHealth
 from moetrain.train.trainer import Trainer
 from tests.helpers import read_records, tiny_config
@@ -81,3 +85,27 @@ def test_streaks_count_steps_across_log_windows():
     restored.load_state_dict(health.state_dict())
     assert restored.state_dict() == health.state_dict()
 
+
+
+def test_tensorboard_gets_the_health_of_each_layer(tmp_path, monkeypatch):
+    scalars = {}
+
+    class FakeWriter:
+        def __init__(self, log_dir):
+            pass
+
+        def add_scalar(self, tag, value, step):
+            scalars[tag] = value
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    logger = MetricsLogger(None, tensorboard_dir=str(tmp_path))
+    layer = {"layer": 1, "tokens_per_expert": [4, 0], "router_entropy": 0.05, "dead_experts": 1, "collapsed": True,
+             "low_entropy": False}
+    logger.log({"type": "train", "step": 10, "loss": 1.0, "moe_layers": [layer]})
+    logger.close()
+    assert {tag: value for tag, value in scalars.items() if tag.startswith("train/moe_layer_1/")} == {
+        "train/moe_layer_1/router_entropy": 0.05, "train/moe_layer_1/dead_experts": 1.0,
+        "train/moe_layer_1/collapsed": 1.0, "train/moe_layer_1/low_entropy": 0.0}
