@@ -85,8 +85,51 @@ def _plot_expert_load(loads: dict[int, tuple[list[int], np.ndarray]], path: str)
     fig.savefig(path, dpi=120)
 
 
+HEALTH_PANELS = (("router_entropy", "routing entropy / log(E)"),
+                 ("max_over_mean", "busiest expert / uniform share"),
+                 ("dead_experts", "dead experts"))
+
+
+def _plot_expert_health(train: list[dict], path: str) -> bool:
+    """One panel per health signal (expert-health alarms), a line per MoE layer, alarm firings marked;
+    False (nothing written) when the records carry none of them."""
+    layers = sorted({layer["layer"] for record in train for layer in record.get("moe_layers") or []})
+    fig = Figure(figsize=(8, 7))
+    axes = fig.subplots(len(HEALTH_PANELS), 1, sharex=True)
+    drawn = False
+    for ax, (key, label) in zip(axes, HEALTH_PANELS):
+        for index in layers:
+            points = [(record["step"], layer) for record in train for layer in record.get("moe_layers") or []
+                      if layer["layer"] == index and layer.get(key) is not None]
+            if not points:
+                continue
+            drawn = drawn or key != "max_over_mean"
+            line, = ax.plot([step for step, _ in points], [layer[key] for _, layer in points], linewidth=1.2,
+                            label=f"layer {index}")
+            alarmed = [(step, layer[key]) for step, layer in points
+                       if any(layer.get(alarm) for alarm in ("dead_experts", "collapsed", "low_entropy"))]
+            if alarmed:
+                ax.plot(*zip(*alarmed), "x", color=line.get_color(), markersize=6)
+        ax.set_ylabel(label, fontsize=8)
+        ax.grid(alpha=0.3)
+    if not drawn:
+        return False
+    axes[0].legend(fontsize=7)
+    axes[0].set_title("expert health (x: an alarm is on)", fontsize=9)
+    axes[-1].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def expert_load_png(train: list[dict], path: str) -> None:
+    """The expert-load heatmap of these train records (at least one, of an MoE run) as a PNG at `path`."""
+    _plot_expert_load(_expert_load_by_layer(train), path)
+
+
 def plot_metrics(metrics_path: str, out_dir: str) -> list[str]:
-    """Write loss.png and (for MoE runs) expert_load.png into ``out_dir``; return the paths written."""
+    """Write loss.png and (for MoE runs) expert_load.png and expert_health.png into ``out_dir``; return the
+    paths written."""
     records = read_metrics(metrics_path)
     train, evals = _latest_per_step(records, "train"), _latest_per_step(records, "eval")
     if not train and not evals:
@@ -100,4 +143,7 @@ def plot_metrics(metrics_path: str, out_dir: str) -> list[str]:
         load_path = os.path.join(out_dir, "expert_load.png")
         _plot_expert_load(loads, load_path)
         written.append(load_path)
+        health_path = os.path.join(out_dir, "expert_health.png")
+        if _plot_expert_health(train, health_path):
+            written.append(health_path)
     return written

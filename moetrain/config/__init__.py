@@ -41,6 +41,7 @@ from moetrain.config.sections import (
     DistillConfig,
     ModelConfig,
     MoEConfig,
+    MonitorConfig,
     ParallelConfig,
     TrainingConfig,
     config_summary,
@@ -51,7 +52,7 @@ __all__ = [
     "DEVICES", "DISTRIBUTED_BACKENDS", "DROP_POLICIES", "LR_DECAY_STYLES", "MLP_TYPES", "MODEL_STYLES",
     "NOISY_GATE_POLICIES", "PIPELINE_SCHEDULES", "PRECISIONS", "SCORE_FUNCS", "SECTIONS", "TOKENIZER_TYPES",
     "TRAIN_DESCRIPTION", "ZERO_STAGES", "Config", "ConfigError", "DataConfig", "DistillConfig", "ModelConfig",
-    "MoEConfig", "ParallelConfig", "TrainingConfig", "add_config_args", "add_model_args", "add_moe_args",
-    "add_train_args", "build_train_parser", "config_from_namespace", "config_summary", "field_flags",
+    "MoEConfig", "MonitorConfig", "ParallelConfig", "TrainingConfig", "add_config_args", "add_model_args",
+    "add_moe_args", "add_train_args", "build_train_parser", "config_from_namespace", "config_summary", "field_flags",
     "given_fields", "parse_train_args", "resolve", "to_flags",
 ]

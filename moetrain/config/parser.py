@@ -29,6 +29,7 @@ GROUP_TITLES = {
     "parallel": "parallelism",
     "deepspeed": "DeepSpeed compatibility",
     "distill": "knowledge distillation (Mixture-of-Students)",
+    "monitor": "monitoring: loss spikes, expert health, routing record and replay, W&B, profiler",
 }
 _GIVEN_FLAGS = "_moetrain_given_flags"
 

@@ -580,6 +580,52 @@ class DistillConfig:
              "differ keep their random init"),))
 
 
+@dataclass
+class MonitorConfig:
+    """Watching and steering a long run: loss-spike skipping, expert-health alarms, routing record and
+    replay, Weights & Biases, profiler traces (moetrain/train/monitor/)."""
+
+    skip_loss_spikes: bool = option(False, switches=(switch(
+        "--skip-loss-spikes", True,
+        help="skip the optimizer step when the loss or the gradient norm exceeds the mean + K standard deviations "
+             "of the last W applied steps (--loss-spike-window, --loss-spike-sigmas)"),))
+    loss_spike_window: int = option(128, "--loss-spike-window",
+                                    help="W: applied steps the rolling mean and deviation span (and the steps "
+                                         "before the first check)")
+    loss_spike_sigmas: float = option(6.0, "--loss-spike-sigmas", help="K: standard deviations above the mean "
+                                                                       "that make a spike")
+    expert_alarms: bool = option(True, switches=(switch(
+        "--no-expert-alarms", False, help="no expert-health alarms (dead experts, collapse, low routing entropy) in "
+                                          "metrics.jsonl and the log"),))
+    expert_alarm_steps: int = option(100, "--expert-alarm-steps",
+                                     help="N: steps a condition must last before its alarm fires (measured at the "
+                                          "log interval)")
+    collapse_factor: float = option(4.0, "--expert-collapse-factor",
+                                    help="X: collapse when the busiest expert takes more than X times the uniform "
+                                         "share (X / E of a layer's assignments)")
+    record_routing: str | None = option(None, "--record-routing",
+                                        help="write every token's chosen experts, per step and MoE layer, indexed by "
+                                             "global token position, into this directory")
+    replay_routing: str | None = option(None, "--replay-routing",
+                                        help="route every token to the experts recorded in this directory (by "
+                                             "--record-routing, under any layout); weights from the current router")
+    wandb_project: str | None = option(None, "--wandb-project",
+                                       help="log metrics.jsonl's records, the config and expert-load heatmaps to this "
+                                            "Weights & Biases project (rank 0; pip install \"moetrain[wandb]\")")
+    wandb_exp_name: str | None = option(None, "--wandb-exp-name", help="the W&B run's name")
+    wandb_save_dir: str | None = option(None, "--wandb-save-dir", help="W&B's local files; default SAVE/wandb")
+    wandb_entity: str | None = option(None, "--wandb-entity", help="the W&B team or user")
+    profile: bool = option(False, switches=(switch(
+        "--profile", True, help="torch.profiler over steps [--profile-step-start, --profile-step-end): a trace per "
+                                "rank in TENSORBOARD_DIR or SAVE/profile, the top ops printed at the end"),))
+    profile_step_start: int = option(10, "--profile-step-start", help="first profiled step")
+    profile_step_end: int = option(12, "--profile-step-end", help="the step profiling stops before")
+    profile_ranks: list[int] = option([0], "--profile-ranks", nargs="+", type=int, help="global ranks to profile")
+    min_router_entropy: float = option(0.1, "--min-router-entropy",
+                                       help="alarm when the mean per-token routing entropy falls below this fraction "
+                                            "of its maximum log(E)")
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "moe": MoEConfig,
@@ -587,6 +633,7 @@ SECTIONS: dict[str, type] = {
     "training": TrainingConfig,
     "parallel": ParallelConfig,
     "distill": DistillConfig,
+    "monitor": MonitorConfig,
 }
 
 
@@ -598,6 +645,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def experts_per_layer(self) -> list[int]:
         return self.moe.experts_per_layer(self.model.num_layers)

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         DistillConfig,
         ModelConfig,
         MoEConfig,
+        MonitorConfig,
         TrainingConfig,
     )
 
@@ -68,6 +69,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _validate_training(cfg.training)
     _validate_parallel(cfg, world_size)
     _validate_distill(cfg.distill, cfg.parallel.tensor_parallel_size)
+    _validate_monitor(cfg.monitor)
 
 
 def _check_finite(cfg: Config) -> None:
@@ -314,3 +316,17 @@ def _validate_distill(distill: DistillConfig, tensor_parallel_size: int) -> None
         check(len(distill.num_experts_teacher) >= 1 and min(distill.num_experts_teacher) >= 0,
               f"--num-experts-teacher needs one or more non-negative counts, got {distill.num_experts_teacher}")
 
+
+def _validate_monitor(monitor: MonitorConfig) -> None:
+    check_at_least("--loss-spike-window", monitor.loss_spike_window, 2)
+    check_positive("--loss-spike-sigmas", monitor.loss_spike_sigmas)
+    check_at_least("--expert-alarm-steps", monitor.expert_alarm_steps, 1)
+    check_positive("--expert-collapse-factor", monitor.collapse_factor)
+    check(monitor.record_routing is None or monitor.record_routing != monitor.replay_routing,
+          f"--record-routing and --replay-routing are both {monitor.record_routing}: record into another directory")
+    check_at_least("--profile-step-start", monitor.profile_step_start, 0)
+    check(monitor.profile_step_end > monitor.profile_step_start,
+          f"--profile-step-end {monitor.profile_step_end} must be after --profile-step-start "
+          f"{monitor.profile_step_start}")
+    check(0 <= monitor.min_router_entropy <= 1,
+          f"--min-router-entropy is a fraction of the maximum entropy, in [0, 1]; got {monitor.min_router_entropy}")

@@ -179,6 +179,8 @@ class MoE(nn.Module):
             0, decision.expert_indices.flatten(), decision.kept.flatten().long())
         stats = self.routing_stats if self.training else self.eval_routing_stats
         stats.record(decision.exp_counts, kept_counts, self._ranks_visited(decision.expert_indices, mask))
+        if decision.token_entropy is not None:
+            stats.record_entropy(decision.token_entropy, mask)
         self.balance_losses = {name: loss.detach() for name, loss in (decision.balance_losses or {}).items()}
         if self.training and self.balance_losses:
             stats.record_balance(torch.stack(list(self.balance_losses.values())))

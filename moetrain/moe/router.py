@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from moetrain.moe import balance
 from moetrain.moe.routing_config import DEEPSPEED_LOSS, RoutingConfig
+from moetrain.moe.routing_hook import RoutingHook
 from moetrain.moe.routing_noise import GUMBEL, JITTER, RTS, TORCH_NOISE, RoutingNoise
 from moetrain.moe.routing_noise import f32 as _f32
 
@@ -48,6 +49,7 @@ class RoutingDecision:
     dropless: bool = False  # known without looking: every assignment is kept
     balance_losses: dict[str, Tensor] | None = None  # each load-balancing type's unweighted loss
     pad_to_capacity: int | None = None  # --moe-pad-expert-input-to-capacity: rows every expert block is padded to
+    token_entropy: Tensor | None = None  # [S] entropy (nats) of each token's routing probabilities, detached
 
 
 def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float, k: int,
@@ -106,6 +108,7 @@ class Router(nn.Module):
             self.expert_bias = None
         self._token_mask: Tensor | None = None  # set for the duration of a masked forward
         self._noise: RoutingNoise = TORCH_NOISE  # where this forward's random draws come from
+        self.hook: RoutingHook | None = None  # sees (records) or replaces (replays) each keyed forward's choices
 
     # -- the three overridable steps -------------------------------------------------------
     def compute_logits(self, x: Tensor) -> Tensor:
@@ -195,6 +198,8 @@ class Router(nn.Module):
             logits = self.compute_logits(x)
             scores = self.compute_scores(logits)
             indices = self.select_experts(logits, scores)
+            if self.hook is not None and noise.keyed:
+                indices = self.hook.route(noise.layer, noise.first_position(), indices, self.training)
             kept = self._apply_capacity(indices, scores)
         finally:
             self._token_mask, self._noise = None, TORCH_NOISE
@@ -225,7 +230,14 @@ class Router(nn.Module):
         return RoutingDecision(indices, gate, kept, l_aux, z_loss, exp_counts,
                                dropless=not routing.drop_tokens and token_mask is None, balance_losses=losses,
                                pad_to_capacity=self.capacity(x.shape[0]) if routing.pad_expert_input_to_capacity
-                               else None)
+                               else None, token_entropy=self._token_entropy(scores))
+
+    @torch.no_grad()
+    def _token_entropy(self, scores: Tensor) -> Tensor:
+        """[S] entropy of each token's probabilities over the experts (sigmoid scores normalised): near 0
+        when the router is sure of one expert, log(E) when it cannot tell them apart."""
+        probs = self._balance_probs(scores)
+        return -(probs * probs.clamp(min=torch.finfo(probs.dtype).tiny).log()).sum(dim=1)
 
     def _balance_probs(self, scores: Tensor) -> Tensor:
         """Probabilities over all experts for the balance losses (sigmoid scores normalised)."""

@@ -124,6 +124,10 @@ class KeyedNoise(RoutingNoise):
     def __init__(self, key: Tensor, layer: int, seq_len: int) -> None:
         self.key, self.layer, self.seq_len = key, layer, seq_len
 
+    def first_position(self) -> Tensor:
+        """0-d int64: the global position of the forward's first token (its rows follow it)."""
+        return self.key[1] * self.seq_len
+
     def bits(self, shape: torch.Size, device: torch.device, stream: int) -> Tensor:
         """[tokens, columns] int64 hashes in [0, 2^32)."""
         rows, cols = shape

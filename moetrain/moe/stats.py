@@ -6,6 +6,8 @@ into numbers only when someone asks, at log time.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -20,6 +22,7 @@ class RoutingStats:
         self.most_rank_visits = torch.zeros(1, dtype=torch.long)  # the most ranks one token visited
         self.balance_sums = torch.zeros(0, dtype=torch.float64)  # each load-balancing type's loss, summed
         self.balance_forwards = torch.zeros(1, dtype=torch.long)  # forwards those sums hold
+        self.entropy = torch.zeros(2, dtype=torch.float64)  # routing entropy summed over tokens, and the tokens
 
     @torch.no_grad()
     def record(self, exp_counts: Tensor, kept_counts: Tensor, ranks_visited: Tensor | None = None) -> None:
@@ -34,6 +37,18 @@ class RoutingStats:
             self.rank_visits[0] += (ranks_visited > 0).sum()  # padding visits none and does not count
             self.rank_visits[1] += ranks_visited.sum()
             torch.maximum(self.most_rank_visits, ranks_visited.max(), out=self.most_rank_visits)
+
+    @torch.no_grad()
+    def record_entropy(self, token_entropy: Tensor, mask: Tensor | None = None) -> None:
+        """Add one forward's [S] per-token routing entropies (padding, False in `mask`, left out)."""
+        if self.entropy.device != token_entropy.device:
+            self.entropy = self.entropy.to(token_entropy.device)
+        if mask is None:
+            self.entropy[0] += token_entropy.double().sum()
+            self.entropy[1] += token_entropy.numel()
+        else:
+            self.entropy[0] += (token_entropy.double() * mask).sum()
+            self.entropy[1] += mask.sum()
 
     @torch.no_grad()
     def record_balance(self, losses: Tensor) -> None:
@@ -70,7 +85,11 @@ class RoutingStats:
         if tokens:  # expert parallel: ranks each token's experts live on
             result["ep_ranks_per_token"] = visits / tokens
             result["ep_ranks_per_token_max"] = int(self.most_rank_visits)
+        entropy, entropy_tokens = self.entropy.tolist()
+        if entropy_tokens and len(routed) > 1:  # mean per-token entropy as a fraction of its maximum, log(E)
+            result["router_entropy"] = entropy / entropy_tokens / math.log(len(routed))
         if reset:
+            self.entropy.zero_()
             self.routed.zero_()
             self.kept.zero_()
             self.rank_visits.zero_()

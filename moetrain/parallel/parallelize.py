@@ -88,7 +88,8 @@ def sync_routing_stats(model: GPT, state: ParallelState, training: bool = True) 
         return
     for _, moe in model.moe_layers():
         stats = moe.routing_stats if training else moe.eval_routing_stats
-        for name in ("routed", "kept", "rank_visits"):  # counts start on the host until a forward records them
+        # counts start on the host until a forward records them
+        for name in ("routed", "kept", "rank_visits", "entropy"):
             counts = getattr(stats, name).to(state.comm_device)
             dist.all_reduce(counts, group=state.dp_group)
             setattr(stats, name, counts)

@@ -11,7 +11,8 @@ from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
 RECORD_TYPES = ("train", "eval", "rewind")
-LAYER_SCALARS = ("drop_fraction", "max_over_min", "experts_used")
+LAYER_SCALARS = ("drop_fraction", "max_over_min", "experts_used", "router_entropy", "dead_experts", "collapsed",
+                 "low_entropy")
 
 
 def _to_json(value: Any, where: str) -> Any:
@@ -77,7 +78,7 @@ class MetricsLogger:
 
     ``save_dir=None`` disables the file (e.g. on non-zero ranks). TensorBoard tags are
     ``{type}/{key}`` (an ``eval_`` prefix is dropped: ``eval/loss``) plus
-    ``{type}/moe_layer_{i}/{drop_fraction|max_over_min|experts_used}``.
+    ``{type}/moe_layer_{i}/{stat}`` for each stat of LAYER_SCALARS a layer has (alarms as 0 / 1).
     """
 
     def __init__(self, save_dir: str | None, tensorboard_dir: str | None = None, resumed_at: int | None = None):
@@ -94,13 +95,17 @@ class MetricsLogger:
             if needs_newline:
                 self._file.write("\n")
         self._writer = _open_summary_writer(tensorboard_dir) if tensorboard_dir is not None else None
+        self.sinks: list = []  # more destinations of every JSON-ready record: log(record), close() (W&B)
 
     def log(self, record: dict[str, Any]) -> None:
         """Write one record; it needs "type" ("train" or "eval") and an integer "step"."""
         if record.get("type") not in RECORD_TYPES or not isinstance(record.get("step"), numbers.Integral):
             raise ValueError(f"metrics record needs type in {RECORD_TYPES} and an integer step; "
                              f"got type={record.get('type')!r}, step={record.get('step')!r}")
-        line = json.dumps(_to_json(record, "record"), allow_nan=False)
+        ready = _to_json(record, "record")
+        line = json.dumps(ready, allow_nan=False)
+        for sink in self.sinks:
+            sink.log(ready)
         if self._file is not None:
             try:
                 self._file.write(line + "\n")
@@ -123,6 +128,9 @@ class MetricsLogger:
                     self._writer.add_scalar(f"{kind}/moe_layer_{layer['layer']}/{stat}", float(layer[stat]), step)
 
     def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -38,6 +38,11 @@ from moetrain.parallel.parallelize import sync_expert_load
 from moetrain.train.compatibility import check_loadable
 from moetrain.train.divergence import rewind_target
 from moetrain.train.metrics import MetricsLogger, format_eval_line, format_train_line
+from moetrain.train.monitor.health import ExpertHealth
+from moetrain.train.monitor.profiler import StepProfiler
+from moetrain.train.monitor.routing_record import attach_routing_tape
+from moetrain.train.monitor.spikes import SpikeDetector
+from moetrain.train.monitor.wandb_logger import wandb_sinks
 from moetrain.train.run import build_run
 
 
@@ -76,13 +81,20 @@ class Trainer:
         self.rewinds = 0
         self.streak_start = 0  # the iteration whose weights the open non-finite streak started from
         self.rewound_to: set[int] = set()  # checkpoints a rewind went back to (never chosen twice)
+        mc = self.cfg.monitor
+        self.spikes = SpikeDetector(mc.loss_spike_window, mc.loss_spike_sigmas) if mc.skip_loss_spikes else None
+        self.health = ExpertHealth(mc.expert_alarm_steps, mc.collapse_factor, mc.min_router_entropy) \
+            if mc.expert_alarms else None
         tc = cfg.training
         self.save_lock = self._lock_save_dir(tc.save)
         if tc.load and not self._first_start_of_restartable_job(tc.load, tc.save):
             self._resume(tc.load)
+        self.profiler = StepProfiler(self.cfg, self.parallel.rank, self.device)
+        self.routing_tape = attach_routing_tape(self.cfg, self.model, self.parallel, self.device, self.iteration)
         rank_zero = self.parallel.rank == 0
         self.metrics = MetricsLogger(tc.save if rank_zero else None, tc.tensorboard_dir if rank_zero else None,
                                      resumed_at=self.iteration or None)
+        self.metrics.sinks += wandb_sinks(self.cfg, self.parallel.rank)
 
     # -- checkpoints ------------------------------------------------------------------------
     def _lock_save_dir(self, save_dir: str | None) -> SaveDirLock | None:
@@ -135,6 +147,10 @@ class Trainer:
             self.distiller.load_state_dict(extra["distill"])  # a stopped distillation stays stopped
         if not rewinding:  # a rewind keeps this run's counts: its skipped steps and rewinds happened
             self._load_guard_state(extra.get("guard", {}))
+        if self.spikes is not None and "loss_spikes" in extra:
+            self.spikes.load_state_dict(extra["loss_spikes"], counts=not rewinding)
+        if self.health is not None:
+            self.health.load_state_dict(extra.get("expert_health", {"last_step": restored.iteration}))
         self.iteration = restored.iteration
         self._print(f"resumed from {restored.path} at iteration {self.iteration}")
 
@@ -148,6 +164,10 @@ class Trainer:
         if self.distiller is not None:
             extra["distill"] = self.distiller.state_dict()
         extra["guard"] = {**{name: getattr(self, name) for name in GUARD_STATE}, "rewound_to": sorted(self.rewound_to)}
+        if self.spikes is not None:
+            extra["loss_spikes"] = self.spikes.state_dict()
+        if self.health is not None:
+            extra["expert_health"] = self.health.state_dict()
         return save(save_dir, self.iteration, self.model, self.optimizer, self.parallel, extra=extra,
                     files={"tokenizer.json": self.tokenizer.to_json()},
                     keep_last=self.cfg.training.keep_last_checkpoints)
@@ -165,6 +185,8 @@ class Trainer:
         tc = self.cfg.training
         lr = self.schedule.apply(self.optimizer, self.iteration)
         self.model.train()
+        if self.routing_tape is not None:
+            self.routing_tape.begin_train(self.iteration)
         means = self.executor.forward_backward(self._next_batch, self.iteration, self.scaler,
                                                self.grad_sync.before_last_backward)
         if self.parallel.dp > 1:
@@ -178,36 +200,42 @@ class Trainer:
                                 device=self.parallel.comm_device)
         flag = norm.new_zeros(()) if overflow is None else overflow.to(norm.device)
         # the step's one host sync: losses, norm (NaN from any rank) and overflow flag, all global, in one copy;
-        # the clip/skip decision is made on the host from it
+        # the clip/skip/spike decisions are made on the host from it
         losses = means.extended(StepLosses(("grad_norm", "overflow"), torch.stack([norm, flag]))).to_host()
         grad_norm, overflow = losses.pop("grad_norm"), losses.pop("overflow") > 0
-        applied = False
+        applied = spike = False
         if overflow:
             grad_norm = float("nan")
-        elif not tc.check_for_nan_in_loss_and_grad or (math.isfinite(grad_norm) and math.isfinite(losses["loss"])):
-            max_norm = tc.clip_grad if tc.clip_grad > 0 else math.inf
-            if clip_needed(max_norm, grad_norm):
-                clip_gradients(grads, max_norm, norm)
-            self.optimizer.step()
-            sync_expert_load(self.model, self.parallel)
-            self.model.update_expert_biases()
-            if self.compute_weights is not None:
-                self.compute_weights.invalidate()  # the next forward writes the bf16/fp16 copies, once
-            applied = True
+        else:
+            finite = math.isfinite(grad_norm) and math.isfinite(losses["loss"])
+            spike = finite and self.spikes is not None and self.spikes.check(losses["loss"], grad_norm)
+            if (not tc.check_for_nan_in_loss_and_grad or finite) and not spike:
+                max_norm = tc.clip_grad if tc.clip_grad > 0 else math.inf
+                if clip_needed(max_norm, grad_norm):
+                    clip_gradients(grads, max_norm, norm)
+                self.optimizer.step()
+                sync_expert_load(self.model, self.parallel)
+                self.model.update_expert_biases()
+                if self.compute_weights is not None:
+                    self.compute_weights.invalidate()  # the next forward writes the bf16/fp16 copies, once
+                applied = True
         # fp16 overflow is the scaler's to skip while it can still lower the scale; at its floor, or with the
         # (unscaled) loss itself non-finite, which no scale mends, it is divergence
         scaler_exhausted = overflow and (not self.scaler.dynamic or self.scaler.loss_scale <= self.scaler.min_scale
                                          or not math.isfinite(losses["loss"]))
         if self.scaler:
             self.scaler.update(overflow)
-        guard_skip = not applied and not overflow
+        guard_skip = not applied and not overflow and not spike
         self.non_finite_skipped += guard_skip
-        if (guard_skip or scaler_exhausted) and not self.non_finite_in_a_row:
+        streaking = guard_skip or scaler_exhausted or spike  # a lasting loss spike stops or rewinds the run too
+        if streaking and not self.non_finite_in_a_row:
             self.streak_start = self.iteration
-        self.non_finite_in_a_row = self.non_finite_in_a_row + 1 if guard_skip or scaler_exhausted else 0
+        self.non_finite_in_a_row = self.non_finite_in_a_row + 1 if streaking else 0
         self.optimizer.zero_grad(set_to_none=True)
+        if self.routing_tape is not None:
+            self.routing_tape.end()
         self.iteration += 1
-        return {"losses": losses, "lr": lr, "grad_norm": grad_norm, "skipped": not applied}
+        return {"losses": losses, "lr": lr, "grad_norm": grad_norm, "skipped": not applied, "spike": spike}
 
     def _on_divergence(self, step: dict, bar) -> None:
         """After --max-skipped-steps non-finite steps in a row: rewind to the newest checkpoint from before the
@@ -216,7 +244,7 @@ class Trainer:
         save_dir = tc.save
         target = rewind_target(save_dir, self.streak_start, frozenset(self.rewound_to))
         where = (f"step {self.iteration}: loss {step['losses']['loss']:.4g}, grad norm {step['grad_norm']:.4g}, "
-                 f"not finite for {self.non_finite_in_a_row} steps in a row "
+                 f"{'a loss spike' if step['spike'] else 'not finite'} for {self.non_finite_in_a_row} steps in a row "
                  f"(--max-skipped-steps {tc.max_skipped_steps})")
         if tc.rewind_on_divergence and self.rewinds < tc.max_rewinds and target is not None:
             self.rewinds += 1
@@ -288,7 +316,11 @@ class Trainer:
         tc, state = self.cfg.training, self.parallel
         self.model.eval()
         sizes = self.valid_data.eval_batch_sizes(tc.micro_batch_size, tc.eval_iters)
+        if self.routing_tape is not None:
+            self.routing_tape.begin_eval(self.iteration, sizes)
         losses, counts = self.executor.eval_losses(sizes, self._eval_batches)
+        if self.routing_tape is not None:
+            self.routing_tape.end()
         self.model.train()
         totals = torch.stack([(losses.double() * counts).sum(), counts.sum()])
         if state.dp > 1:
@@ -312,7 +344,9 @@ class Trainer:
         with contextlib.closing(bar), contextlib.closing(self.metrics), self._holding_save_lock():
             while self.iteration < tc.train_iters:
                 step_start = time.perf_counter()
+                self.profiler.step_started(self.iteration)
                 step = self.train_step()
+                self.profiler.step_finished(self.iteration)
                 window_seconds += time.perf_counter() - step_start
                 losses.append(float("nan") if step["skipped"] else step["losses"]["loss"])
                 window_steps += 1
@@ -321,8 +355,13 @@ class Trainer:
                     record = self._train_record(step, window_steps * tokens_per_step / window_seconds)
                     self.metrics.log(record)
                     self._print(format_train_line(record), bar)
+                    for warning in self.health.take_warnings() if self.health is not None else []:
+                        self._print(warning, bar)
                     window_seconds, window_steps = 0.0, 0
-                if self.non_finite_in_a_row:
+                if step["spike"]:
+                    self._print(f"step {self.iteration}: loss spike, {self.spikes.last_spike}; step skipped "
+                                f"({self.non_finite_in_a_row} in a row)", bar)
+                elif self.non_finite_in_a_row:
                     self._print(f"step {self.iteration}: loss {step['losses']['loss']:.4g}, grad norm "
                                 f"{step['grad_norm']:.4g} not finite; step skipped "
                                 f"({self.non_finite_in_a_row} in a row)", bar)
@@ -339,6 +378,9 @@ class Trainer:
             self._refuse_a_non_finite_end(final_eval)
             last_eval = final_eval or last_eval
             path = self.save()
+        self.profiler.stop()
+        if self.profiler.summary and self.parallel.rank == 0:
+            self._print(self.profiler.summary)
         self._print_finish(path)
         return TrainResult(self.iteration, last_eval["eval_loss"] if last_eval else None, tc.save, losses)
 
@@ -366,13 +408,17 @@ class Trainer:
         """The metrics.jsonl record: the step's losses in their order, except kd_loss, which a distilling run
         logs after lr, null once distillation stopped (the schema in docs/DESIGN.md)."""
         layers = self.executor.routing_summaries(training=True)
+        if self.health is not None:
+            self.health.update(layers, self.iteration)
         losses = dict(step["losses"])
         kd_loss = losses.pop("kd_loss", None)
         return {"type": "train", "step": self.iteration, **losses, "lr": step["lr"],
                 **({"kd_loss": kd_loss} if self.distiller is not None else {}),
                 "grad_norm": step["grad_norm"], "tokens_per_s": tokens_per_s,
                 "loss_scale": self.scaler.loss_scale if self.scaler else None,
-                "skipped_steps": (self.scaler.skipped_steps if self.scaler else 0) + self.non_finite_skipped,
+                "skipped_steps": (self.scaler.skipped_steps if self.scaler else 0) + self.non_finite_skipped
+                + (self.spikes.skipped if self.spikes is not None else 0),
+                **({"loss_spike_skips": self.spikes.skipped} if self.spikes is not None else {}),
                 "data_drawn": self.train_data.drawn(), "moe_layers": layers}
 
     def _log_eval(self, bar) -> dict | None:

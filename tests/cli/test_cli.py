@@ -97,11 +97,12 @@ def test_train_generate_plot_end_to_end(tmp_path):
     out = model.generate(ids, 5, temperature=0, eos_id=tokenizer.eos_id)
     assert text == prompt + tokenizer.decode(out[0, ids.shape[1]:].tolist())
 
-    for name in ("loss.png", "expert_load.png"):
+    plots = ("loss.png", "expert_load.png", "expert_health.png")
+    for name in plots:
         os.remove(save / name)  # written by train; plot must write them again
     plot = run_cli("plot", "--save", str(save))
     assert plot.returncode == 0, plot.stderr
-    assert plot.stdout.split() == [str(save / "loss.png"), str(save / "expert_load.png")]
+    assert plot.stdout.split() == [str(save / name) for name in plots]
     assert (save / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -177,7 +177,8 @@ def test_fp16_skipped_step_logs_nan_loss_in_fit(tmp_path, monkeypatch):
 
 TRAIN_KEYS = {"type", "step", "loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_s",
               "loss_scale", "skipped_steps", "data_drawn", "moe_layers"}
-LAYER_KEYS = {"layer", "tokens_per_expert", "drop_fraction", "max_over_min", "max_over_mean", "experts_used"}
+LAYER_KEYS = {"layer", "tokens_per_expert", "drop_fraction", "max_over_min", "max_over_mean", "experts_used",
+              "router_entropy", "dead_experts", "collapsed", "low_entropy"}
 EVAL_KEYS = {"type", "step", "eval_loss", "eval_ppl", "eval_drop_fraction"}
 
 
@@ -213,7 +214,7 @@ def test_metrics_jsonl_schema_and_plots(tmp_path):
         assert record["eval_ppl"] == pytest.approx(math.exp(record["eval_loss"]))
         assert 0.0 <= record["eval_drop_fraction"] <= 1.0
     assert result.final_eval_loss == evals[-1]["eval_loss"]
-    for name in ("loss.png", "expert_load.png"):
+    for name in ("loss.png", "expert_load.png", "expert_health.png"):
         path = tmp_path / "run" / name
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
