@@ -94,7 +94,7 @@ def logit_differences() -> None:
 
 def attention_models(args) -> dict[str, GPT]:
     """Standard attention and MLA at the same parameter count (the kv latent width chosen to match)."""
-    def build(**attention) -> GPT:
+    def build(meta: bool = False, **attention) -> GPT:
         cfg = Config()
         m = cfg.model
         m.style, m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length = "llama", 4, args.hidden, 8, 256
@@ -104,6 +104,9 @@ def attention_models(args) -> dict[str, GPT]:
         for key, value in attention.items():
             setattr(m, key, value)
         cfg.validate()
+        if meta:  # counting parameters only: nothing allocated
+            with torch.device("meta"):
+                return GPT(m, cfg.moe, seed=0)
         return GPT(m, cfg.moe, seed=0)
 
     standard = build()
@@ -111,7 +114,7 @@ def attention_models(args) -> dict[str, GPT]:
     head = args.hidden // 8
     latent = dict(multi_latent_attention=True, qk_head_dim=head, qk_pos_emb_head_dim=head // 2,
                   v_head_dim=head)  # DeepSeek-V3's proportions: 128 + 64 and 128
-    sizes = {rank: sum(p.numel() for p in build(**latent, kv_lora_rank=rank).parameters())
+    sizes = {rank: sum(p.numel() for p in build(True, **latent, kv_lora_rank=rank).parameters())
              for rank in range(8, 4 * args.hidden, 8)}
     rank = min(sizes, key=lambda r: abs(sizes[r] - target))
     return {"standard": standard, f"MLA (kv_lora_rank {rank})": build(**latent, kv_lora_rank=rank)}

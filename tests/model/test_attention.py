@@ -156,3 +156,22 @@ def test_attention_options_are_refused_in_one_line(flags, message):
 
 def test_qk_layernorm_is_megatrons_name_for_per_head_norm():
     assert parse_train_args(["--qk-layernorm"]).model.qk_norm == "head"
+
+
+@pytest.mark.parametrize("layout", ["mla", "qk-norm-partial-rotary-yarn"])
+def test_new_attention_recomputes_to_the_same_gradients(layout):
+    options = {"mla": dict(multi_latent_attention=True, q_lora_rank=12, kv_lora_rank=10, qk_head_dim=6,
+                           qk_pos_emb_head_dim=4, v_head_dim=5),
+               "qk-norm-partial-rotary-yarn": dict(qk_norm="head", rotary_percent=0.5, num_query_groups=2,
+                                                   rope_scaling="yarn", rope_scaling_factor=2.0)}[layout]
+    tokens = torch.randint(0, 50, (2, SEQ + 1), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for recompute in (None, "full", "selective"):
+        model = GPT(model_config(**options, recompute_granularity=recompute),
+                    MoEConfig(num_experts=[4], expert_interval=1, topk=2, drop_tokens=False,
+                              top2_2nd_expert_sampling=False), seed=0)
+        model(tokens[:, :-1], tokens[:, 1:]).lm_loss.backward()
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    for other in grads[1:]:
+        for name, grad in grads[0].items():
+            torch.testing.assert_close(other[name], grad, rtol=1e-5, atol=1e-7, msg=name)
