@@ -23,7 +23,6 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
-    FSDPModule,
     MixedPrecisionPolicy,
     OffloadPolicy,
     fully_shard,
@@ -31,8 +30,9 @@ from torch.distributed.fsdp import (
 )
 from torch.distributed.tensor import Shard
 
-from moetrain.config import ParallelConfig
+from moetrain.config import ConfigError, ParallelConfig
 from moetrain.model import GPT
+from moetrain.moe import MoE
 from moetrain.parallel.mesh import ParallelState
 from moetrain.parallel.tensor_parallel import tensor_parallel_shards
 
@@ -81,13 +81,18 @@ def fully_shard_model(model: GPT, state: ParallelState, options: ShardingOptions
                     shard_placement_fn=lambda param: Shard(dim_of[id(param)]), mp_policy=policy,
                     offload_policy=offload)
 
+    for name, param in model.named_parameters():
+        dim = dim_of[id(param)]
+        if dim and param.shape[dim] % state.dp:  # FSDP2 shards dimensions other than 0 evenly only
+            raise ConfigError(f"--zero-stage 3 shards {name} along its tensor-parallel dimension, whose "
+                              f"{param.shape[dim]} columns do not divide by the data-parallel size {state.dp}; "
+                              f"use a data-parallel size that divides them, or --zero-stage 2")
     experts = []
     for block in model.blocks:
-        moe = block.ffn if any(block.ffn is m for _, m in model.moe_layers()) else None
-        if moe is not None:
-            groups = state.experts(moe.num_experts)
-            shard(moe.experts, groups.reduce_group)
-            experts.append((moe.experts, groups.reduce_size))
+        if isinstance(block.ffn, MoE):
+            groups = state.experts(block.ffn.num_experts)
+            shard(block.ffn.experts, groups.reduce_group)
+            experts.append((block.ffn.experts, groups.reduce_size))
         shard(block, state.dp_group)
     shard(model, state.dp_group, root=True)
     if state.pp > 1:  # a pipeline stage runs forward_stage, not forward (which calls it: registered once only)
@@ -98,7 +103,3 @@ def fully_shard_model(model: GPT, state: ParallelState, options: ShardingOptions
         if dist.get_backend() == "gloo" and group_size > 1:
             module.set_force_sum_reduction_for_comms(True)
     model.set_reduce_scatter_unused_params(True)
-
-
-def is_fully_sharded(model: nn.Module) -> bool:
-    return isinstance(model, FSDPModule)

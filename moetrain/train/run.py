@@ -160,6 +160,8 @@ def build_run(cfg: Config, *, quiet: bool = False) -> Run:
                valid_data=valid_data, model=model, param_counts=param_counts, distiller=distiller,
                loss_function=loss_function, grad_specs=grad_specs, optimizer=optimizer,
                grad_sync=GradientSync(grad_specs, optimizer, overlap=state.pp == 1,
-                                      fully_sharded=sharding is not None and state.distributed),
+                                      fully_sharded=model if sharding is not None and state.distributed else None,
+                                      keep_gathered=sharding is not None and not sharding.reshard_after_forward
+                                      and state.pp == 1),
                schedule=schedule, scaler=scaler,
                accumulation=accumulation, executor=executor, compute_weights=compute_weights)

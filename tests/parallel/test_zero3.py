@@ -190,3 +190,29 @@ def test_zero3_mixed_precision_policy_on_gpus_only():
     cpu = ShardingOptions.from_config(pc, "bf16", torch.device("cpu"))
     assert (cpu.param_dtype, cpu.reduce_dtype) == (None, None)
     assert ShardingOptions.from_config(pc, "fp32", torch.device("cuda", 0)).param_dtype is None
+
+
+def _gathers_per_step(cfg: Config) -> int:
+    """FSDP2 all-gathers in this rank's second step (counted at FSDP2's one all-gather function)."""
+    import torch.distributed.fsdp._fully_shard._fsdp_param_group as param_group
+
+    gather, count = param_group.foreach_all_gather, [0]
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return gather(*args, **kwargs)
+    param_group.foreach_all_gather = counted
+    trainer = Trainer(cfg, quiet=True)
+    trainer.train_step()
+    before = count[0]
+    trainer.train_step()
+    return count[0] - before
+
+
+def test_no_reshard_after_forward_gathers_each_unit_once_per_step(tmp_path):
+    """7 units (4 blocks, 2 expert units, the root), 2 micro-batches per step: by default each non-root unit
+    is gathered for every forward and backward (4 x 6) and the root once per micro-batch; kept gathered, once."""
+    cfg = parallel_config(tmp_path, zero_stage=3)
+    assert run_ranks(_gathers_per_step, cfg, 2) == {0: 26, 1: 26}
+    cfg.parallel.reshard_after_forward = False
+    assert run_ranks(_gathers_per_step, cfg, 2) == {0: 7, 1: 7}
