@@ -29,6 +29,7 @@ import time
 
 import torch
 import torch.multiprocessing as mp
+from parallel import config as parallel_benchmark_config  # benchmarks/parallel.py, beside this script
 
 from moetrain.config import Config
 from moetrain.model import GPT
@@ -39,19 +40,9 @@ MIB = 2**20
 
 
 def config(data_dir: str, layers: int = 4, hidden: int = 128, experts: int = 8, **parallel) -> Config:
-    cfg = Config()
-    m = cfg.model
-    m.style, m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length = "llama", layers, hidden, 8, 64
-    cfg.moe.num_experts, cfg.moe.expert_interval, cfg.moe.topk = [experts], 2, 2
-    cfg.moe.drop_tokens, cfg.moe.top2_2nd_expert_sampling = False, False
-    cfg.data.tokenizer_type, cfg.data.data_path = "byte", [data_dir]
-    cfg.data.cache_dir, cfg.data.split = os.path.join(data_dir, "cache"), "100,0,0"
-    t = cfg.training
-    t.micro_batch_size, t.global_batch_size, t.train_iters = 2, 8, 1000
-    t.device, t.progress_bar, t.eval_interval, t.save = "cpu", False, 0, None
-    for key, value in parallel.items():
-        setattr(cfg.parallel, key, value)
-    return cfg
+    """benchmarks/parallel.py's model, MoE every other layer, seq 64, micro-batch 2, global batch 8."""
+    return parallel_benchmark_config(data_dir, parallel, layers=layers, hidden=hidden, experts=experts,
+                                     expert_interval=2, seq=64, micro_batch=2, global_batch=8)
 
 
 def write_data(data_dir: str) -> None:

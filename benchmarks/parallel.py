@@ -57,16 +57,18 @@ LAYOUTS = [  # (name, world size, parallel config)
 ]
 
 
-def config(data_dir: str, parallel: dict) -> Config:
+def config(data_dir: str, parallel: dict, *, layers: int = 4, hidden: int = 128, experts: int = 8,
+           expert_interval: int = 1, seq: int = 128, micro_batch: int = 4, global_batch: int = 16) -> Config:
+    """A llama-style MoE (top-2, dropless) on the byte corpus in `data_dir`, `parallel` setting ParallelConfig."""
     cfg = Config()
     m = cfg.model
-    m.style, m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length = "llama", 4, 128, 8, 128
-    cfg.moe.num_experts, cfg.moe.expert_interval, cfg.moe.topk = [8], 1, 2
+    m.style, m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length = "llama", layers, hidden, 8, seq
+    cfg.moe.num_experts, cfg.moe.expert_interval, cfg.moe.topk = [experts], expert_interval, 2
     cfg.moe.drop_tokens, cfg.moe.top2_2nd_expert_sampling = False, False
     cfg.data.tokenizer_type, cfg.data.data_path = "byte", [data_dir]
     cfg.data.cache_dir, cfg.data.split = os.path.join(data_dir, "cache"), "100,0,0"
     t = cfg.training
-    t.micro_batch_size, t.global_batch_size, t.train_iters = 4, 16, 1000
+    t.micro_batch_size, t.global_batch_size, t.train_iters = micro_batch, global_batch, 1000
     t.device, t.progress_bar, t.eval_interval, t.save = "cpu", False, 0, None
     for key, value in parallel.items():
         setattr(cfg.parallel, key, value)
