@@ -18,12 +18,13 @@ def test_flops_per_token_equals_a_hand_count():
     m.style, m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length, m.vocab_size = \
         "llama", 2, 32, 4, 16, 100
     moe.num_experts, moe.expert_interval, moe.topk = [4], 2, 2  # layer 0 dense, layer 1 MoE (E=4, k=2)
-    h, ffn, vocab, seq, experts, k = 32, 128, 100, 16, 4, 2  # llama FFN: 8h/3 rounded up to 64
+    h, ffn, seq, experts, k = 32, 128, 16, 4, 2  # llama FFN: 8h/3 rounded up to 64
     attention = 4 * h * h  # q, k, v, out projections, no biases
     norms = 2 * h  # two RMSNorm weights per block
     dense_block = attention + norms + 3 * h * ffn  # SwiGLU: gate, up, down
     moe_block = attention + norms + experts * h + k * 3 * h * ffn  # router + the k routed experts
-    head = vocab * h  # tied with the embedding: counted once, as the output matmul; lookups are free
+    padded_vocab = 128  # --make-vocab-size-divisible-by 128: the padding rows are computed, so counted
+    head = padded_vocab * h  # tied with the embedding: counted once, as the output matmul; lookups are free
     n = dense_block + moe_block + h + head  # + final norm
     flops, counted_n, attention_flops = flops_per_token(GPT(m, moe), m)
     assert counted_n == n
