@@ -22,7 +22,7 @@ import torch
 
 from moetrain.checkpoint import CheckpointError, CheckpointReader, load_checkpoint
 from moetrain.cli import main as cli_main
-from moetrain.config import Config
+from moetrain.config import Config, ConfigError
 from moetrain.train.consolidate import consolidate
 from moetrain.train.trainer import Trainer
 from tests.helpers import ROOT, parallel_config, reference, run_parallel, select
@@ -98,6 +98,9 @@ def test_a_checkpoint_of_another_model_is_a_clear_error(tmp_path):
     run_parallel(staged(tmp_path, "ep2", 2, expert_parallel_size=2), world=2)
     wrong = staged(tmp_path, "wrong", 3, load=str(tmp_path / "ep2"))
     wrong.moe.num_experts = [8]
+    with pytest.raises(ConfigError, match=r"--num-experts .*\[0, 4, 0, 4\] \(checkpoint\) vs \[0, 8, 0, 8\]"):
+        Trainer(wrong, quiet=True)  # the saved config is compared before any tensor is read
+    wrong.training.finetune = True  # weights only, into whatever model they fit: the shapes are checked
     with pytest.raises(CheckpointError, match=r"blocks\.1\.ffn\..* has shape \[4, .*needs \[8, "):
         Trainer(wrong, quiet=True)
 
@@ -109,7 +112,7 @@ def test_zero3_to_zero2_and_to_one_process_and_consolidated(tmp_path):
     reader = CheckpointReader(str(tmp_path / "z3" / "iter_0000002"))
     embedding = reader.index["model/tok_emb.weight"]  # one piece per rank, each written by its holder
     assert sorted(e["file"] for e in embedding) == ["shard-00000.safetensors", "shard-00001.safetensors"]
-    assert sorted(len(e["index"]) for e in embedding) == [128, 129]
+    assert sorted(len(e["index"]) for e in embedding) == [192, 192]  # 257 byte ids padded to 384 rows
     assert {e["file"] for e in reader.index["optim/blocks.0.attn.qkv.weight/exp_avg"]} == \
         {"shard-00000.safetensors", "shard-00001.safetensors"}
 

@@ -244,6 +244,6 @@ def test_config_error_under_torchrun_is_reported_once(paths):
     assert done.returncode != 0
     errors = [line for line in output.splitlines() if line.startswith("moetrain train: error:")]
     assert errors == ["moetrain train: error: --hidden-size 32 is not divisible by --num-attention-heads 3; pick a "
-                      "head count that divides it"], output[-3000:]
+                      "head count that divides it, or set --kv-channels"], output[-3000:]
     assert "moetrain/" not in output  # no frame of moetrain's code: the child printed no traceback
     assert "<NO_OTHER_FAILURES>" in output and "traceback : moetrain train: error: --hidden-size 32" in output
