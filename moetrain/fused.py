@@ -1,7 +1,7 @@
 """Fused kernels for a GPU: the LM loss's per-chunk softmax and gradient, RMSNorm and RoPE, each one op.
 
 On a CPU moetrain runs the eager reference paths (the chunked loss of moetrain/lm_loss.py, the hand-written
-RMSNorm backward and apply_rope of moetrain/model.py). Where `fused_kernels(device)` holds (CUDA), each of
+RMSNorm backward of moetrain/norm.py, apply_rope of moetrain/attention.py). Where `fused_kernels(device)` holds (CUDA), each of
 these pieces is one custom op (`torch.ops.moetrain.*`) whose body is the same math, `torch.compile`d into
 one or two kernels that read their inputs and write their outputs once: no fp32 copy of the bf16 logits, no
 per-element temporaries between ~10 small kernels. The op boundary is also what a cost model sees: a tool
@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -100  # targets equal to this are not predicted (F.cross_entropy's default, as lm_loss)
+IGNORE_INDEX = -100  # targets equal to this are not predicted (F.cross_entropy's default; lm_loss reads it here)
 CUDA_CHUNK_BYTES = 2**30  # 16-bit logits of one LM-loss chunk on a GPU: a few chunks per micro-batch
 
 

@@ -27,6 +27,18 @@ ARCHITECTURE: dict[str, Callable[[Config], Any]] = {
     "--ffn-hidden-size": lambda c: c.model.ffn_size(),
     "--rope-theta": lambda c: c.model.rope_theta if c.model.style == "llama" else None,
     "--norm-epsilon": lambda c: c.model.norm_eps,
+    "--num-query-groups": lambda c: c.model.kv_heads(),
+    "--kv-channels": lambda c: c.model.head_dim(),
+    "--qk-norm": lambda c: c.model.qk_norm,
+    "--add-qkv-bias": lambda c: c.model.add_qkv_bias,
+    "--multi-latent-attention": lambda c: (c.model.q_lora_rank, c.model.kv_lora_rank, c.model.qk_head_dim,
+                                           c.model.qk_pos_emb_head_dim, c.model.v_head_dim)
+    if c.model.multi_latent_attention else None,
+    "--rotary-percent": lambda c: c.model.rotary_dim() if c.model.style == "llama" else None,
+    "--rope-scaling": lambda c: (c.model.rope_scaling, c.model.rope_scaling_factor, c.model.original_positions(),
+                                 c.model.beta_fast, c.model.beta_slow, c.model.mscale, c.model.mscale_all_dim,
+                                 c.model.low_freq_factor, c.model.high_freq_factor)
+    if c.model.rope_scaling else None,
     "--num-experts / --expert-interval": lambda c: c.experts_per_layer(),
     "--topk": lambda c: c.moe.topk if c.moe.is_moe else None,
     "--mlp-type": lambda c: c.moe.mlp_type,

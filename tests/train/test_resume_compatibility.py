@@ -4,6 +4,8 @@ out the optimizer state and the RNG states."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -38,6 +40,22 @@ def test_another_head_count_is_refused_in_one_line(tmp_path, trained, heads):
     message = str(error.value)
     assert f"--num-attention-heads 4 (checkpoint) vs {heads} (this run)" in message and "--finetune" in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(("model", "flag"), [({"qk_norm": "head"}, "--qk-norm None (checkpoint) vs head"),
+                                           ({"num_query_groups": 2}, "--num-query-groups 4 (checkpoint) vs 2")])
+def test_other_attention_options_are_refused_in_one_line(tmp_path, trained, model, flag):
+    """Options that keep every shape (the rotated share of each head) or change the attention's function."""
+    with pytest.raises(ConfigError, match=re.escape(flag)):
+        resumed(tmp_path, trained, model=model)
+
+
+def test_another_rotary_share_is_refused_though_every_shape_is_the_same(tmp_path):
+    cfg = tiny_config(tmp_path, train_iters=2)
+    cfg.model.style = "llama"
+    Trainer(cfg, quiet=True).fit()
+    with pytest.raises(ConfigError, match=re.escape("--rotary-percent 8 (checkpoint) vs 4 (this run)")):
+        resumed(tmp_path, tmp_path / "run", model={"style": "llama", "rotary_percent": 0.5})
 
 
 def test_another_tokenizer_of_the_same_size_is_refused(tmp_path, trained):
