@@ -1,12 +1,12 @@
 """Fused kernels for a GPU: the LM loss's per-chunk softmax and gradient, RMSNorm and RoPE, each one op.
 
 On a CPU moetrain runs the eager reference paths (the chunked loss of moetrain/lm_loss.py, the hand-written
-RMSNorm backward of moetrain/norm.py, apply_rope of moetrain/attention.py). Where `fused_kernels(device)` holds (CUDA), each of
-these pieces is one custom op (`torch.ops.moetrain.*`) whose body is the same math, `torch.compile`d into
-one or two kernels that read their inputs and write their outputs once: no fp32 copy of the bf16 logits, no
-per-element temporaries between ~10 small kernels. The op boundary is also what a cost model sees: a tool
-that records aten ops (benchmarks/gpu_cost_model.py) prices each op by its inputs and outputs and one launch,
-which is what the compiled kernel moves.
+RMSNorm backward of moetrain/norm.py, apply_rope of moetrain/attention.py). Where `fused_kernels(device)`
+holds (CUDA), each of these pieces is one custom op (`torch.ops.moetrain.*`) whose body is the same math,
+`torch.compile`d into one or two kernels that read their inputs and write their outputs once: no fp32 copy of
+the bf16 logits, no per-element temporaries between ~10 small kernels. The op boundary is also what a cost
+model sees: a tool that records aten ops (benchmarks/gpu_cost_model.py) prices each op by its inputs and
+outputs and one launch, which is what the compiled kernel moves.
 
 Every body is plain torch code: on a CPU (eager, or compiled when a C++ compiler is there) the tests compare
 it with the reference paths (tests/model/test_fused.py).
