@@ -8,7 +8,11 @@
 GPU's expert choices, but moetrain's other CUDA paths are chosen by `moetrain.fused.fused_kernels(device)`,
 which is False for the CPU the tool runs on: it would price the CPU's eager decompositions. This wrapper turns
 them on (the fused LM-loss chunk, RMSNorm and RoPE ops of moetrain/fused.py, the LM loss's GPU chunk size and
-its fp32-accumulating weight-gradient GEMM, whose FLOPs it teaches the tool to count).
+its fp32-accumulating weight-gradient GEMM, whose FLOPs it teaches the tool to count; the experts' weight
+gradients accumulated into the fp32 masters by one `addmm(out_dtype=float32)` per expert, with the rows
+split evenly over the experts, since fake tensors hold no routing). It also corrects two prices: GEMMs with
+`out_dtype` at the 16-bit tensor-core rate (the tool would read the fp32 output as the compute dtype), and
+`_foreach_copy_` without reading its destinations (see `priced_as_the_gpu_runs_them`).
 
 How the fused paths are priced: each is one custom op (torch.ops.moetrain.*) whose body is torch.compile'd on
 a GPU. The tool records an op below autograd, so it sees one op per fused kernel and prices it as it prices
@@ -21,6 +25,7 @@ model counts one, so it is optimistic by up to one extra read of the op's input.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -58,21 +63,58 @@ def addmm_with_out_dtype_counted():
 
 
 @contextlib.contextmanager
-def gpu_fused_paths(roofline):
-    """moetrain's CUDA choices on the CPU the model runs on."""
-    import moetrain.lm_loss as lm_loss
-    import moetrain.model as model
+def priced_as_the_gpu_runs_them(roofline):
+    """Two ops the tool misreads. A GEMM with `out_dtype` (addmm.dtype_out: 16-bit operands, fp32 sums written to
+    an fp32 output) runs on the 16-bit tensor cores; the tool takes an op's compute dtype from its first
+    floating input, which for addmm is the fp32 output it accumulates into, and would price it at the TF32
+    rate. `_foreach_copy_` (the compute copies' refresh) writes its destinations without reading them, as the
+    tool already prices `copy_`; it would count them as read too."""
+    price = roofline.price
 
-    with roofline.patched(lm_loss, "fused_kernels", lambda device: True), \
-            roofline.patched(model, "fused_kernels", lambda device: True):
+    def corrected(ev):
+        if ev.full.endswith((".dtype_out", ".dtype")) and ev.kind == "gemm":
+            return dataclasses.replace(ev, dtype="bf16" if "bf16" in ev.inputs else "f16")
+        if ev.op == "_foreach_copy_":
+            return dataclasses.replace(ev, read=ev.read - ev.written)
+        return ev
+
+    with roofline.patched(roofline, "price", lambda events, card, p: price(list(map(corrected, events)), card, p)):
         yield
+
+
+@contextlib.contextmanager
+def gpu_fused_paths(roofline):
+    """moetrain's CUDA choices on the CPU the model runs on: every loaded moetrain module that imported
+    `fused_kernels` by name answers True (found, not listed, so a path that moves to another module stays
+    covered). Import the trainer first so that every module of the step is loaded."""
+    import moetrain.fused as fused
+    import moetrain.moe.experts as experts
+    import moetrain.train.trainer  # noqa: F401
+
+    users = [module for name, module in sorted(sys.modules.items())
+             if name.startswith("moetrain") and getattr(module, "fused_kernels", None) is fused.fused_kernels]
+    with contextlib.ExitStack() as stack:
+        for module in users:
+            stack.enter_context(roofline.patched(module, "fused_kernels", lambda device: True))
+        stack.enter_context(roofline.patched(experts, "mixed_dtype_gemm", lambda device: True))
+        stack.enter_context(roofline.patched(experts.ExpertBlocks, "host_counts", balanced_counts))
+        yield
+
+
+def balanced_counts(blocks) -> list[int]:
+    """Rows per expert for the expert weight-gradient loop, which reads them on the host. Fake tensors hold no
+    routing, so the model prices a balanced router: the rows split evenly. On a GPU these counts come from a
+    copy started in the forward (`HostCopy`) and are read in the backward: a wait on a long-finished copy, not
+    priced as a sync."""
+    rows, experts = blocks.expert_of_row.shape[0], blocks.num_experts
+    return [rows // experts + (e < rows % experts) for e in range(experts)]
 
 
 def main(argv: list[str] | None = None) -> int:
     roofline = load_roofline()
     print("cost model with moetrain's GPU paths: moetrain.fused.fused_kernels -> True (fused LM-loss chunk, "
           "RMSNorm, RoPE as one op each; GPU LM-loss chunk size)")
-    with gpu_fused_paths(roofline), addmm_with_out_dtype_counted():
+    with gpu_fused_paths(roofline), addmm_with_out_dtype_counted(), priced_as_the_gpu_runs_them(roofline):
         return roofline.main(argv)
 
 

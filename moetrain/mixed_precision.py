@@ -46,16 +46,23 @@ class _ComputeWeight(torch.autograd.Function):
     A later micro-batch's gradient is added to the master's fp32 gradient in place, in one pass (fp32 +=
     16-bit: 10 B per parameter, where a cast and AccumulateGrad's += move 18), unless a post-accumulate hook
     watches the master (data-parallel or ZeRO-2 reduction), which only AccumulateGrad runs. The sum is the
-    same, bit for bit: widening a 16-bit value to fp32 is exact."""
+    same, bit for bit: widening a 16-bit value to fp32 is exact.
+
+    A GEMM that accumulates its weight gradient into the master itself (the grouped experts on CUDA,
+    moetrain.moe.experts.accumulate_weight_grad) finds the master as the copy's `main_param` and passes
+    no gradient back here."""
 
     @staticmethod
     def forward(ctx, master: Tensor, copy: Tensor) -> Tensor:
         ctx.master = master
+        ctx.set_materialize_grads(False)
         return copy.view_as(copy)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx, grad: Tensor | None):
         master = ctx.master
+        if grad is None:
+            return None, None
         if master.grad is not None and not master._post_accumulate_grad_hooks:
             master.grad.add_(grad)
             return None, None
@@ -113,7 +120,11 @@ class ComputeWeights:
             self.refresh()
         for name, master, copy in self.slots[module]:
             tracked = torch.is_grad_enabled() and master.requires_grad
-            module._parameters[name] = _ComputeWeight.apply(master, copy) if tracked else copy
+            weight = copy
+            if tracked:
+                weight = _ComputeWeight.apply(master, copy)
+                weight.main_param = master  # for a GEMM that accumulates into the master's gradient itself
+            module._parameters[name] = weight
 
     def _restore_masters(self, module: nn.Module, args, output) -> None:
         for name, master, _ in self.slots[module]:

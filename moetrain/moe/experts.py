@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moetrain.fused import fused_kernels
 from moetrain.moe.expert_threads import run_experts_threaded, use_expert_threads
 
 ACTIVATIONS = ("gelu", "relu", "swiglu")
@@ -169,6 +170,51 @@ def grouped_weight_grad(rows: Tensor, grad: Tensor, blocks: ExpertBlocks | list[
     return out
 
 
+def mixed_dtype_gemm(device: torch.device) -> bool:
+    """Whether a GEMM of 16-bit operands can write fp32 (torch.addmm's out_dtype): CUDA, not the CPU."""
+    return device.type == "cuda"
+
+
+def accumulate_weight_grad(master: nn.Parameter, rows: Tensor, grad: Tensor, counts: list[int]) -> None:
+    """master.grad[e] += rows_e^T @ grad_e, the 16-bit products summed in fp32 by the GEMM itself and written
+    straight into the fp32 gradient (Megatron's gradient-accumulation fusion): one GEMM per expert that reads
+    and writes the fp32 gradient once, 8 B per parameter, where a 16-bit weight gradient added afterwards
+    moves 12 (write 2, then read 2 + 4, write 4). The first micro-batch's GEMM writes a fresh gradient
+    (beta = 0). Then the master's post-accumulate hooks run, as AccumulateGrad would run them (the
+    data-parallel and ZeRO-2 reductions)."""
+    fresh = master.grad is None
+    if fresh:
+        master.grad = torch.empty_like(master)
+    used = sum(counts)
+    for main, block_in, block_grad in zip(master.grad, rows[:used].split(counts), grad[:used].split(counts)):
+        if not block_in.shape[0]:
+            if fresh:
+                main.zero_()
+        elif mixed_dtype_gemm(rows.device):
+            torch.addmm(main, block_in.t(), block_grad, beta=0 if fresh else 1, out_dtype=main.dtype, out=main)
+        else:  # the same fp32 sums of the exact 16-bit products, widened first
+            torch.addmm(main, block_in.t().to(main.dtype), block_grad.to(main.dtype), beta=0 if fresh else 1,
+                        out=main)
+    for hook in tuple((master._post_accumulate_grad_hooks or {}).values()):
+        hook(master)
+
+
+class HostCopy:
+    """A small device tensor copied to pinned host memory without waiting; `read()` waits for the copy.
+    Started in a forward and read in the backward, by when it has long finished (the later layers' forward
+    and the loss ran in between): the expert counts a per-expert GEMM loop needs, without a host stall."""
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        self.host.copy_(tensor, non_blocking=True)
+        self.done = torch.cuda.Event()
+        self.done.record()
+
+    def read(self) -> Tensor:
+        self.done.synchronize()
+        return self.host
+
+
 def _per_expert_sum(rows: Tensor, blocks: ExpertBlocks) -> Tensor:
     """Sum of each expert's rows -> [E, b] (bias gradients); rows of no expert go to a spare
     bucket that is dropped."""
@@ -226,23 +272,33 @@ def _experts_forward(x, w1, b1, w2, b2, route_weight, blocks, activation, backen
 
 
 def _experts_backward(grad_y, x, w1, b1, w2, b2, route_weight, h, o, blocks, activation, backend,
-                      out=None):
-    """Gradients (x, w1, b1, w2, b2, route_weight) of `_experts_forward`, written into `out` if given."""
+                      out=None, masters=None):
+    """Gradients (x, w1, b1, w2, b2, route_weight) of `_experts_forward`, written into `out` if given. With
+    `masters` (w1's and w2's fp32 masters) the weight gradients go into the masters' .grad instead (None)."""
     grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_route = out or (None,) * 6
+    master_w1, master_w2 = masters or (None, None)
     grad_o = grad_y
     if route_weight is not None:
         grad_route = _copy_or_return(torch.linalg.vecdot(grad_y, o).to(route_weight.dtype), grad_route)
         grad_o = grad_y * route_weight.to(grad_y.dtype).unsqueeze(1)
     act, act_grad = _activation_with_grad(h, activation)
-    grad_w2 = grouped_weight_grad(act, grad_o, blocks, out=grad_w2, backend=backend)
+    grad_w2 = _weight_grad(act, grad_o, blocks, grad_w2, backend, master_w2)
     if b2 is not None:
         grad_b2 = _copy_or_return(_per_expert_sum(grad_o, blocks), grad_b2)
     grad_h = act_grad(grouped_mm(grad_o, w2.transpose(1, 2), blocks, backend=backend))
-    grad_w1 = grouped_weight_grad(x, grad_h, blocks, out=grad_w1, backend=backend)
+    grad_w1 = _weight_grad(x, grad_h, blocks, grad_w1, backend, master_w1)
     if b1 is not None:
         grad_b1 = _copy_or_return(_per_expert_sum(grad_h, blocks), grad_b1)
     grad_x = grouped_mm(grad_h, w1.transpose(1, 2), blocks, out=grad_x, backend=backend)
     return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_route
+
+
+def _weight_grad(rows: Tensor, grad: Tensor, blocks: ExpertBlocks, out: Tensor | None, backend: str,
+                 master: nn.Parameter | None) -> Tensor | None:
+    if master is None:
+        return grouped_weight_grad(rows, grad, blocks, out=out, backend=backend)
+    accumulate_weight_grad(master, rows, grad, blocks.host_counts())
+    return None
 
 
 def _copy_or_return(value: Tensor, out: Tensor | None) -> Tensor:
@@ -262,13 +318,17 @@ class _GroupedMLP(torch.autograd.Function):
 
     Backward recomputes act from the saved pre-activation and keeps the unweighted [N, d] output
     o for the routing weight's gradient (grad_y . o): x, h and o are kept, not the activation.
-    `backend` is a `grouped_gemm_backend` answer or 'threads' (CPU worker threads).
+    `backend` is a `grouped_gemm_backend` answer or 'threads' (CPU worker threads). With `masters` (the fp32
+    masters of 16-bit w1 and w2 compute copies) the weight gradients accumulate into the masters' gradients
+    (`accumulate_weight_grad`); the counts that needs are copied to the host during the forward.
     """
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, route_weight, ends, expert_of_row, counts, all_rows_used,
-                activation, backend):
+                activation, backend, masters):
         blocks = ExpertBlocks(ends, expert_of_row, counts, all_rows_used)
+        ctx.masters = masters
+        ctx.host_ends = HostCopy(ends) if masters is not None and counts is None and ends.is_cuda else None
         args = (x, w1, b1, w2, b2, route_weight)
         if backend == "threads":
             counts = blocks.host_counts()
@@ -292,6 +352,8 @@ class _GroupedMLP(torch.autograd.Function):
         params = (x, w1, b1, w2, b2, route_weight)
         activation = ctx.activation
         grad_y = grad_y.contiguous()
+        if ctx.host_ends is not None:
+            blocks.counts = torch.diff(ctx.host_ends.read(), prepend=ends.new_zeros(1, device="cpu")).tolist()
         if ctx.backend == "threads":
             counts = blocks.host_counts()
             grads = tuple(None if t is None else torch.empty_like(t) for t in params)
@@ -300,10 +362,10 @@ class _GroupedMLP(torch.autograd.Function):
                 None if o is None else o[rows], _slice_blocks(counts, experts, x.device),
                 activation, "loop", _expert_slice(grads, experts, rows)))
         else:
-            grads = _experts_backward(grad_y, *params, h, o, blocks, activation, ctx.backend)
+            grads = _experts_backward(grad_y, *params, h, o, blocks, activation, ctx.backend, masters=ctx.masters)
         grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_route = grads
         return (_zero_unused_rows(grad_x, blocks), grad_w1, grad_b1, grad_w2, grad_b2,
-                _zero_unused_rows(grad_route, blocks), None, None, None, None, None, None)
+                _zero_unused_rows(grad_route, blocks), None, None, None, None, None, None, None)
 
 
 def _expert_slice(tensors, experts: slice, rows: slice) -> tuple:
@@ -322,6 +384,17 @@ def expert_compute_dtype(device: torch.device, param_dtype: torch.dtype) -> torc
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return param_dtype
+
+
+def _accumulating_masters(w1: Tensor, w2: Tensor, backend: str) -> tuple[nn.Parameter, nn.Parameter] | None:
+    """The fp32 masters the weight gradients accumulate into directly: where the fused kernels run (CUDA), w1
+    and w2 are 16-bit compute copies (moetrain.mixed_precision marks each with its `main_param`), and the
+    step is eager (a compiled graph keeps the 16-bit gradient that autograd adds to the master)."""
+    masters = (getattr(w1, "main_param", None), getattr(w2, "main_param", None))
+    if None in masters or backend == "threads" or not fused_kernels(w1.device) or not torch.is_grad_enabled() \
+            or torch.compiler.is_compiling():
+        return None
+    return masters
 
 
 class GroupedExperts(nn.Module):
@@ -364,7 +437,7 @@ class GroupedExperts(nn.Module):
         w1, b1, w2, b2 = (None if p is None else p.to(dtype) for p in (self.w1, self.b1, self.w2, self.b2))
         return _GroupedMLP.apply(rows.to(dtype).contiguous(), w1, b1, w2, b2, route_weight, blocks.ends,
                                  blocks.expert_of_row, blocks.counts, blocks.all_rows_used,
-                                 self.activation, backend)
+                                 self.activation, backend, _accumulating_masters(w1, w2, backend))
 
 
 class ModuleExperts(nn.Module):

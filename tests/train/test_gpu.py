@@ -49,3 +49,27 @@ def test_chunked_loss_and_recompute_on_gpu():
         torch.testing.assert_close(loss, plain_loss, rtol=2e-2, atol=2e-2)
         for name, grad in plain_grads.items():
             torch.testing.assert_close(grads[name], grad, rtol=5e-2, atol=2e-3, msg=f"{granularity} {name}")
+
+
+def _expert_master_grads(fused: bool, monkeypatch) -> dict:
+    import moetrain.moe.experts as experts_module
+    from moetrain.mixed_precision import ComputeWeights
+
+    model = _model(None)
+    ComputeWeights(model, torch.bfloat16)
+    with monkeypatch.context() as patch:
+        if not fused:
+            patch.setattr(experts_module, "_accumulating_masters", lambda w1, w2, backend: None)
+        for seed in (1, 2):  # two micro-batches: the first GEMM writes the gradient, the second adds to it
+            ids = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(seed)).cuda()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                model(ids, ids.roll(-1, 1)).lm_loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if n.endswith((".w1", ".w2"))}
+
+
+def test_expert_weight_gradients_accumulate_into_the_fp32_masters_on_gpu(monkeypatch):
+    fused, unfused = _expert_master_grads(True, monkeypatch), _expert_master_grads(False, monkeypatch)
+    assert fused.keys() == unfused.keys() and fused
+    for name, grad in fused.items():
+        assert grad.dtype == torch.float32
+        torch.testing.assert_close(grad, unfused[name], rtol=2e-2, atol=1e-4, msg=name)

@@ -7,6 +7,7 @@ import torch
 
 import moetrain.train.run as run_module
 from moetrain.mixed_precision import ComputeWeights, gemm_weights
+from moetrain.moe.experts import accumulate_weight_grad, grouped_weight_grad
 from moetrain.train.trainer import Trainer
 from tests.helpers import tiny_config
 
@@ -64,3 +65,77 @@ def test_copies_stand_in_only_inside_a_forward_and_follow_the_masters(tmp_path):
     for slot_module, slot_name, copy in ((m, n, c) for m, slots in weights.slots.items() for n, _, c in slots):
         assert torch.equal(copy, getattr(slot_module, slot_name).detach().bfloat16())
     assert weights.refreshes == 2
+
+
+# --- gradient-accumulation fusion: expert weight gradients written straight into the fp32 masters' .grad -------
+def _blocks_and_operands(counts, width_in=8, width_out=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randn(sum(counts), width_in, generator=gen).bfloat16()
+    grad = torch.randn(sum(counts), width_out, generator=gen).bfloat16()
+    return rows, grad
+
+
+def _exact_weight_grad(rows, grad, counts):
+    """float64 rows_e^T @ grad_e of the bf16 operands: what an fp32-accumulating GEMM computes, unrounded."""
+    return torch.stack([r.double().t() @ g.double() for r, g in zip(rows.split(counts), grad.split(counts))])
+
+
+def test_expert_weight_grads_accumulate_in_fp32_without_a_16_bit_rounding():
+    counts = [5, 0, 7]  # an expert with no rows: zero in the first micro-batch, untouched after
+    master = torch.nn.Parameter(torch.zeros(3, 8, 6))
+    seen = []
+    master.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad.clone()))
+    exact, rounded = torch.zeros(3, 8, 6, dtype=torch.float64), torch.zeros(3, 8, 6)
+    for micro_batch in range(3):
+        rows, grad = _blocks_and_operands(counts, seed=micro_batch)
+        accumulate_weight_grad(master, rows, grad, counts)
+        exact += _exact_weight_grad(rows, grad, counts)
+        rounded += grouped_weight_grad(rows, grad, counts).float()  # the unfused path: a bf16 product, then +=
+        assert master.grad.dtype == torch.float32 and len(seen) == micro_batch + 1  # hook as AccumulateGrad's
+        assert torch.equal(seen[-1], master.grad)
+    assert torch.equal(master.grad[1], torch.zeros(8, 6))
+    fused_error = (master.grad.double() - exact).abs().max().item()
+    assert fused_error < 1e-5 * exact.abs().max().item()  # fp32 sums of the exact products
+    assert (rounded.double() - exact).abs().max().item() > 50 * fused_error  # where bf16 rounding costs ~3e-3
+
+
+def test_a_reducing_hook_that_takes_the_gradient_gets_each_micro_batchs_own():
+    """ZeRO-2 reduces and clears the gradient in its hook after every micro-batch: the next GEMM writes afresh."""
+    counts = [4, 3]
+    master = torch.nn.Parameter(torch.zeros(2, 8, 6))
+    taken = []
+
+    def reduce_and_clear(param):
+        taken.append(param.grad)
+        param.grad = None
+
+    master.register_post_accumulate_grad_hook(reduce_and_clear)
+    for micro_batch in range(2):
+        rows, grad = _blocks_and_operands(counts, seed=micro_batch)
+        accumulate_weight_grad(master, rows, grad, counts)
+        torch.testing.assert_close(taken[-1].double(), _exact_weight_grad(rows, grad, counts), rtol=1e-6,
+                                   atol=1e-6)
+
+
+def test_training_with_fused_expert_gradient_accumulation(tmp_path, monkeypatch):
+    """bf16 with compute copies and the fused path on (as on CUDA): every expert weight gradient of every micro-
+    batch goes into its master directly, and the losses stay the unfused step's within bf16 rounding."""
+    import moetrain.moe.experts as experts_module
+
+    monkeypatch.setattr(experts_module, "use_expert_threads", lambda rows, num_experts: False)
+    _, unfused = _trained(_config(tmp_path, "unfused", "bf16"), monkeypatch, copies=True)
+    calls = []
+
+    def counted(master, rows, grad, counts):
+        calls.append(master)
+        assert grad.dtype == torch.bfloat16 and master.dtype == torch.float32
+        return accumulate_weight_grad(master, rows, grad, counts)
+
+    monkeypatch.setattr(experts_module, "fused_kernels", lambda device: True)
+    monkeypatch.setattr(experts_module, "accumulate_weight_grad", counted)
+    trainer, fused = _trained(_config(tmp_path, "fused", "bf16"), monkeypatch, copies=True)
+    experts = [module.experts for _, module in trainer.model.moe_layers()]
+    # 3 steps x 2 micro-batches x (w1, w2) of each MoE layer, each its master
+    assert len(calls) == 3 * 2 * 2 * len(experts)
+    assert set(map(id, calls)) == {id(getattr(e, name)) for e in experts for name in ("w1", "w2")}
+    assert fused == pytest.approx(unfused, rel=1e-2) and fused != unfused
