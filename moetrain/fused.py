@@ -32,6 +32,11 @@ def fused_kernels(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def at_least_fp32(t: Tensor) -> Tensor:
+    """16-bit tensors as fp32 for per-element math; fp32 and fp64 as they are (float64 checks stay float64)."""
+    return t.float() if t.element_size() < 4 else t
+
+
 def _compiled(fn: Callable) -> Callable:
     """`fn`, compiled on first use for a CUDA input, eager otherwise (the CPU's reference) or when the
     environment sets MOETRAIN_EAGER_FUSED=1 (the same ops without compiling: a quick smoke run, debugging)."""
@@ -190,21 +195,17 @@ rope.register_autograd(_rope_grad, setup_context=_rope_setup)
 
 
 # --- SwiGLU -------------------------------------------------------------------------------------------
-def _at_least_fp32(t: Tensor) -> Tensor:
-    return t.float() if t.element_size() < 4 else t
-
-
 def swiglu_body(h: Tensor) -> Tensor:
     """silu(gate) * up for h = [.., 2f] = (gate, up), in h's dtype; the math in fp32 per element."""
-    gate, up = _at_least_fp32(h).chunk(2, dim=-1)
+    gate, up = at_least_fp32(h).chunk(2, dim=-1)
     return (F.silu(gate) * up).to(h.dtype)
 
 
 def swiglu_backward_body(h: Tensor, grad_act: Tensor) -> tuple[Tensor, Tensor]:
     """The activation again (the weight gradient of the next matrix needs it) and d loss / d h from
     d loss / d act: (g up silu'(gate), g silu(gate)), silu'(x) = s (1 + x (1 - s)) with s = sigmoid(x)."""
-    gate, up = _at_least_fp32(h).chunk(2, dim=-1)
-    grad = _at_least_fp32(grad_act)
+    gate, up = at_least_fp32(h).chunk(2, dim=-1)
+    grad = at_least_fp32(grad_act)
     sigmoid = torch.sigmoid(gate)
     silu_gate = F.silu(gate)  # as the forward computes it: the same activation again
     grad_gate = grad * up * sigmoid * (1 + gate * (1 - sigmoid))
