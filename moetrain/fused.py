@@ -234,7 +234,7 @@ def swiglu_backward(h: Tensor, grad_act: Tensor) -> tuple[Tensor, Tensor]:
 
 @swiglu_backward.register_fake
 def _(h: Tensor, grad_act: Tensor) -> tuple[Tensor, Tensor]:
-    return _empty_act(h), torch.empty_like(h)
+    return _empty_act(h), h.new_empty(h.shape)
 
 
 def _swiglu_setup(ctx, inputs, output) -> None:
