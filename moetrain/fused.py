@@ -1,12 +1,13 @@
-"""Fused kernels for a GPU: the LM loss's per-chunk softmax and gradient, RMSNorm and RoPE, each one op.
+"""Fused kernels for a GPU: the LM loss's per-chunk softmax and gradient, RMSNorm, RoPE and SwiGLU, each one op.
 
 On a CPU moetrain runs the eager reference paths (the chunked loss of moetrain/lm_loss.py, the hand-written
-RMSNorm backward of moetrain/norm.py, apply_rope of moetrain/attention.py). Where `fused_kernels(device)`
-holds (CUDA), each of these pieces is one custom op (`torch.ops.moetrain.*`) whose body is the same math,
-`torch.compile`d into one or two kernels that read their inputs and write their outputs once: no fp32 copy of
-the bf16 logits, no per-element temporaries between ~10 small kernels. The op boundary is also what a cost
-model sees: a tool that records aten ops (benchmarks/gpu_cost_model.py) prices each op by its inputs and
-outputs and one launch, which is what the compiled kernel moves.
+RMSNorm backward of moetrain/norm.py, apply_rope of moetrain/attention.py, the experts' SwiGLU and its
+gradient in moetrain/moe/experts.py). Where `fused_kernels(device)` holds (CUDA), each of these pieces is one
+custom op (`torch.ops.moetrain.*`) whose body is the same math, `torch.compile`d into one or two kernels that
+read their inputs and write their outputs once: no fp32 copy of the bf16 logits, no per-element temporaries
+between ~10 small kernels. The op boundary is also what a cost model sees: a tool that records aten ops
+(benchmarks/gpu_cost_model.py) prices each op by its inputs and outputs and one launch, which is what the
+compiled kernel moves.
 
 Every body is plain torch code: on a CPU (eager, or compiled when a C++ compiler is there) the tests compare
 it with the reference paths (tests/model/test_fused.py).
@@ -19,6 +20,7 @@ import os
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 IGNORE_INDEX = -100  # targets equal to this are not predicted (F.cross_entropy's default; lm_loss reads it here)
@@ -28,6 +30,11 @@ CUDA_CHUNK_BYTES = 2**30  # 16-bit logits of one LM-loss chunk on a GPU: a few c
 def fused_kernels(device: torch.device) -> bool:
     """Whether this device runs the fused ops (CUDA). The CPU keeps the eager reference paths."""
     return device.type == "cuda"
+
+
+def at_least_fp32(t: Tensor) -> Tensor:
+    """16-bit tensors as fp32 for per-element math; fp32 and fp64 as they are (float64 checks stay float64)."""
+    return t.float() if t.element_size() < 4 else t
 
 
 def _compiled(fn: Callable) -> Callable:
@@ -185,3 +192,58 @@ def _rope_grad(ctx, grad: Tensor):
 
 
 rope.register_autograd(_rope_grad, setup_context=_rope_setup)
+
+
+# --- SwiGLU -------------------------------------------------------------------------------------------
+def swiglu_body(h: Tensor) -> Tensor:
+    """silu(gate) * up for h = [.., 2f] = (gate, up), in h's dtype; the math in fp32 per element."""
+    gate, up = at_least_fp32(h).chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(h.dtype)
+
+
+def swiglu_backward_body(h: Tensor, grad_act: Tensor) -> tuple[Tensor, Tensor]:
+    """The activation again (the weight gradient of the next matrix needs it) and d loss / d h from
+    d loss / d act: (g up silu'(gate), g silu(gate)), silu'(x) = s (1 + x (1 - s)) with s = sigmoid(x)."""
+    gate, up = at_least_fp32(h).chunk(2, dim=-1)
+    grad = at_least_fp32(grad_act)
+    sigmoid = torch.sigmoid(gate)
+    silu_gate = F.silu(gate)  # as the forward computes it: the same activation again
+    grad_gate = grad * up * sigmoid * (1 + gate * (1 - sigmoid))
+    return (silu_gate * up).to(h.dtype), torch.cat([grad_gate, grad * silu_gate], dim=-1).to(h.dtype)
+
+
+_swiglu_body, _swiglu_backward_body = _compiled(swiglu_body), _compiled(swiglu_backward_body)
+
+
+@torch.library.custom_op("moetrain::swiglu", mutates_args=())
+def swiglu(h: Tensor) -> Tensor:
+    """`swiglu_body` as one op (compiled on CUDA); differentiable."""
+    return _swiglu_body(h)
+
+
+@swiglu.register_fake
+def _empty_act(h: Tensor) -> Tensor:
+    return h.new_empty((*h.shape[:-1], h.shape[-1] // 2))
+
+
+@torch.library.custom_op("moetrain::swiglu_backward", mutates_args=())
+def swiglu_backward(h: Tensor, grad_act: Tensor) -> tuple[Tensor, Tensor]:
+    """`swiglu_backward_body` as one op: (act, grad_h), reading h and grad_act once."""
+    return _swiglu_backward_body(h, grad_act)
+
+
+@swiglu_backward.register_fake
+def _(h: Tensor, grad_act: Tensor) -> tuple[Tensor, Tensor]:
+    return _empty_act(h), h.new_empty(h.shape)
+
+
+def _swiglu_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0])
+
+
+def _swiglu_grad(ctx, grad_act: Tensor) -> Tensor:
+    (h,) = ctx.saved_tensors
+    return swiglu_backward(h, grad_act.contiguous())[1]
+
+
+swiglu.register_autograd(_swiglu_grad, setup_context=_swiglu_setup)

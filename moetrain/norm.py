@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from moetrain.fused import fused_kernels
+from moetrain.fused import at_least_fp32, fused_kernels
 from moetrain.fused import rms_norm as fused_rms_norm
 
 
@@ -30,16 +30,12 @@ class RMSNorm(nn.Module):
         return self.weight
 
 
-def _at_least_fp32(t: Tensor) -> Tensor:
-    return t.float() if t.element_size() < 4 else t
-
-
 class _RMSNormFunction(torch.autograd.Function):
     """Keeps x and the per-row 1 / rms for backward; statistics in fp32 even for 16-bit inputs."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        wide = _at_least_fp32(x)
+        wide = at_least_fp32(x)
         inv_rms = torch.rsqrt(torch.linalg.vecdot(wide, wide).div_(x.shape[-1]).add_(eps)).unsqueeze(-1)
         ctx.save_for_backward(x, weight, inv_rms)
         return (wide * inv_rms).mul_(weight).to(x.dtype)
@@ -47,8 +43,8 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, weight, inv_rms = ctx.saved_tensors
-        normed = _at_least_fp32(x) * inv_rms
-        grad_out = _at_least_fp32(grad_out)
+        normed = at_least_fp32(x) * inv_rms
+        grad_out = at_least_fp32(grad_out)
         grad_weight = (grad_out * normed).reshape(-1, x.shape[-1]).sum(0)
         grad_normed = grad_out * weight
         # d/dx of x * inv_rms: (g - normed * mean(g * normed)) * inv_rms, per row

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moetrain.fused import fused_kernels
+from moetrain.fused import fused_kernels, swiglu, swiglu_backward
 from moetrain.moe.expert_threads import run_experts_threaded, use_expert_threads
 
 ACTIVATIONS = ("gelu", "relu", "swiglu")
@@ -28,6 +28,8 @@ ACTIVATIONS = ("gelu", "relu", "swiglu")
 
 def _activate(h: Tensor, activation: str) -> Tensor:
     if activation == "swiglu":
+        if fused_kernels(h.device):  # one fused op (moetrain.fused), differentiable
+            return swiglu(h)
         gate, up = h.chunk(2, dim=-1)
         return F.silu(gate) * up
     if activation == "relu":
@@ -227,26 +229,25 @@ def _per_row(bias: Tensor, blocks: ExpertBlocks) -> Tensor:
     return bias.index_select(0, blocks.expert_of_row.clamp(max=blocks.num_experts - 1))
 
 
-def _activation_with_grad(h: Tensor, activation: str):
-    """act(h), recomputed in backward, and a function taking d loss / d act to d loss / d h that
-    reuses what the recomputation made (fused aten backward kernels, no autograd graph)."""
+def _activation_and_grad(h: Tensor, grad_act: Tensor, activation: str) -> tuple[Tensor, Tensor]:
+    """act(h), recomputed in backward, and d loss / d h from d loss / d act in the same pass: aten's
+    backward kernels, no autograd graph; SwiGLU is one fused op on CUDA (moetrain.fused)."""
     if activation == "relu":
-        return F.relu(h), lambda grad_act: torch.ops.aten.threshold_backward(grad_act, h, 0)
+        return F.relu(h), torch.ops.aten.threshold_backward(grad_act, h, 0)
     if activation == "gelu":
-        return F.gelu(h), lambda grad_act: torch.ops.aten.gelu_backward(grad_act, h)
+        return F.gelu(h), torch.ops.aten.gelu_backward(grad_act, h)
+    if fused_kernels(h.device):
+        return swiglu_backward(h, grad_act)
     gate, up = h.chunk(2, dim=-1)
     silu_gate = F.silu(gate)
-
-    def swiglu_grad(grad_act: Tensor) -> Tensor:
-        if torch.compiler.is_compiling():  # no out= into views there; the compiler fuses anyway
-            return torch.cat([torch.ops.aten.silu_backward(grad_act * up, gate), grad_act * silu_gate], -1)
-        grad_h = torch.empty_like(h)  # eager: write both halves in place, no concatenation copy
+    if torch.compiler.is_compiling():  # no out= into views there; the compiler fuses anyway
+        grad_h = torch.cat([torch.ops.aten.silu_backward(grad_act * up, gate), grad_act * silu_gate], -1)
+    else:  # eager: write both halves in place, no concatenation copy
+        grad_h = torch.empty_like(h)
         grad_gate, grad_up = grad_h.chunk(2, dim=-1)
         torch.mul(grad_act, silu_gate, out=grad_up)
         torch.ops.aten.silu_backward.grad_input(grad_act * up, gate, grad_input=grad_gate)
-        return grad_h
-
-    return silu_gate * up, swiglu_grad
+    return silu_gate * up, grad_h
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,11 +282,12 @@ def _experts_backward(grad_y, x, w1, b1, w2, b2, route_weight, h, o, blocks, act
     if route_weight is not None:
         grad_route = _copy_or_return(torch.linalg.vecdot(grad_y, o).to(route_weight.dtype), grad_route)
         grad_o = grad_y * route_weight.to(grad_y.dtype).unsqueeze(1)
-    act, act_grad = _activation_with_grad(h, activation)
+    # d loss / d act through w2 first, so one pass over h recomputes act and gives d loss / d h
+    grad_act = grouped_mm(grad_o, w2.transpose(1, 2), blocks, backend=backend)
+    act, grad_h = _activation_and_grad(h, grad_act, activation)
     grad_w2 = _weight_grad(act, grad_o, blocks, grad_w2, backend, master_w2)
     if b2 is not None:
         grad_b2 = _copy_or_return(_per_expert_sum(grad_o, blocks), grad_b2)
-    grad_h = act_grad(grouped_mm(grad_o, w2.transpose(1, 2), blocks, backend=backend))
     grad_w1 = _weight_grad(x, grad_h, blocks, grad_w1, backend, master_w1)
     if b1 is not None:
         grad_b1 = _copy_or_return(_per_expert_sum(grad_h, blocks), grad_b1)

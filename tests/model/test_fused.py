@@ -1,17 +1,21 @@
 """The GPU's fused ops (moetrain/fused.py) against the CPU's reference paths: the chunked LM loss, the
-hand-written RMSNorm and apply_rope. The fused path is forced on here (its bodies run eager on a CPU, as
-plain torch code); on a GPU the same bodies run compiled (the cuda test)."""
+hand-written RMSNorm, apply_rope and the experts' SwiGLU. The fused path is forced on here (its bodies run
+eager on a CPU, as plain torch code); on a GPU the same bodies run compiled (the cuda test)."""
 
 import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import moetrain.lm_loss as lm_loss_module
+import moetrain.moe.experts as experts_module
 import moetrain.norm as norm_module
 from moetrain.attention import apply_rope
-from moetrain.fused import lm_chunk_body, rms_norm, rope
+from moetrain.fused import lm_chunk_body, rms_norm, rope, swiglu, swiglu_backward, swiglu_backward_body, swiglu_body
 from moetrain.lm_loss import IGNORE_INDEX, linear_cross_entropy
+from moetrain.moe import ExpertBlocks, GroupedExperts
+from moetrain.moe.experts import MLP
 from moetrain.norm import RMSNorm
 
 
@@ -96,6 +100,103 @@ def test_fused_rope_and_its_gradient_equal_apply_rope():
     assert hasattr(torch.ops.moetrain, "lm_chunk_grad") and hasattr(torch.ops.moetrain, "rope")
 
 
+def _swiglu_by_float64(h, grad_act):
+    """silu(gate) * up and its gradient in float64 by autograd."""
+    wide = h.double().requires_grad_()
+    gate, up = wide.chunk(2, dim=-1)
+    act = F.silu(gate) * up
+    act.backward(grad_act.double())
+    return act.detach(), wide.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_bodies_and_ops_by_float64(dtype):
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(3, 5, 16, generator=g) * 3).to(dtype)  # gates well into both tails of silu
+    grad_act = torch.randn(3, 5, 8, generator=g).to(dtype)
+    want_act, want_grad = _swiglu_by_float64(h, grad_act)
+    tolerance = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-2)
+    for act, (again, grad_h) in ((swiglu_body(h), swiglu_backward_body(h, grad_act)),
+                                 (swiglu(h), swiglu_backward(h, grad_act))):
+        assert act.dtype == again.dtype == grad_h.dtype == dtype
+        assert grad_h.shape == h.shape
+        torch.testing.assert_close(act.double(), want_act, **tolerance)
+        torch.testing.assert_close(again, act, rtol=0, atol=0)
+        torch.testing.assert_close(grad_h.double(), want_grad, **tolerance)
+
+
+def test_swiglu_op_gradcheck():
+    h = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(swiglu, (h,))
+
+
+def _swiglu_experts_run(experts, rows, blocks, route, grad_out):
+    experts.zero_grad(set_to_none=True)
+    r, w = rows.clone().requires_grad_(), route.clone().requires_grad_()
+    out = experts(r, blocks, w)
+    out.backward(grad_out)
+    return [out.detach(), r.grad, w.grad] + [p.grad for p in experts.parameters()]
+
+
+def _count_fused_calls(monkeypatch) -> list[str]:
+    """Force the fused path in experts.py and record each fused op it calls."""
+    calls = []
+    for name in ("swiglu", "swiglu_backward"):
+        op = getattr(experts_module, name)
+        monkeypatch.setattr(experts_module, name, lambda *args, op=op, name=name: calls.append(name) or op(*args))
+    monkeypatch.setattr(experts_module, "fused_kernels", lambda device: True)
+    return calls
+
+
+@pytest.mark.parametrize("threads", [1, 2], ids=["grouped", "threaded"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_fused_swiglu_experts_equal_the_reference_path(monkeypatch, bias, threads):
+    counts = [7, 0, 12, 1, 0, 9, 3, 5]  # uneven, with empty experts; 4 more rows of no expert
+    n = sum(counts) + 4
+    torch.manual_seed(0)
+    experts = GroupedExperts(len(counts), 16, 24, "swiglu", bias=bias)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0, 0.4)
+    ends = torch.tensor(counts).cumsum(0).to(torch.int32)
+    expert_of_row = torch.repeat_interleave(torch.arange(len(counts) + 1), torch.tensor(counts + [4]))
+    blocks = ExpertBlocks(ends, expert_of_row, counts)
+    rows, route, grad_out = torch.randn(n, 16), torch.rand(n) + 0.1, torch.randn(n, 16)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert experts_module.use_expert_threads(rows, len(counts)) == (threads == 2)
+        reference = _swiglu_experts_run(experts, rows, blocks, route, grad_out)
+        calls = _count_fused_calls(monkeypatch)
+        fused = _swiglu_experts_run(experts, rows, blocks, route, grad_out)
+    finally:
+        torch.set_num_threads(previous_threads)
+    assert set(calls) == {"swiglu", "swiglu_backward"}  # the forward's activation, backward's (act, grad_h)
+    for got, want in zip(fused, reference, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not fused[0][-4:].any() and not fused[1][-4:].any()  # rows of no expert
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_swiglu_mlp_equals_the_reference_path(monkeypatch, dtype):
+    torch.manual_seed(0)
+    mlp = MLP(12, 20, "swiglu", bias=True).to(dtype)
+    x, grad = torch.randn(2, 5, 12).to(dtype), torch.randn(2, 5, 12).to(dtype)
+    results = []
+    for fused in (False, True):
+        calls = _count_fused_calls(monkeypatch) if fused else []
+        mlp.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        out = mlp(xi)
+        out.backward(grad)
+        results.append([out.detach(), xi.grad] + [p.grad for p in mlp.parameters()])
+    assert calls == ["swiglu"]  # its autograd runs the backward op inside torch.ops.moetrain.swiglu
+    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for got, want in zip(results[1], results[0], strict=True):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, want, **tolerance)
+
+
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler")
 def test_compiled_lm_chunk_body_equals_eager():
     h, w, t = _loss_inputs(rows=12)
@@ -120,3 +221,8 @@ def test_compiled_fused_ops_on_cuda_equal_the_cpu_reference():
     cos, sin = torch.randn(16, 64), torch.randn(16, 64)
     torch.testing.assert_close(rope(x.cuda(), cos.cuda(), sin.cuda()).cpu(), apply_rope(x, cos, sin),
                                rtol=1e-5, atol=1e-5)
+    h, grad_act = torch.randn(4, 16, 128).bfloat16(), torch.randn(4, 16, 64).bfloat16()
+    torch.testing.assert_close(swiglu(h.cuda()).cpu(), swiglu_body(h), rtol=1e-2, atol=1e-2)
+    for got, want in zip(swiglu_backward(h.cuda(), grad_act.cuda()), swiglu_backward_body(h, grad_act), strict=True):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-2, atol=1e-2)
