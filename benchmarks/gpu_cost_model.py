@@ -88,6 +88,7 @@ def gpu_fused_paths(roofline):
     `fused_kernels` by name answers True (found, not listed, so a path that moves to another module stays
     covered). Import the trainer first so that every module of the step is loaded."""
     import moetrain.fused as fused
+    import moetrain.main_grad as main_grad
     import moetrain.moe.experts as experts
     import moetrain.train.trainer  # noqa: F401
 
@@ -96,7 +97,7 @@ def gpu_fused_paths(roofline):
     with contextlib.ExitStack() as stack:
         for module in users:
             stack.enter_context(roofline.patched(module, "fused_kernels", lambda device: True))
-        stack.enter_context(roofline.patched(experts, "mixed_dtype_gemm", lambda device: True))
+        stack.enter_context(roofline.patched(main_grad, "mixed_dtype_gemm", lambda device: True))
         stack.enter_context(roofline.patched(experts.ExpertBlocks, "host_counts", balanced_counts))
         yield
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from moetrain.main_grad import mark
 from moetrain.model import GPT
 from moetrain.moe.experts import GroupedExperts
 from moetrain.moe.router import Router
@@ -48,9 +49,8 @@ class _ComputeWeight(torch.autograd.Function):
     watches the master (data-parallel or ZeRO-2 reduction), which only AccumulateGrad runs. The sum is the
     same, bit for bit: widening a 16-bit value to fp32 is exact.
 
-    A GEMM that accumulates its weight gradient into the master itself (the grouped experts on CUDA,
-    moetrain.moe.experts.accumulate_weight_grad) finds the master as the copy's `main_param` and passes
-    no gradient back here."""
+    A GEMM that writes its weight gradient into the master's gradient itself (moetrain.main_grad) passes no
+    gradient back here."""
 
     @staticmethod
     def forward(ctx, master: Tensor, copy: Tensor) -> Tensor:
@@ -123,7 +123,7 @@ class ComputeWeights:
             weight = copy
             if tracked:
                 weight = _ComputeWeight.apply(master, copy)
-                weight.main_param = master  # for a GEMM that accumulates into the master's gradient itself
+                mark(weight, master)  # for a GEMM that writes into the master's gradient itself
             module._parameters[name] = weight
 
     def _restore_masters(self, module: nn.Module, args, output) -> None:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moetrain.fused import fused_kernels, swiglu, swiglu_backward
+from moetrain.main_grad import accumulated, addmm_into, gradient_buffer, master_of
 from moetrain.moe.expert_threads import run_experts_threaded, use_expert_threads
 
 ACTIVATIONS = ("gelu", "relu", "swiglu")
@@ -172,33 +173,17 @@ def grouped_weight_grad(rows: Tensor, grad: Tensor, blocks: ExpertBlocks | list[
     return out
 
 
-def mixed_dtype_gemm(device: torch.device) -> bool:
-    """Whether a GEMM of 16-bit operands can write fp32 (torch.addmm's out_dtype): CUDA, not the CPU."""
-    return device.type == "cuda"
-
-
 def accumulate_weight_grad(master: nn.Parameter, rows: Tensor, grad: Tensor, counts: list[int]) -> None:
-    """master.grad[e] += rows_e^T @ grad_e, the 16-bit products summed in fp32 by the GEMM itself and written
-    straight into the fp32 gradient (Megatron's gradient-accumulation fusion): one GEMM per expert that reads
-    and writes the fp32 gradient once, 8 B per parameter, where a 16-bit weight gradient added afterwards
-    moves 12 (write 2, then read 2 + 4, write 4). The first micro-batch's GEMM writes a fresh gradient
-    (beta = 0). Then the master's post-accumulate hooks run, as AccumulateGrad would run them (the
-    data-parallel and ZeRO-2 reductions)."""
-    fresh = master.grad is None
-    if fresh:
-        master.grad = torch.empty_like(master)
+    """master.grad[e] (+)= rows_e^T @ grad_e for every expert, by one GEMM per expert writing the fp32 gradient
+    itself (moetrain.main_grad: torch._grouped_mm cannot accumulate into an fp32 output)."""
+    main, beta = gradient_buffer(master)
     used = sum(counts)
-    for main, block_in, block_grad in zip(master.grad, rows[:used].split(counts), grad[:used].split(counts)):
-        if not block_in.shape[0]:
-            if fresh:
-                main.zero_()
-        elif mixed_dtype_gemm(rows.device):
-            torch.addmm(main, block_in.t(), block_grad, beta=0 if fresh else 1, out_dtype=main.dtype, out=main)
-        else:  # the same fp32 sums of the exact 16-bit products, widened first
-            torch.addmm(main, block_in.t().to(main.dtype), block_grad.to(main.dtype), beta=0 if fresh else 1,
-                        out=main)
-    for hook in tuple((master._post_accumulate_grad_hooks or {}).values()):
-        hook(master)
+    for expert_grad, block_in, block_grad in zip(main, rows[:used].split(counts), grad[:used].split(counts)):
+        if block_in.shape[0]:
+            addmm_into(expert_grad, block_in.t(), block_grad, beta)
+        elif beta == 0:
+            expert_grad.zero_()
+    accumulated(master)
 
 
 class HostCopy:
@@ -389,14 +374,9 @@ def expert_compute_dtype(device: torch.device, param_dtype: torch.dtype) -> torc
 
 
 def _accumulating_masters(w1: Tensor, w2: Tensor, backend: str) -> tuple[nn.Parameter, nn.Parameter] | None:
-    """The fp32 masters the weight gradients accumulate into directly: where the fused kernels run (CUDA), w1
-    and w2 are 16-bit compute copies (moetrain.mixed_precision marks each with its `main_param`), and the
-    step is eager (a compiled graph keeps the 16-bit gradient that autograd adds to the master)."""
-    masters = (getattr(w1, "main_param", None), getattr(w2, "main_param", None))
-    if None in masters or backend == "threads" or not fused_kernels(w1.device) or not torch.is_grad_enabled() \
-            or torch.compiler.is_compiling():
-        return None
-    return masters
+    """The fp32 masters w1's and w2's weight gradients are written into directly (moetrain.main_grad), or None."""
+    masters = (master_of(w1), master_of(w2))
+    return None if None in masters or backend == "threads" else masters
 
 
 class GroupedExperts(nn.Module):

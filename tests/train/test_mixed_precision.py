@@ -5,6 +5,7 @@ within bf16 rounding; the copies written once per optimizer step; fp32 masters i
 import pytest
 import torch
 
+import moetrain.main_grad as main_grad
 import moetrain.train.run as run_module
 from moetrain.mixed_precision import ComputeWeights, gemm_weights
 from moetrain.moe.experts import accumulate_weight_grad, grouped_weight_grad
@@ -131,7 +132,7 @@ def test_training_with_fused_expert_gradient_accumulation(tmp_path, monkeypatch)
         assert grad.dtype == torch.bfloat16 and master.dtype == torch.float32
         return accumulate_weight_grad(master, rows, grad, counts)
 
-    monkeypatch.setattr(experts_module, "fused_kernels", lambda device: True)
+    monkeypatch.setattr(main_grad, "fused_kernels", lambda device: True)
     monkeypatch.setattr(experts_module, "accumulate_weight_grad", counted)
     trainer, fused = _trained(_config(tmp_path, "fused", "bf16"), monkeypatch, copies=True)
     experts = [module.experts for _, module in trainer.model.moe_layers()]

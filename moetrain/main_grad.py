@@ -1,0 +1,64 @@
+"""Weight gradients written by their GEMM straight into the fp32 master's gradient (Megatron's gradient-
+accumulation fusion), for the 16-bit compute copies of fp32 master weights (moetrain.mixed_precision).
+
+Without it each micro-batch's 16-bit weight gradient is rounded to 16 bits, then added to the fp32 gradient
+(write 2 B, read 2 + 4 and write 4 per parameter). Here the weight-gradient GEMM takes 16-bit operands, sums
+in fp32 and writes into the master's .grad (beta 0 for the first micro-batch, 1 after): 8 B per parameter,
+and no 16-bit rounding of the gradient. A GEMM that does this returns no gradient for the copy, and runs
+the master's post-accumulate hooks (data-parallel overlap, ZeRO-2 buckets) as AccumulateGrad would.
+
+Where: a copy marked with its master (`mark`) on a device with the fused kernels (CUDA), in an eager step
+with autograd on. A compiled graph keeps the 16-bit gradient that autograd adds to the master; the CPU
+(fp32 training) has no copies. On the CPU the same functions run with the operands widened (the tests).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from moetrain.fused import fused_kernels
+
+
+def mark(copy: Tensor, master: nn.Parameter) -> None:
+    """Record on a compute copy (as used in a forward) the fp32 master its weight gradient belongs to."""
+    copy.main_param = master
+
+
+def master_of(weight: Tensor) -> nn.Parameter | None:
+    """The master whose gradient `weight`'s GEMM writes into directly, or None where autograd carries it."""
+    master = getattr(weight, "main_param", None)
+    if master is None or not fused_kernels(weight.device) or not torch.is_grad_enabled() \
+            or torch.compiler.is_compiling():
+        return None
+    return master
+
+
+def mixed_dtype_gemm(device: torch.device) -> bool:
+    """Whether a GEMM of 16-bit operands can write fp32 (torch.addmm's out_dtype): CUDA, not the CPU."""
+    return device.type == "cuda"
+
+
+def gradient_buffer(master: nn.Parameter) -> tuple[Tensor, int]:
+    """The master's fp32 gradient and the beta to write it with: a new buffer (beta 0, nothing to read) in the
+    first micro-batch, else the gradient so far (beta 1)."""
+    if master.grad is None:
+        master.grad = torch.empty_like(master)
+        return master.grad, 0
+    return master.grad, 1
+
+
+def addmm_into(out: Tensor, a: Tensor, b: Tensor, beta: int) -> None:
+    """out = beta * out + a @ b: 16-bit a and b, fp32 sums, one GEMM writing the fp32 `out` (on the CPU the
+    same sums of the exact 16-bit products, widened first)."""
+    if mixed_dtype_gemm(a.device):
+        torch.addmm(out, a, b, beta=beta, out_dtype=out.dtype, out=out)
+    else:
+        torch.addmm(out, a.to(out.dtype), b.to(out.dtype), beta=beta, out=out)
+
+
+def accumulated(master: nn.Parameter) -> None:
+    """The master's gradient is complete for this micro-batch: its post-accumulate hooks run, as
+    AccumulateGrad runs them."""
+    for hook in tuple((master._post_accumulate_grad_hooks or {}).values()):
+        hook(master)
