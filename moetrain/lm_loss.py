@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moetrain.fused import CUDA_CHUNK_BYTES, IGNORE_INDEX, fused_kernels, lm_chunk_grad
+from moetrain.main_grad import addmm_into
 
 CHUNK_BYTES = 64 * 2**20  # fp32 logits of one chunk: ~90% below the plain loss's peak (BENCHMARKS.md)
 
@@ -90,9 +91,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     Each chunk: the logits GEMM, then the softmax, loss and logit gradient either on the CPU's path (in
     place on fp32 logits: the reference) or, `fused` (CUDA), as one op on the 16-bit logits
-    (moetrain.fused.lm_chunk_grad: no fp32 copy), then the two gradient GEMMs. The fused path accumulates
-    the weight gradient in fp32 in the GEMM itself (addmm with an fp32 output, beta 1), not in a separate
-    pass per chunk."""
+    (moetrain.fused.lm_chunk_grad: no fp32 copy), then the two gradient GEMMs. The weight gradient is summed
+    over the chunks in fp32 by the GEMM itself (moetrain.main_grad.addmm_into: beta 0 for the first chunk,
+    1 after), not in a separate pass per chunk. On the fused path the backward scales it straight into
+    the head weight's .grad where it may (`_writes_its_own_grad`)."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, compute_dtype: torch.dtype,
@@ -101,21 +103,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h_all, w = hidden.to(compute_dtype), weight.to(compute_dtype)
             count = _count(targets)
             grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
             loss_sum = hidden.new_zeros((), dtype=torch.float32)
-            for h, t, g_h in zip(h_all.split(chunk_rows), targets.split(chunk_rows), grad_hidden.split(chunk_rows)):
+            chunks = zip(h_all.split(chunk_rows), targets.split(chunk_rows), grad_hidden.split(chunk_rows))
+            for i, (h, t, g_h) in enumerate(chunks):
                 losses, grad_logits = lm_chunk_grad(torch.mm(h, w.t()), t, classes) if fused \
                     else _reference_chunk_grad(h, w, t, classes, compute_dtype)
                 loss_sum += losses.sum()
                 g_h.copy_(grad_logits @ w)
-                if compute_dtype == torch.float32:
-                    grad_weight.addmm_(grad_logits.t(), h)
-                elif fused:
-                    torch.addmm(grad_weight, grad_logits.t(), h, out_dtype=torch.float32, out=grad_weight)
-                else:  # a 16-bit GEMM (fp32 accumulation inside), summed over chunks in fp32
-                    grad_weight.add_(grad_logits.t() @ h)
+                addmm_into(grad_weight, grad_logits.t(), h, beta=int(i > 0))  # fp32 sums over every chunk
         ctx.save_for_backward(grad_hidden, grad_weight, count)
         ctx.dtypes = hidden.dtype, weight.dtype
+        ctx.writes_grad_of = weight if fused and _writes_its_own_grad(weight) else None
         return loss_sum / count
 
     @staticmethod
@@ -123,8 +122,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight, count = ctx.saved_tensors
         scale = grad_loss / count
         hidden_dtype, weight_dtype = ctx.dtypes
-        return (grad_hidden.mul_(scale).to(hidden_dtype), grad_weight.mul_(scale).to(weight_dtype),
-                None, None, None, None, None)
+        weight = ctx.writes_grad_of
+        if weight is None:
+            weight_grad = grad_weight.mul_(scale).to(weight_dtype)
+        else:  # scaled straight into the fp32 gradient: one pass where a scale and AccumulateGrad's += made two
+            if weight.grad is None:
+                weight.grad = grad_weight.mul_(scale)
+            else:
+                weight.grad.addcmul_(grad_weight, scale)
+            weight_grad = None
+        return grad_hidden.mul_(scale).to(hidden_dtype), weight_grad, None, None, None, None, None
+
+
+def _writes_its_own_grad(weight: Tensor) -> bool:
+    """Whether the backward adds the head's scaled fp32 gradient into weight.grad itself: an fp32 leaf
+    parameter whose gradient no post-accumulate hook watches (data-parallel overlap and ZeRO-2 reductions run
+    from AccumulateGrad, once per backward: a tied embedding adds its part after the head's), outside a
+    compiled graph. A tied embedding's gradient then goes to the same .grad by AccumulateGrad, without the
+    autograd sum of two [V, d] gradients."""
+    return weight.is_leaf and weight.requires_grad and weight.dtype == torch.float32 \
+        and not weight._post_accumulate_grad_hooks and not torch.compiler.is_compiling()
 
 
 def plain_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:

@@ -49,9 +49,11 @@ def gradient_buffer(master: nn.Parameter) -> tuple[Tensor, int]:
 
 
 def addmm_into(out: Tensor, a: Tensor, b: Tensor, beta: int) -> None:
-    """out = beta * out + a @ b: 16-bit a and b, fp32 sums, one GEMM writing the fp32 `out` (on the CPU the
-    same sums of the exact 16-bit products, widened first)."""
-    if mixed_dtype_gemm(a.device):
+    """out = beta * out + a @ b: 16-bit (or `out`'s dtype) a and b, fp32 sums, one GEMM writing the fp32 `out`
+    (on the CPU the same sums of the exact 16-bit products, widened first)."""
+    if a.dtype == out.dtype:
+        torch.addmm(out, a, b, beta=beta, out=out)
+    elif mixed_dtype_gemm(a.device):
         torch.addmm(out, a, b, beta=beta, out_dtype=out.dtype, out=out)
     else:
         torch.addmm(out, a.to(out.dtype), b.to(out.dtype), beta=beta, out=out)

@@ -46,6 +46,42 @@ def test_fused_lm_loss_path_equals_the_reference_path(monkeypatch, chunk_rows):
     assert not fused[2][50:].any()  # padding rows: no gradient
 
 
+def _tied_head_grad(monkeypatch, fused: bool, hooked: bool = False) -> tuple[torch.Tensor, list]:
+    """Two micro-batches through a tied embedding and LM head: the head weight's accumulated gradient."""
+    h, w, t = _loss_inputs()
+    weight = torch.nn.Parameter(w)
+    fired = []
+    if hooked:
+        weight.register_post_accumulate_grad_hook(lambda p: fired.append(p.grad.clone()))
+    with monkeypatch.context() as patch:
+        patch.setattr(lm_loss_module, "fused_kernels", lambda device: fused)
+        for micro_batch in range(2):
+            ids = torch.randint(50, (37,), generator=torch.Generator().manual_seed(micro_batch))
+            hidden = F.embedding(ids, weight) * 0.7 + h
+            (0.5 * linear_cross_entropy(hidden, weight, t, classes=50, chunk_bytes=4 * 64 * 5)).backward()
+    return weight.grad, fired
+
+
+def test_fused_lm_head_scales_its_gradient_straight_into_the_weights(monkeypatch):
+    """On the fused path the head's scaled fp32 gradient goes into weight.grad itself and the tied embedding's
+    part is added there by AccumulateGrad: the same sums as autograd's. With a post-accumulate hook watching
+    the weight (data-parallel overlap, ZeRO-2), autograd keeps the job, and the hook fires once a backward
+    with the whole gradient."""
+    reference, _ = _tied_head_grad(monkeypatch, fused=False)
+    calls = []
+    writes = lm_loss_module._writes_its_own_grad
+    monkeypatch.setattr(lm_loss_module, "_writes_its_own_grad", lambda weight: calls.append(writes(weight)) or
+                        calls[-1])
+    fused, _ = _tied_head_grad(monkeypatch, fused=True)
+    assert calls == [True, True]
+    torch.testing.assert_close(fused, reference, rtol=1e-6, atol=1e-7)
+    calls.clear()
+    hooked, fired = _tied_head_grad(monkeypatch, fused=True, hooked=True)
+    assert calls == [False, False] and len(fired) == 2
+    torch.testing.assert_close(hooked, reference, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(fired[-1], reference, rtol=1e-6, atol=1e-7)
+
+
 def test_lm_chunk_body_by_float64():
     h, w, t = _loss_inputs(rows=9)
     logits = h.double() @ w.double().t()
