@@ -247,3 +247,26 @@ def _swiglu_grad(ctx, grad_act: Tensor) -> Tensor:
 
 
 swiglu.register_autograd(_swiglu_grad, setup_context=_swiglu_setup)
+
+
+# --- The routing weight's backward in the experts: y = o * w per row ---------------------------------------
+def route_weight_backward_body(grad_y: Tensor, o: Tensor, route_weight: Tensor) -> tuple[Tensor, Tensor]:
+    """(d loss / d o, d loss / d w) of y = o * w[:, None]: grad_y * w in grad_y's dtype, and the row sums of
+    grad_y * o in fp32, then w's dtype: grad_y read once for both, no [N, d] product kept."""
+    grad_o = (at_least_fp32(grad_y) * at_least_fp32(route_weight).unsqueeze(1)).to(grad_y.dtype)
+    grad_w = (at_least_fp32(grad_y) * at_least_fp32(o)).sum(-1).to(route_weight.dtype)
+    return grad_o, grad_w
+
+
+_route_weight_backward_body = _compiled(route_weight_backward_body)
+
+
+@torch.library.custom_op("moetrain::route_weight_backward", mutates_args=())
+def route_weight_backward(grad_y: Tensor, o: Tensor, route_weight: Tensor) -> tuple[Tensor, Tensor]:
+    """`route_weight_backward_body` as one op (compiled on CUDA)."""
+    return _route_weight_backward_body(grad_y, o, route_weight)
+
+
+@route_weight_backward.register_fake
+def _(grad_y: Tensor, o: Tensor, route_weight: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(grad_y), torch.empty_like(route_weight)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moetrain.fused import fused_kernels, swiglu, swiglu_backward
+from moetrain.fused import fused_kernels, route_weight_backward, swiglu, swiglu_backward
 from moetrain.main_grad import accumulated, addmm_into, gradient_buffer, master_of
 from moetrain.moe.expert_threads import run_experts_threaded, use_expert_threads
 
@@ -265,8 +265,12 @@ def _experts_backward(grad_y, x, w1, b1, w2, b2, route_weight, h, o, blocks, act
     master_w1, master_w2 = masters or (None, None)
     grad_o = grad_y
     if route_weight is not None:
-        grad_route = _copy_or_return(torch.linalg.vecdot(grad_y, o).to(route_weight.dtype), grad_route)
-        grad_o = grad_y * route_weight.to(grad_y.dtype).unsqueeze(1)
+        if fused_kernels(grad_y.device):  # one op reading grad_y once (moetrain.fused)
+            grad_o, route = route_weight_backward(grad_y, o, route_weight)
+        else:
+            route = torch.linalg.vecdot(grad_y, o).to(route_weight.dtype)
+            grad_o = grad_y * route_weight.to(grad_y.dtype).unsqueeze(1)
+        grad_route = _copy_or_return(route, grad_route)
     # d loss / d act through w2 first, so one pass over h recomputes act and gives d loss / d h
     grad_act = grouped_mm(grad_o, w2.transpose(1, 2), blocks, backend=backend)
     act, grad_h = _activation_and_grad(h, grad_act, activation)

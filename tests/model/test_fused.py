@@ -12,7 +12,16 @@ import moetrain.lm_loss as lm_loss_module
 import moetrain.moe.experts as experts_module
 import moetrain.norm as norm_module
 from moetrain.attention import apply_rope
-from moetrain.fused import lm_chunk_body, rms_norm, rope, swiglu, swiglu_backward, swiglu_backward_body, swiglu_body
+from moetrain.fused import (
+    lm_chunk_body,
+    rms_norm,
+    rope,
+    route_weight_backward,
+    swiglu,
+    swiglu_backward,
+    swiglu_backward_body,
+    swiglu_body,
+)
 from moetrain.lm_loss import IGNORE_INDEX, linear_cross_entropy
 from moetrain.moe import ExpertBlocks, GroupedExperts
 from moetrain.moe.experts import MLP
@@ -161,6 +170,20 @@ def test_swiglu_bodies_and_ops_by_float64(dtype):
         torch.testing.assert_close(grad_h.double(), want_grad, **tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_route_weight_backward_by_float64(dtype):
+    g = torch.Generator().manual_seed(0)
+    grad_y, o = torch.randn(9, 16, generator=g).to(dtype), torch.randn(9, 16, generator=g).to(dtype)
+    weight = torch.rand(9, generator=g) + 0.1
+    o64, w64 = o.double().requires_grad_(), weight.double().requires_grad_()
+    (o64 * w64.unsqueeze(1)).backward(grad_y.double())
+    grad_o, grad_w = route_weight_backward(grad_y, o, weight)
+    assert grad_o.dtype == dtype and grad_w.dtype == torch.float32
+    tolerance = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(grad_o.double(), o64.grad, **tolerance)
+    torch.testing.assert_close(grad_w.double(), w64.grad, rtol=1e-5, atol=1e-5)  # fp32 sums, even from bf16
+
+
 def test_swiglu_op_gradcheck():
     h = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(swiglu, (h,))
@@ -177,7 +200,7 @@ def _swiglu_experts_run(experts, rows, blocks, route, grad_out):
 def _count_fused_calls(monkeypatch) -> list[str]:
     """Force the fused path in experts.py and record each fused op it calls."""
     calls = []
-    for name in ("swiglu", "swiglu_backward"):
+    for name in ("swiglu", "swiglu_backward", "route_weight_backward"):
         op = getattr(experts_module, name)
         monkeypatch.setattr(experts_module, name, lambda *args, op=op, name=name: calls.append(name) or op(*args))
     monkeypatch.setattr(experts_module, "fused_kernels", lambda device: True)
@@ -207,7 +230,8 @@ def test_fused_swiglu_experts_equal_the_reference_path(monkeypatch, bias, thread
         fused = _swiglu_experts_run(experts, rows, blocks, route, grad_out)
     finally:
         torch.set_num_threads(previous_threads)
-    assert set(calls) == {"swiglu", "swiglu_backward"}  # the forward's activation, backward's (act, grad_h)
+    # the forward's activation, backward's (act, grad_h), the routing weight's backward
+    assert set(calls) == {"swiglu", "swiglu_backward", "route_weight_backward"}
     for got, want in zip(fused, reference, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert not fused[0][-4:].any() and not fused[1][-4:].any()  # rows of no expert
