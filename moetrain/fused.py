@@ -93,14 +93,19 @@ def rms_norm_body(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor
     return (wide * inv_rms * weight.float()).to(x.dtype), inv_rms
 
 
-def rms_norm_backward_body(grad_out: Tensor, x: Tensor, weight: Tensor, inv_rms: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradients of x and weight: (g w - normed mean(g w normed)) / rms, and sum over rows of g normed."""
+def rms_norm_backward_body(grad_out: Tensor, x: Tensor, weight: Tensor, inv_rms: Tensor,
+                           grad_residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Gradients of x and weight: (g w - normed mean(g w normed)) / rms, and sum over rows of g normed; plus
+    `grad_residual` (x's gradient through the residual branch beside the norm), added in the same pass."""
     normed = x.float() * inv_rms
     grad = grad_out.float()
     grad_weight = (grad * normed).reshape(-1, x.shape[-1]).sum(0)
     grad_normed = grad * weight.float()
     mean_dot = (grad_normed * normed).mean(-1, keepdim=True)
-    return ((grad_normed - normed * mean_dot) * inv_rms).to(x.dtype), grad_weight.to(weight.dtype)
+    grad_x = (grad_normed - normed * mean_dot) * inv_rms
+    if grad_residual is not None:
+        grad_x = grad_x + grad_residual.float()
+    return grad_x.to(x.dtype), grad_weight.to(weight.dtype)
 
 
 _rms_norm_body, _rms_norm_backward_body = _compiled(rms_norm_body), _compiled(rms_norm_backward_body)
@@ -118,12 +123,14 @@ def _(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
 
 
 @torch.library.custom_op("moetrain::rms_norm_backward", mutates_args=())
-def rms_norm_backward(grad_out: Tensor, x: Tensor, weight: Tensor, inv_rms: Tensor) -> tuple[Tensor, Tensor]:
-    return _rms_norm_backward_body(grad_out, x, weight, inv_rms)
+def rms_norm_backward(grad_out: Tensor, x: Tensor, weight: Tensor, inv_rms: Tensor,
+                      grad_residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    return _rms_norm_backward_body(grad_out, x, weight, inv_rms, grad_residual)
 
 
 @rms_norm_backward.register_fake
-def _(grad_out: Tensor, x: Tensor, weight: Tensor, inv_rms: Tensor) -> tuple[Tensor, Tensor]:
+def _(grad_out: Tensor, x: Tensor, weight: Tensor, inv_rms: Tensor,
+      grad_residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
     return torch.empty_like(x), torch.empty_like(weight)
 
 

@@ -27,7 +27,7 @@ from moetrain.lm_loss import linear_cross_entropy, plain_cross_entropy
 from moetrain.moe import MLP, MoE
 from moetrain.moe.experts import GroupedExperts
 from moetrain.moe.stats import RoutingStats
-from moetrain.norm import RMSNorm
+from moetrain.norm import RMSNorm, normed_and_residual
 
 
 @dataclass
@@ -103,11 +103,13 @@ class Block(nn.Module):
                 routing_key: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """(x, l_aux, z_loss); the two router losses are None for a dense FFN. `token_mask` [B, T]
         (False for padding) keeps padding out of the MoE layer's routing; `routing_key` keys its noise."""
-        x = x + self.dropout(self.attn(self.norm1(x), rope))
+        normed, x = normed_and_residual(self.norm1, x)
+        x = x + self.dropout(self.attn(normed, rope))
+        normed, x = normed_and_residual(self.norm2, x)
         if isinstance(self.ffn, MoE):
-            moe = self.ffn(self.norm2(x), with_z_loss=True, token_mask=token_mask, routing_key=routing_key)
+            moe = self.ffn(normed, with_z_loss=True, token_mask=token_mask, routing_key=routing_key)
             return x + self.dropout(moe.output), moe.l_aux, moe.z_loss
-        return x + self.dropout(self.ffn(self.norm2(x))), None, None
+        return x + self.dropout(self.ffn(normed)), None, None
 
 
 def _run_units(blocks: list[Block], x: Tensor, rope: tuple[Tensor, Tensor] | None, token_mask: Tensor | None,

@@ -12,6 +12,7 @@ import moetrain.lm_loss as lm_loss_module
 import moetrain.moe.experts as experts_module
 import moetrain.norm as norm_module
 from moetrain.attention import apply_rope
+from moetrain.config import ModelConfig, MoEConfig
 from moetrain.fused import (
     lm_chunk_body,
     rms_norm,
@@ -23,6 +24,7 @@ from moetrain.fused import (
     swiglu_body,
 )
 from moetrain.lm_loss import IGNORE_INDEX, linear_cross_entropy
+from moetrain.model import GPT
 from moetrain.moe import ExpertBlocks, GroupedExperts
 from moetrain.moe.experts import MLP
 from moetrain.norm import RMSNorm
@@ -126,6 +128,29 @@ def test_fused_rms_norm_equals_the_hand_written_one(monkeypatch, dtype):
     for got, want in zip(results[1], results[0], strict=True):
         assert got.dtype == want.dtype
         torch.testing.assert_close(got, want, **tolerance)
+
+
+def test_blocks_sum_the_residual_gradient_inside_the_fused_norm_backward(monkeypatch):
+    """A llama-style model: with the fused norm, each block's two norms take x's residual gradient into their
+    backward op (no separate sum), and every output and gradient equals the reference path's."""
+    cfg = ModelConfig(style="llama", num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
+                      vocab_size=64)
+    model = GPT(cfg, MoEConfig(num_experts=[4], expert_interval=2, topk=2, drop_tokens=False), seed=0)
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    results, residual_grads = [], []
+    backward_op = norm_module.rms_norm_backward
+    monkeypatch.setattr(norm_module, "rms_norm_backward", lambda *args: residual_grads.append(args[4].shape)
+                        or backward_op(*args))
+    for fused in (False, True):
+        monkeypatch.setattr(norm_module, "fused_kernels", lambda device, fused=fused: fused)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # the same dropout masks
+        loss = model(ids, ids.roll(-1, 1)).lm_loss
+        loss.backward()
+        results.append([loss.detach()] + [p.grad for p in model.parameters()])
+    assert residual_grads == [(2, 16, 32)] * 4  # two norms in each of two blocks
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_fused_rope_and_its_gradient_equal_apply_rope():
