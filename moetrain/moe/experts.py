@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moetrain.fused import fused_kernels, swiglu, swiglu_backward
-from moetrain.main_grad import accumulated, addmm_into, gradient_buffer, master_of
+from moetrain.main_grad import Linear, accumulated, addmm_into, gradient_buffer, master_of
 from moetrain.moe.expert_threads import run_experts_threaded, use_expert_threads
 
 ACTIVATIONS = ("gelu", "relu", "swiglu")
@@ -468,8 +468,8 @@ class MLP(nn.Module):
             raise ValueError(f"unknown activation {activation!r}; choose one of {ACTIVATIONS}")
         self.activation = activation
         first_width = 2 * ffn_hidden_size if activation == "swiglu" else ffn_hidden_size
-        self.fc1 = nn.Linear(hidden_size, first_width, bias=bias)
-        self.fc2 = nn.Linear(ffn_hidden_size, hidden_size, bias=bias)
+        self.fc1 = Linear(hidden_size, first_width, bias=bias)
+        self.fc2 = Linear(ffn_hidden_size, hidden_size, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(_activate(self.fc1(x), self.activation))

@@ -140,3 +140,60 @@ def test_training_with_fused_expert_gradient_accumulation(tmp_path, monkeypatch)
     assert len(calls) == 3 * 2 * 2 * len(experts)
     assert set(map(id, calls)) == {id(getattr(e, name)) for e in experts for name in ("w1", "w2")}
     assert fused == pytest.approx(unfused, rel=1e-2) and fused != unfused
+
+
+# --- the same for the linear layers (moetrain.main_grad.linear) ---------------------------------------------------
+def test_linear_weight_grad_accumulates_in_fp32_and_the_rest_is_f_linears(monkeypatch):
+    """A Linear with a bf16 compute copy (ComputeWeights' hooks, as in training), two micro-batches: output,
+    input and bias gradients are F.linear's on the bf16 operands; the fp32 weight gradient the fp32 sum of
+    the exact products; the master's hook runs once per micro-batch (not again by an AccumulateGrad)."""
+    monkeypatch.setattr(main_grad, "fused_kernels", lambda device: True)
+    torch.manual_seed(0)
+    module = main_grad.Linear(8, 6)
+    ComputeWeights(module, torch.bfloat16)
+    seen = []
+    module.weight.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad.clone()))
+    bias_ref = module.bias.detach().clone().requires_grad_()
+    exact = torch.zeros(6, 8, dtype=torch.float64)
+    for micro_batch in range(2):
+        x, grad = torch.randn(2, 5, 8, requires_grad=True), torch.randn(2, 5, 6).bfloat16()
+        module(x).backward(grad)
+        x_ref = x.detach().requires_grad_()
+        out_ref = torch.nn.functional.linear(x_ref.bfloat16(), module.weight.detach().bfloat16(), bias_ref.bfloat16())
+        out_ref.backward(grad)
+        assert torch.equal(module(x), out_ref)
+        assert torch.equal(x.grad, x_ref.grad) and torch.equal(module.bias.grad, bias_ref.grad)
+        exact += grad.double().flatten(0, 1).t() @ x.detach().bfloat16().double().flatten(0, 1)
+        assert module.weight.grad.dtype == torch.float32 and len(seen) == micro_batch + 1
+        assert torch.equal(seen[-1], module.weight.grad)
+    assert (module.weight.grad.double() - exact).abs().max().item() < 1e-5 * exact.abs().max().item()
+
+
+def test_training_with_fused_linear_gradient_accumulation(tmp_path, monkeypatch):
+    """bf16 with compute copies and the fused path on (as on CUDA), dense and shared-expert MLPs included:
+    every linear compute copy's master takes its gradient from its GEMM in every micro-batch, and the losses
+    stay the unfused step's within bf16 rounding."""
+    from moetrain.main_grad import Linear
+
+    def config(name):
+        cfg = _config(tmp_path, name, "bf16")
+        cfg.moe.expert_interval, cfg.moe.num_shared_experts = 2, 1  # a dense layer, an MoE with a shared expert
+        return cfg
+
+    _, unfused = _trained(config("unfused"), monkeypatch, copies=True)
+    calls = []
+    accumulated = main_grad.accumulated  # the experts' backward holds its own reference: linears' calls only
+
+    def counted(master):
+        calls.append(master)
+        assert master.dtype == torch.float32 and master.grad.dtype == torch.float32
+        accumulated(master)
+
+    monkeypatch.setattr(main_grad, "fused_kernels", lambda device: True)
+    monkeypatch.setattr(main_grad, "accumulated", counted)
+    trainer, fused = _trained(config("fused"), monkeypatch, copies=True)
+    masters = [module.weight for module, _ in gemm_weights(trainer.model) if isinstance(module, Linear)]
+    assert len(masters) == 2 * 2 + 2 + 2  # attention (qkv, proj) x 2 layers, the dense MLP, the shared expert
+    assert len(calls) == 3 * 2 * len(masters)  # 3 steps x 2 micro-batches
+    assert set(map(id, calls)) == set(map(id, masters))
+    assert fused == pytest.approx(unfused, rel=1e-2) and fused != unfused
