@@ -69,7 +69,8 @@ def accumulated(master: nn.Parameter) -> None:
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear(x, weight, bias); where `weight` is a compute copy whose master takes its gradient directly
     (`master_of`), in the copy's dtype with the weight gradient written into the master's."""
-    master = master_of(weight)
+    # where x needs no gradient, no backward of ours would run: autograd carries the weight's gradient then
+    master = master_of(weight) if x.requires_grad else None
     if master is None:
         return F.linear(x, weight, bias)
     bias = bias.to(weight.dtype) if bias is not None else None  # as autocast casts them: the same numbers

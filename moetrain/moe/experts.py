@@ -417,9 +417,13 @@ class GroupedExperts(nn.Module):
         else:
             backend = grouped_gemm_backend(rows.device, dtype)
         w1, b1, w2, b2 = (None if p is None else p.to(dtype) for p in (self.w1, self.b1, self.w2, self.b2))
+        # rows needing no gradient: no backward of ours would run, autograd carries the weights' gradients
+        masters = _accumulating_masters(w1, w2, backend) if rows.requires_grad else None
+        if masters is not None:  # out of the graph: AccumulateGrad would run the masters' hooks again
+            w1, w2 = w1.detach(), w2.detach()
         return _GroupedMLP.apply(rows.to(dtype).contiguous(), w1, b1, w2, b2, route_weight, blocks.ends,
                                  blocks.expert_of_row, blocks.counts, blocks.all_rows_used,
-                                 self.activation, backend, _accumulating_masters(w1, w2, backend))
+                                 self.activation, backend, masters)
 
 
 class ModuleExperts(nn.Module):

@@ -118,6 +118,24 @@ def test_a_reducing_hook_that_takes_the_gradient_gets_each_micro_batchs_own():
                                    atol=1e-6)
 
 
+def test_expert_masters_hooks_run_once_per_micro_batch(monkeypatch):
+    """Through ComputeWeights' copies, as in training: the backward's GEMMs run the hooks, no AccumulateGrad
+    runs them again (a ZeRO-2 bucket would be reduced twice)."""
+    import moetrain.moe.experts as experts_module
+
+    monkeypatch.setattr(main_grad, "fused_kernels", lambda device: True)
+    monkeypatch.setattr(experts_module, "use_expert_threads", lambda rows, num_experts: False)
+    torch.manual_seed(0)
+    experts = experts_module.GroupedExperts(3, 8, 16)
+    ComputeWeights(experts, torch.bfloat16)
+    seen = []
+    for master in (experts.w1, experts.w2):
+        master.register_post_accumulate_grad_hook(seen.append)
+    for micro_batch in range(2):
+        experts(torch.randn(10, 8, requires_grad=True), [4, 3, 3]).float().sum().backward()
+        assert len(seen) == 2 * (micro_batch + 1) and set(map(id, seen)) == {id(experts.w1), id(experts.w2)}
+
+
 def test_training_with_fused_expert_gradient_accumulation(tmp_path, monkeypatch):
     """bf16 with compute copies and the fused path on (as on CUDA): every expert weight gradient of every micro-
     batch goes into its master directly, and the losses stay the unfused step's within bf16 rounding."""
@@ -167,6 +185,18 @@ def test_linear_weight_grad_accumulates_in_fp32_and_the_rest_is_f_linears(monkey
         assert module.weight.grad.dtype == torch.float32 and len(seen) == micro_batch + 1
         assert torch.equal(seen[-1], module.weight.grad)
     assert (module.weight.grad.double() - exact).abs().max().item() < 1e-5 * exact.abs().max().item()
+
+
+def test_an_input_without_gradient_leaves_the_weight_gradient_to_autograd(monkeypatch):
+    monkeypatch.setattr(main_grad, "fused_kernels", lambda device: True)
+    module = main_grad.Linear(8, 6, bias=False)
+    ComputeWeights(module, torch.bfloat16)
+    x = torch.randn(5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x)
+    out.float().sum().backward()
+    want = torch.ones(5, 6, dtype=torch.bfloat16).t() @ x.bfloat16()  # autograd's bf16 gradient, widened
+    assert torch.equal(module.weight.grad, want.float())
 
 
 def test_training_with_fused_linear_gradient_accumulation(tmp_path, monkeypatch):
