@@ -51,8 +51,8 @@ class _ComputeWeight(torch.autograd.Function):
     watches the master (data-parallel or ZeRO-2 reduction), which only AccumulateGrad runs. The sum is the
     same, bit for bit: widening a 16-bit value to fp32 is exact.
 
-    A GEMM that writes its weight gradient into the master's gradient itself (moetrain.main_grad) passes no
-    gradient back here."""
+    A GEMM that writes its weight gradient into the master's gradient itself (moetrain.main_grad) takes the
+    copy detached: its backward does not come here."""
 
     @staticmethod
     def forward(ctx, master: Tensor, copy: Tensor) -> Tensor:
