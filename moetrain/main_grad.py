@@ -92,7 +92,7 @@ class _LinearIntoMaster(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x, weight = ctx.saved_tensors
         grad_2d = grad.reshape(-1, grad.shape[-1])
-        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_x = grad @ weight  # x needs it: `linear` comes here only then
         grad_bias = grad_2d.sum(0) if ctx.needs_input_grad[2] else None
         main, beta = gradient_buffer(ctx.master)
         addmm_into(main, grad_2d.t(), x.reshape(-1, x.shape[-1]), beta)
