@@ -199,7 +199,12 @@ def test_an_input_without_gradient_leaves_the_weight_gradient_to_autograd(monkey
     assert torch.equal(module.weight.grad, want.float())
 
 
-def test_training_with_fused_linear_gradient_accumulation(tmp_path, monkeypatch):
+MLA = dict(style="llama", multi_latent_attention=True, q_lora_rank=12, kv_lora_rank=10, qk_head_dim=6,
+           qk_pos_emb_head_dim=4, v_head_dim=5)
+
+
+@pytest.mark.parametrize("attention", ["mha", "mla"])  # gpt style (biases), llama style with MLA
+def test_training_with_fused_linear_gradient_accumulation(tmp_path, monkeypatch, attention):
     """bf16 with compute copies and the fused path on (as on CUDA), dense and shared-expert MLPs included:
     every linear compute copy's master takes its gradient from its GEMM in every micro-batch, and the losses
     stay the unfused step's within bf16 rounding."""
@@ -208,6 +213,8 @@ def test_training_with_fused_linear_gradient_accumulation(tmp_path, monkeypatch)
     def config(name):
         cfg = _config(tmp_path, name, "bf16")
         cfg.moe.expert_interval, cfg.moe.num_shared_experts = 2, 1  # a dense layer, an MoE with a shared expert
+        for key, value in (MLA if attention == "mla" else {}).items():
+            setattr(cfg.model, key, value)
         return cfg
 
     _, unfused = _trained(config("unfused"), monkeypatch, copies=True)
@@ -223,7 +230,8 @@ def test_training_with_fused_linear_gradient_accumulation(tmp_path, monkeypatch)
     monkeypatch.setattr(main_grad, "accumulated", counted)
     trainer, fused = _trained(config("fused"), monkeypatch, copies=True)
     masters = [module.weight for module, _ in gemm_weights(trainer.model) if isinstance(module, Linear)]
-    assert len(masters) == 2 * 2 + 2 + 2  # attention (qkv, proj) x 2 layers, the dense MLP, the shared expert
+    projections = 5 if attention == "mla" else 2  # q_down, q_up, kv_down, kv_up, proj / qkv, proj
+    assert len(masters) == 2 * projections + 2 + 2  # x 2 layers, the dense MLP, the shared expert
     assert len(calls) == 3 * 2 * len(masters)  # 3 steps x 2 micro-batches
     assert set(map(id, calls)) == set(map(id, masters))
     assert fused == pytest.approx(unfused, rel=1e-2) and fused != unfused
