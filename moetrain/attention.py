@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from moetrain.comm import copy_to_group
 from moetrain.fused import fused_kernels
 from moetrain.fused import rope as fused_rope
+from moetrain.main_grad import Linear
 from moetrain.norm import RMSNorm
 
 if TYPE_CHECKING:
@@ -125,8 +126,8 @@ class Attention(CausalAttention):
         self.num_heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim()
         bias = cfg.style == "gpt"
         q_width, kv_width = self.num_heads * self.head_dim, self.kv_heads * self.head_dim
-        self.qkv = nn.Linear(cfg.hidden_size, q_width + 2 * kv_width, bias=bias or cfg.add_qkv_bias)
-        self.proj = nn.Linear(q_width, cfg.hidden_size, bias=bias)
+        self.qkv = Linear(cfg.hidden_size, q_width + 2 * kv_width, bias=bias or cfg.add_qkv_bias)
+        self.proj = Linear(q_width, cfg.hidden_size, bias=bias)
         self.qk_norm = cfg.qk_norm
         widths = {"head": (self.head_dim, self.head_dim), "projection": (q_width, kv_width)}.get(cfg.qk_norm)
         self.q_norm, self.k_norm = (RMSNorm(w, cfg.norm_eps) for w in widths) if widths else (None, None)
@@ -169,15 +170,15 @@ class LatentAttention(CausalAttention):
         query_width = heads * (self.nope_dim + self.rope_dim)
         self.low_rank_query = bool(cfg.q_lora_rank)
         if self.low_rank_query:
-            self.q_down = nn.Linear(hidden, cfg.q_lora_rank, bias=False)
+            self.q_down = Linear(hidden, cfg.q_lora_rank, bias=False)
             self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
-            self.q_up = nn.Linear(cfg.q_lora_rank, query_width, bias=False)
+            self.q_up = Linear(cfg.q_lora_rank, query_width, bias=False)
         else:
-            self.q_proj = nn.Linear(hidden, query_width, bias=False)
-        self.kv_down = nn.Linear(hidden, self.latent_dim + self.rope_dim, bias=False)
+            self.q_proj = Linear(hidden, query_width, bias=False)
+        self.kv_down = Linear(hidden, self.latent_dim + self.rope_dim, bias=False)
         self.kv_norm = RMSNorm(self.latent_dim, cfg.norm_eps)
-        self.kv_up = nn.Linear(self.latent_dim, heads * (self.nope_dim + self.v_dim), bias=False)
-        self.proj = nn.Linear(heads * self.v_dim, hidden, bias=False)
+        self.kv_up = Linear(self.latent_dim, heads * (self.nope_dim + self.v_dim), bias=False)
+        self.proj = Linear(heads * self.v_dim, hidden, bias=False)
         self.shared_key_group: dist.ProcessGroup | None = None  # tensor parallelism: the ranks sharing k_rope
         self.scale = (self.nope_dim + self.rope_dim) ** -0.5
         if cfg.rope_scaling == "yarn" and cfg.mscale_all_dim:

@@ -12,9 +12,11 @@ only its fp32 masters. Gradients reach the masters in fp32 and accumulate there 
 The copy holds exactly what autocast's cast would give (round to nearest from the same fp32 value), and the
 gradient goes back through the same cast: losses and gradients are bit for bit those of plain autocast.
 
-Which weights: those a GEMM reads in the autocast dtype: linears (tensor-parallel ones included) and
-grouped-expert weights; not routers (computed in fp32, as DeepSpeed does), not the LM head (the chunked
-loss casts it once per micro-batch), not norms, embeddings or biases (used in fp32, or small).
+Which weights: those a GEMM reads in the autocast dtype: the projections and MLPs (moetrain.main_grad's
+Linear, tensor-parallel ones included) and grouped-expert weights; not routers (computed in fp32, as DeepSpeed
+does), not the LM head (the chunked loss casts it once per micro-batch), not the one- or two-column gates (the
+shared expert's, PR-MoE's coefficient: autocast casts them), not norms, embeddings or biases (used in fp32,
+or small). Those stay torch's nn.Linear, which `GEMM_WEIGHTS` does not list.
 
 ZeRO-3 (FSDP2) does this job with its own MixedPrecisionPolicy(param_dtype=...); `build_run` makes no
 ComputeWeights there (`applies_to`).
@@ -25,14 +27,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from moetrain.main_grad import mark
+from moetrain.main_grad import Linear, mark
 from moetrain.model import GPT
 from moetrain.moe.experts import GroupedExperts
-from moetrain.moe.router import Router
 from moetrain.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
-GEMM_WEIGHTS: dict[type, tuple[str, ...]] = {nn.Linear: ("weight",), ColumnParallelLinear: ("weight",),
+# moetrain's Linear, not torch's nn.Linear: routers, gates and the LM head are nn.Linear and keep no copy
+GEMM_WEIGHTS: dict[type, tuple[str, ...]] = {Linear: ("weight",), ColumnParallelLinear: ("weight",),
                                              RowParallelLinear: ("weight",), GroupedExperts: ("w1", "w2")}
 
 
@@ -49,8 +51,8 @@ class _ComputeWeight(torch.autograd.Function):
     watches the master (data-parallel or ZeRO-2 reduction), which only AccumulateGrad runs. The sum is the
     same, bit for bit: widening a 16-bit value to fp32 is exact.
 
-    A GEMM that writes its weight gradient into the master's gradient itself (moetrain.main_grad) passes no
-    gradient back here."""
+    A GEMM that writes its weight gradient into the master's gradient itself (moetrain.main_grad) takes the
+    copy detached: its backward does not come here."""
 
     @staticmethod
     def forward(ctx, master: Tensor, copy: Tensor) -> Tensor:
@@ -71,13 +73,10 @@ class _ComputeWeight(torch.autograd.Function):
 
 def gemm_weights(model: GPT) -> list[tuple[nn.Module, str]]:
     """(module, parameter name) of every weight this rank's model reads only as a GEMM operand."""
-    skipped = {id(model.lm_head)} | {id(m) for router in model.modules() if isinstance(router, Router)
-                                     for m in router.modules()}
     found = []
     for module in model.modules():
-        names = next((names for kind, names in GEMM_WEIGHTS.items() if type(module) is kind), ())
-        if id(module) not in skipped:
-            found += [(module, name) for name in names if module._parameters.get(name) is not None]
+        names = GEMM_WEIGHTS.get(type(module), ())
+        found += [(module, name) for name in names if module._parameters.get(name) is not None]
     return found
 
 

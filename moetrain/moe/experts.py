@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moetrain.fused import fused_kernels, route_weight_backward, swiglu, swiglu_backward
-from moetrain.main_grad import accumulated, addmm_into, gradient_buffer, master_of
+from moetrain.main_grad import Linear, accumulated, addmm_into, gradient_buffer, master_of
 from moetrain.moe.expert_threads import run_experts_threaded, use_expert_threads
 
 ACTIVATIONS = ("gelu", "relu", "swiglu")
@@ -421,9 +421,13 @@ class GroupedExperts(nn.Module):
         else:
             backend = grouped_gemm_backend(rows.device, dtype)
         w1, b1, w2, b2 = (None if p is None else p.to(dtype) for p in (self.w1, self.b1, self.w2, self.b2))
+        # rows needing no gradient: no backward of ours would run, autograd carries the weights' gradients
+        masters = _accumulating_masters(w1, w2, backend) if rows.requires_grad else None
+        if masters is not None:  # out of the graph: AccumulateGrad would run the masters' hooks again
+            w1, w2 = w1.detach(), w2.detach()
         return _GroupedMLP.apply(rows.to(dtype).contiguous(), w1, b1, w2, b2, route_weight, blocks.ends,
                                  blocks.expert_of_row, blocks.counts, blocks.all_rows_used,
-                                 self.activation, backend, _accumulating_masters(w1, w2, backend))
+                                 self.activation, backend, masters)
 
 
 class ModuleExperts(nn.Module):
@@ -472,8 +476,8 @@ class MLP(nn.Module):
             raise ValueError(f"unknown activation {activation!r}; choose one of {ACTIVATIONS}")
         self.activation = activation
         first_width = 2 * ffn_hidden_size if activation == "swiglu" else ffn_hidden_size
-        self.fc1 = nn.Linear(hidden_size, first_width, bias=bias)
-        self.fc2 = nn.Linear(ffn_hidden_size, hidden_size, bias=bias)
+        self.fc1 = Linear(hidden_size, first_width, bias=bias)
+        self.fc2 = Linear(ffn_hidden_size, hidden_size, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(_activate(self.fc1(x), self.activation))

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moetrain import main_grad
 from moetrain.comm import copy_to_group, reduce_from_group
 from moetrain.model import GPT
 from moetrain.norm import RMSNorm
@@ -39,7 +39,7 @@ class ColumnParallelLinear(nn.Module):
         self.index = rows  # global rows of the local weight (dimension 0)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(copy_to_group(x, self.group), self.weight, self.bias)
+        return main_grad.linear(copy_to_group(x, self.group), self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -55,7 +55,7 @@ class RowParallelLinear(nn.Module):
         self.index = cols  # global columns of the local weight (dimension 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = reduce_from_group(F.linear(x, self.weight), self.group)
+        out = reduce_from_group(main_grad.linear(x, self.weight), self.group)
         return out + self.bias if self.bias is not None else out
 
 

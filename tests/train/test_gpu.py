@@ -51,25 +51,32 @@ def test_chunked_loss_and_recompute_on_gpu():
             torch.testing.assert_close(grads[name], grad, rtol=5e-2, atol=2e-3, msg=f"{granularity} {name}")
 
 
-def _expert_master_grads(fused: bool, monkeypatch) -> dict:
-    import moetrain.moe.experts as experts_module
-    from moetrain.mixed_precision import ComputeWeights
+def _master_grads(fused: bool, monkeypatch) -> tuple[dict, int]:
+    """The fp32 gradients of every weight with a bf16 compute copy (experts and linears) after two micro-batches,
+    with or without the fused weight-gradient paths, and how many times a linear's GEMM wrote its master's."""
+    import moetrain.main_grad as main_grad
+    from moetrain.mixed_precision import ComputeWeights, gemm_weights
 
     model = _model(None)
     ComputeWeights(model, torch.bfloat16)
+    masters = {id(module._parameters[name]) for module, name in gemm_weights(model)}
+    linear_writes = []
+    accumulated = main_grad.accumulated  # the experts' backward holds its own reference: linears' calls only
     with monkeypatch.context() as patch:
-        if not fused:
-            patch.setattr(experts_module, "_accumulating_masters", lambda w1, w2, backend: None)
+        patch.setattr(main_grad, "fused_kernels", lambda device: fused)
+        patch.setattr(main_grad, "accumulated", lambda master: (linear_writes.append(master), accumulated(master)))
         for seed in (1, 2):  # two micro-batches: the first GEMM writes the gradient, the second adds to it
             ids = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(seed)).cuda()
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 model(ids, ids.roll(-1, 1)).lm_loss.backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters() if n.endswith((".w1", ".w2"))}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if id(p) in masters}
+    return grads, len(linear_writes)
 
 
-def test_expert_weight_gradients_accumulate_into_the_fp32_masters_on_gpu(monkeypatch):
-    fused, unfused = _expert_master_grads(True, monkeypatch), _expert_master_grads(False, monkeypatch)
-    assert fused.keys() == unfused.keys() and fused
+def test_weight_gradients_accumulate_into_the_fp32_masters_on_gpu(monkeypatch):
+    (fused, linear_writes), (unfused, none) = _master_grads(True, monkeypatch), _master_grads(False, monkeypatch)
+    assert fused.keys() == unfused.keys() and any(n.endswith(".w1") for n in fused)
+    assert linear_writes == 2 * sum(not n.endswith((".w1", ".w2")) for n in fused) and none == 0
     for name, grad in fused.items():
         assert grad.dtype == torch.float32
         torch.testing.assert_close(grad, unfused[name], rtol=2e-2, atol=1e-4, msg=name)

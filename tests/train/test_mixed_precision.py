@@ -118,6 +118,24 @@ def test_a_reducing_hook_that_takes_the_gradient_gets_each_micro_batchs_own():
                                    atol=1e-6)
 
 
+def test_expert_masters_hooks_run_once_per_micro_batch(monkeypatch):
+    """Through ComputeWeights' copies, as in training: the backward's GEMMs run the hooks, no AccumulateGrad
+    runs them again (a ZeRO-2 bucket would be reduced twice)."""
+    import moetrain.moe.experts as experts_module
+
+    monkeypatch.setattr(main_grad, "fused_kernels", lambda device: True)
+    monkeypatch.setattr(experts_module, "use_expert_threads", lambda rows, num_experts: False)
+    torch.manual_seed(0)
+    experts = experts_module.GroupedExperts(3, 8, 16)
+    ComputeWeights(experts, torch.bfloat16)
+    seen = []
+    for master in (experts.w1, experts.w2):
+        master.register_post_accumulate_grad_hook(seen.append)
+    for micro_batch in range(2):
+        experts(torch.randn(10, 8, requires_grad=True), [4, 3, 3]).float().sum().backward()
+        assert len(seen) == 2 * (micro_batch + 1) and set(map(id, seen)) == {id(experts.w1), id(experts.w2)}
+
+
 def test_training_with_fused_expert_gradient_accumulation(tmp_path, monkeypatch):
     """bf16 with compute copies and the fused path on (as on CUDA): every expert weight gradient of every micro-
     batch goes into its master directly, and the losses stay the unfused step's within bf16 rounding."""
@@ -139,4 +157,81 @@ def test_training_with_fused_expert_gradient_accumulation(tmp_path, monkeypatch)
     # 3 steps x 2 micro-batches x (w1, w2) of each MoE layer, each its master
     assert len(calls) == 3 * 2 * 2 * len(experts)
     assert set(map(id, calls)) == {id(getattr(e, name)) for e in experts for name in ("w1", "w2")}
+    assert fused == pytest.approx(unfused, rel=1e-2) and fused != unfused
+
+
+# --- the same for the linear layers (moetrain.main_grad.linear) ---------------------------------------------------
+def test_linear_weight_grad_accumulates_in_fp32_and_the_rest_is_f_linears(monkeypatch):
+    """A Linear with a bf16 compute copy (ComputeWeights' hooks, as in training), two micro-batches: output,
+    input and bias gradients are F.linear's on the bf16 operands; the fp32 weight gradient the fp32 sum of
+    the exact products; the master's hook runs once per micro-batch (not again by an AccumulateGrad)."""
+    monkeypatch.setattr(main_grad, "fused_kernels", lambda device: True)
+    torch.manual_seed(0)
+    module = main_grad.Linear(8, 6)
+    ComputeWeights(module, torch.bfloat16)
+    seen = []
+    module.weight.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad.clone()))
+    bias_ref = module.bias.detach().clone().requires_grad_()
+    exact = torch.zeros(6, 8, dtype=torch.float64)
+    for micro_batch in range(2):
+        x, grad = torch.randn(2, 5, 8, requires_grad=True), torch.randn(2, 5, 6).bfloat16()
+        module(x).backward(grad)
+        x_ref = x.detach().requires_grad_()
+        out_ref = torch.nn.functional.linear(x_ref.bfloat16(), module.weight.detach().bfloat16(), bias_ref.bfloat16())
+        out_ref.backward(grad)
+        assert torch.equal(module(x), out_ref)
+        assert torch.equal(x.grad, x_ref.grad) and torch.equal(module.bias.grad, bias_ref.grad)
+        exact += grad.double().flatten(0, 1).t() @ x.detach().bfloat16().double().flatten(0, 1)
+        assert module.weight.grad.dtype == torch.float32 and len(seen) == micro_batch + 1
+        assert torch.equal(seen[-1], module.weight.grad)
+    assert (module.weight.grad.double() - exact).abs().max().item() < 1e-5 * exact.abs().max().item()
+
+
+def test_an_input_without_gradient_leaves_the_weight_gradient_to_autograd(monkeypatch):
+    monkeypatch.setattr(main_grad, "fused_kernels", lambda device: True)
+    module = main_grad.Linear(8, 6, bias=False)
+    ComputeWeights(module, torch.bfloat16)
+    x = torch.randn(5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x)
+    out.float().sum().backward()
+    want = torch.ones(5, 6, dtype=torch.bfloat16).t() @ x.bfloat16()  # autograd's bf16 gradient, widened
+    assert torch.equal(module.weight.grad, want.float())
+
+
+MLA = dict(style="llama", multi_latent_attention=True, q_lora_rank=12, kv_lora_rank=10, qk_head_dim=6,
+           qk_pos_emb_head_dim=4, v_head_dim=5)
+
+
+@pytest.mark.parametrize("attention", ["mha", "mla"])  # gpt style (biases), llama style with MLA
+def test_training_with_fused_linear_gradient_accumulation(tmp_path, monkeypatch, attention):
+    """bf16 with compute copies and the fused path on (as on CUDA), dense and shared-expert MLPs included:
+    every linear compute copy's master takes its gradient from its GEMM in every micro-batch, and the losses
+    stay the unfused step's within bf16 rounding."""
+    from moetrain.main_grad import Linear
+
+    def config(name):
+        cfg = _config(tmp_path, name, "bf16")
+        cfg.moe.expert_interval, cfg.moe.num_shared_experts = 2, 1  # a dense layer, an MoE with a shared expert
+        for key, value in (MLA if attention == "mla" else {}).items():
+            setattr(cfg.model, key, value)
+        return cfg
+
+    _, unfused = _trained(config("unfused"), monkeypatch, copies=True)
+    calls = []
+    accumulated = main_grad.accumulated  # the experts' backward holds its own reference: linears' calls only
+
+    def counted(master):
+        calls.append(master)
+        assert master.dtype == torch.float32 and master.grad.dtype == torch.float32
+        accumulated(master)
+
+    monkeypatch.setattr(main_grad, "fused_kernels", lambda device: True)
+    monkeypatch.setattr(main_grad, "accumulated", counted)
+    trainer, fused = _trained(config("fused"), monkeypatch, copies=True)
+    masters = [module.weight for module, _ in gemm_weights(trainer.model) if isinstance(module, Linear)]
+    projections = 5 if attention == "mla" else 2  # q_down, q_up, kv_down, kv_up, proj / qkv, proj
+    assert len(masters) == 2 * projections + 2 + 2  # x 2 layers, the dense MLP, the shared expert
+    assert len(calls) == 3 * 2 * len(masters)  # 3 steps x 2 micro-batches
+    assert set(map(id, calls)) == set(map(id, masters))
     assert fused == pytest.approx(unfused, rel=1e-2) and fused != unfused
