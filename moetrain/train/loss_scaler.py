@@ -83,22 +83,21 @@ class LossScaler:
         """Multiply the loss so small fp16 gradients do not underflow in backward."""
         return loss * self.loss_scale
 
-    def unscale_(self, params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+    def unscale_(self, params: Iterable[torch.nn.Parameter], device: torch.device | str = "cpu") -> torch.Tensor:
         """Divide gradients by the scale in place; return whether any gradient is inf or NaN, as a 0-d float
-        tensor on the gradients' device (1.0: overflow), not copied to the host: the trainer reads it with
-        the step's other values in one copy.
+        tensor on `device` (the collectives' device; 1.0: overflow), not copied to the host: the trainer reads
+        it with the step's other values in one copy.
 
         One fused pass per (device, dtype) group (torch's `_amp_foreach_non_finite_check_and_unscale_`, as
         torch.amp.GradScaler does). Under torch.distributed the flag is max-reduced over all ranks, because
-        expert-parallel ranks hold different gradients and must all skip the same step.
+        expert-parallel ranks hold different gradients and must all skip the same step; a rank holding no
+        gradient joins the reduction too (with a 0), or the others would wait for it forever.
         """
         grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return torch.zeros(())
-        found = torch.zeros((), dtype=torch.float32, device=grads[0].device)
-        for (device, _), group in by_device_and_dtype(grads).items():
-            found_here = torch.zeros(1, dtype=torch.float32, device=device)
-            inv_scale = torch.full((1,), 1.0 / self.loss_scale, dtype=torch.float32, device=device)
+        found = torch.zeros((), dtype=torch.float32, device=device)
+        for (grad_device, _), group in by_device_and_dtype(grads).items():
+            found_here = torch.zeros(1, dtype=torch.float32, device=grad_device)
+            inv_scale = torch.full((1,), 1.0 / self.loss_scale, dtype=torch.float32, device=grad_device)
             torch._amp_foreach_non_finite_check_and_unscale_(group, found_here, inv_scale)
             found = torch.maximum(found, found_here.to(found.device).squeeze(0))
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -195,7 +195,7 @@ class Trainer:
         self.grad_sync.reduce()
         held = self.grad_sync.held()
         grads = [p.grad for p, _ in held]
-        overflow = self.scaler.unscale_([p for p, _ in held]) if self.scaler else None
+        overflow = self.scaler.unscale_([p for p, _ in held], self.parallel.comm_device) if self.scaler else None
         norm = global_grad_norm(((p.grad, copies) for p, copies in held), world=self.parallel.distributed,
                                 device=self.parallel.comm_device)
         flag = norm.new_zeros(()) if overflow is None else overflow.to(norm.device)

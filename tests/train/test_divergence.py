@@ -126,7 +126,7 @@ def test_fp16_overflow_counts_as_divergence_only_at_the_scalers_floor(tmp_path, 
     cfg = tiny_config(tmp_path, save=None, precision="fp16", initial_scale_power=scale_power, hysteresis=1,
                       min_loss_scale=min_scale, train_iters=4)
     trainer = Trainer(cfg, quiet=True)
-    monkeypatch.setattr(trainer.scaler, "unscale_", lambda params: torch.ones(()))  # every step overflows
+    monkeypatch.setattr(trainer.scaler, "unscale_", lambda params, device: torch.ones(()))  # every step overflows
     for _ in range(3):
         step = trainer.train_step()
         assert step["skipped"]

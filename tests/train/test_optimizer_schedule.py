@@ -1,17 +1,20 @@
 """Optimizer param groups, LR schedule values, fp16 loss scaling and autocast."""
 
+import datetime
 import itertools
 import math
 import random
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from moetrain.precision import autocast
 from moetrain.train.loss_scaler import LossScaler
 from moetrain.train.lr_schedule import LRSchedule
 from moetrain.train.optimizer import build_optimizer
+from tests.helpers import spawn
 
 
 class TinyMoELike(nn.Module):
@@ -206,3 +209,22 @@ def test_autocast_dtypes():
         assert (a @ b).dtype == torch.float32
     with pytest.raises(ValueError, match="bf16"):
         autocast("cpu", "int8")
+
+
+def _unscale_on_rank(rank: int, port: int, results) -> None:
+    """Rank 0 holds no gradient, rank 1 an overflowing one: both must enter the flag's reduction (a rank left
+    waiting fails after the group's 20 s time-out instead of hanging the suite)."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=20))
+    try:
+        param = nn.Parameter(torch.ones(3))
+        if rank == 1:
+            param.grad = torch.tensor([1.0, float("inf"), 2.0])
+        results[rank] = float(LossScaler().unscale_([param] if rank == 1 else []))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_without_gradients_still_joins_the_overflow_reduction():
+    # before: the empty rank returned early and the other waited in all_reduce until the group timed out
+    assert spawn(_unscale_on_rank, 2) == {0: 1.0, 1: 1.0}
