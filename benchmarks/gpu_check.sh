@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The first lent GPU's check, prepared to get everything out of one run (step time-outs sum to 540 s):
-#   1. smoke (30 s): versions, the card, one bf16 MoE forward/backward and one --bf16 training step;
+#   1. smoke (30 s): versions, the card, one bf16 MoE forward/backward and one --bf16 training step (every
+#      CUDA path: compute copies, weight gradients written into the fp32 masters, the fused ops);
 #   2. pytest -rA --tb=short -m cuda (bf16 vs fp32, no host sync, CUTLASS grouped GEMM, ZeRO offload,
-#      bf16 training with evaluation, the compiled fused ops against the CPU reference) (120 s);
+#      bf16 training with evaluation, the compiled fused ops against the CPU reference, the masters'
+#      gradients with and without the gradient-accumulation fusion) (120 s);
 #   3. the measured bf16 matmul rate (20 s);
 #   4. the bf16 rows of benchmarks/moe_layer.py (E=8 k=2 Mixtral-sized, E=64 k=6 fine-grained); a peer
 #      (DeepSpeed, transformers) that fails reports n/a, the row stands (150 s);

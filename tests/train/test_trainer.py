@@ -161,9 +161,9 @@ def test_fp16_skipped_step_logs_nan_loss_in_fit(tmp_path, monkeypatch):
     calls = {"n": 0}
     original = run.scaler.unscale_
 
-    def unscale_overflow_on_second(params):
+    def unscale_overflow_on_second(params, device):
         calls["n"] += 1
-        overflow = original(params)
+        overflow = original(params, device)
         return torch.ones(()) if calls["n"] == 2 else overflow
 
     monkeypatch.setattr(run.scaler, "unscale_", unscale_overflow_on_second)
