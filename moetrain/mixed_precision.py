@@ -57,14 +57,11 @@ class _ComputeWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, master: Tensor, copy: Tensor) -> Tensor:
         ctx.master = master
-        ctx.set_materialize_grads(False)
         return copy.view_as(copy)
 
     @staticmethod
-    def backward(ctx, grad: Tensor | None):
+    def backward(ctx, grad: Tensor):
         master = ctx.master
-        if grad is None:
-            return None, None
         if master.grad is not None and not master._post_accumulate_grad_hooks:
             master.grad.add_(grad)
             return None, None
