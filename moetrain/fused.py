@@ -54,6 +54,12 @@ def _compiled(fn: Callable) -> Callable:
     return run
 
 
+def _fused_op(name: str, body: Callable) -> torch.library.CustomOpDef:
+    """`body` as the one op torch.ops.moetrain.<name>, compiled on CUDA (`_compiled`); its schema is the
+    body's signature."""
+    return torch.library.custom_op(f"moetrain::{name}", _compiled(body), mutates_args=())
+
+
 # --- LM loss: one chunk's softmax, loss and logit gradient -----------------------------------------------
 def lm_chunk_body(logits: Tensor, targets: Tensor, classes: int) -> tuple[Tensor, Tensor]:
     """Per-row cross entropy of `logits` [rows, V] (0 where the target is ignored; columns from `classes` on
@@ -71,13 +77,7 @@ def lm_chunk_body(logits: Tensor, targets: Tensor, classes: int) -> tuple[Tensor
     return loss_rows, grad.to(logits.dtype)
 
 
-_lm_chunk_body = _compiled(lm_chunk_body)
-
-
-@torch.library.custom_op("moetrain::lm_chunk_grad", mutates_args=())
-def lm_chunk_grad(logits: Tensor, targets: Tensor, classes: int) -> tuple[Tensor, Tensor]:
-    """`lm_chunk_body` as one op (compiled on CUDA)."""
-    return _lm_chunk_body(logits, targets, classes)
+lm_chunk_grad = _fused_op("lm_chunk_grad", lm_chunk_body)
 
 
 @lm_chunk_grad.register_fake
@@ -108,13 +108,7 @@ def rms_norm_backward_body(grad_out: Tensor, x: Tensor, weight: Tensor, inv_rms:
     return grad_x.to(x.dtype), grad_weight.to(weight.dtype)
 
 
-_rms_norm_body, _rms_norm_backward_body = _compiled(rms_norm_body), _compiled(rms_norm_backward_body)
-
-
-@torch.library.custom_op("moetrain::rms_norm", mutates_args=())
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """`rms_norm_body` as one op (compiled on CUDA); differentiable."""
-    return _rms_norm_body(x, weight, eps)
+rms_norm = _fused_op("rms_norm", rms_norm_body)  # differentiable (its autograd below)
 
 
 @rms_norm.register_fake
@@ -122,10 +116,7 @@ def _(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return torch.empty_like(x), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
 
 
-@torch.library.custom_op("moetrain::rms_norm_backward", mutates_args=())
-def rms_norm_backward(grad_out: Tensor, x: Tensor, weight: Tensor, inv_rms: Tensor,
-                      grad_residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    return _rms_norm_backward_body(grad_out, x, weight, inv_rms, grad_residual)
+rms_norm_backward = _fused_op("rms_norm_backward", rms_norm_backward_body)
 
 
 @rms_norm_backward.register_fake
@@ -164,13 +155,7 @@ def rope_backward_body(grad: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return grad * cos.to(grad.dtype) + _swap_halves(grad * sin.to(grad.dtype))
 
 
-_rope_body, _rope_backward_body = _compiled(rope_body), _compiled(rope_backward_body)
-
-
-@torch.library.custom_op("moetrain::rope", mutates_args=())
-def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """`rope_body` as one op (compiled on CUDA); differentiable in x."""
-    return _rope_body(x, cos, sin)
+rope = _fused_op("rope", rope_body)  # differentiable in x (its autograd below)
 
 
 @rope.register_fake
@@ -178,9 +163,7 @@ def _(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("moetrain::rope_backward", mutates_args=())
-def rope_backward(grad: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    return _rope_backward_body(grad, cos, sin)
+rope_backward = _fused_op("rope_backward", rope_backward_body)
 
 
 @rope_backward.register_fake
@@ -219,13 +202,7 @@ def swiglu_backward_body(h: Tensor, grad_act: Tensor) -> tuple[Tensor, Tensor]:
     return (silu_gate * up).to(h.dtype), torch.cat([grad_gate, grad * silu_gate], dim=-1).to(h.dtype)
 
 
-_swiglu_body, _swiglu_backward_body = _compiled(swiglu_body), _compiled(swiglu_backward_body)
-
-
-@torch.library.custom_op("moetrain::swiglu", mutates_args=())
-def swiglu(h: Tensor) -> Tensor:
-    """`swiglu_body` as one op (compiled on CUDA); differentiable."""
-    return _swiglu_body(h)
+swiglu = _fused_op("swiglu", swiglu_body)  # differentiable (its autograd below)
 
 
 @swiglu.register_fake
@@ -233,10 +210,7 @@ def _empty_act(h: Tensor) -> Tensor:
     return h.new_empty((*h.shape[:-1], h.shape[-1] // 2))
 
 
-@torch.library.custom_op("moetrain::swiglu_backward", mutates_args=())
-def swiglu_backward(h: Tensor, grad_act: Tensor) -> tuple[Tensor, Tensor]:
-    """`swiglu_backward_body` as one op: (act, grad_h), reading h and grad_act once."""
-    return _swiglu_backward_body(h, grad_act)
+swiglu_backward = _fused_op("swiglu_backward", swiglu_backward_body)  # (act, grad_h): h, grad_act read once
 
 
 @swiglu_backward.register_fake
@@ -265,13 +239,7 @@ def route_weight_backward_body(grad_y: Tensor, o: Tensor, route_weight: Tensor) 
     return grad_o, grad_w
 
 
-_route_weight_backward_body = _compiled(route_weight_backward_body)
-
-
-@torch.library.custom_op("moetrain::route_weight_backward", mutates_args=())
-def route_weight_backward(grad_y: Tensor, o: Tensor, route_weight: Tensor) -> tuple[Tensor, Tensor]:
-    """`route_weight_backward_body` as one op (compiled on CUDA)."""
-    return _route_weight_backward_body(grad_y, o, route_weight)
+route_weight_backward = _fused_op("route_weight_backward", route_weight_backward_body)
 
 
 @route_weight_backward.register_fake
